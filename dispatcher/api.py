@@ -1,0 +1,288 @@
+"""HTTP API under /v1: producers submit sends and manage users; ops read health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select, text
+
+from dispatcher import __version__, sends, timeline, users
+from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.models import Send
+from dispatcher.ports import TaskQueue
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContactIn(_In):
+    id: str = Field(description="The CRM's contact id.")
+    email: str = Field(description="Recipient address.")
+    fields: dict[str, Any] = Field(default_factory=dict, description="Merge fields.")
+
+
+class SmartPlanIn(_In):
+    plan_id: str
+    run_id: str
+    step_id: str
+
+
+class MessageIn(_In):
+    subject: str = Field(description="Jinja2 template of the subject line.")
+    html: str = Field(description="Jinja2 template of the HTML body (autoescaped).")
+    text: str | None = Field(default=None, description="Plain-text body; derived when absent.")
+
+
+class SendIn(_In):
+    user_id: str
+    contact: ContactIn
+    smartplan: SmartPlanIn
+    message: MessageIn | None = None
+    template: str | None = Field(default=None, description="A stored template's name.")
+    from_name: str | None = None
+    reply_to: str | None = None
+
+
+class SendAccepted(BaseModel):
+    id: str
+    status: str
+    duplicate: bool = Field(description="True when this run+step+contact was already submitted.")
+
+
+class SendOut(BaseModel):
+    id: str
+    user_id: str
+    contact_id: str
+    status: str
+    reason: str | None
+    detail: str | None
+    message_id: str
+    smartplan: dict[str, str | None]
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class MailchimpIn(_In):
+    api_key: str | None = None
+    list_id: str | None = None
+
+
+class UserIn(_In):
+    platform_email: str | None = None
+    communications_email: str | None = None
+    timezone: str | None = None
+    plan: str | None = None
+    mailchimp: MailchimpIn | None = None
+
+
+class UserOut(BaseModel):
+    id: str
+    platform_email: str | None
+    communications_email: str | None
+    timezone: str
+    plan: str
+    mailchimp_connected: bool
+    mailchimp_list_id: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    kind: str
+    status: str
+    reason: str | None
+    detail: str | None
+    subject: str | None
+    send_id: str | None
+    source: dict[str, Any]
+    occurred_at: datetime
+
+
+class Problem(BaseModel):
+    code: str
+    detail: str
+    field: str | None = None
+
+
+def _problem(
+    status: int,
+    code: str,
+    detail: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"code": code, "detail": detail} | ({"field": field} if field else {})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Unauthorized(Exception):
+    pass
+
+
+def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
+    """The FastAPI application over ``rt``; sends are handed to ``queue`` after they commit."""
+    app = FastAPI(
+        title="Command Email dispatcher",
+        version=__version__,
+        description="Credits-aware email sending for SmartPlan steps and campaigns.",
+        responses={401: {"model": Problem}, 422: {"model": Problem}},
+    )
+    bearer = HTTPBearer(auto_error=False)
+    tokens = [t.encode() for t in rt.settings.api_tokens]
+
+    def authorized(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        given = creds.credentials.encode() if creds else b""
+        # Compare against every token so timing says nothing about which one nearly matched.
+        if not any([hmac.compare_digest(given, t) for t in tokens]) or not given:
+            raise Unauthorized()
+
+    auth = [Depends(authorized)]
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_r: Request, _e: Unauthorized) -> JSONResponse:
+        return _problem(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_r: Request, exc: InvalidInput) -> JSONResponse:
+        return _problem(422, "invalid_field", f"{exc.field}: {exc.problem}", exc.field)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_r: Request, exc: NotFound) -> JSONResponse:
+        return _problem(404, "not_found", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _shape(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
+        return _problem(422, "invalid_field", f"{field}: {first.get('msg', 'invalid')}", field)
+
+    @app.post(
+        "/v1/sends",
+        status_code=202,
+        response_model=SendAccepted,
+        dependencies=auth,
+        responses={404: {"model": Problem}},
+    )
+    def post_send(body: SendIn) -> SendAccepted:
+        """Submit one SmartPlan email; the same run + step + contact is accepted only once."""
+        msg = body.message
+        req = sends.SendRequest(
+            user_id=body.user_id,
+            contact_id=body.contact.id,
+            contact_email=body.contact.email,
+            smartplan_id=body.smartplan.plan_id,
+            run_id=body.smartplan.run_id,
+            step_id=body.smartplan.step_id,
+            subject=msg.subject if msg else None,
+            html=msg.html if msg else None,
+            text=msg.text if msg else None,
+            template=body.template,
+            merge_fields=body.contact.fields,
+            from_name=body.from_name,
+            reply_to=body.reply_to,
+        )
+        result = sends.submit_send(rt, queue, req)
+        status = sends.get_send(rt, result.send_id).status
+        return SendAccepted(id=result.send_id, status=status, duplicate=not result.created)
+
+    @app.get(
+        "/v1/sends/{send_id}",
+        response_model=SendOut,
+        dependencies=auth,
+        responses={404: {"model": Problem}},
+    )
+    def get_send(send_id: str, user_id: str | None = None) -> SendOut:
+        """A send's status and outcome (scoped to ``user_id`` when given)."""
+        return SendOut(**asdict(sends.get_send(rt, send_id, user_id)))
+
+    @app.put(
+        "/v1/users/{user_id}",
+        response_model=UserOut,
+        dependencies=auth,
+        responses={201: {"model": UserOut}},
+    )
+    def put_user(user_id: str, body: UserIn, response: Response) -> UserOut:
+        """Create or update an agent. The MailChimp key is stored and never returned."""
+        fields = body.model_dump(exclude_unset=True)
+        kwargs: dict[str, Any] = {k: v for k, v in fields.items() if k != "mailchimp"}
+        if kwargs.get("timezone", "") is None:
+            raise InvalidInput("timezone", "must be an IANA time zone name")
+        if kwargs.get("plan", "") is None:
+            raise InvalidInput("plan", "must be a plan name")
+        if body.mailchimp is not None:
+            for k, v in body.mailchimp.model_dump(exclude_unset=True).items():
+                kwargs[f"mailchimp_{k}"] = v
+        view, created = users.upsert_user(rt, user_id, **kwargs)
+        response.status_code = 201 if created else 200
+        return UserOut(**asdict(view))
+
+    @app.get("/v1/contacts/{contact_id}/timeline", response_model=list[EventOut], dependencies=auth)
+    def get_timeline(
+        contact_id: str,
+        user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[EventOut]:
+        """The contact's events for this agent, newest first."""
+        with rt.sessions() as session:
+            users.get_user(session, user_id)
+            return [
+                EventOut(**asdict(e)) for e in timeline.events(session, user_id, contact_id, limit)
+            ]
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        """Redis (quota store and broker) and the database are reachable."""
+        checks: dict[str, str] = {}
+        try:
+            rt.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
+            checks["redis"] = f"error: {type(exc).__name__}"
+        try:
+            with rt.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["database"] = f"error: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        """Prometheus text: sends by status and the step-outcome stream length."""
+        with rt.sessions() as session:
+            rows = session.execute(select(Send.status, func.count()).group_by(Send.status)).all()
+        lines = [
+            "# HELP dispatcher_sends Sends by status.",
+            "# TYPE dispatcher_sends gauge",
+            *(f'dispatcher_sends{{status="{s.value}"}} {n}' for s, n in rows),
+            "# HELP dispatcher_outcome_stream_length Entries on the step-outcome stream.",
+            "# TYPE dispatcher_outcome_stream_length gauge",
+            f"dispatcher_outcome_stream_length {rt.redis.xlen(rt.settings.outcome_stream)}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    return app

@@ -1,0 +1,329 @@
+"""Worker side of a send: take a credit, render, send, and record exactly one terminal outcome.
+
+Every step is safe to repeat: the reservation is idempotent per send key, status changes are
+compare-and-set, and the SMTP conversation is guarded by a lease so that a redelivered task never
+talks to the server about a message another worker may already have handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, update
+from sqlalchemy.orm import Session
+
+from dispatcher.errors import (
+    DeliveryDeferred,
+    DeliveryRejected,
+    DeliveryUnknown,
+    NotFound,
+    RenderError,
+    SendBusy,
+)
+from dispatcher.message import Envelope, build_message
+from dispatcher.models import Send, SendKind, SendStatus, User
+from dispatcher.outcomes import StepOutcome
+from dispatcher.periods import Period, period_at, period_by_id
+from dispatcher.rendering import MessageTemplate, context_for
+from dispatcher.runtime import Runtime
+from dispatcher.timeline import record_outcome
+
+log = logging.getLogger(__name__)
+
+QUOTA_EXHAUSTED = "quota_exhausted"
+RETRIES_EXHAUSTED = "retries_exhausted"
+WORKER_LOST = "worker_lost_during_smtp"
+
+
+def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendStatus:
+    """Drive one send as far as it can go now; returns its status afterwards.
+
+    Raises :class:`~dispatcher.errors.DeliveryDeferred` when the server asked us to retry and
+    this is not the final attempt, and :class:`~dispatcher.errors.SendBusy` when another worker
+    holds the send's lease. Every other outcome is terminal and recorded before returning.
+    """
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None:
+            raise NotFound("send", send_id)
+        user = session.get(User, send.user_id)
+        if user is None:
+            raise NotFound("user", send.user_id)
+        session.expunge_all()
+
+    if send.status.terminal:
+        _publish(rt, send_id)  # a crash may have come between recording and publishing
+        return send.status
+    if send.status is SendStatus.SENDING:
+        assert send.lease_until is not None
+        if send.lease_until > now:
+            raise SendBusy(send_id, (send.lease_until - now).total_seconds() + 1)
+        # The worker holding the lease died mid-conversation: the server may have the message.
+        return _finish(
+            rt,
+            send,
+            SendStatus.UNKNOWN,
+            WORKER_LOST,
+            "the worker was lost while talking to the SMTP server; not resent",
+            expect=(SendStatus.SENDING,),
+        )
+
+    period = (
+        period_by_id(send.period, user.timezone) if send.period else period_at(now, user.timezone)
+    )
+    reservation = rt.quota.reserve(user.id, period, send.idempotency_key)
+    if not reservation.granted:
+        log.info(
+            "send failed: quota exhausted id=%s user=%s period=%s used=%d total=%d",
+            send.id,
+            user.id,
+            period.id,
+            reservation.used,
+            reservation.total,
+        )
+        send.period = period.id
+        return _finish(
+            rt,
+            send,
+            SendStatus.FAILED,
+            QUOTA_EXHAUSTED,
+            f"no credits left: {reservation.used} of {reservation.total} used in {period.id}",
+            expect=(SendStatus.QUEUED, SendStatus.RESERVED),
+        )
+    if reservation.threshold:
+        log.info(
+            "usage threshold reached user=%s period=%s threshold=%d%% used=%d total=%d",
+            user.id,
+            period.id,
+            reservation.threshold,
+            reservation.used,
+            reservation.total,
+        )
+    if not _move(
+        rt,
+        send_id,
+        (SendStatus.QUEUED, SendStatus.RESERVED),
+        SendStatus.RESERVED,
+        period=period.id,
+        updated_at=now,
+    ):
+        return _settled_elsewhere(rt, send_id)
+    send.period = period.id
+
+    from_address = user.sender_address
+    try:
+        if from_address is None:
+            raise RenderError("the user has no platform or communications email to send from")
+        rendered = MessageTemplate(send.subject, send.html, send.text).render(
+            context_for(send.contact_id, send.contact_email, send.merge_fields)
+        )
+        message = build_message(
+            rendered,
+            from_address=from_address,
+            from_name=send.from_name,
+            to_address=send.contact_email,
+            reply_to=send.reply_to,
+            message_id=send.message_id,
+            date=now,
+        ).as_bytes()
+    except RenderError as exc:
+        return _finish(
+            rt,
+            send,
+            SendStatus.FAILED,
+            exc.reason,
+            exc.detail,
+            refund=period,
+            expect=(SendStatus.RESERVED,),
+        )
+
+    lease = now + timedelta(seconds=rt.settings.send_lease_seconds)
+    if not _move(
+        rt,
+        send_id,
+        (SendStatus.RESERVED,),
+        SendStatus.SENDING,
+        lease_until=lease,
+        attempts=Send.attempts + 1,
+        updated_at=now,
+    ):
+        return _settled_elsewhere(rt, send_id)
+
+    envelope = Envelope(mail_from=rt.settings.mail_from_address, recipients=(send.contact_email,))
+    try:
+        delivery = asyncio.run(rt.transport.send(envelope, message))
+    except DeliveryDeferred as exc:
+        if final_attempt:
+            return _finish(
+                rt,
+                send,
+                SendStatus.FAILED,
+                RETRIES_EXHAUSTED,
+                f"gave up after retries; last error: {exc.detail}",
+                refund=period,
+                expect=(SendStatus.SENDING,),
+                subject=rendered.subject,
+            )
+        _move(
+            rt,
+            send_id,
+            (SendStatus.SENDING,),
+            SendStatus.RESERVED,
+            lease_until=None,
+            reason=exc.reason,
+            detail=exc.detail,
+            updated_at=rt.clock.now(),
+        )
+        log.info("send deferred id=%s reason=%s detail=%s", send_id, exc.reason, exc.detail)
+        raise
+    except DeliveryRejected as exc:
+        return _finish(
+            rt,
+            send,
+            SendStatus.FAILED,
+            exc.reason,
+            exc.detail,
+            refund=period,
+            expect=(SendStatus.SENDING,),
+            subject=rendered.subject,
+        )
+    except DeliveryUnknown as exc:
+        return _finish(
+            rt,
+            send,
+            SendStatus.UNKNOWN,
+            exc.reason,
+            exc.detail,
+            expect=(SendStatus.SENDING,),
+            subject=rendered.subject,
+        )
+    return _finish(
+        rt,
+        send,
+        SendStatus.SENT,
+        None,
+        f"{delivery.code} {delivery.reply}",
+        expect=(SendStatus.SENDING,),
+        subject=rendered.subject,
+    )
+
+
+def give_up(rt: Runtime, send_id: str, reason: str, detail: str) -> SendStatus:
+    """Fail a send that cannot be delivered (e.g. its task gave up) and return its credit."""
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None:
+            raise NotFound("send", send_id)
+        user = session.get(User, send.user_id)
+        session.expunge_all()
+    if send.status.terminal:
+        _publish(rt, send_id)
+        return send.status
+    refund = period_by_id(send.period, user.timezone) if send.period and user else None
+    return _finish(
+        rt,
+        send,
+        SendStatus.FAILED,
+        reason,
+        detail,
+        refund=refund,
+        expect=(SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING),
+    )
+
+
+def _cas(session: Session, send_id: str, expect: Iterable[SendStatus], **values: object) -> bool:
+    """Compare-and-set on the send's status; false when it was no longer in ``expect``."""
+    result = session.execute(
+        update(Send).where(Send.id == send_id, Send.status.in_(tuple(expect))).values(**values)
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _move(
+    rt: Runtime, send_id: str, expect: Iterable[SendStatus], to: SendStatus, **values: object
+) -> bool:
+    """Move the send to ``to`` if it is still in ``expect``, in its own transaction."""
+    with rt.sessions.begin() as session:
+        return _cas(session, send_id, expect, status=to, **values)
+
+
+def _finish(
+    rt: Runtime,
+    send: Send,
+    status: SendStatus,
+    reason: str | None,
+    detail: str | None,
+    *,
+    expect: tuple[SendStatus, ...],
+    refund: Period | None = None,
+    subject: str | None = None,
+) -> SendStatus:
+    """Record the terminal outcome and its timeline event in one transaction, then refund
+    (when the credit is to come back) and publish the step outcome."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        won = _cas(
+            session,
+            send.id,
+            expect,
+            status=status,
+            reason=reason,
+            detail=detail,
+            period=send.period,
+            lease_until=None,
+            finished_at=now,
+            updated_at=now,
+        )
+        if won:
+            row = session.get(Send, send.id)
+            assert row is not None
+            record_outcome(session, row, now, subject)
+    if not won:
+        return _settled_elsewhere(rt, send.id)
+    log.info("send %s id=%s user=%s reason=%s", status.value, send.id, send.user_id, reason)
+    if refund is not None:
+        # After the commit: SQL no longer counts this key, so a rebuild agrees with the refund.
+        rt.quota.refund(send.user_id, refund.id, send.idempotency_key)
+    _publish(rt, send.id)
+    return status
+
+
+def _settled_elsewhere(rt: Runtime, send_id: str) -> SendStatus:
+    """Another delivery of the same send moved it on; report where it is now."""
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        assert send is not None
+        status, lease_until = send.status, send.lease_until
+    if status is SendStatus.SENDING and lease_until is not None:
+        raise SendBusy(send_id, max((lease_until - rt.clock.now()).total_seconds(), 0) + 1)
+    if status.terminal:
+        _publish(rt, send_id)
+    return status
+
+
+def _publish(rt: Runtime, send_id: str) -> None:
+    """Publish a SmartPlan send's terminal outcome once it is recorded (at least once)."""
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None or send.kind is not SendKind.SMARTPLAN or send.outcome_published:
+            return
+        if not send.status.terminal:
+            return
+        outcome = StepOutcome(
+            send_id=send.id,
+            user_id=send.user_id,
+            smartplan_id=send.smartplan_id or "",
+            run_id=send.run_id or "",
+            step_id=send.step_id or "",
+            contact_id=send.contact_id,
+            status=send.status.value,
+            reason=send.reason,
+        )
+    rt.outcomes.publish(outcome)
+    with rt.sessions.begin() as session:
+        session.execute(update(Send).where(Send.id == send_id).values(outcome_published=True))

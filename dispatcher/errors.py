@@ -1,0 +1,97 @@
+"""The dispatcher's error tree: one root, retryable and permanent branches kept apart."""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Root of every error the dispatcher raises on purpose."""
+
+
+class ConfigError(DispatcherError):
+    """A configuration variable is missing, unknown or invalid."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class InvalidInput(DispatcherError, ValueError):
+    """A producer sent something we cannot accept; nothing was stored or enqueued."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(DispatcherError, LookupError):
+    """A referenced user, send or other resource does not exist."""
+
+    def __init__(self, resource: str, identifier: str) -> None:
+        super().__init__(f"{resource} {identifier!r} not found")
+        self.resource = resource
+        self.identifier = identifier
+
+
+class TransientError(DispatcherError):
+    """Something that may succeed if tried again later (SMTP 4xx, timeouts, connect errors)."""
+
+    def __init__(self, reason: str, detail: str = "", code: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.code = code
+
+
+class PermanentError(DispatcherError):
+    """Something that will fail the same way every time; never retried."""
+
+    def __init__(self, reason: str, detail: str = "", code: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.code = code
+
+
+class RenderError(PermanentError):
+    """A user-authored template failed to compile or render (syntax, sandbox violation)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("render_error", detail)
+
+
+class DeliveryRejected(PermanentError):
+    """The SMTP server refused the message for good (5xx)."""
+
+
+class DeliveryDeferred(TransientError):
+    """The SMTP server or the network asked us to come back later (4xx, timeouts, resets)."""
+
+
+class DeliveryUnknown(DispatcherError):
+    """The message may or may not have been accepted: it keeps its credit and is never resent."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"unknown: {detail}")
+        self.reason = "ambiguous_delivery"
+        self.detail = detail
+
+
+class QuotaExhausted(DispatcherError):
+    """The user's grant for the period has no credit left: fail at once, never retry."""
+
+    def __init__(self, user_id: str, period: str, used: int, total: int) -> None:
+        super().__init__(f"user {user_id!r} used {used} of {total} credits in {period}")
+        self.user_id = user_id
+        self.period = period
+        self.used = used
+        self.total = total
+
+
+class SendBusy(TransientError):
+    """Another worker holds the send's lease; look again once the lease has run out."""
+
+    def __init__(self, send_id: str, retry_after: float) -> None:
+        super().__init__("send_busy", f"send {send_id} is being delivered by another worker")
+        self.retry_after = retry_after

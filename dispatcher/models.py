@@ -1,0 +1,173 @@
+"""SQL tables: users, sends (one row per send, the credit ledger) and timeline events."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite keeps no zone of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored by value, as a plain string column, so migrations stay portable.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        validate_strings=True,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class SendStatus(enum.StrEnum):
+    """Where a send is in its life; the last three are terminal."""
+
+    QUEUED = "queued"  # stored and enqueued, no credit yet
+    RESERVED = "reserved"  # credit taken, SMTP conversation not started
+    SENDING = "sending"  # a worker holds the lease and talks SMTP
+    SENT = "sent"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # outcome ambiguous: credit kept, never resent
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
+
+
+#: Statuses whose credit stays taken: the SQL side of the quota ledger.
+CHARGED_STATUSES = (SendStatus.RESERVED, SendStatus.SENDING, SendStatus.SENT, SendStatus.UNKNOWN)
+
+
+class SendKind(enum.StrEnum):
+    SMARTPLAN = "smartplan"
+    CAMPAIGN = "campaign"
+
+
+class TimelineKind(enum.StrEnum):
+    EMAIL_SENT = "email_sent"
+    EMAIL_FAILED = "email_failed"
+    EMAIL_UNKNOWN = "email_unknown"
+
+
+class User(Base):
+    """An agent: the owner of credits and the sender of emails."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    platform_email: Mapped[str | None] = mapped_column(String(254))
+    communications_email: Mapped[str | None] = mapped_column(String(254))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    plan: Mapped[str] = mapped_column(String(64), default="free")
+    mailchimp_api_key: Mapped[str | None] = mapped_column(String(128))
+    mailchimp_list_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    @property
+    def sender_address(self) -> str | None:
+        """The address mail is sent from: the platform mailbox, else the communications one."""
+        return self.platform_email or self.communications_email
+
+
+class Send(Base):
+    """One email to one recipient, with its idempotency key, status and credit period."""
+
+    __tablename__ = "sends"
+    __table_args__ = (Index("ix_sends_user_period_status", "user_id", "period", "status"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(400), unique=True)
+    kind: Mapped[SendKind] = mapped_column(_enum(SendKind, "send_kind"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=False)
+    contact_id: Mapped[str] = mapped_column(String(128))
+    contact_email: Mapped[str] = mapped_column(String(254))
+    merge_fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    smartplan_id: Mapped[str | None] = mapped_column(String(128))
+    run_id: Mapped[str | None] = mapped_column(String(128))
+    step_id: Mapped[str | None] = mapped_column(String(128))
+    campaign_id: Mapped[str | None] = mapped_column(String(36))
+    subject: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(Text)
+    from_name: Mapped[str | None] = mapped_column(String(200))
+    reply_to: Mapped[str | None] = mapped_column(String(254))
+    status: Mapped[SendStatus] = mapped_column(_enum(SendStatus, "send_status"))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    period: Mapped[str | None] = mapped_column(String(16))
+    message_id: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None]
+    outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class TimelineEvent(Base):
+    """Something that happened with a contact, as the agent sees it in the CRM."""
+
+    __tablename__ = "timeline_events"
+    __table_args__ = (Index("ix_timeline_user_contact", "user_id", "contact_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    contact_id: Mapped[str] = mapped_column(String(128))
+    send_id: Mapped[str | None] = mapped_column(ForeignKey("sends.id"))
+    kind: Mapped[TimelineKind] = mapped_column(_enum(TimelineKind, "timeline_kind"))
+    status: Mapped[SendStatus] = mapped_column(_enum(SendStatus, "send_status"))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    occurred_at: Mapped[datetime]

@@ -1,0 +1,125 @@
+"""User-authored templates rendered in a Jinja2 sandbox, compiled once per message."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, Undefined
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from dispatcher.errors import InvalidInput, RenderError
+
+_HTML_ENV = ImmutableSandboxedEnvironment(autoescape=True, undefined=Undefined)
+_TEXT_ENV = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined)
+_STRICT_CHECK = ImmutableSandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+_WS = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    html: str
+    text: str
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """Subject, HTML and optional text parts of one message, compiled once."""
+
+    subject: str
+    html: str
+    text: str | None = None
+
+    def check(self, field_prefix: str = "message") -> None:
+        """Compile every part; a syntax error is :class:`InvalidInput` naming the part."""
+        for name, source in (("subject", self.subject), ("html", self.html), ("text", self.text)):
+            if source is None:
+                continue
+            try:
+                _STRICT_CHECK.parse(source)
+            except TemplateError as exc:
+                line = getattr(exc, "lineno", None)
+                where = f" (line {line})" if line else ""
+                raise InvalidInput(
+                    f"{field_prefix}.{name}", f"template syntax error{where}: {exc}"
+                ) from None
+
+    def render(self, context: dict[str, Any]) -> Rendered:
+        """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
+        try:
+            subject = _TEXT_ENV.from_string(self.subject).render(context)
+            body_html = _HTML_ENV.from_string(self.html).render(context)
+            text = (
+                _TEXT_ENV.from_string(self.text).render(context)
+                if self.text is not None
+                else html_to_text(body_html)
+            )
+        except SecurityError as exc:
+            raise RenderError(f"template tried something the sandbox forbids: {exc}") from None
+        except TemplateError as exc:
+            raise RenderError(f"template error: {exc}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
+        # A merge field may carry a line break; a subject is one line.
+        subject = _WS.sub(" ", subject).strip()
+        if not subject:
+            raise RenderError("subject rendered empty")
+        return Rendered(subject=subject, html=body_html, text=text)
+
+
+def context_for(contact_id: str, email: str, merge_fields: dict[str, Any]) -> dict[str, Any]:
+    """Template variables: ``contact`` (id, email and merge fields) and each field at top level."""
+    contact = {**merge_fields, "id": contact_id, "email": email}
+    return {**merge_fields, "contact": contact}
+
+
+def check_merge_fields(field: str, value: object) -> dict[str, Any]:
+    """Merge fields are a flat object of names to strings, numbers, booleans or null."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(field, "must be an object of name -> value")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise InvalidInput(f"{field}.{key}", "is not a valid merge field name")
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise InvalidInput(f"{field}.{key}", "must be a string, number, boolean or null")
+    return dict(value)
+
+
+class _TextExtractor(HTMLParser):
+    _BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style", "head"):
+            self._skip += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "head"):
+            self._skip = max(self._skip - 1, 0)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def html_to_text(source: str) -> str:
+    """A readable plain-text alternative for an HTML body."""
+    parser = _TextExtractor()
+    parser.feed(source)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

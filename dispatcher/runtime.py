@@ -1,0 +1,84 @@
+"""The one place that builds engines, clients and collaborators from settings, lazily."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+from redis import Redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import db
+from dispatcher.clock import Clock, SystemClock
+from dispatcher.ledger import snapshot_source
+from dispatcher.outcomes import OutcomeStream
+from dispatcher.quota import QuotaLedger
+from dispatcher.settings import Settings
+from dispatcher.transports.base import Transport
+from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Shared collaborators of one process; nothing connects until first used."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self._transport = transport
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return db.make_sessionmaker(self.engine)
+
+    @cached_property
+    def redis(self) -> Redis:
+        return Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+
+    @cached_property
+    def quota(self) -> QuotaLedger:
+        return QuotaLedger(self.redis, snapshot_source(self.sessions, self.settings))
+
+    @cached_property
+    def outcomes(self) -> OutcomeStream:
+        return OutcomeStream(self.redis, self.settings.outcome_stream)
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            s = self.settings
+            self._transport = SMTPTransport(
+                SMTPConfig(
+                    host=s.smtp_host,
+                    port=s.smtp_port,
+                    username=s.smtp_username,
+                    password=s.smtp_password,
+                    starttls=s.smtp_starttls,
+                    timeout=s.smtp_timeout,
+                )
+            )
+        return self._transport
+
+    def close(self) -> None:
+        """Release pooled connections (safe to call more than once)."""
+        if "redis" in self.__dict__:
+            self.redis.close()
+        if "engine" in self.__dict__:
+            self.engine.dispose()

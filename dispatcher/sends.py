@@ -1,0 +1,189 @@
+"""Producer side of SmartPlan sends: validate, store once per idempotency key, enqueue."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from dispatcher import validation
+from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.message import message_id_for
+from dispatcher.models import Send, SendKind, SendStatus, User
+from dispatcher.ports import TaskQueue
+from dispatcher.rendering import MessageTemplate, check_merge_fields
+from dispatcher.runtime import Runtime
+from dispatcher.templates import load_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """One SmartPlan email to one contact, as a producer describes it."""
+
+    user_id: str
+    contact_id: str
+    contact_email: str
+    smartplan_id: str
+    run_id: str
+    step_id: str
+    subject: str | None = None
+    html: str | None = None
+    text: str | None = None
+    template: str | None = None
+    merge_fields: dict[str, Any] = field(default_factory=dict)
+    from_name: str | None = None
+    reply_to: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        # Length-prefixed parts: no two different tuples can produce the same key.
+        parts = (
+            "smartplan",
+            self.user_id,
+            self.smartplan_id,
+            self.run_id,
+            self.step_id,
+            self.contact_id,
+        )
+        return "|".join(f"{len(p)}:{p}" for p in parts)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    send_id: str
+    created: bool  # false when the same run+step+contact was already submitted
+
+
+@dataclass(frozen=True)
+class SendView:
+    id: str
+    user_id: str
+    contact_id: str
+    status: str
+    reason: str | None
+    detail: str | None
+    message_id: str
+    smartplan: dict[str, str | None]
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def validate(rt: Runtime, req: SendRequest) -> tuple[MessageTemplate, dict[str, Any]]:
+    """Check everything a producer sent; raise :class:`InvalidInput` naming the first bad field."""
+    validation.identifier("user_id", req.user_id)
+    validation.identifier("contact.id", req.contact_id)
+    validation.address("contact.email", req.contact_email)
+    validation.identifier("smartplan.plan_id", req.smartplan_id)
+    validation.identifier("smartplan.run_id", req.run_id)
+    validation.identifier("smartplan.step_id", req.step_id)
+    merge = check_merge_fields("contact.fields", req.merge_fields)
+    if req.from_name is not None:
+        validation.header_text("from_name", req.from_name, max_len=200)
+    if req.reply_to is not None:
+        validation.address("reply_to", req.reply_to)
+    limit = rt.settings.max_message_bytes
+    if req.template is not None:
+        if any(v is not None for v in (req.subject, req.html, req.text)):
+            raise InvalidInput("template", "give either a stored template or a message, not both")
+        tpl = load_template(rt.settings.templates_dir, req.template)
+    else:
+        if req.subject is None and req.html is None:
+            raise InvalidInput("message", "a message (subject and html) or a template is required")
+        tpl = MessageTemplate(
+            subject=validation.header_text("message.subject", req.subject),
+            html=validation.body("message.html", req.html, max_bytes=limit) or "",
+            text=validation.body("message.text", req.text, max_bytes=limit, required=False),
+        )
+    total = sum(len((p or "").encode()) for p in (tpl.subject, tpl.html, tpl.text))
+    if total > limit:
+        raise InvalidInput("message", f"is {total} bytes in all; the limit is {limit}")
+    tpl.check("message")
+    return tpl, merge
+
+
+def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult:
+    """Store the send once per idempotency key and enqueue it after the commit.
+
+    The same SmartPlan run + step + contact again returns the first send's id and enqueues
+    nothing. Invalid input raises :class:`InvalidInput` with nothing stored.
+    """
+    tpl, merge = validate(rt, req)
+    key = req.idempotency_key
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        existing = session.scalar(select(Send.id).where(Send.idempotency_key == key))
+        if existing is not None:
+            return SubmitResult(existing, created=False)
+        if session.get(User, req.user_id) is None:
+            raise NotFound("user", req.user_id)
+        send = Send(
+            id=str(uuid.uuid4()),
+            idempotency_key=key,
+            kind=SendKind.SMARTPLAN,
+            user_id=req.user_id,
+            contact_id=req.contact_id,
+            contact_email=req.contact_email.strip(),
+            merge_fields=merge,
+            smartplan_id=req.smartplan_id,
+            run_id=req.run_id,
+            step_id=req.step_id,
+            subject=tpl.subject,
+            html=tpl.html,
+            text=tpl.text,
+            from_name=req.from_name,
+            reply_to=req.reply_to,
+            status=SendStatus.QUEUED,
+            message_id=message_id_for(key, rt.settings.message_id_domain),
+            attempts=0,
+            outcome_published=False,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(send)
+        try:
+            session.commit()
+        except IntegrityError:
+            # A concurrent submit of the same key won the insert.
+            session.rollback()
+            winner = session.scalar(select(Send.id).where(Send.idempotency_key == key))
+            if winner is None:
+                raise
+            return SubmitResult(winner, created=False)
+    queue.enqueue_send(send.id)
+    log.info(
+        "send queued id=%s user=%s run=%s step=%s", send.id, req.user_id, req.run_id, req.step_id
+    )
+    return SubmitResult(send.id, created=True)
+
+
+def get_send(rt: Runtime, send_id: str, user_id: str | None = None) -> SendView:
+    """A send's status and outcome; with ``user_id``, only that user's sends are visible."""
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None or (user_id is not None and send.user_id != user_id):
+            raise NotFound("send", send_id)
+        return SendView(
+            id=send.id,
+            user_id=send.user_id,
+            contact_id=send.contact_id,
+            status=send.status.value,
+            reason=send.reason,
+            detail=send.detail,
+            message_id=send.message_id,
+            smartplan={
+                "plan_id": send.smartplan_id,
+                "run_id": send.run_id,
+                "step_id": send.step_id,
+            },
+            attempts=send.attempts,
+            created_at=send.created_at,
+            finished_at=send.finished_at,
+        )

@@ -1,0 +1,30 @@
+"""An in-memory transport for fast tests of the service layer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from dispatcher.message import Envelope
+from dispatcher.transports.base import Delivery
+
+Behaviour = Callable[[Envelope, bytes], Delivery]
+
+
+class MemoryTransport:
+    """Keeps every accepted message; ``behaviour`` may raise delivery errors instead."""
+
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.outbox: list[tuple[Envelope, bytes]] = []
+        self.behaviour = behaviour
+        self._lock = threading.Lock()
+
+    async def send(self, envelope: Envelope, message: bytes) -> Delivery:
+        delivery = (
+            self.behaviour(envelope, message)
+            if self.behaviour
+            else Delivery(250, "2.0.0 OK: queued in memory")
+        )
+        with self._lock:
+            self.outbox.append((envelope, message))
+        return delivery

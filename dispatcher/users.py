@@ -1,0 +1,109 @@
+"""Agents: create, update and look up the users who own credits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from dispatcher import plans, validation
+from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.models import User
+from dispatcher.periods import zone
+from dispatcher.runtime import Runtime
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A user as producers see it: never the MailChimp key."""
+
+    id: str
+    platform_email: str | None
+    communications_email: str | None
+    timezone: str
+    plan: str
+    mailchimp_connected: bool
+    mailchimp_list_id: str | None
+
+
+def upsert_user(
+    rt: Runtime,
+    user_id: str,
+    *,
+    platform_email: str | None = _UNSET,
+    communications_email: str | None = _UNSET,
+    timezone: str = _UNSET,
+    plan: str = _UNSET,
+    mailchimp_api_key: str | None = _UNSET,
+    mailchimp_list_id: str | None = _UNSET,
+) -> tuple[UserView, bool]:
+    """Create or update an agent; returns the user and whether it was created.
+
+    Fields left out keep their value. ``plan`` is accepted only on creation: changing it is a
+    subscription change.
+    """
+    validation.identifier("user_id", user_id)
+    changes: dict[str, Any] = {}
+    if platform_email is not _UNSET:
+        changes["platform_email"] = (
+            None if platform_email is None else validation.address("platform_email", platform_email)
+        )
+    if communications_email is not _UNSET:
+        changes["communications_email"] = (
+            None
+            if communications_email is None
+            else validation.address("communications_email", communications_email)
+        )
+    if timezone is not _UNSET:
+        zone(timezone, "timezone")
+        changes["timezone"] = timezone
+    if mailchimp_api_key is not _UNSET:
+        if mailchimp_api_key is not None:
+            validation.header_text("mailchimp.api_key", mailchimp_api_key, max_len=128)
+        changes["mailchimp_api_key"] = mailchimp_api_key
+    if mailchimp_list_id is not _UNSET:
+        if mailchimp_list_id is not None:
+            validation.identifier("mailchimp.list_id", mailchimp_list_id)
+        changes["mailchimp_list_id"] = mailchimp_list_id
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        user = session.get(User, user_id, with_for_update=True)
+        created = user is None
+        if user is None:
+            plan_name = plans.FREE if plan is _UNSET else plan
+            plans.plan(rt.settings, plan_name, "plan")
+            user = User(id=user_id, timezone="UTC", plan=plan_name, created_at=now)
+            session.add(user)
+        elif plan is not _UNSET and plan != user.plan:
+            raise InvalidInput("plan", "can only be set on creation; change it with a subscription")
+        for name, value in changes.items():
+            setattr(user, name, value)
+        if user.platform_email is None and user.communications_email is None:
+            raise InvalidInput(
+                "platform_email", "a user needs a platform_email or a communications_email"
+            )
+        user.updated_at = now
+        session.flush()
+        return view(user), created
+
+
+def get_user(session: Session, user_id: str) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound("user", user_id)
+    return user
+
+
+def view(user: User) -> UserView:
+    return UserView(
+        id=user.id,
+        platform_email=user.platform_email,
+        communications_email=user.communications_email,
+        timezone=user.timezone,
+        plan=user.plan,
+        mailchimp_connected=bool(user.mailchimp_api_key),
+        mailchimp_list_id=user.mailchimp_list_id,
+    )

@@ -1,0 +1,77 @@
+"""The Celery app, built from settings: at-least-once delivery, no duplicates, JSON only.
+
+``celery -A workers.app worker -Q smartplan`` finds ``app`` here; it is built on first access
+from the environment, so importing this module connects to nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+#: Queue names; each has its own worker pool so SmartPlan sends never wait behind a campaign.
+SMARTPLAN = "smartplan"
+CAMPAIGN = "campaign"
+SYSTEM = "system"
+QUEUES = (SMARTPLAN, CAMPAIGN, SYSTEM)
+
+SEND_SMARTPLAN_TASK = "dispatcher.send_smartplan"
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
+    """A Celery app for ``settings``; ``runtime`` lets tests share collaborators with it."""
+    app = Celery("dispatcher", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.redis_url,
+        broker_connection_retry_on_startup=True,
+        # At least once: ack after the task ran, requeue if the worker process dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # A task's message becomes visible again only after every time limit has passed.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
+        # Outcomes live in SQL and on the step-outcome stream, never in a result backend.
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_default_queue=SMARTPLAN,
+        task_routes={SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN}},
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_track_started=False,
+        broker_pool_limit=10,
+    )
+    app.dispatcher_runtime = runtime or Runtime(settings)
+    from workers import tasks
+
+    tasks.register(app)
+    return app
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """The dispatcher runtime attached to ``app``."""
+    rt: Runtime = app.dispatcher_runtime
+    return rt
+
+
+_default: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A workers.app` reads `app`: build it from the environment on first access.
+    global _default
+    if name == "app":
+        if _default is None:
+            _default = create_app(Settings.from_env())
+        return _default
+    raise AttributeError(name)
