@@ -129,7 +129,10 @@ def _problem(
 
 
 class Unauthorized(Exception):
-    pass
+    """Raised by the auth dependency; answered with 401 and a Bearer challenge."""
+
+
+_BEARER = HTTPBearer(auto_error=False)
 
 
 def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
@@ -140,12 +143,9 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         description="Credits-aware email sending for SmartPlan steps and campaigns.",
         responses={401: {"model": Problem}, 422: {"model": Problem}},
     )
-    bearer = HTTPBearer(auto_error=False)
     tokens = [t.encode() for t in rt.settings.api_tokens]
 
-    def authorized(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
+    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
         given = creds.credentials.encode() if creds else b""
         # Compare against every token so timing says nothing about which one nearly matched.
         if not any([hmac.compare_digest(given, t) for t in tokens]) or not given:

@@ -24,7 +24,10 @@ def register(app: Celery) -> None:
     settings = runtime_of(app).settings
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=SEND_SMARTPLAN_TASK, bind=True, max_retries=settings.send_max_retries
+        name=SEND_SMARTPLAN_TASK,
+        bind=True,
+        shared=False,
+        max_retries=settings.send_max_retries,
     )
     def send_smartplan(self: Task, send_id: str) -> str:
         rt = runtime_of(self.app)

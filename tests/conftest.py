@@ -1,0 +1,265 @@
+"""Real components for tests: a private Redis, SQLite and PostgreSQL, an aiosmtpd server and an
+in-process Celery worker. Factories clean up after themselves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from dispatcher import db
+from dispatcher.clock import FrozenClock
+from dispatcher.devsmtp import DevSMTPServer
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port, or REDIS_URL when the binary is missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        url = os.environ.get("REDIS_URL")
+        if not url:
+            pytest.fail("neither redis-server on PATH nor REDIS_URL set: tests need a real Redis")
+        yield url
+        return
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"private redis-server on port {port} did not start")
+            time.sleep(0.05)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The private Redis, empty at the start of the test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    yield redis_server
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+# --------------------------------------------------------------------------- Databases
+
+
+def _postgres_available() -> str | None:
+    engine = db.make_engine(PG_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated once."""
+    problem = _postgres_available()
+    if problem is not None:
+        message = f"PostgreSQL not reachable at {PG_URL} ({problem})"
+        if IN_CI:
+            pytest.fail(message + "; CI must run the suite on PostgreSQL")
+        pytest.skip(message)
+    name = f"ced_test_{uuid.uuid4().hex[:10]}"
+    admin = db.make_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied for each test."""
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    return path
+
+
+TABLES = ("timeline_events", "sends", "users")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty, migrated database: every test that uses it runs on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "dispatcher.db"
+        shutil.copy(template, path)
+        yield f"sqlite:///{path}"
+        return
+    url: str = request.getfixturevalue("postgres_template")
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    yield url
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[DevSMTPServer]:
+    """A real aiosmtpd server on loopback; set ``smtp_server.handler.fault`` to misbehave."""
+    server = DevSMTPServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+# --------------------------------------------------------------------------- Runtime
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(datetime(2026, 11, 10, 15, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str, smtp_server: DevSMTPServer) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        database_url=database_url,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_server.port,
+        smtp_timeout=5.0,
+        api_tokens=("test-token-123",),
+        retry_backoff_seconds=0.05,
+        retry_backoff_max_seconds=0.2,
+        send_max_retries=3,
+        mail_from="Command Email <bounces@mail.example.com>",
+    )
+
+
+@pytest.fixture
+def make_runtime(settings: Settings, clock: FrozenClock) -> Iterator[Callable[..., Runtime]]:
+    """Build runtimes over the test's settings; all are closed at the end."""
+    built: list[Runtime] = []
+
+    def make(**overrides: Any) -> Runtime:
+        transport = overrides.pop("transport", None)
+        rt = Runtime(settings.with_overrides(**overrides) if overrides else settings,
+                     clock=clock, transport=transport)
+        built.append(rt)
+        return rt
+
+    yield make
+    for rt in built:
+        rt.close()
+
+
+@pytest.fixture
+def runtime(make_runtime: Callable[..., Runtime]) -> Runtime:
+    return make_runtime()
+
+
+@pytest.fixture
+def fake_ledger() -> Iterator[Callable[[int], Any]]:
+    """QuotaLedger factories over fakeredis, for fast unit tests of the Lua logic only."""
+    import fakeredis
+
+    from dispatcher.quota import LedgerSnapshot, QuotaLedger
+
+    client = fakeredis.FakeRedis()
+
+    def make(total: int) -> QuotaLedger:
+        return QuotaLedger(client, lambda _u, _p: LedgerSnapshot(total=total, charged_keys=[]))
+
+    yield make
+    client.close()
+
+
+# --------------------------------------------------------------------------- Celery
+
+
+@pytest.fixture
+def celery_app(runtime: Runtime) -> Any:
+    from workers.app import create_app
+
+    return create_app(runtime.settings, runtime)
+
+
+@pytest.fixture
+def worker(celery_app: Any) -> Iterator[Any]:
+    """A real Celery worker, in-process, consuming every queue of ``celery_app``."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(celery_app, pool="threads", concurrency=4, perform_ping_check=False,
+                      shutdown_timeout=30, loglevel="WARNING") as w:
+        yield w
+
+
+@pytest.fixture
+def api_client(runtime: Runtime, celery_app: Any) -> Iterator[Any]:
+    """The HTTP API wired to the Celery queue, as `workers.web` wires it."""
+    from fastapi.testclient import TestClient
+
+    from dispatcher.api import create_api
+    from workers.queue import CeleryTaskQueue
+
+    app = create_api(runtime, CeleryTaskQueue(celery_app))
+    with TestClient(app, headers={"Authorization": "Bearer test-token-123"}) as client:
+        yield client

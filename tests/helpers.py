@@ -1,0 +1,83 @@
+"""Small builders shared by tests: users, send requests, seeded history."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, insert, select
+
+from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent
+from dispatcher.periods import period_at
+from dispatcher.runtime import Runtime
+from dispatcher.sends import SendRequest
+from dispatcher.users import upsert_user
+
+
+def make_user(rt: Runtime, user_id: str = "agent-1", **fields: Any) -> str:
+    fields.setdefault("platform_email", f"{user_id}@kw.example.com")
+    upsert_user(rt, user_id, **fields)
+    return user_id
+
+
+def send_request(user_id: str = "agent-1", n: int = 1, **overrides: Any) -> SendRequest:
+    values: dict[str, Any] = dict(
+        user_id=user_id,
+        contact_id=f"contact-{n}",
+        contact_email=f"contact{n}@example.org",
+        smartplan_id="plan-7",
+        run_id="run-1",
+        step_id="step-1",
+        subject="Hello {{ first_name }}",
+        html="<p>Hi {{ first_name }}, your home value report is ready.</p>",
+        merge_fields={"first_name": f"Contact{n}"},
+    )
+    values.update(overrides)
+    return SendRequest(**values)
+
+
+def seed_used_credits(rt: Runtime, user_id: str, count: int, tz: str = "UTC") -> None:
+    """Write ``count`` earlier sent emails of this period to the SQL ledger."""
+    now = rt.clock.now()
+    period = period_at(now, tz).id
+    rows = [
+        dict(
+            id=str(uuid.uuid4()), idempotency_key=f"seed|{user_id}|{i}", kind=SendKind.SMARTPLAN,
+            user_id=user_id, contact_id=f"old-{i}", contact_email=f"old{i}@example.org",
+            merge_fields={}, subject="s", html="h", status=SendStatus.SENT, period=period,
+            message_id=f"<seed-{i}@x>", attempts=1, outcome_published=True, created_at=now,
+            updated_at=now, finished_at=now,
+        )
+        for i in range(count)
+    ]
+    with rt.sessions.begin() as session:
+        for start in range(0, len(rows), 1000):
+            session.execute(insert(Send), rows[start : start + 1000])
+
+
+def statuses(rt: Runtime, user_id: str) -> dict[str, int]:
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(Send.status, func.count())
+            .where(Send.user_id == user_id, ~Send.idempotency_key.startswith("seed|"))
+            .group_by(Send.status)
+        ).all()
+    return {s.value: n for s, n in rows}
+
+
+def timeline_rows(rt: Runtime, user_id: str) -> list[TimelineEvent]:
+    with rt.sessions() as session:
+        return list(session.scalars(
+            select(TimelineEvent).where(TimelineEvent.user_id == user_id)
+            .order_by(TimelineEvent.id)
+        ).all())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)

@@ -1,0 +1,158 @@
+"""SmartPlan sends end to end: HTTP API -> Redis broker -> real Celery worker -> real SMTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery.signals import task_retry
+
+from dispatcher.devsmtp import DevSMTPServer
+from dispatcher.outcomes import OutcomeStream
+from dispatcher.periods import period_at
+from dispatcher.runtime import Runtime
+from tests.helpers import make_user, seed_used_credits, statuses, timeline_rows, wait_for
+from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
+
+
+@pytest.fixture
+def retries() -> Iterator[list[str]]:
+    """Every retry the worker schedules, by send id."""
+    seen: list[str] = []
+
+    def on_retry(request: Any = None, **_: Any) -> None:
+        seen.append(request.args[0] if request is not None else "?")
+
+    task_retry.connect(on_retry, weak=False)
+    yield seen
+    task_retry.disconnect(on_retry)
+
+
+def send_body(n: int, user: str = "agent-1", step: str = "step-1") -> dict[str, Any]:
+    return {
+        "user_id": user,
+        "contact": {"id": f"contact-{n}", "email": f"contact{n}@example.org",
+                    "fields": {"first_name": f"Pat{n}"}},
+        "smartplan": {"plan_id": "plan-7", "run_id": f"run-{n}", "step_id": step},
+        "message": {"subject": "Hi {{ first_name }}", "html": "<p>Hello {{ first_name }}</p>"},
+    }
+
+
+def remaining(rt: Runtime, user: str = "agent-1") -> int:
+    used, total = rt.quota.balance(user, period_at(rt.clock.now(), "UTC"))
+    return total - used
+
+
+def all_terminal(rt: Runtime, user: str, count: int) -> bool:
+    s = statuses(rt, user)
+    return sum(s.get(k, 0) for k in ("sent", "failed", "unknown")) == count
+
+
+def test_two_credits_left_and_four_smartplan_sends(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    retries: list[str],
+) -> None:
+    # Given a user with 2 credits left this month
+    make_user(runtime)
+    seed_used_credits(runtime, "agent-1", runtime.settings.free_plan_credits - 2)
+    stream = OutcomeStream(runtime.redis, runtime.settings.outcome_stream)
+    stream.ensure_group("smartplan-engine")
+
+    # When a SmartPlan posts 4 sends
+    for n in range(4):
+        assert api_client.post("/v1/sends", json=send_body(n)).status_code == 202
+    wait_for(lambda: all_terminal(runtime, "agent-1", 4), what="4 terminal sends")
+
+    # Then exactly 2 messages arrive, the timeline holds 2 sent and 2 quota failures
+    assert len(smtp_server.messages) == 2
+    assert statuses(runtime, "agent-1") == {"sent": 2, "failed": 2}
+    events = timeline_rows(runtime, "agent-1")
+    assert sorted((e.kind.value, e.reason) for e in events) == [
+        ("email_failed", "quota_exhausted"), ("email_failed", "quota_exhausted"),
+        ("email_sent", None), ("email_sent", None),
+    ]
+    for e in events:
+        api = api_client.get(f"/v1/contacts/{e.contact_id}/timeline",
+                             params={"user_id": "agent-1"}).json()
+        assert [x["kind"] for x in api] == [e.kind.value]
+    # and 4 step outcomes are published to the SmartPlan engine's group
+    wait_for(lambda: runtime.redis.xlen(runtime.settings.outcome_stream) == 4)
+    outcomes = [o for _, o in stream.read("smartplan-engine", "engine-1", count=10)]
+    assert sorted((o.status, o.reason) for o in outcomes) == [
+        ("failed", "quota_exhausted"), ("failed", "quota_exhausted"), ("sent", None),
+        ("sent", None),
+    ]
+    for o in outcomes:
+        assert api_client.get(f"/v1/sends/{o.send_id}").json()["status"] == o.status
+    assert sorted(o.run_id for o in outcomes) == [f"run-{n}" for n in range(4)]
+    assert {o.step_id for o in outcomes} == {"step-1"}
+    # and nothing was retried, and no credit is left
+    assert retries == []
+    assert remaining(runtime) == 0
+
+
+def test_the_same_step_posted_twice_sends_one_message_for_one_credit(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+) -> None:
+    make_user(runtime)
+    first = api_client.post("/v1/sends", json=send_body(1))
+    second = api_client.post("/v1/sends", json=send_body(1))
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert first.json()["id"] == second.json()["id"]
+    assert (first.json()["duplicate"], second.json()["duplicate"]) == (False, True)
+    wait_for(lambda: all_terminal(runtime, "agent-1", 1))
+    assert len(smtp_server.messages) == 1
+    assert remaining(runtime) == runtime.settings.free_plan_credits - 1
+
+
+def test_a_task_delivered_twice_sends_one_message_for_one_credit(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, celery_app: Any, worker: Any,
+) -> None:
+    make_user(runtime)
+    send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
+    # The broker hands the same task out again (e.g. after a visibility timeout), twice over.
+    for _ in range(2):
+        celery_app.send_task(SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN)
+    wait_for(lambda: all_terminal(runtime, "agent-1", 1))
+    wait_for(lambda: runtime.redis.llen(SMARTPLAN) == 0, what="queue drained")
+    # Give the duplicates time to run to completion after the first finished.
+    wait_for(lambda: runtime.redis.xlen(runtime.settings.outcome_stream) >= 1)
+    import time
+
+    time.sleep(1.0)
+    assert len(smtp_server.messages) == 1
+    assert len({m.message_id for m in smtp_server.messages}) == 1
+    assert remaining(runtime) == runtime.settings.free_plan_credits - 1
+    assert len(timeline_rows(runtime, "agent-1")) == 1
+    assert runtime.redis.xlen(runtime.settings.outcome_stream) == 1
+
+
+def test_a_deferred_send_is_retried_by_the_worker_and_sent_once(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    retries: list[str],
+) -> None:
+    make_user(runtime)
+    answers = iter(["451 4.3.0 greylisted", "421 4.7.0 try later"])
+    smtp_server.handler.fault = lambda stage, _r: next(answers, None) if stage == "data" else None
+    send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
+    wait_for(lambda: all_terminal(runtime, "agent-1", 1))
+    body = api_client.get(f"/v1/sends/{send_id}").json()
+    assert (body["status"], body["attempts"]) == ("sent", 3)
+    assert retries == [send_id, send_id]
+    assert len(smtp_server.messages) == 1
+    assert remaining(runtime) == runtime.settings.free_plan_credits - 1
+
+
+def test_a_send_deferred_past_its_retries_fails_and_returns_the_credit(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+) -> None:
+    make_user(runtime)
+    smtp_server.handler.fault = lambda stage, _r: "451 4.3.0 later" if stage == "data" else None
+    send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
+    wait_for(lambda: all_terminal(runtime, "agent-1", 1))
+    body = api_client.get(f"/v1/sends/{send_id}").json()
+    assert (body["status"], body["reason"]) == ("failed", "retries_exhausted")
+    assert body["attempts"] == runtime.settings.send_max_retries + 1
+    assert smtp_server.messages == []
+    assert remaining(runtime) == runtime.settings.free_plan_credits
