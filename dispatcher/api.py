@@ -133,6 +133,7 @@ class Unauthorized(Exception):
 
 
 _BEARER = HTTPBearer(auto_error=False)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
 def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
@@ -145,7 +146,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     )
     tokens = [t.encode() for t in rt.settings.api_tokens]
 
-    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
+    def authorized(creds: BearerCredentials) -> None:
         given = creds.credentials.encode() if creds else b""
         # Compare against every token so timing says nothing about which one nearly matched.
         if not any([hmac.compare_digest(given, t) for t in tokens]) or not given:

@@ -129,7 +129,7 @@ class DevSMTPServer:
     def port(self) -> int:
         if self._controller is None:
             raise RuntimeError("server not started")
-        return int(self._controller.server.sockets[0].getsockname()[1])
+        return int(self._controller.port)
 
     def start(self) -> int:
         self._controller = Controller(

@@ -50,8 +50,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(folder), "--loglevel", "warning"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -201,8 +214,11 @@ def make_runtime(settings: Settings, clock: FrozenClock) -> Iterator[Callable[..
 
     def make(**overrides: Any) -> Runtime:
         transport = overrides.pop("transport", None)
-        rt = Runtime(settings.with_overrides(**overrides) if overrides else settings,
-                     clock=clock, transport=transport)
+        rt = Runtime(
+            settings.with_overrides(**overrides) if overrides else settings,
+            clock=clock,
+            transport=transport,
+        )
         built.append(rt)
         return rt
 
@@ -247,8 +263,14 @@ def worker(celery_app: Any) -> Iterator[Any]:
     """A real Celery worker, in-process, consuming every queue of ``celery_app``."""
     from celery.contrib.testing.worker import start_worker
 
-    with start_worker(celery_app, pool="threads", concurrency=4, perform_ping_check=False,
-                      shutdown_timeout=30, loglevel="WARNING") as w:
+    with start_worker(
+        celery_app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        loglevel="WARNING",
+    ) as w:
         yield w
 
 

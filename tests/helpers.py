@@ -44,11 +44,23 @@ def seed_used_credits(rt: Runtime, user_id: str, count: int, tz: str = "UTC") ->
     period = period_at(now, tz).id
     rows = [
         dict(
-            id=str(uuid.uuid4()), idempotency_key=f"seed|{user_id}|{i}", kind=SendKind.SMARTPLAN,
-            user_id=user_id, contact_id=f"old-{i}", contact_email=f"old{i}@example.org",
-            merge_fields={}, subject="s", html="h", status=SendStatus.SENT, period=period,
-            message_id=f"<seed-{i}@x>", attempts=1, outcome_published=True, created_at=now,
-            updated_at=now, finished_at=now,
+            id=str(uuid.uuid4()),
+            idempotency_key=f"seed|{user_id}|{i}",
+            kind=SendKind.SMARTPLAN,
+            user_id=user_id,
+            contact_id=f"old-{i}",
+            contact_email=f"old{i}@example.org",
+            merge_fields={},
+            subject="s",
+            html="h",
+            status=SendStatus.SENT,
+            period=period,
+            message_id=f"<seed-{i}@x>",
+            attempts=1,
+            outcome_published=True,
+            created_at=now,
+            updated_at=now,
+            finished_at=now,
         )
         for i in range(count)
     ]
@@ -69,10 +81,13 @@ def statuses(rt: Runtime, user_id: str) -> dict[str, int]:
 
 def timeline_rows(rt: Runtime, user_id: str) -> list[TimelineEvent]:
     with rt.sessions() as session:
-        return list(session.scalars(
-            select(TimelineEvent).where(TimelineEvent.user_id == user_id)
-            .order_by(TimelineEvent.id)
-        ).all())
+        return list(
+            session.scalars(
+                select(TimelineEvent)
+                .where(TimelineEvent.user_id == user_id)
+                .order_by(TimelineEvent.id)
+            ).all()
+        )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:

@@ -43,9 +43,16 @@ def test_a_send_is_rendered_sent_and_written_to_the_timeline(
     assert b"\r\n" in got.data and b"\n" not in got.data.replace(b"\r\n", b"")
     [event] = timeline_rows(runtime, "agent-1")
     assert (event.kind.value, event.subject, event.contact_id) == (
-        "email_sent", "Hello <Ann>", "contact-1")
-    assert event.source == {"type": "smartplan", "smartplan_id": "plan-7", "run_id": "run-1",
-                            "step_id": "step-1"}
+        "email_sent",
+        "Hello <Ann>",
+        "contact-1",
+    )
+    assert event.source == {
+        "type": "smartplan",
+        "smartplan_id": "plan-7",
+        "run_id": "run-1",
+        "step_id": "step-1",
+    }
     assert credits_used(runtime) == 1
 
 
@@ -83,7 +90,9 @@ def test_permanent_rejection_fails_and_returns_the_credit(
     runtime: Runtime, smtp_server: DevSMTPServer
 ) -> None:
     make_user(runtime)
-    smtp_server.handler.fault = lambda stage, _r: "550 5.1.1 no such user" if stage == "rcpt" else None
+    smtp_server.handler.fault = lambda stage, _r: (
+        "550 5.1.1 no such user" if stage == "rcpt" else None
+    )
     send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
     assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
     view = get_send(runtime, send_id)
@@ -169,12 +178,16 @@ def test_a_send_held_by_a_live_lease_is_busy_and_an_expired_one_becomes_unknown(
     make_user(runtime)
     send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
     # Given a worker that took the credit and the lease, then died mid-conversation
-    runtime.quota.reserve("agent-1", period_at(runtime.clock.now(), "UTC"),
-                          send_request().idempotency_key)
+    runtime.quota.reserve(
+        "agent-1", period_at(runtime.clock.now(), "UTC"), send_request().idempotency_key
+    )
     lease = runtime.clock.now() + timedelta(seconds=60)
     with runtime.sessions.begin() as s:
-        s.execute(update(Send).where(Send.id == send_id).values(
-            status=SendStatus.SENDING, lease_until=lease, period="2026-11"))
+        s.execute(
+            update(Send)
+            .where(Send.id == send_id)
+            .values(status=SendStatus.SENDING, lease_until=lease, period="2026-11")
+        )
     # When the task is redelivered while the lease is live, it waits
     with pytest.raises(SendBusy) as busy:
         delivery.deliver(runtime, send_id)

@@ -1,4 +1,4 @@
-"""The Lua quota ledger against a real Redis: all-or-nothing, idempotent, refundable, rebuildable."""
+"""The Lua quota ledger on a real Redis: all-or-nothing, idempotent, refundable, rebuildable."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from dispatcher.quota import LedgerSnapshot, QuotaLedger
 PERIOD = period_at(datetime(2026, 11, 10, tzinfo=UTC), "UTC")
 
 
-def ledger_over(client: redis.Redis, total: int, charged: list[str] | None = None,
-                calls: list[str] | None = None) -> QuotaLedger:
+def ledger_over(
+    client: redis.Redis,
+    total: int,
+    charged: list[str] | None = None,
+    calls: list[str] | None = None,
+) -> QuotaLedger:
     """A ledger whose SQL side holds ``charged`` keys out of ``total``."""
 
     def snapshot(user_id: str, period: Period) -> LedgerSnapshot:

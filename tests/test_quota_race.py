@@ -19,8 +19,13 @@ OWN_KEYS = 700  # 8 x 700 own keys + shared keys = 5,800 distinct asks for 5,000
 SHARED_KEYS = 200  # every process asks for these too: each may be granted once at most
 
 
-def _racer(url: str, user: str, index: int, start: mp.synchronize.Event,
-           out: mp.queues.Queue[tuple[int, list[str], int]]) -> None:
+def _racer(
+    url: str,
+    user: str,
+    index: int,
+    start: mp.synchronize.Event,
+    out: mp.queues.Queue[tuple[int, list[str], int]],
+) -> None:
     client = redis.Redis.from_url(url)
     ledger = QuotaLedger(client, lambda _u, _p: LedgerSnapshot(total=GRANT, charged_keys=[]))
     asks = [f"p{index}-{i}" for i in range(OWN_KEYS)]
@@ -49,8 +54,10 @@ def test_racing_processes_grant_exactly_the_allowance_every_time(redis_url: str)
         user = f"racer-{round_}"
         start = ctx.Event()
         out: mp.queues.Queue[tuple[int, list[str], int]] = ctx.Queue()
-        procs = [ctx.Process(target=_racer, args=(redis_url, user, i, start, out))
-                 for i in range(PROCESSES)]
+        procs = [
+            ctx.Process(target=_racer, args=(redis_url, user, i, start, out))
+            for i in range(PROCESSES)
+        ]
         for p in procs:
             p.start()
         start.set()
@@ -61,7 +68,8 @@ def test_racing_processes_grant_exactly_the_allowance_every_time(redis_url: str)
         distinct = set().union(*(set(g) for _, g, _ in results))
         fresh_total = sum(f for _, _, f in results)
         used, total = QuotaLedger(client, lambda _u, _p: LedgerSnapshot(GRANT, [])).balance(
-            user, PERIOD)
+            user, PERIOD
+        )
         assert (len(distinct), fresh_total, used, total) == (GRANT, GRANT, GRANT, GRANT), (
             f"round {round_}"
         )

@@ -32,8 +32,11 @@ def retries() -> Iterator[list[str]]:
 def send_body(n: int, user: str = "agent-1", step: str = "step-1") -> dict[str, Any]:
     return {
         "user_id": user,
-        "contact": {"id": f"contact-{n}", "email": f"contact{n}@example.org",
-                    "fields": {"first_name": f"Pat{n}"}},
+        "contact": {
+            "id": f"contact-{n}",
+            "email": f"contact{n}@example.org",
+            "fields": {"first_name": f"Pat{n}"},
+        },
         "smartplan": {"plan_id": "plan-7", "run_id": f"run-{n}", "step_id": step},
         "message": {"subject": "Hi {{ first_name }}", "html": "<p>Hello {{ first_name }}</p>"},
     }
@@ -50,7 +53,10 @@ def all_terminal(rt: Runtime, user: str, count: int) -> bool:
 
 
 def test_two_credits_left_and_four_smartplan_sends(
-    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    runtime: Runtime,
+    smtp_server: DevSMTPServer,
+    api_client: Any,
+    worker: Any,
     retries: list[str],
 ) -> None:
     # Given a user with 2 credits left this month
@@ -69,18 +75,23 @@ def test_two_credits_left_and_four_smartplan_sends(
     assert statuses(runtime, "agent-1") == {"sent": 2, "failed": 2}
     events = timeline_rows(runtime, "agent-1")
     assert sorted((e.kind.value, e.reason) for e in events) == [
-        ("email_failed", "quota_exhausted"), ("email_failed", "quota_exhausted"),
-        ("email_sent", None), ("email_sent", None),
+        ("email_failed", "quota_exhausted"),
+        ("email_failed", "quota_exhausted"),
+        ("email_sent", None),
+        ("email_sent", None),
     ]
     for e in events:
-        api = api_client.get(f"/v1/contacts/{e.contact_id}/timeline",
-                             params={"user_id": "agent-1"}).json()
+        api = api_client.get(
+            f"/v1/contacts/{e.contact_id}/timeline", params={"user_id": "agent-1"}
+        ).json()
         assert [x["kind"] for x in api] == [e.kind.value]
     # and 4 step outcomes are published to the SmartPlan engine's group
     wait_for(lambda: runtime.redis.xlen(runtime.settings.outcome_stream) == 4)
     outcomes = [o for _, o in stream.read("smartplan-engine", "engine-1", count=10)]
     assert sorted((o.status, o.reason) for o in outcomes) == [
-        ("failed", "quota_exhausted"), ("failed", "quota_exhausted"), ("sent", None),
+        ("failed", "quota_exhausted"),
+        ("failed", "quota_exhausted"),
+        ("sent", None),
         ("sent", None),
     ]
     for o in outcomes:
@@ -93,7 +104,10 @@ def test_two_credits_left_and_four_smartplan_sends(
 
 
 def test_the_same_step_posted_twice_sends_one_message_for_one_credit(
-    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    runtime: Runtime,
+    smtp_server: DevSMTPServer,
+    api_client: Any,
+    worker: Any,
 ) -> None:
     make_user(runtime)
     first = api_client.post("/v1/sends", json=send_body(1))
@@ -107,7 +121,11 @@ def test_the_same_step_posted_twice_sends_one_message_for_one_credit(
 
 
 def test_a_task_delivered_twice_sends_one_message_for_one_credit(
-    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, celery_app: Any, worker: Any,
+    runtime: Runtime,
+    smtp_server: DevSMTPServer,
+    api_client: Any,
+    celery_app: Any,
+    worker: Any,
 ) -> None:
     make_user(runtime)
     send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
@@ -129,7 +147,10 @@ def test_a_task_delivered_twice_sends_one_message_for_one_credit(
 
 
 def test_a_deferred_send_is_retried_by_the_worker_and_sent_once(
-    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    runtime: Runtime,
+    smtp_server: DevSMTPServer,
+    api_client: Any,
+    worker: Any,
     retries: list[str],
 ) -> None:
     make_user(runtime)
@@ -145,7 +166,10 @@ def test_a_deferred_send_is_retried_by_the_worker_and_sent_once(
 
 
 def test_a_send_deferred_past_its_retries_fails_and_returns_the_credit(
-    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any,
+    runtime: Runtime,
+    smtp_server: DevSMTPServer,
+    api_client: Any,
+    worker: Any,
 ) -> None:
     make_user(runtime)
     smtp_server.handler.fault = lambda stage, _r: "451 4.3.0 later" if stage == "data" else None

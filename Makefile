@@ -1,0 +1,31 @@
+# One set of commands for people and CI: `make run`, `make test`, `make lint`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install run test lint typecheck pytest clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools
+
+run: install ## Run the API, workers, Redis and a .eml SMTP server locally
+	$(BIN)/dispatcher run
+
+lint: install ## ruff and mypy --strict on the packages
+	$(BIN)/ruff check dispatcher workers tests
+	$(BIN)/ruff format --check dispatcher workers tests
+	$(BIN)/mypy dispatcher workers
+
+pytest: install ## The test suite only
+	$(BIN)/pytest
+
+test: lint pytest ## Lint, type-check and run every test (the README's test command)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dispatcher

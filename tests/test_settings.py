@@ -1,0 +1,62 @@
+"""Settings from the environment: invalid values stop the process naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Settings
+
+
+def test_defaults_and_parsing() -> None:
+    s = Settings.from_env(
+        {
+            "SMTP_PORT": "587",
+            "SMTP_STARTTLS": "true",
+            "API_TOKENS": "token-aaaa1, token-bbbb2",
+            "FREE_PLAN_CREDITS": "7",
+        },
+        env_file=None,
+    )
+    assert (s.smtp_port, s.smtp_starttls, s.api_tokens, s.free_plan_credits) == (
+        587,
+        True,
+        ("token-aaaa1", "token-bbbb2"),
+        7,
+    )
+    assert Settings.from_env({}, env_file=None).free_plan_credits == 5000
+    assert "token-aaaa1" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"SMTP_PORT": "smtp"}, "SMTP_PORT"),
+        ({"SMTP_PORT": "70000"}, "SMTP_PORT"),
+        ({"SMTP_STARTTLS": "maybe"}, "SMTP_STARTTLS"),
+        ({"FREE_PLAN_CREDITS": "-1"}, "FREE_PLAN_CREDITS"),
+        ({"API_TOKENS": "short"}, "API_TOKENS"),
+        ({"MAIL_FROM": "nobody"}, "MAIL_FROM"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"VISIBILITY_TIMEOUT": "100"}, "RETRY_BACKOFF_MAX_SECONDS"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env, env_file=None)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable)
+
+
+def test_env_file_is_read_under_the_environment_and_unknown_names_stop(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("# local\nSMTP_PORT=2600\nexport MAIL_FROM='Ops <ops@example.org>'\n")
+    s = Settings.from_env({"SMTP_PORT": "2700"}, env_file=env)
+    assert (s.smtp_port, s.mail_from_address) == (2700, "ops@example.org")
+    env.write_text("SMTP_PROT=2600\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({}, env_file=env)
+    assert info.value.variable == "SMTP_PROT"
