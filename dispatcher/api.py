@@ -15,10 +15,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
-from dispatcher import __version__, sends, timeline, users
+from dispatcher import __version__, sends
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
+from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         responses={401: {"model": Problem}, 422: {"model": Problem}},
     )
     tokens = [t.encode() for t in rt.settings.api_tokens]
+    producer = Producer(rt, queue)
 
     def authorized(creds: BearerCredentials) -> None:
         given = creds.credentials.encode() if creds else b""
@@ -203,8 +205,8 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             from_name=body.from_name,
             reply_to=body.reply_to,
         )
-        result = sends.submit_send(rt, queue, req)
-        status = sends.get_send(rt, result.send_id).status
+        result = producer.submit_send(req)
+        status = producer.get_send(result.send_id).status
         return SendAccepted(id=result.send_id, status=status, duplicate=not result.created)
 
     @app.get(
@@ -215,7 +217,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     )
     def get_send(send_id: str, user_id: str | None = None) -> SendOut:
         """A send's status and outcome (scoped to ``user_id`` when given)."""
-        return SendOut(**asdict(sends.get_send(rt, send_id, user_id)))
+        return SendOut(**asdict(producer.get_send(send_id, user_id)))
 
     @app.put(
         "/v1/users/{user_id}",
@@ -234,7 +236,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         if body.mailchimp is not None:
             for k, v in body.mailchimp.model_dump(exclude_unset=True).items():
                 kwargs[f"mailchimp_{k}"] = v
-        view, created = users.upsert_user(rt, user_id, **kwargs)
+        view, created = producer.upsert_user(user_id, **kwargs)
         response.status_code = 201 if created else 200
         return UserOut(**asdict(view))
 
@@ -245,11 +247,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[EventOut]:
         """The contact's events for this agent, newest first."""
-        with rt.sessions() as session:
-            users.get_user(session, user_id)
-            return [
-                EventOut(**asdict(e)) for e in timeline.events(session, user_id, contact_id, limit)
-            ]
+        return [EventOut(**asdict(e)) for e in producer.timeline(user_id, contact_id, limit)]
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

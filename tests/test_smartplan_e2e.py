@@ -180,3 +180,33 @@ def test_a_send_deferred_past_its_retries_fails_and_returns_the_credit(
     assert body["attempts"] == runtime.settings.send_max_retries + 1
     assert smtp_server.messages == []
     assert remaining(runtime) == runtime.settings.free_plan_credits
+
+
+def test_the_python_producer_api_enqueues_for_the_workers(
+    runtime: Runtime, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    from dispatcher.sends import SendRequest
+    from workers.producer import connect
+
+    producer = connect(runtime.settings)
+    try:
+        producer.upsert_user("agent-py", communications_email="py@agents.example.com")
+        req = SendRequest(
+            user_id="agent-py",
+            contact_id="c-9",
+            contact_email="c9@example.org",
+            smartplan_id="p",
+            run_id="r",
+            step_id="s",
+            template="smartplan-check-in",
+            merge_fields={"first_name": "Lee"},
+        )
+        result = producer.submit_send(req)
+        assert producer.submit_send(req) == type(result)(result.send_id, created=False)
+        wait_for(lambda: producer.get_send(result.send_id).status == "sent")
+        [event] = producer.timeline("agent-py", "c-9")
+        assert (event.kind, event.subject) == ("email_sent", "Checking in, Lee")
+        [got] = smtp_server.messages
+        assert got.parsed()["From"] == "py@agents.example.com"
+    finally:
+        producer.runtime.close()

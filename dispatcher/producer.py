@@ -1,0 +1,42 @@
+"""The Python producer API: what the HTTP API offers, as calls on one object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispatcher import sends, timeline, users
+from dispatcher.ports import TaskQueue
+from dispatcher.runtime import Runtime
+from dispatcher.sends import SendRequest, SendView, SubmitResult
+from dispatcher.timeline import EventView
+from dispatcher.users import UserView
+
+
+class Producer:
+    """Submit SmartPlan sends, manage agents and read outcomes without going through HTTP.
+
+    Build it with ``workers.producer.connect()`` to enqueue onto the Celery broker; errors are
+    the same as the API's: :class:`~dispatcher.errors.InvalidInput` naming the field,
+    :class:`~dispatcher.errors.NotFound`.
+    """
+
+    def __init__(self, runtime: Runtime, queue: TaskQueue) -> None:
+        self.runtime = runtime
+        self.queue = queue
+
+    def submit_send(self, request: SendRequest) -> SubmitResult:
+        """Store and enqueue one SmartPlan email; a repeated run+step+contact is not re-sent."""
+        return sends.submit_send(self.runtime, self.queue, request)
+
+    def get_send(self, send_id: str, user_id: str | None = None) -> SendView:
+        return sends.get_send(self.runtime, send_id, user_id)
+
+    def upsert_user(self, user_id: str, **fields: Any) -> tuple[UserView, bool]:
+        """Create or update an agent (see :func:`dispatcher.users.upsert_user`)."""
+        return users.upsert_user(self.runtime, user_id, **fields)
+
+    def timeline(self, user_id: str, contact_id: str, limit: int = 100) -> list[EventView]:
+        """The contact's events for ``user_id``, newest first."""
+        with self.runtime.sessions() as session:
+            users.get_user(session, user_id)
+            return timeline.events(session, user_id, contact_id, limit)
