@@ -23,13 +23,20 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # Python's sqlite3 opens transactions lazily; BEGIN IMMEDIATE-free WAL keeps readers
-            # unblocked while one writer works.
+            # The driver's own transaction handling is switched off so that every transaction
+            # starts with BEGIN IMMEDIATE (below): a deferred transaction that reads and then
+            # writes fails at once with "database is locked" when another process wrote in
+            # between, whatever the busy timeout.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
