@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
 from dispatcher import __version__, sends
-from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
 from dispatcher.producer import Producer
@@ -172,6 +172,16 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     @app.exception_handler(NotFound)
     async def _not_found(_r: Request, exc: NotFound) -> JSONResponse:
         return _problem(404, "not_found", str(exc))
+
+    @app.exception_handler(QueueUnavailable)
+    async def _queue_down(_r: Request, exc: QueueUnavailable) -> JSONResponse:
+        log.error("broker did not take a task: %s", exc.detail)
+        return _problem(
+            503,
+            "queue_unavailable",
+            "the send is stored but could not be queued; repeat the request",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _shape(_r: Request, exc: RequestValidationError) -> JSONResponse:

@@ -89,6 +89,14 @@ class QuotaExhausted(DispatcherError):
         self.total = total
 
 
+class QueueUnavailable(TransientError):
+    """The broker did not take the task; the send is stored and a repeat of the request
+    enqueues it again."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("queue_unavailable", detail)
+
+
 class SendBusy(TransientError):
     """Another worker holds the send's lease; look again once the lease has run out."""
 

@@ -148,6 +148,7 @@ class Send(Base):
     message_id: Mapped[str] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]  # set once the broker took the task
     outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]

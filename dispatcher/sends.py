@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dispatcher import validation
 from dispatcher.errors import InvalidInput, NotFound
@@ -113,55 +114,81 @@ def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult
     """Store the send once per idempotency key and enqueue it after the commit.
 
     The same SmartPlan run + step + contact again returns the first send's id and enqueues
-    nothing. Invalid input raises :class:`InvalidInput` with nothing stored.
+    nothing (unless the broker never took the first one). Invalid input raises
+    :class:`InvalidInput` with nothing stored.
     """
     tpl, merge = validate(rt, req)
     key = req.idempotency_key
-    now = rt.clock.now()
     with rt.sessions() as session:
-        existing = session.scalar(select(Send.id).where(Send.idempotency_key == key))
-        if existing is not None:
-            return SubmitResult(existing, created=False)
-        if session.get(User, req.user_id) is None:
-            raise NotFound("user", req.user_id)
-        send = Send(
-            id=str(uuid.uuid4()),
-            idempotency_key=key,
-            kind=SendKind.SMARTPLAN,
-            user_id=req.user_id,
-            contact_id=req.contact_id,
-            contact_email=req.contact_email.strip(),
-            merge_fields=merge,
-            smartplan_id=req.smartplan_id,
-            run_id=req.run_id,
-            step_id=req.step_id,
-            subject=tpl.subject,
-            html=tpl.html,
-            text=tpl.text,
-            from_name=req.from_name,
-            reply_to=req.reply_to,
-            status=SendStatus.QUEUED,
-            message_id=message_id_for(key, rt.settings.message_id_domain),
-            attempts=0,
-            outcome_published=False,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(send)
-        try:
-            session.commit()
-        except IntegrityError:
-            # A concurrent submit of the same key won the insert.
-            session.rollback()
-            winner = session.scalar(select(Send.id).where(Send.idempotency_key == key))
-            if winner is None:
-                raise
-            return SubmitResult(winner, created=False)
-    queue.enqueue_send(send.id)
+        existing = session.execute(
+            select(Send.id, Send.enqueued_at).where(Send.idempotency_key == key)
+        ).first()
+        if existing is None:
+            send_id = _insert(rt, session, req, tpl, merge)
+    # Enqueue outside the transaction: the task may run before this function returns.
+    if existing is not None:
+        if existing.enqueued_at is None:
+            # The first request stored it but the broker never took it: enqueue it now.
+            _enqueue(rt, queue, existing.id)
+        return SubmitResult(existing.id, created=False)
+    if send_id is None:
+        return submit_send(rt, queue, req)  # a concurrent request inserted it first
+    _enqueue(rt, queue, send_id)
     log.info(
-        "send queued id=%s user=%s run=%s step=%s", send.id, req.user_id, req.run_id, req.step_id
+        "send queued id=%s user=%s run=%s step=%s", send_id, req.user_id, req.run_id, req.step_id
     )
-    return SubmitResult(send.id, created=True)
+    return SubmitResult(send_id, created=True)
+
+
+def _insert(
+    rt: Runtime, session: Session, req: SendRequest, tpl: MessageTemplate, merge: dict[str, Any]
+) -> str | None:
+    """Insert and commit the send row; None when a concurrent insert of the key won."""
+    if session.get(User, req.user_id) is None:
+        raise NotFound("user", req.user_id)
+    now = rt.clock.now()
+    send = Send(
+        id=str(uuid.uuid4()),
+        idempotency_key=req.idempotency_key,
+        kind=SendKind.SMARTPLAN,
+        user_id=req.user_id,
+        contact_id=req.contact_id,
+        contact_email=req.contact_email.strip(),
+        merge_fields=merge,
+        smartplan_id=req.smartplan_id,
+        run_id=req.run_id,
+        step_id=req.step_id,
+        subject=tpl.subject,
+        html=tpl.html,
+        text=tpl.text,
+        from_name=req.from_name,
+        reply_to=req.reply_to,
+        status=SendStatus.QUEUED,
+        message_id=message_id_for(req.idempotency_key, rt.settings.message_id_domain),
+        attempts=0,
+        outcome_published=False,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(send)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return None
+    return send.id
+
+
+def _enqueue(rt: Runtime, queue: TaskQueue, send_id: str) -> None:
+    """Hand the send to the broker, then remember that it was (a repeat then enqueues nothing).
+
+    If the broker fails, :class:`~dispatcher.errors.QueueUnavailable` propagates and the send
+    stays stored with no ``enqueued_at``, so the producer's retry of the same request enqueues
+    it. A task enqueued twice is harmless: delivery is idempotent.
+    """
+    queue.enqueue_send(send_id)
+    with rt.sessions.begin() as session:
+        session.execute(update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now()))
 
 
 def get_send(rt: Runtime, send_id: str, user_id: str | None = None) -> SendView:

@@ -210,3 +210,38 @@ def test_the_python_producer_api_enqueues_for_the_workers(
         assert got.parsed()["From"] == "py@agents.example.com"
     finally:
         producer.runtime.close()
+
+
+def test_a_send_the_broker_did_not_take_is_enqueued_when_the_request_is_repeated(
+    runtime: Runtime, smtp_server: DevSMTPServer, api_client: Any, worker: Any
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from dispatcher.api import create_api
+    from tests.conftest import free_port
+    from workers.app import create_app
+    from workers.queue import CeleryTaskQueue
+
+    make_user(runtime)
+    dead = create_app(
+        runtime.settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0"), runtime
+    )
+    dead.conf.broker_transport_options = {"max_retries": 0}
+    dead.conf.task_publish_retry = False
+    down = TestClient(
+        create_api(runtime, CeleryTaskQueue(dead)),
+        headers={"Authorization": "Bearer test-token-123"},
+    )
+    # Given the broker is down when the SmartPlan posts
+    r = down.post("/v1/sends", json=send_body(1))
+    assert r.status_code == 503 and r.json()["code"] == "queue_unavailable"
+    assert statuses(runtime, "agent-1") == {"queued": 1}
+    # When the producer repeats the request once the broker is back
+    again = api_client.post("/v1/sends", json=send_body(1))
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    # Then the send is delivered, once
+    wait_for(lambda: all_terminal(runtime, "agent-1", 1))
+    assert len(smtp_server.messages) == 1
+    # and a further repeat enqueues nothing
+    api_client.post("/v1/sends", json=send_body(1))
+    assert runtime.redis.llen(SMARTPLAN) == 0

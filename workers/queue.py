@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
+from dispatcher.errors import QueueUnavailable
 from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
 
 
@@ -14,4 +17,7 @@ class CeleryTaskQueue:
         self.app = app
 
     def enqueue_send(self, send_id: str) -> None:
-        self.app.send_task(SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN)
+        try:
+            self.app.send_task(SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN)
+        except (OSError, KombuError, RedisError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc

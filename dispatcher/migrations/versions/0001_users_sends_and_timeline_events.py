@@ -75,6 +75,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(length=200), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("lease_until", dispatcher.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("enqueued_at", dispatcher.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("outcome_published", sa.Boolean(), nullable=False),
         sa.Column("created_at", dispatcher.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", dispatcher.models.UTCDateTime(timezone=True), nullable=False),
