@@ -1,0 +1,240 @@
+"""The ``dispatcher`` command: run the local stack, push a demo through it, migrate a database."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dispatcher.errors import DispatcherError
+
+DEFAULT_DIR = Path(".dispatcher")
+
+
+def _port(text: str) -> int:
+    """argparse type of a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from dispatcher.localredis import RedisChoice
+
+    parser = argparse.ArgumentParser(
+        prog="dispatcher",
+        description=(
+            "Command Email dispatcher: credits-aware email sending for SmartPlan steps and "
+            "campaigns. Configuration comes from the environment or a .env file (REDIS_URL, "
+            "DATABASE_URL, SMTP_HOST, SMTP_PORT, API_TOKENS, FREE_PLAN_CREDITS, MAIL_FROM, ...)."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the whole stack locally in the foreground (Ctrl-C stops it)",
+        description=(
+            "Start everything a newcomer needs, in the foreground until Ctrl-C (SIGINT, SIGTERM "
+            "and SIGHUP stop every child cleanly): the database (--database-url, else "
+            "DATABASE_URL, else a SQLite file in DIR), migrated; Redis "
+            "(REDIS_URL when it answers PING, else a private redis-server, else an embedded "
+            "in-memory stand-in); an SMTP server that writes every accepted message as a .eml "
+            "file in DIR/outbox/; the HTTP API; and a Celery worker for the smartplan, campaign "
+            "and system queues. The API token is API_TOKENS, or one generated, kept in "
+            "DIR/api-token and printed. The API's and worker's output goes to DIR/logs/. "
+            "DIR/stack.json tells `dispatcher demo` where everything is."
+        ),
+    )
+    run.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="folder for the database, outbox, logs and stack.json (default: %(default)s)",
+    )
+    run.add_argument(
+        "--api-port",
+        type=_port,
+        default=8000,
+        metavar="PORT",
+        help="HTTP API port (default: %(default)s)",
+    )
+    run.add_argument(
+        "--smtp-port",
+        type=_port,
+        metavar="PORT",
+        default=2525,
+        help="port of the local .eml SMTP server (default: %(default)s)",
+    )
+    run.add_argument(
+        "--redis",
+        choices=[c.value for c in RedisChoice],
+        default=RedisChoice.AUTO.value,
+        help=(
+            "auto: REDIS_URL if it answers, else a private redis-server, else embedded; "
+            "server: always a private redis-server (needs the binary on PATH); "
+            "embedded: an in-memory fakeredis server inside this process (default: %(default)s)"
+        ),
+    )
+    run.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="SQLAlchemy URL to use instead of DATABASE_URL or the SQLite file in DIR",
+    )
+    run.add_argument(
+        "--echo",
+        action="store_true",
+        help="also print the API's and worker's output here, prefixed with their name",
+    )
+    run.add_argument(
+        "--ready-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=90.0,
+        help="seconds to wait for the API and worker to come up (default: %(default)s)",
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="push a quota-exhaustion scenario through the running local stack",
+        description=(
+            "With `dispatcher run` running, create a fresh agent with 3 credits left this month "
+            "and send 5 SmartPlan emails through the HTTP API: 3 must arrive in the outbox as "
+            ".eml files and 2 must fail with quota_exhausted on the contacts' timelines. Prints "
+            "what happened; exits 1 when the outcome differs, 2 when the stack is not reachable "
+            "or the sends do not finish in time."
+        ),
+    )
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="the folder `dispatcher run` uses (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=60.0,
+        help="seconds to wait for every send to finish (default: %(default)s)",
+    )
+
+    database = commands.add_parser(
+        "db", help="database migrations", description="Manage the database schema."
+    )
+    db_commands = database.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser(
+        "upgrade",
+        help="apply every migration to DATABASE_URL",
+        description=(
+            "Apply every migration (Alembic) to DATABASE_URL, or to --database-url. Safe to "
+            "repeat: a database already at the latest revision is left as it is."
+        ),
+    )
+    upgrade.add_argument(
+        "--database-url", metavar="URL", help="SQLAlchemy URL instead of DATABASE_URL"
+    )
+
+    smtp = commands.add_parser(
+        "serve-smtp",
+        help="run only the local SMTP server that writes .eml files",
+        description=(
+            "A local SMTP server on loopback that accepts every message and writes it as a .eml "
+            "file into DIR, until Ctrl-C. `dispatcher run` starts one by itself."
+        ),
+    )
+    smtp.add_argument(
+        "--port", type=_port, default=2525, metavar="PORT", help="port (default: %(default)s)"
+    )
+    smtp.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR / "outbox",
+        help="folder for the .eml files (default: %(default)s)",
+    )
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``dispatcher run``."""
+    from dispatcher.localredis import RedisChoice
+    from dispatcher.localstack import RunOptions, run
+
+    options = RunOptions(
+        directory=args.dir,
+        api_port=args.api_port,
+        smtp_port=args.smtp_port,
+        redis=RedisChoice(args.redis),
+        database_url=args.database_url,
+        echo_children=args.echo,
+        ready_timeout=args.ready_timeout,
+    )
+    return run(options)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """``dispatcher demo``."""
+    from dispatcher import demo
+
+    return demo.run(args.dir, timeout=args.timeout)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    """``dispatcher db upgrade``."""
+    from dispatcher import db
+    from dispatcher.processes import redact
+    from dispatcher.settings import Settings
+
+    url = args.database_url or Settings.from_env().database_url
+    engine = db.make_engine(url)
+    try:
+        db.upgrade(engine)
+        revision = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    print(f"{redact(url)} is at revision {revision}")
+    return 0
+
+
+def _serve_smtp(args: argparse.Namespace) -> int:
+    """``dispatcher serve-smtp``."""
+    from dispatcher.devsmtp import serve_forever
+
+    print(f"SMTP server on 127.0.0.1:{args.port}, writing .eml files to {args.dir}/ (Ctrl-C stops)")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_forever("127.0.0.1", args.port, args.dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dispatcher`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Each stored .eml is worth a line; the libraries' chatter is not.
+    for noisy in ("mail.log", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {
+        "run": _run,
+        "demo": _demo,
+        "db": _db_upgrade,
+        "serve-smtp": _serve_smtp,
+    }
+    try:
+        return handlers[args.command](args)
+    except DispatcherError as exc:
+        print(f"dispatcher {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
