@@ -5,34 +5,34 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import plans
 from dispatcher.errors import NotFound
-from dispatcher.models import CHARGED_STATUSES, Send, User
-from dispatcher.periods import Period
-from dispatcher.quota import LedgerSnapshot, SnapshotSource
-from dispatcher.settings import Settings
+from dispatcher.models import CHARGED_STATUSES, Grant, Send
+from dispatcher.quota import GrantRef, LedgerSnapshot, SnapshotSource
 
 
-def snapshot(session: Session, settings: Settings, user_id: str, period: Period) -> LedgerSnapshot:
-    """The grant's total and every idempotency key charged in it, from SQL."""
-    user = session.get(User, user_id)
-    if user is None:
-        raise NotFound("user", user_id)
+def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
+    """The grant's total, its notified threshold and every idempotency key charged in it."""
+    row = session.scalar(
+        select(Grant).where(
+            Grant.user_id == grant.user_id, Grant.period == grant.period, Grant.seq == grant.seq
+        )
+    )
+    if row is None:
+        raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
     charged = session.scalars(
         select(Send.idempotency_key).where(
-            Send.user_id == user_id,
-            Send.period == period.id,
+            Send.user_id == grant.user_id,
+            Send.period == grant.period,
+            Send.grant_seq == grant.seq,
             Send.status.in_(CHARGED_STATUSES),
         )
     ).all()
-    return LedgerSnapshot(
-        total=plans.plan(settings, user.plan).monthly_credits, charged_keys=list(charged)
-    )
+    return LedgerSnapshot(total=row.total, charged_keys=list(charged), notified=row.notified)
 
 
-def snapshot_source(sessions: sessionmaker[Session], settings: Settings) -> SnapshotSource:
-    def read(user_id: str, period: Period) -> LedgerSnapshot:
+def snapshot_source(sessions: sessionmaker[Session]) -> SnapshotSource:
+    def read(grant: GrantRef) -> LedgerSnapshot:
         with sessions() as session:
-            return snapshot(session, settings, user_id, period)
+            return snapshot(session, grant)
 
     return read
