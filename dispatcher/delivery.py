@@ -81,6 +81,12 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         grant = GrantRef.of(user.id, period_by_id(send.period, user.timezone), send.grant_seq)
     else:
         user, grant = ensure_current(rt, user.id)
+        # Claim the grant in SQL before asking Redis: should Redis lose its data before this
+        # send is marked reserved, the rebuild counts it as in flight (never an overspend).
+        # The grant is built first so that its own first rebuild does not count this claim.
+        rt.quota.ensure(grant)
+        with rt.sessions.begin() as session:
+            _cas(session, send_id, (SendStatus.QUEUED,), period=grant.period, grant_seq=grant.seq)
     reservation = rt.quota.reserve(grant, send.idempotency_key)
     send.period, send.grant_seq = grant.period, grant.seq
     if not reservation.granted:

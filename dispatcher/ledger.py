@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.errors import NotFound
-from dispatcher.models import CHARGED_STATUSES, Grant, Send
+from dispatcher.models import CHARGED_STATUSES, Grant, Send, SendStatus
 from dispatcher.quota import GrantRef, LedgerSnapshot, SnapshotSource
 
 
@@ -19,15 +19,26 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     )
     if row is None:
         raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
+    in_grant = (
+        Send.user_id == grant.user_id,
+        Send.period == grant.period,
+        Send.grant_seq == grant.seq,
+    )
     charged = session.scalars(
-        select(Send.idempotency_key).where(
-            Send.user_id == grant.user_id,
-            Send.period == grant.period,
-            Send.grant_seq == grant.seq,
-            Send.status.in_(CHARGED_STATUSES),
-        )
+        select(Send.idempotency_key).where(*in_grant, Send.status.in_(CHARGED_STATUSES))
     ).all()
-    return LedgerSnapshot(total=row.total, charged_keys=list(charged), notified=row.notified)
+    # Claimed but not yet marked reserved: Redis may have granted them just before it lost its
+    # data. They count as used (without their keys), so the rebuild can only under-grant;
+    # `dispatcher reconcile` gives such credits back once the sends have settled.
+    in_flight = session.scalar(
+        select(func.count()).select_from(Send).where(*in_grant, Send.status == SendStatus.QUEUED)
+    )
+    return LedgerSnapshot(
+        total=row.total,
+        charged_keys=list(charged),
+        notified=row.notified,
+        in_flight=int(in_flight or 0),
+    )
 
 
 def snapshot_source(sessions: sessionmaker[Session]) -> SnapshotSource:

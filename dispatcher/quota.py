@@ -52,10 +52,11 @@ class LedgerSnapshot:
     total: int
     charged_keys: Sequence[str]  # idempotency keys whose credit is taken (one credit each)
     notified: int = 0  # highest threshold already notified
+    in_flight: int = 0  # claimed by a worker, not yet known to be granted
 
     @property
     def used(self) -> int:
-        return len(self.charged_keys)
+        return len(self.charged_keys) + self.in_flight
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,11 @@ class QuotaLedger:
                 snap.notified,
             )
         return rebuilt
+
+    def ensure(self, grant: GrantRef) -> None:
+        """Make sure the grant exists in Redis, rebuilding it from SQL when missing."""
+        if not self._redis.exists(grant.keys[0]):
+            self.rebuild(grant)
 
     def balance(self, grant: GrantRef) -> tuple[int, int]:
         """(used, total) of the grant, rebuilding it first when missing."""
