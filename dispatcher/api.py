@@ -112,6 +112,57 @@ class EventOut(BaseModel):
     occurred_at: datetime
 
 
+class PlanOut(BaseModel):
+    name: str
+    monthly_credits: int
+    price_cents: int = Field(description="Monthly price in cents (0 for the free plan).")
+
+
+class SubscriptionIn(_In):
+    action: str = Field(description="upgrade, downgrade or cancel")
+    plan: str | None = Field(default=None, description="Target plan (not for cancel).")
+
+
+class OrderOut(BaseModel):
+    number: str
+    kind: str
+    plan: str
+    amount_cents: int
+    credits: int
+    recurring_cents: int
+    period: str
+    created_at: datetime
+
+
+class SubscriptionOut(BaseModel):
+    action: str
+    plan: str
+    pending_plan: str | None
+    order: OrderOut | None
+
+
+class CreditsOut(BaseModel):
+    user_id: str
+    plan: str
+    period: str
+    period_start: datetime = Field(description="Start of the period, in the user's zone.")
+    period_end: datetime = Field(description="End of the period (exclusive), user's zone.")
+    total: int
+    used: int
+    remaining: int
+    thresholds_notified: list[int]
+    pending_downgrade: str | None
+
+
+class NotificationOut(BaseModel):
+    id: int
+    threshold: int
+    title: str
+    body: str
+    created_at: datetime
+    read_at: datetime | None
+
+
 class Problem(BaseModel):
     code: str
     detail: str
@@ -258,6 +309,40 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     ) -> list[EventOut]:
         """The contact's events for this agent, newest first."""
         return [EventOut(**asdict(e)) for e in producer.timeline(user_id, contact_id, limit)]
+
+    @app.get("/v1/plans", response_model=list[PlanOut], dependencies=auth)
+    def get_plans() -> list[PlanOut]:
+        """The plan catalog, smallest first."""
+        return [PlanOut(**asdict(p)) for p in producer.plans()]
+
+    @app.post(
+        "/v1/users/{user_id}/subscription",
+        response_model=SubscriptionOut,
+        dependencies=auth,
+        responses={201: {"model": SubscriptionOut}},
+    )
+    def post_subscription(
+        user_id: str, body: SubscriptionIn, response: Response
+    ) -> SubscriptionOut:
+        """Upgrade (charged now, new credits at once), downgrade (from the next period) or
+        cancel (free plan now). Answers 201 with the order when one was made."""
+        result = producer.change_subscription(user_id, body.action, body.plan)
+        response.status_code = 201 if result.order else 200
+        return SubscriptionOut.model_validate(asdict(result))
+
+    @app.get("/v1/users/{user_id}/credits", response_model=CreditsOut, dependencies=auth)
+    def get_credits(user_id: str) -> CreditsOut:
+        """The user's current grant: plan, period in their zone, total, used, remaining."""
+        return CreditsOut(**asdict(producer.credits(user_id)))
+
+    @app.get(
+        "/v1/users/{user_id}/notifications", response_model=list[NotificationOut], dependencies=auth
+    )
+    def get_notifications(
+        user_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[NotificationOut]:
+        """In-app notifications, newest first."""
+        return [NotificationOut(**asdict(n)) for n in producer.notifications(user_id, limit)]
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

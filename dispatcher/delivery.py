@@ -16,6 +16,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session
 
+from dispatcher import notices
 from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
@@ -27,9 +28,11 @@ from dispatcher.errors import (
 from dispatcher.message import Envelope, build_message
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.outcomes import StepOutcome
-from dispatcher.periods import Period, period_at, period_by_id
+from dispatcher.periods import period_by_id
+from dispatcher.quota import GrantRef
 from dispatcher.rendering import MessageTemplate, context_for
 from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import ensure_current
 from dispatcher.timeline import record_outcome
 
 log = logging.getLogger(__name__)
@@ -73,47 +76,48 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             expect=(SendStatus.SENDING,),
         )
 
-    period = (
-        period_by_id(send.period, user.timezone) if send.period else period_at(now, user.timezone)
-    )
-    reservation = rt.quota.reserve(user.id, period, send.idempotency_key)
+    if send.period is not None and send.grant_seq is not None:
+        # Reserved before (a retry or a redelivery): the same grant answers the same key.
+        grant = GrantRef.of(user.id, period_by_id(send.period, user.timezone), send.grant_seq)
+    else:
+        user, grant = ensure_current(rt, user.id)
+        # Claim the grant in SQL before asking Redis: should Redis lose its data before this
+        # send is marked reserved, the rebuild counts it as in flight (never an overspend).
+        # The grant is built first so that its own first rebuild does not count this claim.
+        rt.quota.ensure(grant)
+        with rt.sessions.begin() as session:
+            _cas(session, send_id, (SendStatus.QUEUED,), period=grant.period, grant_seq=grant.seq)
+    reservation = rt.quota.reserve(grant, send.idempotency_key)
+    send.period, send.grant_seq = grant.period, grant.seq
     if not reservation.granted:
         log.info(
-            "send failed: quota exhausted id=%s user=%s period=%s used=%d total=%d",
+            "send failed: quota exhausted id=%s user=%s grant=%s:%d used=%d total=%d",
             send.id,
             user.id,
-            period.id,
+            grant.period,
+            grant.seq,
             reservation.used,
             reservation.total,
         )
-        send.period = period.id
         return _finish(
             rt,
             send,
             SendStatus.FAILED,
             QUOTA_EXHAUSTED,
-            f"no credits left: {reservation.used} of {reservation.total} used in {period.id}",
+            f"no credits left: {reservation.used} of {reservation.total} used in {grant.period}",
             expect=(SendStatus.QUEUED, SendStatus.RESERVED),
         )
-    if reservation.threshold:
-        log.info(
-            "usage threshold reached user=%s period=%s threshold=%d%% used=%d total=%d",
-            user.id,
-            period.id,
-            reservation.threshold,
-            reservation.used,
-            reservation.total,
-        )
+    notices.after_reservation(rt, grant, reservation)
     if not _move(
         rt,
         send_id,
         (SendStatus.QUEUED, SendStatus.RESERVED),
         SendStatus.RESERVED,
-        period=period.id,
+        period=grant.period,
+        grant_seq=grant.seq,
         updated_at=now,
     ):
         return _settled_elsewhere(rt, send_id)
-    send.period = period.id
 
     from_address = user.sender_address
     try:
@@ -138,7 +142,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             SendStatus.FAILED,
             exc.reason,
             exc.detail,
-            refund=period,
+            refund=grant,
             expect=(SendStatus.RESERVED,),
         )
 
@@ -165,7 +169,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
                 SendStatus.FAILED,
                 RETRIES_EXHAUSTED,
                 f"gave up after retries; last error: {exc.detail}",
-                refund=period,
+                refund=grant,
                 expect=(SendStatus.SENDING,),
                 subject=rendered.subject,
             )
@@ -188,7 +192,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             SendStatus.FAILED,
             exc.reason,
             exc.detail,
-            refund=period,
+            refund=grant,
             expect=(SendStatus.SENDING,),
             subject=rendered.subject,
         )
@@ -210,29 +214,6 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         f"{delivery.code} {delivery.reply}",
         expect=(SendStatus.SENDING,),
         subject=rendered.subject,
-    )
-
-
-def give_up(rt: Runtime, send_id: str, reason: str, detail: str) -> SendStatus:
-    """Fail a send that cannot be delivered (e.g. its task gave up) and return its credit."""
-    with rt.sessions() as session:
-        send = session.get(Send, send_id)
-        if send is None:
-            raise NotFound("send", send_id)
-        user = session.get(User, send.user_id)
-        session.expunge_all()
-    if send.status.terminal:
-        _publish(rt, send_id)
-        return send.status
-    refund = period_by_id(send.period, user.timezone) if send.period and user else None
-    return _finish(
-        rt,
-        send,
-        SendStatus.FAILED,
-        reason,
-        detail,
-        refund=refund,
-        expect=(SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING),
     )
 
 
@@ -260,7 +241,7 @@ def _finish(
     detail: str | None,
     *,
     expect: tuple[SendStatus, ...],
-    refund: Period | None = None,
+    refund: GrantRef | None = None,
     subject: str | None = None,
 ) -> SendStatus:
     """Record the terminal outcome and its timeline event in one transaction, then refund
@@ -275,6 +256,7 @@ def _finish(
             reason=reason,
             detail=detail,
             period=send.period,
+            grant_seq=send.grant_seq,
             lease_until=None,
             finished_at=now,
             updated_at=now,
@@ -288,7 +270,7 @@ def _finish(
     log.info("send %s id=%s user=%s reason=%s", status.value, send.id, send.user_id, reason)
     if refund is not None:
         # After the commit: SQL no longer counts this key, so a rebuild agrees with the refund.
-        rt.quota.refund(send.user_id, refund.id, send.idempotency_key)
+        rt.quota.refund(refund, send.idempotency_key)
     _publish(rt, send.id)
     return status
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 PREFIX = "ced"
 
 
-def grant(user_id: str, period: str) -> str:
+def grant(user_id: str, period: str, seq: int) -> str:
     """Hash of one grant: total, used, highest threshold notified."""
-    # The hash tag keeps a grant and its reservations in one cluster slot.
-    return f"{PREFIX}:quota:{{{user_id}:{period}}}"
+    # The hash tag keeps all of a user's quota keys in one cluster slot.
+    return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}"
 
 
-def reservations(user_id: str, period: str) -> str:
+def reservations(user_id: str, period: str, seq: int) -> str:
     """Hash of idempotency key -> G (granted) | D (denied) | R (refunded)."""
-    return f"{PREFIX}:quota:{{{user_id}:{period}}}:res"
+    return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}:res"

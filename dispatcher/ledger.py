@@ -2,37 +2,48 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import plans
 from dispatcher.errors import NotFound
-from dispatcher.models import CHARGED_STATUSES, Send, User
-from dispatcher.periods import Period
-from dispatcher.quota import LedgerSnapshot, SnapshotSource
-from dispatcher.settings import Settings
+from dispatcher.models import CHARGED_STATUSES, Grant, Send, SendStatus
+from dispatcher.quota import GrantRef, LedgerSnapshot, SnapshotSource
 
 
-def snapshot(session: Session, settings: Settings, user_id: str, period: Period) -> LedgerSnapshot:
-    """The grant's total and every idempotency key charged in it, from SQL."""
-    user = session.get(User, user_id)
-    if user is None:
-        raise NotFound("user", user_id)
-    charged = session.scalars(
-        select(Send.idempotency_key).where(
-            Send.user_id == user_id,
-            Send.period == period.id,
-            Send.status.in_(CHARGED_STATUSES),
+def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
+    """The grant's total, its notified threshold and every idempotency key charged in it."""
+    row = session.scalar(
+        select(Grant).where(
+            Grant.user_id == grant.user_id, Grant.period == grant.period, Grant.seq == grant.seq
         )
+    )
+    if row is None:
+        raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
+    in_grant = (
+        Send.user_id == grant.user_id,
+        Send.period == grant.period,
+        Send.grant_seq == grant.seq,
+    )
+    charged = session.scalars(
+        select(Send.idempotency_key).where(*in_grant, Send.status.in_(CHARGED_STATUSES))
     ).all()
+    # Claimed but not yet marked reserved: Redis may have granted them just before it lost its
+    # data. They count as used (without their keys), so the rebuild can only under-grant;
+    # `dispatcher reconcile` gives such credits back once the sends have settled.
+    in_flight = session.scalar(
+        select(func.count()).select_from(Send).where(*in_grant, Send.status == SendStatus.QUEUED)
+    )
     return LedgerSnapshot(
-        total=plans.plan(settings, user.plan).monthly_credits, charged_keys=list(charged)
+        total=row.total,
+        charged_keys=list(charged),
+        notified=row.notified,
+        in_flight=int(in_flight or 0),
     )
 
 
-def snapshot_source(sessions: sessionmaker[Session], settings: Settings) -> SnapshotSource:
-    def read(user_id: str, period: Period) -> LedgerSnapshot:
+def snapshot_source(sessions: sessionmaker[Session]) -> SnapshotSource:
+    def read(grant: GrantRef) -> LedgerSnapshot:
         with sessions() as session:
-            return snapshot(session, settings, user_id, period)
+            return snapshot(session, grant)
 
     return read

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -92,6 +93,22 @@ class SendKind(enum.StrEnum):
     CAMPAIGN = "campaign"
 
 
+class GrantReason(enum.StrEnum):
+    PERIOD_START = "period_start"  # a new period (first period, or renewal)
+    UPGRADE = "upgrade"
+    CANCEL = "cancel"
+
+
+class OrderKind(enum.StrEnum):
+    UPGRADE = "upgrade"
+    RENEWAL = "renewal"
+
+
+class SystemEmailKind(enum.StrEnum):
+    USAGE_NOTICE = "usage_notice"
+    RECEIPT = "receipt"
+
+
 class TimelineKind(enum.StrEnum):
     EMAIL_SENT = "email_sent"
     EMAIL_FAILED = "email_failed"
@@ -110,8 +127,17 @@ class User(Base):
     plan: Mapped[str] = mapped_column(String(64), default="free")
     mailchimp_api_key: Mapped[str | None] = mapped_column(String(128))
     mailchimp_list_id: Mapped[str | None] = mapped_column(String(64))
+    pending_plan: Mapped[str | None] = mapped_column(String(64))  # a downgrade, at next period
+    period: Mapped[str | None] = mapped_column(String(16))  # period of the current grant
+    grant_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    period_end: Mapped[datetime | None] = mapped_column(index=True)  # when renewal is due (UTC)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+    @property
+    def billing_address(self) -> str | None:
+        """Where receipts and notices go: the platform mailbox, else the communications one."""
+        return self.platform_email or self.communications_email
 
     @property
     def sender_address(self) -> str | None:
@@ -145,6 +171,7 @@ class Send(Base):
     reason: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
     period: Mapped[str | None] = mapped_column(String(16))
+    grant_seq: Mapped[int | None] = mapped_column(Integer)
     message_id: Mapped[str] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_until: Mapped[datetime | None]
@@ -172,3 +199,82 @@ class TimelineEvent(Base):
     subject: Mapped[str | None] = mapped_column(Text)
     source: Mapped[dict[str, Any]] = mapped_column(default=dict)
     occurred_at: Mapped[datetime]
+
+
+class Grant(Base):
+    """Credits given to a user for (the rest of) a period: at its start, or by an upgrade or a
+    cancel. Reservations come from the latest grant; thresholds count against its total."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("user_id", "period", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    period: Mapped[str] = mapped_column(String(16))
+    seq: Mapped[int] = mapped_column(Integer)
+    plan: Mapped[str] = mapped_column(String(64))
+    total: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[GrantReason] = mapped_column(_enum(GrantReason, "grant_reason"))
+    notified: Mapped[int] = mapped_column(Integer, default=0)  # highest threshold notified
+    created_at: Mapped[datetime]
+
+
+class Order(Base):
+    """A charge for a plan: an upgrade now, or a renewal at a period start."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    number: Mapped[str] = mapped_column(String(40), unique=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[OrderKind] = mapped_column(_enum(OrderKind, "order_kind"))
+    plan: Mapped[str] = mapped_column(String(64))
+    amount_cents: Mapped[int] = mapped_column(Integer)
+    credits: Mapped[int] = mapped_column(Integer)
+    recurring_cents: Mapped[int] = mapped_column(Integer)
+    period: Mapped[str] = mapped_column(String(16))
+    # "<user>:<period>" for renewals: a period can never be charged twice.
+    renewal_key: Mapped[str | None] = mapped_column(String(160), unique=True)
+    charge_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+class Notification(Base):
+    """An in-app usage notification; one per threshold per grant."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("grant_id", "threshold"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("grants.id"))
+    threshold: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    read_at: Mapped[datetime | None]
+
+
+class SystemEmail(Base):
+    """An email of ours to an agent (usage notice, receipt): costs no credit."""
+
+    __tablename__ = "system_emails"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[SystemEmailKind] = mapped_column(_enum(SystemEmailKind, "system_email_kind"))
+    notification_id: Mapped[int | None] = mapped_column(ForeignKey("notifications.id"))
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("orders.id"))
+    to_address: Mapped[str] = mapped_column(String(254))
+    subject: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[SendStatus] = mapped_column(_enum(SendStatus, "send_status"))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None] = mapped_column(index=True)
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]

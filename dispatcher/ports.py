@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 
 class TaskQueue(Protocol):
-    """Hands a stored send to the workers. Called only after the send's row is committed."""
+    """Hands stored work to the workers. Called only after the row is committed."""
 
     def enqueue_send(self, send_id: str) -> None: ...
+
+    def enqueue_system_email(self, email_id: str) -> None: ...
 
 
 class InlineQueue:
@@ -16,6 +19,51 @@ class InlineQueue:
 
     def __init__(self) -> None:
         self.enqueued: list[str] = []
+        self.system_emails: list[str] = []
 
     def enqueue_send(self, send_id: str) -> None:
         self.enqueued.append(send_id)
+
+    def enqueue_system_email(self, email_id: str) -> None:
+        self.system_emails.append(email_id)
+
+
+class OutboxOnly:
+    """Enqueues nothing: the work stays in its table for the beat's outbox sweep to enqueue.
+
+    For processes that cannot reach the broker's client library (the CLI).
+    """
+
+    def enqueue_send(self, send_id: str) -> None:
+        raise DeferredToOutbox(send_id)
+
+    def enqueue_system_email(self, email_id: str) -> None:
+        raise DeferredToOutbox(email_id)
+
+
+class DeferredToOutbox(Exception):
+    """Raised by :class:`OutboxOnly`: the row stays un-enqueued for the outbox sweep."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a payment gateway is asked to charge."""
+
+    user_id: str
+    amount_cents: int
+    description: str
+    reference: str  # idempotency reference: the same reference never charges twice
+
+
+class PaymentGateway(Protocol):
+    """Charges the card on file; returns the gateway's charge id."""
+
+    def charge(self, charge: Charge) -> str: ...
+
+
+class CardOnFileGateway:
+    """The default gateway: records the charge against the card on file (we process no cards);
+    the order row is the record."""
+
+    def charge(self, charge: Charge) -> str:
+        return f"card-on-file:{charge.reference}"

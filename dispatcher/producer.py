@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher import sends, timeline, users
+from dispatcher import notices, plans, sends, subscriptions, timeline, users
+from dispatcher.notices import NotificationView
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest, SendView, SubmitResult
+from dispatcher.subscriptions import ChangeResult, CreditsView
 from dispatcher.timeline import EventView
 from dispatcher.users import UserView
 
@@ -40,3 +42,19 @@ class Producer:
         with self.runtime.sessions() as session:
             users.get_user(session, user_id)
             return timeline.events(session, user_id, contact_id, limit)
+
+    def plans(self) -> list[plans.Plan]:
+        """The plan catalog, smallest first."""
+        return list(plans.catalog(self.runtime.settings).values())
+
+    def change_subscription(
+        self, user_id: str, action: str, plan: str | None = None
+    ) -> ChangeResult:
+        """Upgrade, downgrade or cancel (see :func:`dispatcher.subscriptions.change`)."""
+        return subscriptions.change(self.runtime, user_id, action, plan)
+
+    def credits(self, user_id: str) -> CreditsView:
+        return subscriptions.credits(self.runtime, user_id)
+
+    def notifications(self, user_id: str, limit: int = 100) -> list[NotificationView]:
+        return notices.notifications(self.runtime, user_id, limit)

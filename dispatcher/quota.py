@@ -25,15 +25,38 @@ GRANT_GRACE = timedelta(days=35)
 
 
 @dataclass(frozen=True)
+class GrantRef:
+    """Which grant a reservation draws on: a user's ``seq``-th grant of a period."""
+
+    user_id: str
+    period: str  # YYYY-MM in the user's zone
+    seq: int
+    expire_at: int  # unix seconds: the period's end plus a grace for late retries
+
+    @classmethod
+    def of(cls, user_id: str, period: Period, seq: int) -> GrantRef:
+        return cls(user_id, period.id, seq, int((period.end_utc + GRANT_GRACE).timestamp()))
+
+    @property
+    def keys(self) -> list[str]:
+        return [
+            keys.grant(self.user_id, self.period, self.seq),
+            keys.reservations(self.user_id, self.period, self.seq),
+        ]
+
+
+@dataclass(frozen=True)
 class LedgerSnapshot:
     """What the SQL ledger says about one grant: the truth Redis is rebuilt from (I5)."""
 
     total: int
     charged_keys: Sequence[str]  # idempotency keys whose credit is taken (one credit each)
+    notified: int = 0  # highest threshold already notified
+    in_flight: int = 0  # claimed by a worker, not yet known to be granted
 
     @property
     def used(self) -> int:
-        return len(self.charged_keys)
+        return len(self.charged_keys) + self.in_flight
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class Reservation:
         return max(self.total - self.used, 0)
 
 
-SnapshotSource = Callable[[str, Period], LedgerSnapshot]
+SnapshotSource = Callable[[GrantRef], LedgerSnapshot]
 
 
 def _load(name: str) -> str:
@@ -72,15 +95,13 @@ class QuotaLedger:
         self._refund: Script = redis.register_script(_load("refund.lua"))
         self._rebuild: Script = redis.register_script(_load("rebuild.lua"))
 
-    def reserve(self, user_id: str, period: Period, key: str, credits: int = 1) -> Reservation:
-        """Take ``credits`` for ``key`` from the user's grant in ``period``, all or nothing."""
+    def reserve(self, grant: GrantRef, key: str, credits: int = 1) -> Reservation:
+        """Take ``credits`` for ``key`` from ``grant``, all or nothing."""
         if credits < 1:
             raise ValueError("credits must be at least 1")
-        grant_keys = [keys.grant(user_id, period.id), keys.reservations(user_id, period.id)]
-        expire_at = int((period.end_utc + GRANT_GRACE).timestamp())
         for _ in range(3):
             code, used, total, threshold = self._call(
-                self._reserve, grant_keys, [key, credits, expire_at]
+                self._reserve, grant.keys, [key, credits, grant.expire_at]
             )
             if code != -1:
                 return Reservation(
@@ -90,53 +111,62 @@ class QuotaLedger:
                     total=total,
                     threshold=threshold or None,
                 )
-            self.rebuild(user_id, period)
-        raise RuntimeError(f"grant {grant_keys[0]} vanished while being rebuilt three times")
+            self.rebuild(grant)
+        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
 
-    def refund(self, user_id: str, period_id: str, key: str, credits: int = 1) -> bool:
+    def refund(self, grant: GrantRef, key: str, credits: int = 1) -> bool:
         """Give back the credits reserved for ``key``; true when something came back."""
-        result = self._call(
-            self._refund,
-            [keys.grant(user_id, period_id), keys.reservations(user_id, period_id)],
-            [key, credits],
-        )
+        result = self._call(self._refund, grant.keys, [key, credits])
         # -1: the grant is gone; the next reservation rebuilds it from SQL, which no longer
         # counts this key, so the credit comes back there.
         return bool(result == 1)
 
-    def rebuild(self, user_id: str, period: Period) -> bool:
+    def rebuild(self, grant: GrantRef) -> bool:
         """Recreate the grant from the SQL ledger unless it exists; true when rebuilt."""
-        snap = self._snapshot(user_id, period)
-        notified = max(
-            (t for t in THRESHOLDS if snap.total and snap.used * 100 >= t * snap.total), default=0
-        )
-        expire_at = int((period.end_utc + GRANT_GRACE).timestamp())
+        snap = self._snapshot(grant)
         rebuilt = bool(
             self._call(
                 self._rebuild,
-                [keys.grant(user_id, period.id), keys.reservations(user_id, period.id)],
-                [snap.total, snap.used, notified, expire_at, *snap.charged_keys],
+                grant.keys,
+                [snap.total, snap.used, snap.notified, grant.expire_at, *snap.charged_keys],
             )
         )
         if rebuilt:
             log.info(
-                "quota grant rebuilt from ledger user=%s period=%s total=%d used=%d",
-                user_id,
-                period.id,
+                "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d notified=%d",
+                grant.user_id,
+                grant.period,
+                grant.seq,
                 snap.total,
                 snap.used,
+                snap.notified,
             )
         return rebuilt
 
-    def balance(self, user_id: str, period: Period) -> tuple[int, int]:
+    def ensure(self, grant: GrantRef) -> None:
+        """Make sure the grant exists in Redis, rebuilding it from SQL when missing."""
+        if not self._redis.exists(grant.keys[0]):
+            self.rebuild(grant)
+
+    def balance(self, grant: GrantRef) -> tuple[int, int]:
         """(used, total) of the grant, rebuilding it first when missing."""
-        grant = keys.grant(user_id, period.id)
         for _ in range(3):
-            used, total = self._redis.hmget(grant, ["used", "total"])
+            used, total = self._redis.hmget(grant.keys[0], ["used", "total"])
             if used is not None and total is not None:
                 return int(used), int(total)
-            self.rebuild(user_id, period)
-        raise RuntimeError(f"grant {grant} vanished while being rebuilt three times")
+            self.rebuild(grant)
+        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
+
+    def state(self, grant: GrantRef) -> tuple[int, int, int] | None:
+        """(used, total, notified) as Redis holds them, or None when the grant is missing."""
+        used, total, notified = self._redis.hmget(grant.keys[0], ["used", "total", "notified"])
+        if used is None or total is None:
+            return None
+        return int(used), int(total), int(notified or 0)
+
+    def drop(self, grant: GrantRef) -> None:
+        """Forget the grant in Redis; the next use rebuilds it from SQL."""
+        self._redis.delete(*grant.keys)
 
     @staticmethod
     def _call(script: Script, keys_: list[str], args: list[Any]) -> Any:

@@ -13,6 +13,7 @@ from dispatcher import db
 from dispatcher.clock import Clock, SystemClock
 from dispatcher.ledger import snapshot_source
 from dispatcher.outcomes import OutcomeStream
+from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
 from dispatcher.quota import QuotaLedger
 from dispatcher.settings import Settings
 from dispatcher.transports.base import Transport
@@ -30,10 +31,15 @@ class Runtime:
         *,
         clock: Clock | None = None,
         transport: Transport | None = None,
+        queue: TaskQueue | None = None,
+        gateway: PaymentGateway | None = None,
     ) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self._transport = transport
+        #: Where follow-up work (notices, receipts) is enqueued; workers/ sets the Celery one.
+        self.queue: TaskQueue = queue or OutboxOnly()
+        self.gateway: PaymentGateway = gateway or CardOnFileGateway()
 
     @cached_property
     def engine(self) -> Engine:
@@ -54,7 +60,7 @@ class Runtime:
 
     @cached_property
     def quota(self) -> QuotaLedger:
-        return QuotaLedger(self.redis, snapshot_source(self.sessions, self.settings))
+        return QuotaLedger(self.redis, snapshot_source(self.sessions))
 
     @cached_property
     def outcomes(self) -> OutcomeStream:

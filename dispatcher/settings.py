@@ -25,6 +25,8 @@ KNOWN_VARIABLES = (
     "MAILCHIMP_BASE_URL",
     "API_TOKENS",
     "FREE_PLAN_CREDITS",
+    "PLAN_CATALOG",
+    "RENEWAL_SWEEP_SECONDS",
     "MAX_MESSAGE_BYTES",
     "SEND_MAX_RETRIES",
     "SEND_LEASE_SECONDS",
@@ -57,6 +59,9 @@ class Settings:
     mailchimp_base_url: str | None = None
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     free_plan_credits: int = 5000
+    #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
+    plan_catalog: tuple[tuple[str, int, int], ...] | None = None
+    renewal_sweep_seconds: int = 300
     max_message_bytes: int = 1_000_000
     send_max_retries: int = 8
     send_lease_seconds: int = 300
@@ -100,6 +105,14 @@ class Settings:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if self.plan_catalog is not None:
+            small = [n for n, c, _ in self.plan_catalog if c <= self.free_plan_credits]
+            if small:
+                raise ConfigError(
+                    "PLAN_CATALOG", f"paid plan {small[0]!r} has no more credits than the free plan"
+                )
+        if self.renewal_sweep_seconds < 10:
+            raise ConfigError("RENEWAL_SWEEP_SECONDS", "must be at least 10")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
@@ -189,12 +202,20 @@ def _tokens(name: str, value: str) -> tuple[str, ...]:
     return tokens
 
 
+def _plan_catalog(name: str, value: str) -> tuple[tuple[str, int, int], ...]:
+    from dispatcher.plans import parse_catalog
+
+    return parse_catalog(name, value)
+
+
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "smtp_port": _int,
     "smtp_starttls": _bool,
     "smtp_timeout": _float,
     "api_tokens": _tokens,
     "free_plan_credits": _int,
+    "plan_catalog": lambda name, value: _plan_catalog(name, value),
+    "renewal_sweep_seconds": _int,
     "max_message_bytes": _int,
     "send_max_retries": _int,
     "send_lease_seconds": _int,

@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 from dispatcher import plans, validation
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import User
-from dispatcher.periods import zone
+from dispatcher.periods import period_by_id, zone
 from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import roll_forward
 
 _UNSET: Any = object()
 
@@ -75,12 +76,18 @@ def upsert_user(
         if user is None:
             plan_name = plans.FREE if plan is _UNSET else plan
             plans.plan(rt.settings, plan_name, "plan")
-            user = User(id=user_id, timezone="UTC", plan=plan_name, created_at=now)
+            user = User(id=user_id, timezone="UTC", plan=plan_name, created_at=now, updated_at=now)
             session.add(user)
         elif plan is not _UNSET and plan != user.plan:
             raise InvalidInput("plan", "can only be set on creation; change it with a subscription")
         for name, value in changes.items():
             setattr(user, name, value)
+        if created:
+            session.flush()
+            roll_forward(session, rt.settings, rt.gateway, user, now)  # the first grant
+        elif "timezone" in changes and user.period is not None:
+            # The current period keeps its id; it now ends at midnight in the new zone.
+            user.period_end = period_by_id(user.period, user.timezone).end_utc
         if user.platform_email is None and user.communications_email is None:
             raise InvalidInput(
                 "platform_email", "a user needs a platform_email or a communications_email"

@@ -150,7 +150,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-TABLES = ("timeline_events", "sends", "users")
+TABLES = ("system_emails", "notifications", "orders", "grants", "timeline_events", "sends", "users")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -241,7 +241,7 @@ def fake_ledger() -> Iterator[Callable[[int], Any]]:
     client = fakeredis.FakeRedis()
 
     def make(total: int) -> QuotaLedger:
-        return QuotaLedger(client, lambda _u, _p: LedgerSnapshot(total=total, charged_keys=[]))
+        return QuotaLedger(client, lambda _g: LedgerSnapshot(total=total, charged_keys=[]))
 
     yield make
     client.close()

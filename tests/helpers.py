@@ -9,8 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 
-from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent
-from dispatcher.periods import period_at
+from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, User
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest
 from dispatcher.users import upsert_user
@@ -38,10 +37,13 @@ def send_request(user_id: str = "agent-1", n: int = 1, **overrides: Any) -> Send
     return SendRequest(**values)
 
 
-def seed_used_credits(rt: Runtime, user_id: str, count: int, tz: str = "UTC") -> None:
-    """Write ``count`` earlier sent emails of this period to the SQL ledger."""
+def seed_used_credits(rt: Runtime, user_id: str, count: int) -> None:
+    """Write ``count`` earlier sent emails of the user's current grant to the SQL ledger."""
     now = rt.clock.now()
-    period = period_at(now, tz).id
+    with rt.sessions() as session:
+        user = session.get(User, user_id)
+        assert user is not None and user.period is not None
+        period, seq = user.period, user.grant_seq
     rows = [
         dict(
             id=str(uuid.uuid4()),
@@ -55,6 +57,7 @@ def seed_used_credits(rt: Runtime, user_id: str, count: int, tz: str = "UTC") ->
             html="h",
             status=SendStatus.SENT,
             period=period,
+            grant_seq=seq,
             message_id=f"<seed-{i}@x>",
             attempts=1,
             outcome_published=True,

@@ -8,15 +8,15 @@ from dispatcher import delivery
 from dispatcher.devsmtp import DROP, DevSMTPServer
 from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
-from dispatcher.periods import period_at
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
+from dispatcher.subscriptions import credits, ensure_current
 from tests.helpers import make_user, seed_used_credits, send_request, statuses, timeline_rows
 
 
 def credits_used(rt: Runtime, user: str = "agent-1") -> int:
-    return rt.quota.balance(user, period_at(rt.clock.now(), "UTC"))[0]
+    return credits(rt, user).used
 
 
 def test_a_send_is_rendered_sent_and_written_to_the_timeline(
@@ -178,15 +178,14 @@ def test_a_send_held_by_a_live_lease_is_busy_and_an_expired_one_becomes_unknown(
     make_user(runtime)
     send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
     # Given a worker that took the credit and the lease, then died mid-conversation
-    runtime.quota.reserve(
-        "agent-1", period_at(runtime.clock.now(), "UTC"), send_request().idempotency_key
-    )
+    _, grant = ensure_current(runtime, "agent-1")
+    runtime.quota.reserve(grant, send_request().idempotency_key)
     lease = runtime.clock.now() + timedelta(seconds=60)
     with runtime.sessions.begin() as s:
         s.execute(
             update(Send)
             .where(Send.id == send_id)
-            .values(status=SendStatus.SENDING, lease_until=lease, period="2026-11")
+            .values(status=SendStatus.SENDING, lease_until=lease, period="2026-11", grant_seq=1)
         )
     # When the task is redelivered while the lease is live, it waits
     with pytest.raises(SendBusy) as busy:

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from dispatcher.periods import period_at
-from dispatcher.quota import LedgerSnapshot, QuotaLedger
+from dispatcher.quota import GrantRef, LedgerSnapshot, QuotaLedger
 
 PERIOD = period_at(datetime(2026, 11, 10, tzinfo=UTC), "UTC")
 PROCESSES = 8
@@ -27,7 +27,7 @@ def _racer(
     out: mp.queues.Queue[tuple[int, list[str], int]],
 ) -> None:
     client = redis.Redis.from_url(url)
-    ledger = QuotaLedger(client, lambda _u, _p: LedgerSnapshot(total=GRANT, charged_keys=[]))
+    ledger = QuotaLedger(client, lambda _g: LedgerSnapshot(total=GRANT, charged_keys=[]))
     asks = [f"p{index}-{i}" for i in range(OWN_KEYS)]
     shared = [f"shared-{i}" for i in range(SHARED_KEYS)]
     # Interleave shared keys so processes collide on them mid-race.
@@ -38,7 +38,7 @@ def _racer(
     granted: list[str] = []
     fresh = 0
     for key in order:
-        r = ledger.reserve(user, PERIOD, key)
+        r = ledger.reserve(GrantRef.of(user, PERIOD, 1), key)
         if r.granted:
             granted.append(key)
             fresh += not r.replay
@@ -67,8 +67,8 @@ def test_racing_processes_grant_exactly_the_allowance_every_time(redis_url: str)
             assert p.exitcode == 0
         distinct = set().union(*(set(g) for _, g, _ in results))
         fresh_total = sum(f for _, _, f in results)
-        used, total = QuotaLedger(client, lambda _u, _p: LedgerSnapshot(GRANT, [])).balance(
-            user, PERIOD
+        used, total = QuotaLedger(client, lambda _g: LedgerSnapshot(GRANT, [])).balance(
+            GrantRef.of(user, PERIOD, 1)
         )
         assert (len(distinct), fresh_total, used, total) == (GRANT, GRANT, GRANT, GRANT), (
             f"round {round_}"

@@ -10,8 +10,8 @@ from celery.signals import task_retry
 
 from dispatcher.devsmtp import DevSMTPServer
 from dispatcher.outcomes import OutcomeStream
-from dispatcher.periods import period_at
 from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import credits
 from tests.helpers import make_user, seed_used_credits, statuses, timeline_rows, wait_for
 from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
 
@@ -43,8 +43,7 @@ def send_body(n: int, user: str = "agent-1", step: str = "step-1") -> dict[str, 
 
 
 def remaining(rt: Runtime, user: str = "agent-1") -> int:
-    used, total = rt.quota.balance(user, period_at(rt.clock.now(), "UTC"))
-    return total - used
+    return credits(rt, user).remaining
 
 
 def all_terminal(rt: Runtime, user: str, count: int) -> bool:
@@ -70,8 +69,9 @@ def test_two_credits_left_and_four_smartplan_sends(
         assert api_client.post("/v1/sends", json=send_body(n)).status_code == 202
     wait_for(lambda: all_terminal(runtime, "agent-1", 4), what="4 terminal sends")
 
-    # Then exactly 2 messages arrive, the timeline holds 2 sent and 2 quota failures
-    assert len(smtp_server.messages) == 2
+    # Then exactly 2 messages reach contacts, the timeline holds 2 sent and 2 quota failures
+    to_contacts = [m for m in smtp_server.messages if m.rcpt_tos[0].startswith("contact")]
+    assert len(to_contacts) == 2
     assert statuses(runtime, "agent-1") == {"sent": 2, "failed": 2}
     events = timeline_rows(runtime, "agent-1")
     assert sorted((e.kind.value, e.reason) for e in events) == [
@@ -101,6 +101,17 @@ def test_two_credits_left_and_four_smartplan_sends(
     # and nothing was retried, and no credit is left
     assert retries == []
     assert remaining(runtime) == 0
+    # and the agent was told at 95% (one notice for the jump past 80..95) and at 100%
+    wait_for(lambda: len(smtp_server.messages) == 4, what="2 usage notices")
+    notices = sorted(
+        m.parsed()["Subject"]
+        for m in smtp_server.messages
+        if m.rcpt_tos == ("agent-1@kw.example.com",)
+    )
+    assert notices == [
+        "Command Email limit reached: sends are now failing",
+        "You have used 95% of your Command Email sends this month",
+    ]
 
 
 def test_the_same_step_posted_twice_sends_one_message_for_one_credit(

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
+from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -21,6 +22,9 @@ SYSTEM = "system"
 QUEUES = (SMARTPLAN, CAMPAIGN, SYSTEM)
 
 SEND_SMARTPLAN_TASK = "dispatcher.send_smartplan"
+SEND_SYSTEM_EMAIL_TASK = "dispatcher.send_system_email"
+RENEW_DUE_TASK = "dispatcher.renew_due"
+SWEEP_OUTBOX_TASK = "dispatcher.sweep_outbox"
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
@@ -44,14 +48,30 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         accept_content=["json"],
         task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue=SMARTPLAN,
-        task_routes={SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN}},
+        task_routes={
+            SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN},
+            SEND_SYSTEM_EMAIL_TASK: {"queue": SYSTEM},
+            RENEW_DUE_TASK: {"queue": SYSTEM},
+            SWEEP_OUTBOX_TASK: {"queue": SYSTEM},
+        },
+        # Exactly one beat process schedules these (Procfile `beat`).
+        beat_schedule={
+            "renew-due": {"task": RENEW_DUE_TASK, "schedule": settings.renewal_sweep_seconds},
+            "sweep-outbox": {"task": SWEEP_OUTBOX_TASK, "schedule": 60.0},
+        },
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_track_started=False,
         broker_pool_limit=10,
     )
-    app.dispatcher_runtime = runtime or Runtime(settings)
+    rt = runtime or Runtime(settings)
+    app.dispatcher_runtime = rt
+    if isinstance(rt.queue, OutboxOnly):
+        # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
+        from workers.queue import CeleryTaskQueue
+
+        rt.queue = CeleryTaskQueue(app)
     from workers import tasks
 
     tasks.register(app)

@@ -7,7 +7,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from dispatcher.errors import QueueUnavailable
-from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
+from workers.app import SEND_SMARTPLAN_TASK, SEND_SYSTEM_EMAIL_TASK, SMARTPLAN, SYSTEM
 
 
 class CeleryTaskQueue:
@@ -17,7 +17,13 @@ class CeleryTaskQueue:
         self.app = app
 
     def enqueue_send(self, send_id: str) -> None:
+        self._send(SEND_SMARTPLAN_TASK, send_id, SMARTPLAN)
+
+    def enqueue_system_email(self, email_id: str) -> None:
+        self._send(SEND_SYSTEM_EMAIL_TASK, email_id, SYSTEM)
+
+    def _send(self, task: str, item_id: str, queue: str) -> None:
         try:
-            self.app.send_task(SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN)
+            self.app.send_task(task, args=[item_id], queue=queue)
         except (OSError, KombuError, RedisError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 from celery import Celery, Task
 
-from dispatcher import delivery
+from dispatcher import delivery, outbox, subscriptions, system_mail
 from dispatcher.errors import NotFound, SendBusy, TransientError
-from workers.app import SEND_SMARTPLAN_TASK, runtime_of
+from dispatcher.models import SendStatus
+from dispatcher.runtime import Runtime
+from workers.app import (
+    RENEW_DUE_TASK,
+    SEND_SMARTPLAN_TASK,
+    SEND_SYSTEM_EMAIL_TASK,
+    SWEEP_OUTBOX_TASK,
+    runtime_of,
+)
 
 log = logging.getLogger(__name__)
+
+Deliver = Callable[..., SendStatus]
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -19,34 +30,57 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
+def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
+    """Run one delivery use case; retry what may succeed later, never what cannot."""
+    rt: Runtime = runtime_of(task.app)
+    settings = rt.settings
+    retries: int = task.request.retries
+    try:
+        return deliver(rt, item_id, final_attempt=retries >= settings.send_max_retries).value
+    except NotFound as exc:
+        # Nothing to deliver (the row is gone): retrying cannot help.
+        log.error("%s dropped: %s", task.name, exc)
+        return "missing"
+    except SendBusy as exc:
+        # Another delivery holds the lease; look again when it has run out.
+        raise task.retry(countdown=exc.retry_after, max_retries=None) from None
+    except TransientError as exc:
+        countdown = backoff(
+            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
+        )
+        log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
+        raise task.retry(countdown=countdown) from None
+
+
 def register(app: Celery) -> None:
     """Define the dispatcher's tasks on ``app``."""
-    settings = runtime_of(app).settings
+    max_retries = runtime_of(app).settings.send_max_retries
+    task = app.task  # shared=False: each app keeps its own tasks (tests build several apps)
 
-    @app.task(  # type: ignore[untyped-decorator]
+    @task(
         name=SEND_SMARTPLAN_TASK,
         bind=True,
-        shared=False,
-        max_retries=settings.send_max_retries,
+        shared=False,  # type: ignore[untyped-decorator]
+        max_retries=max_retries,
     )
     def send_smartplan(self: Task, send_id: str) -> str:
-        rt = runtime_of(self.app)
-        retries: int = self.request.retries
-        final = retries >= settings.send_max_retries
-        try:
-            return delivery.deliver(rt, send_id, final_attempt=final).value
-        except NotFound as exc:
-            # Nothing to deliver (the row is gone): retrying cannot help.
-            log.error("send task dropped: %s", exc)
-            return "missing"
-        except SendBusy as exc:
-            # Another delivery holds the lease; look again when it has run out.
-            raise self.retry(countdown=exc.retry_after, max_retries=None) from None
-        except TransientError as exc:
-            countdown = backoff(
-                retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
-            )
-            log.info("send %s retry %d in %.1fs: %s", send_id, retries + 1, countdown, exc)
-            raise self.retry(countdown=countdown) from None
+        return _deliver(self, delivery.deliver, send_id)
 
-    del send_smartplan  # registered on the app by the decorator
+    @task(
+        name=SEND_SYSTEM_EMAIL_TASK,
+        bind=True,
+        shared=False,  # type: ignore[untyped-decorator]
+        max_retries=max_retries,
+    )
+    def send_system_email(self: Task, email_id: str) -> str:
+        return _deliver(self, system_mail.deliver, email_id)
+
+    @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def renew_due(self: Task) -> int:
+        return subscriptions.renew_due(runtime_of(self.app))
+
+    @task(name=SWEEP_OUTBOX_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def sweep_outbox(self: Task) -> list[int]:
+        return list(outbox.sweep(runtime_of(self.app)))
+
+    del send_smartplan, send_system_email, renew_due, sweep_outbox  # kept by the app

@@ -1,0 +1,150 @@
+"""Usage notifications (R5): in-app and by email, each threshold at most once per grant."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+
+from dispatcher import outbox, plans, system_mail
+from dispatcher.errors import NotFound
+from dispatcher.models import Grant, Notification, SystemEmailKind, User
+from dispatcher.periods import period_by_id
+from dispatcher.quota import THRESHOLDS, GrantRef, Reservation
+from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import plan_label
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    id: int
+    threshold: int
+    title: str
+    body: str
+    created_at: datetime
+    read_at: datetime | None
+
+
+def reached(used: int, total: int) -> int:
+    """The highest threshold that ``used`` of ``total`` has reached, else 0."""
+    return max((t for t in THRESHOLDS if total > 0 and used * 100 >= t * total), default=0)
+
+
+def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) -> int | None:
+    """Notify the highest threshold this reservation reached, unless already notified.
+
+    The SQL grant row decides (compare-and-set on ``notified``), so concurrent workers, a
+    redelivered task or a Redis that forgot its counters cannot notify twice; Redis's own mark
+    only saves the database round trip when nothing new was reached. Returns the threshold
+    notified, if any.
+    """
+    if not reservation.granted:
+        return None
+    threshold = reached(reservation.used, reservation.total)
+    if not threshold or not (reservation.threshold or reservation.replay):
+        return None
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        row = session.scalar(
+            select(Grant).where(
+                Grant.user_id == grant.user_id, Grant.period == grant.period, Grant.seq == grant.seq
+            )
+        )
+        if row is None:
+            raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
+        won = (
+            cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Grant)
+                    .where(Grant.id == row.id, Grant.notified < threshold)
+                    .values(notified=threshold)
+                ),
+            ).rowcount
+            == 1
+        )
+        if not won:
+            return None
+        user = session.get(User, grant.user_id)
+        assert user is not None
+        plan = plans.plan(rt.settings, row.plan)
+        period = period_by_id(grant.period, user.timezone)
+        if threshold >= 100:
+            title = "Limit reached: sends are now failing"
+            body = (
+                f"You have used all {row.total:,} Command Email sends of this month. "
+                "SmartPlan and campaign emails through Command Email now fail until your "
+                "next period starts or you upgrade."
+            )
+        else:
+            title = f"You have used {threshold}% of your Command Email sends"
+            body = (
+                f"{reservation.used:,} of {row.total:,} sends used this month. "
+                "Upgrade your Command Email subscription for more."
+            )
+        note = Notification(
+            user_id=user.id,
+            grant_id=row.id,
+            threshold=threshold,
+            title=title,
+            body=body,
+            created_at=now,
+        )
+        session.add(note)
+        session.flush()
+        email = system_mail.queue_email(
+            session,
+            rt.settings,
+            user,
+            SystemEmailKind.USAGE_NOTICE,
+            "usage_notice",
+            {
+                "threshold": threshold,
+                "used": reservation.used,
+                "total": row.total,
+                "plan_label": plan_label(plan),
+                "period_end": period.end.strftime("%B %d, %Y"),
+            },
+            now,
+            notification_id=note.id,
+        )
+        email_id = email.id if email else None
+    log.info(
+        "usage notification user=%s grant=%s:%d threshold=%d",
+        grant.user_id,
+        grant.period,
+        grant.seq,
+        threshold,
+    )
+    if email_id:
+        outbox.enqueue_system_emails(rt, [email_id])
+    return threshold
+
+
+def notifications(rt: Runtime, user_id: str, limit: int = 100) -> list[NotificationView]:
+    """A user's in-app notifications, newest first."""
+    with rt.sessions() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("user", user_id)
+        rows = session.scalars(
+            select(Notification)
+            .where(Notification.user_id == user_id)
+            .order_by(Notification.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            NotificationView(
+                id=n.id,
+                threshold=n.threshold,
+                title=n.title,
+                body=n.body,
+                created_at=n.created_at,
+                read_at=n.read_at,
+            )
+            for n in rows
+        ]
