@@ -25,8 +25,7 @@ from dispatcher import db
 from dispatcher.delivery import QUOTA_EXHAUSTED
 from dispatcher.localstack import StackInfo
 from dispatcher.message import message_id_for
-from dispatcher.models import Send, SendKind, SendStatus
-from dispatcher.periods import period_at
+from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.processes import StackError
 from dispatcher.sends import SendRequest
 
@@ -51,14 +50,22 @@ class DemoFailed(StackError):
     """The scenario did not turn out as expected, or the stack could not be used."""
 
 
-def seed_earlier_sends(database_url: str, user_id: str, tz: str, count: int) -> str:
-    """Write ``count`` sent SmartPlan sends of the current period for ``user_id``; period id.
+def seed_earlier_sends(database_url: str, user_id: str, count: int) -> str:
+    """Write ``count`` sent SmartPlan sends of the user's current grant; returns its period.
 
     They stand for the agent's earlier activity this month: the quota ledger counts them when
     it builds the user's Redis grant on the first reservation.
     """
     now = datetime.now(UTC)
-    period = period_at(now, tz)
+    engine = db.make_engine(database_url)
+    try:
+        with db.make_sessionmaker(engine)() as session:
+            user = session.get(User, user_id)
+            if user is None or user.period is None:
+                raise DemoFailed(f"user {user_id} has no current grant")
+            period, seq = user.period, user.grant_seq
+    finally:
+        engine.dispose()
     rows: list[dict[str, Any]] = []
     for i in range(count):
         request = SendRequest(
@@ -85,7 +92,8 @@ def seed_earlier_sends(database_url: str, user_id: str, tz: str, count: int) -> 
                 "subject": "(earlier send, seeded by dispatcher demo)",
                 "html": "<p>seeded</p>",
                 "status": SendStatus.SENT,
-                "period": period.id,
+                "period": period,
+                "grant_seq": seq,
                 "message_id": message_id_for(key, "demo.command-email.localhost"),
                 "attempts": 1,
                 "outcome_published": True,
@@ -101,7 +109,7 @@ def seed_earlier_sends(database_url: str, user_id: str, tz: str, count: int) -> 
                 session.execute(insert(Send), rows)
     finally:
         engine.dispose()
-    return period.id
+    return period
 
 
 class Demo:
@@ -151,7 +159,7 @@ class Demo:
             f"/v1/users/{self.user_id}",
             json={"platform_email": f"{self.user_id}@kw.example.com", "timezone": TIMEZONE},
         )
-        period = seed_earlier_sends(info.database_url, self.user_id, TIMEZONE, total - CREDITS_LEFT)
+        period = seed_earlier_sends(info.database_url, self.user_id, total - CREDITS_LEFT)
         self.say(
             f"agent {self.user_id} ({TIMEZONE}, free plan, {total} credits a month): "
             f"{total - CREDITS_LEFT} already used in {period}, {CREDITS_LEFT} left"
@@ -183,8 +191,19 @@ class Demo:
 
         # Then three are sent and two fail with quota_exhausted on the timeline
         outcomes = self.wait_for_outcomes(submitted)
-        arrived = sorted(set(outbox.glob("*.eml")) - before)
-        return self.report(outcomes, arrived)
+        # and the agent hears about it: usage notices in the app and by email (system queue)
+        notices = self.call("GET", f"/v1/users/{self.user_id}/notifications")
+        arrived = self.wait_for_mail(outbox, before, len(submitted) - 2 + len(notices))
+        return self.report(outcomes, arrived, notices)
+
+    def wait_for_mail(self, outbox: Path, before: set[Path], expected: int) -> list[Path]:
+        """New .eml files once ``expected`` have arrived, or whatever came within 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            arrived = sorted(set(outbox.glob("*.eml")) - before)
+            if len(arrived) >= expected or time.monotonic() > deadline:
+                return arrived
+            time.sleep(0.2)
 
     def wait_for_outcomes(self, submitted: list[tuple[str, str, str]]) -> list[Outcome]:
         """Poll every (contact, email, send id) until all are terminal, or time out."""
@@ -204,8 +223,11 @@ class Demo:
                 )
             time.sleep(0.2)
 
-    def report(self, outcomes: list[Outcome], arrived: list[Path]) -> int:
-        """Print sends, new .eml files and failed contacts' timelines; 0 when as expected."""
+    def report(
+        self, outcomes: list[Outcome], arrived: list[Path], notices: list[dict[str, Any]]
+    ) -> int:
+        """Print sends, new .eml files, notices and failed contacts' timelines; 0 when as
+        expected."""
         self.say()
         self.say("sends:")
         for o in outcomes:
@@ -215,12 +237,22 @@ class Demo:
         self.say()
         self.say(f"new .eml files in {self.info.outbox}/:")
         recipients: list[str] = []
+        agent = f"{self.user_id}@kw.example.com"
+        notice_mail = 0
         for path in arrived:
             msg = message_from_bytes(path.read_bytes(), policy=default)
-            recipients.append(str(msg["To"]))
+            if str(msg["To"]) == agent:
+                notice_mail += 1
+            else:
+                recipients.append(str(msg["To"]))
             self.say(f"  {path.name}   To: {msg['To']}   Subject: {msg['Subject']}")
         if not arrived:
             self.say("  (none)")
+
+        self.say()
+        self.say(f"in-app notifications of {self.user_id} (also emailed, at no credit):")
+        for n in notices:
+            self.say(f"  {n['threshold']:>3}%  {n['title']}")
 
         failed = [o for o in outcomes if o.status == SendStatus.FAILED.value]
         timelines_ok = True
@@ -250,8 +282,10 @@ class Demo:
             problems.append(f"{len(sent)} sent, expected {CREDITS_LEFT}")
         if len(exhausted) != len(outcomes) - CREDITS_LEFT or len(failed) != len(exhausted):
             problems.append(f"{len(exhausted)} failed with {QUOTA_EXHAUSTED}, expected 2")
-        if len(arrived) != CREDITS_LEFT:
-            problems.append(f"{len(arrived)} new .eml files, expected {CREDITS_LEFT}")
+        if len(recipients) != CREDITS_LEFT:
+            problems.append(f"{len(recipients)} emails to contacts, expected {CREDITS_LEFT}")
+        if not notices or notice_mail != len(notices):
+            problems.append(f"{len(notices)} notifications but {notice_mail} notice emails")
         if sorted(recipients) != sorted(o.email for o in sent):
             problems.append("the .eml recipients are not the sent contacts")
         if not timelines_ok:

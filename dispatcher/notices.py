@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 
 from dispatcher import outbox, plans, system_mail
 from dispatcher.errors import NotFound
@@ -36,40 +35,43 @@ def reached(used: int, total: int) -> int:
 
 
 def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) -> int | None:
-    """Notify the highest threshold this reservation reached, unless already notified.
+    """Notify the threshold this reservation reached first, unless it was already notified.
 
-    The SQL grant row decides (compare-and-set on ``notified``), so concurrent workers, a
-    redelivered task or a Redis that forgot its counters cannot notify twice; Redis's own mark
-    only saves the database round trip when nothing new was reached. Returns the threshold
-    notified, if any.
+    Redis says which threshold a reservation crossed (atomically, so two racing reservations
+    crossing 95% and 100% each get their own); the grant's SQL row, locked, decides whether
+    that notification exists already, so a redelivered task or a Redis that forgot its
+    counters cannot notify twice. A replayed reservation (its task was redelivered) notifies
+    the highest threshold now reached if nothing at or above it was notified. Returns the
+    threshold notified, if any.
     """
     if not reservation.granted:
         return None
-    threshold = reached(reservation.used, reservation.total)
-    if not threshold or not (reservation.threshold or reservation.replay):
+    threshold = reservation.threshold
+    if reservation.replay:
+        threshold = reached(reservation.used, reservation.total) or None
+    if not threshold:
         return None
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         row = session.scalar(
-            select(Grant).where(
+            select(Grant)
+            .where(
                 Grant.user_id == grant.user_id, Grant.period == grant.period, Grant.seq == grant.seq
             )
+            .with_for_update()
         )
         if row is None:
             raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
-        won = (
-            cast(
-                CursorResult[Any],
-                session.execute(
-                    update(Grant)
-                    .where(Grant.id == row.id, Grant.notified < threshold)
-                    .values(notified=threshold)
-                ),
-            ).rowcount
-            == 1
-        )
-        if not won:
+        if reservation.replay and row.notified >= threshold:
             return None
+        exists = session.scalar(
+            select(Notification.id).where(
+                Notification.grant_id == row.id, Notification.threshold == threshold
+            )
+        )
+        if exists is not None:
+            return None
+        row.notified = max(row.notified, threshold)
         user = session.get(User, grant.user_id)
         assert user is not None
         plan = plans.plan(rt.settings, row.plan)

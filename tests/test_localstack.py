@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email import message_from_bytes
+from email.policy import default
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +150,11 @@ def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_q
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "quota_exhausted" in demo.stdout
         assert "email_failed" in demo.stdout  # the failed contacts' timelines were printed
-        assert len(list((stack.directory / "outbox").glob("*.eml"))) == 3
+        to_contacts, to_agent = mail_by_recipient(stack.directory)
+        assert len(to_contacts) == 3
+        # and the agent was told in the app and by email (95% reached, then the limit)
+        assert "limit reached" in demo.stdout.lower()
+        assert len(to_agent) == 2
         # and neither the token nor a message body reached a log
         for log in (stack.directory / "logs").glob("*.log"):
             text = log.read_text(errors="replace")
@@ -173,7 +179,20 @@ def test_run_with_embedded_redis_serves_the_demo_from_an_in_process_fakeredis(
         for demo in (first, second):
             assert demo.returncode == 0, demo.stdout + demo.stderr
             assert "2 failed with quota_exhausted" in demo.stdout
-        assert len(list((stack.directory / "outbox").glob("*.eml"))) == 6
+        to_contacts, to_agent = mail_by_recipient(stack.directory)
+        assert len(to_contacts) == 6
+        assert len(to_agent) == 6  # 80%, 90% and the limit, for each agent
+
+
+def mail_by_recipient(directory: Path) -> tuple[list[str], list[str]]:
+    """Recipients of the .eml files in the outbox: (contacts, agents)."""
+    to = [
+        str(message_from_bytes(p.read_bytes(), policy=default)["To"])
+        for p in (directory / "outbox").glob("*.eml")
+    ]
+    return [t for t in to if not t.endswith("@kw.example.com")], [
+        t for t in to if t.endswith("@kw.example.com")
+    ]
 
 
 def test_demo_without_a_running_stack_says_how_to_start_one(tmp_path: Path) -> None:

@@ -10,9 +10,18 @@ from celery.signals import task_retry
 
 from dispatcher.devsmtp import DevSMTPServer
 from dispatcher.outcomes import OutcomeStream
+from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
+from dispatcher.sends import submit_send
 from dispatcher.subscriptions import credits
-from tests.helpers import make_user, seed_used_credits, statuses, timeline_rows, wait_for
+from tests.helpers import (
+    make_user,
+    seed_used_credits,
+    send_request,
+    statuses,
+    timeline_rows,
+    wait_for,
+)
 from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
 
 
@@ -256,3 +265,63 @@ def test_a_send_the_broker_did_not_take_is_enqueued_when_the_request_is_repeated
     # and a further repeat enqueues nothing
     api_client.post("/v1/sends", json=send_body(1))
     assert runtime.redis.llen(SMARTPLAN) == 0
+
+
+def test_a_send_waits_out_a_quota_redis_outage_and_is_sent_once(
+    runtime: Runtime,
+    make_runtime: Any,
+    smtp_server: DevSMTPServer,
+    tmp_path: Any,
+    retries: list[str],
+) -> None:
+    import shutil
+    import subprocess
+
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.conftest import free_port
+    from workers.app import create_app
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server to start a second Redis")
+    # Given workers whose quota store (a second Redis) is down while the broker is up
+    port = free_port()
+    quota_rt = make_runtime(redis_url=f"redis://127.0.0.1:{port}/0")
+    app = create_app(runtime.settings, quota_rt)
+    make_user(runtime)
+    send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        loglevel="WARNING",
+    ):
+        app.send_task(SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN)
+        wait_for(lambda: len(retries) >= 2, what="retries while Redis is down")
+        assert statuses(runtime, "agent-1") == {"queued": 1}
+        # When it comes back (empty: the grant is rebuilt from SQL)
+        server = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            # Then the send goes out once, with one credit
+            wait_for(lambda: all_terminal(runtime, "agent-1", 1), timeout=30)
+            assert statuses(runtime, "agent-1") == {"sent": 1}
+            assert len(smtp_server.messages) == 1
+            assert credits(quota_rt, "agent-1").used == 1
+        finally:
+            server.terminate()
+            server.wait(10)

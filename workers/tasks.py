@@ -7,6 +7,8 @@ import random
 from collections.abc import Callable
 
 from celery import Celery, Task
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import delivery, outbox, subscriptions, system_mail
 from dispatcher.errors import NotFound, SendBusy, TransientError
@@ -44,6 +46,21 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
     except SendBusy as exc:
         # Another delivery holds the lease; look again when it has run out.
         raise task.retry(countdown=exc.retry_after, max_retries=None) from None
+    except (RedisError, SQLAlchemyError, OSError) as exc:
+        # Redis or the database is unreachable: nothing was decided, so try again until it is
+        # back (every step is idempotent; a send caught mid-conversation is settled by its lease).
+        countdown = backoff(
+            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
+        )
+        log.warning(
+            "%s %s: infrastructure error, retry in %.1fs: %s: %s",
+            task.name,
+            item_id,
+            countdown,
+            type(exc).__name__,
+            exc,
+        )
+        raise task.retry(countdown=countdown, max_retries=None) from None
     except TransientError as exc:
         countdown = backoff(
             retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
