@@ -15,7 +15,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
-from dispatcher import __version__, sends
+from dispatcher import __version__, campaigns, sends
+from dispatcher.campaigns import CampaignStateError, InsufficientCredits
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
@@ -163,6 +164,39 @@ class NotificationOut(BaseModel):
     read_at: datetime | None
 
 
+class RecipientIn(_In):
+    id: str
+    email: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class CampaignIn(_In):
+    user_id: str
+    provider: str = Field(default="command_email", description="command_email or mailchimp")
+    name: str | None = None
+    message: MessageIn
+    recipients: list[RecipientIn]
+    from_name: str | None = None
+    reply_to: str | None = None
+
+
+class CampaignOut(BaseModel):
+    id: str
+    user_id: str
+    provider: str
+    status: str
+    name: str | None
+    recipients: int = Field(description="Valid recipients, one send each.")
+    invalid: list[dict[str, Any]] = Field(description="Recipients refused, never charged.")
+    counts: dict[str, int]
+    failed_by_reason: dict[str, int]
+    done: int
+    progress: float
+    detail: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
 class Problem(BaseModel):
     code: str
     detail: str
@@ -233,6 +267,21 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             "the send is stored but could not be queued; repeat the request",
             headers={"Retry-After": "5"},
         )
+
+    @app.exception_handler(InsufficientCredits)
+    async def _short(_r: Request, exc: InsufficientCredits) -> JSONResponse:
+        body = {
+            "code": "insufficient_credits",
+            "detail": str(exc),
+            "needed": exc.needed,
+            "remaining": exc.remaining,
+            "total": exc.total,
+        }
+        return JSONResponse(body, status_code=409)
+
+    @app.exception_handler(CampaignStateError)
+    async def _state(_r: Request, exc: CampaignStateError) -> JSONResponse:
+        return _problem(409, "invalid_state", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _shape(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -343,6 +392,50 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     ) -> list[NotificationOut]:
         """In-app notifications, newest first."""
         return [NotificationOut(**asdict(n)) for n in producer.notifications(user_id, limit)]
+
+    @app.post(
+        "/v1/campaigns",
+        status_code=202,
+        response_model=CampaignOut,
+        dependencies=auth,
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    def post_campaign(body: CampaignIn) -> CampaignOut:
+        """Start a campaign. Command Email: every valid recipient's credit is reserved at once
+        (a campaign larger than the balance is refused whole, 409); invalid recipients are
+        listed in ``invalid``, never sent or charged. MailChimp: sent through the agent's
+        account, no credits."""
+        req = campaigns.CampaignRequest(
+            user_id=body.user_id,
+            provider=body.provider,
+            name=body.name,
+            subject=body.message.subject,
+            html=body.message.html,
+            text=body.message.text,
+            recipients=[campaigns.Recipient(r.id, r.email, r.fields) for r in body.recipients],
+            from_name=body.from_name,
+            reply_to=body.reply_to,
+        )
+        return CampaignOut(**asdict(producer.create_campaign(req)))
+
+    @app.get("/v1/campaigns/{campaign_id}", response_model=CampaignOut, dependencies=auth)
+    def get_campaign(campaign_id: str, user_id: str | None = None) -> CampaignOut:
+        """Status, counts by outcome and progress."""
+        return CampaignOut(**asdict(campaigns.view(rt, campaign_id, user_id)))
+
+    @app.post("/v1/campaigns/{campaign_id}/{action}", response_model=CampaignOut, dependencies=auth)
+    def campaign_action(campaign_id: str, action: str, user_id: str | None = None) -> CampaignOut:
+        """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
+        ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""
+        if action == "pause":
+            result = campaigns.pause(rt, campaign_id, user_id)
+        elif action == "resume":
+            result = campaigns.resume(rt, campaign_id, user_id, queue)
+        elif action == "cancel":
+            result = campaigns.cancel(rt, campaign_id, user_id)
+        else:
+            raise NotFound("campaign action", action)
+        return CampaignOut(**asdict(result))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

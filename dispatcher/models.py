@@ -93,6 +93,24 @@ class SendKind(enum.StrEnum):
     CAMPAIGN = "campaign"
 
 
+class Provider(enum.StrEnum):
+    COMMAND_EMAIL = "command_email"  # our SMTP path; one credit per recipient
+    MAILCHIMP = "mailchimp"  # the agent's MailChimp account; no credits
+
+
+class CampaignStatus(enum.StrEnum):
+    RESERVING = "reserving"  # recipients stored, credits being reserved
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (CampaignStatus.CANCELLED, CampaignStatus.COMPLETED, CampaignStatus.FAILED)
+
+
 class GrantReason(enum.StrEnum):
     PERIOD_START = "period_start"  # a new period (first period, or renewal)
     UPGRADE = "upgrade"
@@ -149,7 +167,10 @@ class Send(Base):
     """One email to one recipient, with its idempotency key, status and credit period."""
 
     __tablename__ = "sends"
-    __table_args__ = (Index("ix_sends_user_period_status", "user_id", "period", "status"),)
+    __table_args__ = (
+        Index("ix_sends_user_period_status", "user_id", "period", "status"),
+        Index("ix_sends_campaign_chunk_status", "campaign_id", "chunk", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(400), unique=True)
@@ -162,6 +183,7 @@ class Send(Base):
     run_id: Mapped[str | None] = mapped_column(String(128))
     step_id: Mapped[str | None] = mapped_column(String(128))
     campaign_id: Mapped[str | None] = mapped_column(String(36))
+    chunk: Mapped[int | None] = mapped_column(Integer)  # a campaign's unit of work
     subject: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text)
@@ -277,4 +299,32 @@ class SystemEmail(Base):
     lease_until: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None] = mapped_column(index=True)
     created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+
+class Campaign(Base):
+    """One email to many contacts of one agent, through Command Email or MailChimp."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    provider: Mapped[Provider] = mapped_column(_enum(Provider, "campaign_provider"))
+    status: Mapped[CampaignStatus] = mapped_column(_enum(CampaignStatus, "campaign_status"))
+    name: Mapped[str | None] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(Text)
+    from_name: Mapped[str | None] = mapped_column(String(200))
+    reply_to: Mapped[str | None] = mapped_column(String(254))
+    recipients: Mapped[int] = mapped_column(Integer)  # valid recipients (one send each)
+    invalid: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    chunks: Mapped[int] = mapped_column(Integer)
+    period: Mapped[str | None] = mapped_column(String(16))
+    grant_seq: Mapped[int | None] = mapped_column(Integer)
+    provider_campaign_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    enqueued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

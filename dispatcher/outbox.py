@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from dispatcher.errors import QueueUnavailable
-from dispatcher.models import Send, SendStatus, SystemEmail
+from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, SystemEmail
 from dispatcher.ports import DeferredToOutbox
 from dispatcher.runtime import Runtime
 
@@ -76,6 +76,21 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int]:
             )
         sent += 1
     enqueue_system_emails(rt, email_ids)
+    with rt.sessions() as session:
+        campaign_ids = session.scalars(
+            select(Campaign.id)
+            .where(
+                Campaign.status == CampaignStatus.RUNNING,
+                Campaign.enqueued_at.is_(None),
+                Campaign.updated_at < cutoff,
+            )
+            .limit(limit)
+        ).all()
+    for campaign_id in campaign_ids:
+        # Imported here: campaigns builds on this module.
+        from dispatcher.campaigns import enqueue, open_chunks
+
+        enqueue(rt, campaign_id, open_chunks(rt, campaign_id))
     if send_ids or email_ids:
         log.info("outbox sweep enqueued sends=%d system_emails=%d", sent, len(email_ids))
     return sent, len(email_ids)

@@ -13,6 +13,8 @@ class TaskQueue(Protocol):
 
     def enqueue_system_email(self, email_id: str) -> None: ...
 
+    def enqueue_campaign_chunk(self, campaign_id: str, chunk: int) -> None: ...
+
 
 class InlineQueue:
     """Runs nothing: records what would be enqueued (tests drive delivery themselves)."""
@@ -20,12 +22,16 @@ class InlineQueue:
     def __init__(self) -> None:
         self.enqueued: list[str] = []
         self.system_emails: list[str] = []
+        self.campaign_chunks: list[tuple[str, int]] = []
 
     def enqueue_send(self, send_id: str) -> None:
         self.enqueued.append(send_id)
 
     def enqueue_system_email(self, email_id: str) -> None:
         self.system_emails.append(email_id)
+
+    def enqueue_campaign_chunk(self, campaign_id: str, chunk: int) -> None:
+        self.campaign_chunks.append((campaign_id, chunk))
 
 
 class OutboxOnly:
@@ -39,6 +45,9 @@ class OutboxOnly:
 
     def enqueue_system_email(self, email_id: str) -> None:
         raise DeferredToOutbox(email_id)
+
+    def enqueue_campaign_chunk(self, campaign_id: str, chunk: int) -> None:
+        raise DeferredToOutbox(campaign_id)
 
 
 class DeferredToOutbox(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher import notices, plans, sends, subscriptions, timeline, users
+from dispatcher import campaigns, notices, plans, sends, subscriptions, timeline, users
 from dispatcher.notices import NotificationView
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
@@ -58,3 +58,9 @@ class Producer:
 
     def notifications(self, user_id: str, limit: int = 100) -> list[NotificationView]:
         return notices.notifications(self.runtime, user_id, limit)
+
+    def create_campaign(self, request: campaigns.CampaignRequest) -> campaigns.CampaignView:
+        """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""
+        view, chunks = campaigns.create(self.runtime, request)
+        campaigns.enqueue(self.runtime, view.id, chunks, self.queue)
+        return view

@@ -94,6 +94,7 @@ class QuotaLedger:
         self._reserve: Script = redis.register_script(_load("reserve.lua"))
         self._refund: Script = redis.register_script(_load("refund.lua"))
         self._rebuild: Script = redis.register_script(_load("rebuild.lua"))
+        self._refund_parts: Script = redis.register_script(_load("refund_parts.lua"))
 
     def reserve(self, grant: GrantRef, key: str, credits: int = 1) -> Reservation:
         """Take ``credits`` for ``key`` from ``grant``, all or nothing."""
@@ -120,6 +121,19 @@ class QuotaLedger:
         # -1: the grant is gone; the next reservation rebuilds it from SQL, which no longer
         # counts this key, so the credit comes back there.
         return bool(result == 1)
+
+    def refund_parts(self, grant: GrantRef, bulk_key: str, part_keys: Sequence[str]) -> int:
+        """Give back one credit for each part of a bulk reservation, once per part; returns
+        how many came back (0 when the grant is gone: a rebuild no longer counts them)."""
+        back = 0
+        for start in range(0, len(part_keys), 1000):
+            result = int(
+                self._call(
+                    self._refund_parts, grant.keys, [bulk_key, *part_keys[start : start + 1000]]
+                )
+            )
+            back += max(result, 0)
+        return back
 
     def rebuild(self, grant: GrantRef) -> bool:
         """Recreate the grant from the SQL ledger unless it exists; true when rebuilt."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined
+from jinja2 import StrictUndefined, Template, TemplateError, Undefined
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -48,16 +48,34 @@ class MessageTemplate:
                     f"{field_prefix}.{name}", f"template syntax error{where}: {exc}"
                 ) from None
 
+    def compile(self) -> CompiledTemplate:
+        """Compile every part once (about 0.5 ms); render many times (microseconds each)."""
+        try:
+            return CompiledTemplate(
+                subject=_TEXT_ENV.from_string(self.subject),
+                html=_HTML_ENV.from_string(self.html),
+                text=_TEXT_ENV.from_string(self.text) if self.text is not None else None,
+            )
+        except TemplateError as exc:
+            raise RenderError(f"template error: {exc}") from None
+
+    def render(self, context: dict[str, Any]) -> Rendered:
+        """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
+        return self.compile().render(context)
+
+
+@dataclass(frozen=True)
+class CompiledTemplate:
+    subject: Template
+    html: Template
+    text: Template | None
+
     def render(self, context: dict[str, Any]) -> Rendered:
         """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
         try:
-            subject = _TEXT_ENV.from_string(self.subject).render(context)
-            body_html = _HTML_ENV.from_string(self.html).render(context)
-            text = (
-                _TEXT_ENV.from_string(self.text).render(context)
-                if self.text is not None
-                else html_to_text(body_html)
-            )
+            subject = self.subject.render(context)
+            body_html = self.html.render(context)
+            text = self.text.render(context) if self.text is not None else html_to_text(body_html)
         except SecurityError as exc:
             raise RenderError(f"template tried something the sandbox forbids: {exc}") from None
         except TemplateError as exc:

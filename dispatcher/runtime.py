@@ -78,7 +78,8 @@ class Runtime:
                     password=s.smtp_password,
                     starttls=s.smtp_starttls,
                     timeout=s.smtp_timeout,
-                )
+                ),
+                pool_size=s.smtp_pool_size,
             )
         return self._transport
 

@@ -26,6 +26,9 @@ KNOWN_VARIABLES = (
     "API_TOKENS",
     "FREE_PLAN_CREDITS",
     "PLAN_CATALOG",
+    "SMTP_POOL_SIZE",
+    "CAMPAIGN_CHUNK_SIZE",
+    "MAX_CAMPAIGN_RECIPIENTS",
     "RENEWAL_SWEEP_SECONDS",
     "MAX_MESSAGE_BYTES",
     "SEND_MAX_RETRIES",
@@ -62,6 +65,9 @@ class Settings:
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
     plan_catalog: tuple[tuple[str, int, int], ...] | None = None
     renewal_sweep_seconds: int = 300
+    smtp_pool_size: int = 8  # SMTP connections one campaign chunk reuses
+    campaign_chunk_size: int = 500  # recipients per campaign task
+    max_campaign_recipients: int = 100_000
     max_message_bytes: int = 1_000_000
     send_max_retries: int = 8
     send_lease_seconds: int = 300
@@ -111,6 +117,12 @@ class Settings:
                 raise ConfigError(
                     "PLAN_CATALOG", f"paid plan {small[0]!r} has no more credits than the free plan"
                 )
+        if not 1 <= self.smtp_pool_size <= 100:
+            raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
+        if not 1 <= self.campaign_chunk_size <= 10_000:
+            raise ConfigError("CAMPAIGN_CHUNK_SIZE", "must be from 1 to 10000")
+        if self.max_campaign_recipients < 1:
+            raise ConfigError("MAX_CAMPAIGN_RECIPIENTS", "must be at least 1")
         if self.renewal_sweep_seconds < 10:
             raise ConfigError("RENEWAL_SWEEP_SECONDS", "must be at least 10")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -216,6 +228,9 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "free_plan_credits": _int,
     "plan_catalog": lambda name, value: _plan_catalog(name, value),
     "renewal_sweep_seconds": _int,
+    "smtp_pool_size": _int,
+    "campaign_chunk_size": _int,
+    "max_campaign_recipients": _int,
     "max_message_bytes": _int,
     "send_max_retries": _int,
     "send_lease_seconds": _int,

@@ -23,6 +23,7 @@ QUEUES = (SMARTPLAN, CAMPAIGN, SYSTEM)
 
 SEND_SMARTPLAN_TASK = "dispatcher.send_smartplan"
 SEND_SYSTEM_EMAIL_TASK = "dispatcher.send_system_email"
+SEND_CAMPAIGN_CHUNK_TASK = "dispatcher.send_campaign_chunk"
 RENEW_DUE_TASK = "dispatcher.renew_due"
 SWEEP_OUTBOX_TASK = "dispatcher.sweep_outbox"
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         task_routes={
             SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN},
             SEND_SYSTEM_EMAIL_TASK: {"queue": SYSTEM},
+            SEND_CAMPAIGN_CHUNK_TASK: {"queue": CAMPAIGN},
             RENEW_DUE_TASK: {"queue": SYSTEM},
             SWEEP_OUTBOX_TASK: {"queue": SYSTEM},
         },

@@ -7,7 +7,14 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from dispatcher.errors import QueueUnavailable
-from workers.app import SEND_SMARTPLAN_TASK, SEND_SYSTEM_EMAIL_TASK, SMARTPLAN, SYSTEM
+from workers.app import (
+    CAMPAIGN,
+    SEND_CAMPAIGN_CHUNK_TASK,
+    SEND_SMARTPLAN_TASK,
+    SEND_SYSTEM_EMAIL_TASK,
+    SMARTPLAN,
+    SYSTEM,
+)
 
 
 class CeleryTaskQueue:
@@ -21,6 +28,9 @@ class CeleryTaskQueue:
 
     def enqueue_system_email(self, email_id: str) -> None:
         self._send(SEND_SYSTEM_EMAIL_TASK, email_id, SYSTEM)
+
+    def enqueue_campaign_chunk(self, campaign_id: str, chunk: int) -> None:
+        self._send(SEND_CAMPAIGN_CHUNK_TASK, f"{campaign_id}:{chunk}", CAMPAIGN)
 
     def _send(self, task: str, item_id: str, queue: str) -> None:
         try:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from enum import StrEnum
 
 from celery import Celery, Task
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import delivery, outbox, subscriptions, system_mail
+from dispatcher import campaign_delivery, delivery, outbox, subscriptions, system_mail
 from dispatcher.errors import NotFound, SendBusy, TransientError
-from dispatcher.models import SendStatus
 from dispatcher.runtime import Runtime
 from workers.app import (
     RENEW_DUE_TASK,
+    SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SWEEP_OUTBOX_TASK,
@@ -24,7 +25,7 @@ from workers.app import (
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[..., SendStatus]
+Deliver = Callable[..., StrEnum]  # a use case returning the item's status
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -92,6 +93,12 @@ def register(app: Celery) -> None:
     def send_system_email(self: Task, email_id: str) -> str:
         return _deliver(self, system_mail.deliver, email_id)
 
+    @task(  # type: ignore[untyped-decorator]
+        name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False, max_retries=max_retries
+    )
+    def send_campaign_chunk(self: Task, item: str) -> str:
+        return _deliver(self, campaign_delivery.deliver_chunk, item)
+
     @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def renew_due(self: Task) -> int:
         return subscriptions.renew_due(runtime_of(self.app))
@@ -100,4 +107,10 @@ def register(app: Celery) -> None:
     def sweep_outbox(self: Task) -> list[int]:
         return list(outbox.sweep(runtime_of(self.app)))
 
-    del send_smartplan, send_system_email, renew_due, sweep_outbox  # kept by the app
+    del (
+        send_smartplan,
+        send_system_email,
+        send_campaign_chunk,
+        renew_due,
+        sweep_outbox,
+    )  # kept by the app

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
 from dispatcher.message import Envelope
 
 
@@ -25,3 +27,18 @@ class Transport(Protocol):
     """
 
     async def send(self, envelope: Envelope, message: bytes) -> Delivery: ...
+
+    def bulk(self) -> BulkSender:
+        """A sender for many messages in a row, reusing connections where it can."""
+        ...
+
+
+class BulkSender(Protocol):
+    """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
+    delivery error, returned, not raised."""
+
+    async def send_many(
+        self, items: Sequence[tuple[Envelope, bytes]]
+    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]: ...
+
+    async def close(self) -> None: ...

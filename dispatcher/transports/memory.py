@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
 from dispatcher.message import Envelope
 from dispatcher.transports.base import Delivery
 
@@ -28,3 +29,20 @@ class MemoryTransport:
         with self._lock:
             self.outbox.append((envelope, message))
         return delivery
+
+    def bulk(self) -> MemoryTransport:
+        return self
+
+    async def close(self) -> None:
+        return None
+
+    async def send_many(
+        self, items: Sequence[tuple[Envelope, bytes]]
+    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]:
+        out: list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown] = []
+        for envelope, message in items:
+            try:
+                out.append(await self.send(envelope, message))
+            except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+                out.append(exc)
+        return out

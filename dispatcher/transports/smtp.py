@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -24,17 +26,23 @@ class SMTPConfig:
     timeout: float = 30.0
 
 
+Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown
+
+
 class SMTPTransport:
-    """One connection per message; the SMTP conversation is driven step by step.
+    """SMTP with the conversation driven step by step.
 
     Driving MAIL, RCPT and DATA ourselves tells a failure before the message was handed over
     (retry is safe) from one after the final dot (the server may have it: ``unknown``).
+    :meth:`send` uses one connection per message; :meth:`send_many` reuses ``pool_size``
+    connections across many messages.
     """
 
-    def __init__(self, config: SMTPConfig) -> None:
+    def __init__(self, config: SMTPConfig, pool_size: int = 8) -> None:
         self.config = config
+        self.pool_size = pool_size
 
-    async def send(self, envelope: Envelope, message: bytes) -> Delivery:
+    async def _connect(self) -> aiosmtplib.SMTP:
         cfg = self.config
         client = aiosmtplib.SMTP(
             hostname=cfg.host,
@@ -49,34 +57,103 @@ class SMTPTransport:
             if cfg.username and cfg.password:
                 await client.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPResponseException as exc:
+            client.close()
             raise _classify(exc, "connect") from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
             raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+        return client
+
+    async def send(self, envelope: Envelope, message: bytes) -> Delivery:
+        client = await self._connect()
         try:
-            try:
-                await client.mail(envelope.mail_from)
-                for rcpt in envelope.recipients:
-                    await client.rcpt(rcpt)
-            except aiosmtplib.SMTPResponseException as exc:
-                raise _classify(exc, "envelope") from None
-            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                raise DeliveryDeferred("connection_lost", _describe(exc)) from None
-            try:
-                response = await client.data(message)
-            except aiosmtplib.SMTPResponseException as exc:
-                # The server answered the final dot (or DATA itself) with a refusal.
-                raise _classify(exc, "data") from None
-            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                # The bytes may have reached the server; resending risks a duplicate.
-                raise DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}") from None
-            return Delivery(response.code, response.message)
+            return await _converse(client, envelope, message)
         finally:
-            try:
-                if client.is_connected:
-                    await client.quit()
-            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                log.debug("QUIT failed after the message was handled: %s", _describe(exc))
-                client.close()
+            await _quit(client)
+
+    def bulk(self) -> SMTPBulk:
+        """A sender that keeps up to ``pool_size`` connections open across batches."""
+        return SMTPBulk(self)
+
+
+class SMTPBulk:
+    """Reused SMTP connections for a run of batches; close it when done."""
+
+    def __init__(self, transport: SMTPTransport) -> None:
+        self._transport = transport
+        self._clients: list[aiosmtplib.SMTP | None] = [None] * transport.pool_size
+
+    async def send_many(self, items: Sequence[tuple[Envelope, bytes]]) -> list[Outcome]:
+        """Send every message over the pooled connections; one outcome per item, in order
+        (delivery errors are returned, not raised)."""
+        results: list[Outcome | None] = [None] * len(items)
+        pending = iter(range(len(items)))
+
+        async def lane(slot: int) -> None:
+            client = self._clients[slot]
+            for i in pending:
+                envelope, message = items[i]
+                try:
+                    if client is None or not client.is_connected:
+                        client = None
+                        client = await self._transport._connect()
+                    results[i] = await _converse(client, envelope, message)
+                except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+                    results[i] = exc
+                    client = await _reset(client)
+            self._clients[slot] = client
+
+        lanes = max(1, min(len(self._clients), len(items)))
+        await asyncio.gather(*(lane(slot) for slot in range(lanes)))
+        return [r for r in results if r is not None]
+
+    async def close(self) -> None:
+        for client in self._clients:
+            if client is not None:
+                await _quit(client)
+        self._clients = [None] * len(self._clients)
+
+
+async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes) -> Delivery:
+    """One message on an open connection, outcomes classified by where it broke."""
+    try:
+        await client.mail(envelope.mail_from)
+        for rcpt in envelope.recipients:
+            await client.rcpt(rcpt)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _classify(exc, "envelope") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+    try:
+        response = await client.data(message)
+    except aiosmtplib.SMTPResponseException as exc:
+        # The server answered the final dot (or DATA itself) with a refusal.
+        raise _classify(exc, "data") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # The bytes may have reached the server; resending risks a duplicate.
+        raise DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}") from None
+    return Delivery(response.code, response.message)
+
+
+async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
+    """After a failed message: RSET to reuse the connection, or drop it."""
+    if client is None or not client.is_connected:
+        return None
+    try:
+        await client.rset()
+        return client
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        client.close()
+        return None
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        if client.is_connected:
+            await client.quit()
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        log.debug("QUIT failed after the messages were handled: %s", _describe(exc))
+        client.close()
 
 
 def _describe(exc: BaseException) -> str:

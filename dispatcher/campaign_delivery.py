@@ -1,0 +1,352 @@
+"""Worker side of a Command Email campaign: one chunk of recipients per task, the template
+compiled and the MIME skeleton built once, SMTP connections reused, SQL written in batches.
+
+Every recipient keeps its own lease and compare-and-set status, exactly as a SmartPlan send:
+a redelivered or duplicated chunk task, a pause or a cancel never sends anyone a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from email.utils import format_datetime
+from itertools import groupby
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, func, insert, select, update
+
+from dispatcher.campaigns import OPEN_STATUSES, campaign_key, grant_of
+from dispatcher.errors import (
+    DeliveryDeferred,
+    DeliveryRejected,
+    DeliveryUnknown,
+    NotFound,
+    RenderError,
+    SendBusy,
+)
+from dispatcher.message import Envelope
+from dispatcher.mime import BulkMessage
+from dispatcher.models import (
+    Campaign,
+    CampaignStatus,
+    Provider,
+    Send,
+    SendStatus,
+    TimelineEvent,
+    TimelineKind,
+    User,
+)
+from dispatcher.rendering import MessageTemplate, context_for
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Recipients claimed per round trip; a pause takes effect within one batch.
+BATCH = 200
+
+_KIND = {
+    SendStatus.SENT: TimelineKind.EMAIL_SENT,
+    SendStatus.FAILED: TimelineKind.EMAIL_FAILED,
+    SendStatus.UNKNOWN: TimelineKind.EMAIL_UNKNOWN,
+}
+
+#: (send id, status, reason, detail, rendered subject, give the credit back)
+Outcome = tuple[str, SendStatus, str | None, str | None, str | None, bool]
+
+
+def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> CampaignStatus:
+    """Send the open recipients of chunk ``"<campaign id>:<chunk>"``; returns the campaign's
+    status afterwards.
+
+    Raises :class:`DeliveryDeferred` when some recipients were deferred (the task retries the
+    chunk; only those are left) and :class:`SendBusy` when another worker holds some of them.
+    """
+    campaign_id, _, chunk_text = item.rpartition(":")
+    chunk = int(chunk_text)
+    with rt.sessions() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is None:
+            raise NotFound("campaign", campaign_id)
+        user = session.get(User, c.user_id)
+        if user is None:
+            raise NotFound("user", c.user_id)
+        session.expunge_all()
+    if c.provider is Provider.MAILCHIMP:
+        from dispatcher.mailchimp_campaigns import deliver_mailchimp
+
+        return deliver_mailchimp(rt, c, user, final_attempt=final_attempt)
+    if c.status is not CampaignStatus.RUNNING:
+        return c.status
+    _settle_lost(rt, c, chunk)
+    sender = user.sender_address
+    if sender is None:
+        raise RenderError("the user has no platform or communications email to send from")
+    deferred = asyncio.run(_run_chunk(rt, c, chunk, sender, final_attempt))
+    busy = _live_lease(rt, campaign_id, chunk)
+    if busy is not None:
+        raise SendBusy(item, busy)
+    if deferred:
+        raise DeliveryDeferred("smtp_deferred", f"{deferred} recipients deferred; retrying")
+    return complete_if_done(rt, campaign_id)
+
+
+async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str, final_attempt: bool) -> int:
+    compiled = MessageTemplate(c.subject, c.html, c.text).compile()
+    skeleton = BulkMessage(from_address=sender, from_name=c.from_name, reply_to=c.reply_to)
+    envelope_from = rt.settings.mail_from_address
+    lease = timedelta(seconds=rt.settings.send_lease_seconds)
+    bulk = rt.transport.bulk()
+    deferred = 0
+    try:
+        while _status(rt, c.id) is CampaignStatus.RUNNING:
+            now = rt.clock.now()
+            claimed = _claim(rt, c.id, chunk, now, now + lease)
+            if not claimed:
+                break
+            date = format_datetime(now)
+            outcomes: list[Outcome] = []
+            ready: list[tuple[Any, str, bytes]] = []
+            for row in claimed:
+                try:
+                    rendered = compiled.render(
+                        context_for(row.contact_id, row.contact_email, row.merge_fields)
+                    )
+                except RenderError as exc:
+                    outcomes.append((row.id, SendStatus.FAILED, exc.reason, exc.detail, None, True))
+                    continue
+                raw = skeleton.render(
+                    to=row.contact_email,
+                    subject=rendered.subject,
+                    message_id=row.message_id,
+                    date=date,
+                    text=rendered.text,
+                    html=rendered.html,
+                )
+                ready.append((row, rendered.subject, raw))
+            results = await bulk.send_many(
+                [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready]
+            )
+            back_to_reserved: list[tuple[str, str, str]] = []
+            for (row, subject, _), result in zip(ready, results, strict=True):
+                if isinstance(result, DeliveryDeferred):
+                    if final_attempt:
+                        outcomes.append(
+                            (
+                                row.id,
+                                SendStatus.FAILED,
+                                "retries_exhausted",
+                                f"gave up after retries; last error: {result.detail}",
+                                subject,
+                                True,
+                            )
+                        )
+                    else:
+                        back_to_reserved.append((row.id, result.reason, result.detail))
+                elif isinstance(result, DeliveryRejected):
+                    outcomes.append(
+                        (row.id, SendStatus.FAILED, result.reason, result.detail, subject, True)
+                    )
+                elif isinstance(result, DeliveryUnknown):
+                    outcomes.append(
+                        (row.id, SendStatus.UNKNOWN, result.reason, result.detail, subject, False)
+                    )
+                else:
+                    outcomes.append(
+                        (
+                            row.id,
+                            SendStatus.SENT,
+                            None,
+                            f"{result.code} {result.reply}",
+                            subject,
+                            False,
+                        )
+                    )
+            settle(rt, c, outcomes, expect=(SendStatus.SENDING,))
+            if back_to_reserved:
+                deferred += len(back_to_reserved)
+                _release(rt, back_to_reserved)
+                break  # leave the rest of the chunk for the retry, after the backoff
+    finally:
+        await bulk.close()
+    return deferred
+
+
+def _status(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
+    with rt.sessions() as session:
+        return session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+
+
+def _claim(
+    rt: Runtime, campaign_id: str, chunk: int, now: datetime, lease_until: datetime
+) -> Sequence[Any]:
+    """Take the lease of up to BATCH reserved recipients of the chunk, atomically."""
+    with rt.sessions.begin() as session:
+        ids = (
+            select(Send.id)
+            .where(
+                Send.campaign_id == campaign_id,
+                Send.chunk == chunk,
+                Send.status == SendStatus.RESERVED,
+            )
+            .limit(BATCH)
+            .scalar_subquery()
+        )
+        return session.execute(
+            update(Send)
+            .where(Send.id.in_(ids), Send.status == SendStatus.RESERVED)
+            .values(
+                status=SendStatus.SENDING,
+                lease_until=lease_until,
+                attempts=Send.attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                Send.id, Send.contact_id, Send.contact_email, Send.merge_fields, Send.message_id
+            )
+        ).all()
+
+
+def _release(rt: Runtime, rows: list[tuple[str, str, str]]) -> None:
+    """Deferred recipients go back to reserved (credit kept) for the chunk's retry."""
+    with rt.sessions.begin() as session:
+        for send_id, reason, detail in rows:
+            session.execute(
+                update(Send)
+                .where(Send.id == send_id, Send.status == SendStatus.SENDING)
+                .values(status=SendStatus.RESERVED, lease_until=None, reason=reason, detail=detail)
+            )
+
+
+def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
+    """Recipients whose lease ran out mid-conversation (their worker died) are ``unknown``:
+    the server may have the message, so it is never resent and the credit is kept."""
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        lost = session.scalars(
+            select(Send.id).where(
+                Send.campaign_id == c.id,
+                Send.chunk == chunk,
+                Send.status == SendStatus.SENDING,
+                Send.lease_until < now,
+            )
+        ).all()
+    if lost:
+        settle(
+            rt,
+            c,
+            [
+                (
+                    i,
+                    SendStatus.UNKNOWN,
+                    "worker_lost_during_smtp",
+                    "the worker was lost while talking to the SMTP server; not resent",
+                    None,
+                    False,
+                )
+                for i in lost
+            ],
+            expect=(SendStatus.SENDING,),
+        )
+
+
+def _live_lease(rt: Runtime, campaign_id: str, chunk: int) -> float | None:
+    """Seconds until the last live lease in the chunk runs out, if any (another worker)."""
+    with rt.sessions() as session:
+        until = session.scalar(
+            select(func.max(Send.lease_until)).where(
+                Send.campaign_id == campaign_id,
+                Send.chunk == chunk,
+                Send.status == SendStatus.SENDING,
+            )
+        )
+    if until is None:
+        return None
+    return max((until - rt.clock.now()).total_seconds(), 0.0) + 1
+
+
+def settle(
+    rt: Runtime, c: Campaign, outcomes: Iterable[Outcome], expect: tuple[SendStatus, ...]
+) -> int:
+    """Record terminal outcomes in batches: status (compare-and-set), timeline events, then
+    credits back for failures. Returns how many were recorded."""
+    now = rt.clock.now()
+    ordered = sorted(outcomes, key=lambda o: (o[1].value, o[2] or "", o[3] or "", o[5]))
+    refund_keys: list[str] = []
+    recorded = 0
+    with rt.sessions.begin() as session:
+        for (status, reason, detail, refund), group in groupby(
+            ordered, key=lambda o: (o[1], o[2], o[3], o[5])
+        ):
+            items = list(group)
+            subjects = {o[0]: o[4] for o in items}
+            for start in range(0, len(items), 500):
+                ids = [o[0] for o in items[start : start + 500]]
+                rows = session.execute(
+                    update(Send)
+                    .where(Send.id.in_(ids), Send.status.in_(expect))
+                    .values(
+                        status=status,
+                        reason=reason,
+                        detail=detail,
+                        lease_until=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                    .returning(Send.id, Send.contact_id, Send.idempotency_key)
+                ).all()
+                if not rows:
+                    continue
+                recorded += len(rows)
+                session.execute(
+                    insert(TimelineEvent),
+                    [
+                        {
+                            "user_id": c.user_id,
+                            "contact_id": r.contact_id,
+                            "send_id": r.id,
+                            "kind": _KIND[status],
+                            "status": status,
+                            "reason": reason,
+                            "detail": detail,
+                            "subject": subjects.get(r.id) or c.subject,
+                            "source": {
+                                "type": "campaign",
+                                "campaign_id": c.id,
+                                "provider": c.provider.value,
+                            },
+                            "occurred_at": now,
+                        }
+                        for r in rows
+                    ],
+                )
+                if refund:
+                    refund_keys += [r.idempotency_key for r in rows]
+    grant = grant_of(rt, c)
+    if refund_keys and grant is not None:
+        # After the commit: the ledger no longer counts them, so a rebuild agrees.
+        rt.quota.refund_parts(grant, campaign_key(c.id), refund_keys)
+    return recorded
+
+
+def complete_if_done(rt: Runtime, campaign_id: str) -> CampaignStatus:
+    """Mark a running campaign completed once no recipient is left open."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        open_left = session.scalar(
+            select(func.count())
+            .select_from(Send)
+            .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+        )
+        if not open_left:
+            result = session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
+                .values(status=CampaignStatus.COMPLETED, finished_at=now, updated_at=now)
+            )
+            if cast(CursorResult[Any], result).rowcount == 1:
+                log.info("campaign completed id=%s", campaign_id)
+        status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+    assert status is not None
+    return status

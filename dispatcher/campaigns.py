@@ -1,0 +1,461 @@
+"""Campaigns: one email to many contacts, through Command Email (credits reserved for all
+recipients at once, fanned out in chunks) or the agent's MailChimp account (rule R11)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import notices, validation
+from dispatcher.errors import DispatcherError, InvalidInput, NotFound, QueueUnavailable
+from dispatcher.message import message_id_for
+from dispatcher.models import (
+    Campaign,
+    CampaignStatus,
+    Provider,
+    Send,
+    SendKind,
+    SendStatus,
+    User,
+)
+from dispatcher.periods import period_by_id
+from dispatcher.ports import DeferredToOutbox, TaskQueue
+from dispatcher.quota import GrantRef
+from dispatcher.rendering import MessageTemplate, check_merge_fields
+from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import ensure_current
+
+log = logging.getLogger(__name__)
+
+#: Campaign send statuses that still have work to do.
+OPEN_STATUSES = (SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING)
+
+
+class InsufficientCredits(DispatcherError):
+    """A Command Email campaign needs more credits than the user has: refused whole."""
+
+    def __init__(self, needed: int, remaining: int, total: int) -> None:
+        super().__init__(
+            f"the campaign needs {needed:,} credits but only {remaining:,} of {total:,} remain "
+            "this month; nothing was sent or charged"
+        )
+        self.needed = needed
+        self.remaining = remaining
+        self.total = total
+
+
+class CampaignStateError(DispatcherError):
+    """The campaign cannot go from its status to the one asked for."""
+
+    def __init__(self, campaign_id: str, status: str, action: str) -> None:
+        super().__init__(f"campaign {campaign_id} is {status}; it cannot {action}")
+        self.status = status
+        self.action = action
+
+
+@dataclass(frozen=True)
+class Recipient:
+    contact_id: str
+    email: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CampaignRequest:
+    user_id: str
+    provider: str
+    subject: str
+    html: str
+    recipients: Sequence[Recipient]
+    text: str | None = None
+    from_name: str | None = None
+    reply_to: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class CampaignView:
+    id: str
+    user_id: str
+    provider: str
+    status: str
+    name: str | None
+    recipients: int
+    invalid: list[dict[str, Any]]
+    counts: dict[str, int]
+    failed_by_reason: dict[str, int]
+    done: int
+    progress: float  # share of valid recipients with a terminal outcome, 0..1
+    detail: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def campaign_key(campaign_id: str) -> str:
+    """The idempotency key of a campaign's bulk credit reservation."""
+    return f"campaign|{campaign_id}"
+
+
+def recipient_key(campaign_id: str, contact_id: str) -> str:
+    """The idempotency key of one recipient's send: campaign + contact."""
+    return f"campaign|{len(campaign_id)}:{campaign_id}|{len(contact_id)}:{contact_id}"
+
+
+def _check_recipients(
+    rt: Runtime, recipients: Sequence[Recipient]
+) -> tuple[list[Recipient], list[dict[str, Any]]]:
+    """Split recipients into valid ones and a report of the invalid ones (never charged)."""
+    if not recipients:
+        raise InvalidInput("recipients", "must list at least one contact")
+    limit = rt.settings.max_campaign_recipients
+    if len(recipients) > limit:
+        raise InvalidInput("recipients", f"lists {len(recipients):,}; the limit is {limit:,}")
+    valid: list[Recipient] = []
+    invalid: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(recipients):
+        where = f"recipients[{i}]"
+        try:
+            contact_id = validation.identifier(f"{where}.id", r.contact_id)
+            email = validation.address(f"{where}.email", r.email)
+            fields = check_merge_fields(f"{where}.fields", r.fields)
+            if contact_id in seen:
+                raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")
+        except InvalidInput as exc:
+            invalid.append(
+                {
+                    "index": i,
+                    "contact_id": str(r.contact_id)[:128],
+                    "email": str(r.email)[:254],
+                    "field": exc.field,
+                    "reason": exc.problem,
+                }
+            )
+            continue
+        seen.add(contact_id)
+        valid.append(Recipient(contact_id, email, fields))
+    return valid, invalid
+
+
+def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
+    """Validate, store and (for Command Email) reserve credits for a campaign, all or nothing.
+
+    Returns the campaign and the chunks to enqueue. Invalid recipients are reported, never sent
+    and never charged; a Command Email campaign larger than the balance raises
+    :class:`InsufficientCredits` and leaves nothing behind.
+    """
+    try:
+        provider = Provider(req.provider)
+    except ValueError:
+        raise InvalidInput("provider", "must be command_email or mailchimp") from None
+    tpl = MessageTemplate(
+        subject=validation.header_text("message.subject", req.subject),
+        html=validation.body("message.html", req.html, max_bytes=rt.settings.max_message_bytes)
+        or "",
+        text=validation.body(
+            "message.text", req.text, max_bytes=rt.settings.max_message_bytes, required=False
+        ),
+    )
+    tpl.check("message")
+    if req.from_name is not None:
+        validation.header_text("from_name", req.from_name, max_len=200)
+    if req.reply_to is not None:
+        validation.address("reply_to", req.reply_to)
+    if req.name is not None:
+        validation.header_text("name", req.name, max_len=200)
+    valid, invalid = _check_recipients(rt, req.recipients)
+    if not valid:
+        raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        user = session.get(User, req.user_id)
+        if user is None:
+            raise NotFound("user", req.user_id)
+        if provider is Provider.MAILCHIMP and not (
+            user.mailchimp_api_key and user.mailchimp_list_id
+        ):
+            raise InvalidInput(
+                "provider",
+                "the user has no connected MailChimp account "
+                "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
+            )
+    grant: GrantRef | None = None
+    if provider is Provider.COMMAND_EMAIL:
+        _, grant = ensure_current(rt, req.user_id)
+        rt.quota.ensure(grant)
+    campaign_id = str(uuid.uuid4())
+    size = rt.settings.campaign_chunk_size
+    chunks = (len(valid) + size - 1) // size
+    # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
+    #    meanwhile counts them as in flight: it can only under-grant).
+    with rt.sessions.begin() as session:
+        session.add(
+            Campaign(
+                id=campaign_id,
+                user_id=req.user_id,
+                provider=provider,
+                status=CampaignStatus.RESERVING if grant else CampaignStatus.RUNNING,
+                name=req.name,
+                subject=tpl.subject,
+                html=tpl.html,
+                text=tpl.text,
+                from_name=req.from_name,
+                reply_to=req.reply_to,
+                recipients=len(valid),
+                invalid=invalid,
+                chunks=chunks,
+                period=grant.period if grant else None,
+                grant_seq=grant.seq if grant else None,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.flush()
+        _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+    # 2. Reserve every valid recipient's credit in one atomic step.
+    if grant is not None:
+        reservation = rt.quota.reserve(grant, campaign_key(campaign_id), len(valid))
+        if not reservation.granted:
+            with rt.sessions.begin() as session:
+                session.execute(delete(Send).where(Send.campaign_id == campaign_id))
+                session.execute(delete(Campaign).where(Campaign.id == campaign_id))
+            raise InsufficientCredits(len(valid), reservation.remaining, reservation.total)
+        notices.after_reservation(rt, grant, reservation)
+        with rt.sessions.begin() as session:
+            session.execute(
+                update(Send)
+                .where(Send.campaign_id == campaign_id, Send.status == SendStatus.QUEUED)
+                .values(status=SendStatus.RESERVED, updated_at=now)
+            )
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id)
+                .values(status=CampaignStatus.RUNNING, updated_at=now)
+            )
+    log.info(
+        "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d chunks=%d",
+        campaign_id,
+        req.user_id,
+        provider.value,
+        len(valid),
+        len(invalid),
+        chunks,
+    )
+    return view(rt, campaign_id), list(range(chunks))
+
+
+def _insert_sends(
+    session: Session,
+    rt: Runtime,
+    campaign_id: str,
+    user_id: str,
+    valid: list[Recipient],
+    grant: GrantRef | None,
+    size: int,
+    now: datetime,
+) -> None:
+    domain = rt.settings.message_id_domain
+    rows = []
+    for i, r in enumerate(valid):
+        key = recipient_key(campaign_id, r.contact_id)
+        rows.append(
+            {
+                "id": str(uuid.uuid4()),
+                "idempotency_key": key,
+                "kind": SendKind.CAMPAIGN,
+                "user_id": user_id,
+                "contact_id": r.contact_id,
+                "contact_email": r.email,
+                "merge_fields": r.fields,
+                "campaign_id": campaign_id,
+                "chunk": i // size,
+                # The message lives on the campaign row, not on 100,000 send rows.
+                "subject": "",
+                "html": "",
+                "status": SendStatus.QUEUED,
+                "period": grant.period if grant else None,
+                "grant_seq": grant.seq if grant else None,
+                "message_id": message_id_for(key, domain),
+                "attempts": 0,
+                "outcome_published": True,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    for start in range(0, len(rows), 2000):
+        session.execute(insert(Send), rows[start : start + 2000])
+
+
+def enqueue(
+    rt: Runtime, campaign_id: str, chunks: Sequence[int], queue: TaskQueue | None = None
+) -> None:
+    """Hand a campaign's chunks (or its MailChimp job) to the workers, after the commit."""
+    try:
+        for chunk in chunks:
+            (queue or rt.queue).enqueue_campaign_chunk(campaign_id, chunk)
+    except DeferredToOutbox:
+        return  # the outbox sweep enqueues it
+    except QueueUnavailable as exc:
+        log.warning("campaign %s left for the outbox sweep: %s", campaign_id, exc.detail)
+        return
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign).where(Campaign.id == campaign_id).values(enqueued_at=rt.clock.now())
+        )
+
+
+def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Status, counts by outcome and progress of a campaign."""
+    with rt.sessions() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is None or (user_id is not None and c.user_id != user_id):
+            raise NotFound("campaign", campaign_id)
+        rows = session.execute(
+            select(Send.status, Send.reason, func.count())
+            .where(Send.campaign_id == campaign_id)
+            .group_by(Send.status, Send.reason)
+        ).all()
+    counts = {s.value: 0 for s in SendStatus}
+    failed: dict[str, int] = {}
+    for status, reason, n in rows:
+        counts[status.value] += n
+        if status is SendStatus.FAILED:
+            failed[reason or "unknown"] = failed.get(reason or "unknown", 0) + n
+    done = counts["sent"] + counts["failed"] + counts["unknown"]
+    return CampaignView(
+        id=c.id,
+        user_id=c.user_id,
+        provider=c.provider.value,
+        status=c.status.value,
+        name=c.name,
+        recipients=c.recipients,
+        invalid=list(c.invalid),
+        counts=counts,
+        failed_by_reason=failed,
+        done=done,
+        progress=round(done / c.recipients, 4) if c.recipients else 1.0,
+        detail=c.detail,
+        created_at=c.created_at,
+        finished_at=c.finished_at,
+    )
+
+
+def _transition(
+    rt: Runtime,
+    campaign_id: str,
+    allowed: tuple[CampaignStatus, ...],
+    to: CampaignStatus,
+    action: str,
+    user_id: str | None,
+) -> Campaign:
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is None or (user_id is not None and c.user_id != user_id):
+            raise NotFound("campaign", campaign_id)
+        result = session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.status.in_(allowed))
+            .values(status=to, updated_at=now, finished_at=now if to.terminal else None)
+        )
+        if cast(CursorResult[Any], result).rowcount != 1:
+            session.refresh(c)
+            raise CampaignStateError(campaign_id, c.status.value, action)
+        session.refresh(c)
+        session.expunge(c)
+        return c
+
+
+def pause(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Stop handing out recipients; those in flight finish. Nothing is sent twice on resume."""
+    c = _transition(
+        rt, campaign_id, (CampaignStatus.RUNNING,), CampaignStatus.PAUSED, "pause", user_id
+    )
+    if c.provider is Provider.MAILCHIMP:
+        raise CampaignStateError(campaign_id, c.status.value, "pause (MailChimp sends it whole)")
+    log.info("campaign paused id=%s", campaign_id)
+    return view(rt, campaign_id)
+
+
+def resume(
+    rt: Runtime, campaign_id: str, user_id: str | None = None, queue: TaskQueue | None = None
+) -> CampaignView:
+    """Hand out the recipients not yet sent again."""
+    _transition(
+        rt, campaign_id, (CampaignStatus.PAUSED,), CampaignStatus.RUNNING, "resume", user_id
+    )
+    chunks = open_chunks(rt, campaign_id)
+    with rt.sessions.begin() as session:  # until the broker takes them, the sweep will
+        session.execute(update(Campaign).where(Campaign.id == campaign_id).values(enqueued_at=None))
+    enqueue(rt, campaign_id, chunks, queue)
+    log.info("campaign resumed id=%s chunks=%d", campaign_id, len(chunks))
+    return view(rt, campaign_id)
+
+
+def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Stop for good: recipients not yet handed out fail as cancelled and their credits come
+    back; those in flight finish."""
+    c = _transition(
+        rt,
+        campaign_id,
+        (CampaignStatus.RUNNING, CampaignStatus.PAUSED),
+        CampaignStatus.CANCELLED,
+        "cancel",
+        user_id,
+    )
+    from dispatcher.campaign_delivery import settle
+
+    with rt.sessions.begin() as session:
+        ids = list(
+            session.scalars(
+                select(Send.id).where(
+                    Send.campaign_id == campaign_id,
+                    Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
+                )
+            ).all()
+        )
+    settle(
+        rt,
+        c,
+        [
+            (
+                i,
+                SendStatus.FAILED,
+                "campaign_cancelled",
+                "the campaign was cancelled before this email was sent",
+                None,
+                True,
+            )
+            for i in ids
+        ],
+        expect=(SendStatus.QUEUED, SendStatus.RESERVED),
+    )
+    log.info("campaign cancelled id=%s unsent=%d", campaign_id, len(ids))
+    return view(rt, campaign_id)
+
+
+def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:
+    """Chunks of a campaign that still have recipients to send."""
+    with rt.sessions() as session:
+        found = session.scalars(
+            select(Send.chunk)
+            .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+            .distinct()
+        ).all()
+    return sorted(c for c in found if c is not None)
+
+
+def grant_of(rt: Runtime, c: Campaign) -> GrantRef | None:
+    """The grant a Command Email campaign's credits were reserved from."""
+    if c.period is None or c.grant_seq is None:
+        return None
+    with rt.sessions() as session:
+        tz = session.scalar(select(User.timezone).where(User.id == c.user_id)) or "UTC"
+    return GrantRef.of(c.user_id, period_by_id(c.period, tz), c.grant_seq)

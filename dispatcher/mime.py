@@ -1,0 +1,82 @@
+"""Fast, standards-correct multipart messages for bulk sends: the parts that are the same for
+every recipient are built once per campaign; per recipient only headers and bodies are filled.
+
+Produces what ``dispatcher.message.build_message`` produces (CRLF line endings, folded and
+RFC 2047-encoded headers, quoted-printable UTF-8 bodies) at a fraction of its cost.
+"""
+
+from __future__ import annotations
+
+import binascii
+import secrets
+from email.header import Header
+from email.utils import formataddr
+
+
+def _header(name: str, value: str) -> bytes:
+    """One header field, encoded and folded to 78 columns, ending in CRLF."""
+    if value.isascii() and len(name) + len(value) + 2 <= 78:
+        return f"{name}: {value}\r\n".encode("ascii")
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    encoded = Header(value, charset, header_name=name).encode(linesep="\r\n", maxlinelen=78)
+    return f"{name}: {encoded}\r\n".encode("ascii")
+
+
+def _qp(text: str) -> bytes:
+    """Quoted-printable UTF-8 with CRLF line endings."""
+    data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    return binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
+
+
+class BulkMessage:
+    """A campaign's message skeleton; :meth:`render` fills one recipient's copy."""
+
+    def __init__(
+        self,
+        *,
+        from_address: str,
+        from_name: str | None,
+        reply_to: str | None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.boundary = f"=_ced_{secrets.token_hex(12)}"
+        head = _header("From", formataddr((from_name or "", from_address), charset="utf-8"))
+        if reply_to:
+            head += _header("Reply-To", reply_to)
+        for name, value in (extra_headers or {}).items():
+            head += _header(name, value)
+        self._head = head
+        self._mime = (
+            b"MIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/alternative; boundary="' + self.boundary.encode() + b'"\r\n'
+            b"\r\n"
+        )
+        part = (
+            b"--" + self.boundary.encode() + b"\r\n"
+            b'Content-Type: text/%s; charset="utf-8"\r\n'
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        )
+        self._text_head = part % b"plain"
+        self._html_head = part % b"html"
+        self._end = b"\r\n--" + self.boundary.encode() + b"--\r\n"
+
+    def render(
+        self, *, to: str, subject: str, message_id: str, date: str, text: str, html: str
+    ) -> bytes:
+        """The bytes of one recipient's message."""
+        return b"".join(
+            (
+                self._head,
+                _header("To", to),
+                _header("Subject", subject),
+                b"Date: " + date.encode("ascii") + b"\r\n",
+                b"Message-ID: " + message_id.encode("ascii") + b"\r\n",
+                self._mime,
+                self._text_head,
+                _qp(text),
+                b"\r\n",
+                self._html_head,
+                _qp(html),
+                self._end,
+            )
+        )
