@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest clean
+.PHONY: install run test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test: lint pytest ## Lint, type-check and run every test (the README's test comm
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dispatcher
+
+bench: install ## Benchmark a 100,000-recipient campaign through the real stack (not a test)
+	$(BIN)/python tests/bench_campaign.py
