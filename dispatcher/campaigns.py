@@ -248,7 +248,9 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         len(invalid),
         chunks,
     )
-    return view(rt, campaign_id), list(range(chunks))
+    # A MailChimp campaign is one job: MailChimp sends it whole.
+    work = [0] if provider is Provider.MAILCHIMP else list(range(chunks))
+    return view(rt, campaign_id), work
 
 
 def _insert_sends(

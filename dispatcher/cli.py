@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="rebuild differing grants from the ledger"
     )
 
+    from dispatcher.campaign_cli import add_commands as add_campaign_commands
+
+    add_campaign_commands(commands)
+
     smtp = commands.add_parser(
         "serve-smtp",
         help="run only the local SMTP server that writes .eml files",
@@ -366,6 +370,13 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 1 if differing and not args.repair else 0
 
 
+def _campaign(args: argparse.Namespace) -> int:
+    """``dispatcher campaign ...``."""
+    from dispatcher.campaign_cli import run as run_campaign
+
+    return run_campaign(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dispatcher`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -382,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "subscription": _subscription,
         "plans": _plans,
         "reconcile": _reconcile,
+        "campaign": _campaign,
     }
     try:
         return handlers[args.command](args)

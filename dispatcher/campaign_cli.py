@@ -1,0 +1,208 @@
+"""``dispatcher campaign``: start, follow, pause, resume and cancel campaigns through the API."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from dispatcher.errors import DispatcherError
+
+DEFAULT_API = "http://127.0.0.1:8000"
+
+
+class CampaignCommandError(DispatcherError):
+    """The API refused the request or could not be reached."""
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``dispatcher campaign ...`` on the CLI's subparsers."""
+    campaign = commands.add_parser(
+        "campaign",
+        help="start, follow, pause, resume or cancel a campaign (through the HTTP API)",
+        description=(
+            "Campaign commands talk to the HTTP API: --api-url and --token, else "
+            "DISPATCHER_API_URL and DISPATCHER_API_TOKEN, else the local stack's "
+            ".dispatcher/stack.json, else http://127.0.0.1:8000."
+        ),
+    )
+    campaign.add_argument("--api-url", help="base URL of the dispatcher API")
+    campaign.add_argument("--token", help="bearer token for the API")
+    campaign.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".dispatcher"),
+        help="local stack folder with stack.json (default: %(default)s)",
+    )
+    sub = campaign.add_subparsers(dest="campaign_command", required=True, metavar="COMMAND")
+
+    send = sub.add_parser(
+        "send",
+        help="start a campaign from a CSV of recipients",
+        description=(
+            "Start a campaign. The CSV needs columns id and email; every other column is a "
+            "merge field (e.g. first_name, usable as {{ first_name }}). Command Email reserves "
+            "one credit per valid recipient at once, or refuses the whole campaign; invalid "
+            "addresses are listed and never charged."
+        ),
+    )
+    send.add_argument("--user", required=True, help="the agent's user id")
+    send.add_argument("--subject", required=True, help="subject template")
+    send.add_argument("--html", required=True, type=Path, help="file with the HTML template")
+    send.add_argument("--text", type=Path, help="file with the plain-text template")
+    send.add_argument("--recipients", required=True, type=Path, help="CSV file of recipients")
+    send.add_argument("--provider", choices=["command_email", "mailchimp"], default="command_email")
+    send.add_argument("--name", help="a name for the campaign")
+    send.add_argument("--from-name", help="display name of the sender")
+    send.add_argument("--follow", action="store_true", help="show a live progress bar")
+
+    show = sub.add_parser(
+        "show",
+        help="status and counts of a campaign",
+        description="Print a campaign's status, counts and progress.",
+    )
+    show.add_argument("campaign_id", metavar="ID")
+    show.add_argument(
+        "--follow", action="store_true", help="keep a live progress bar until the campaign finishes"
+    )
+    for action, text in (
+        ("pause", "stop handing out recipients (in-flight ones finish)"),
+        ("resume", "hand out the remaining recipients again"),
+        ("cancel", "stop for good; unsent recipients' credits come back"),
+    ):
+        p = sub.add_parser(action, help=text, description=text.capitalize() + ".")
+        p.add_argument("campaign_id", metavar="ID")
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    url, token = (
+        args.api_url or os.environ.get("DISPATCHER_API_URL"),
+        (args.token or os.environ.get("DISPATCHER_API_TOKEN")),
+    )
+    stack = args.dir / "stack.json"
+    if (url is None or token is None) and stack.is_file():
+        info = json.loads(stack.read_text())
+        url, token = url or info.get("api_url"), token or info.get("token")
+    if token is None:
+        raise CampaignCommandError("no API token: pass --token or set DISPATCHER_API_TOKEN")
+    return httpx.Client(
+        base_url=url or DEFAULT_API, timeout=600, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise CampaignCommandError(
+            f"the API at {client.base_url} did not answer ({type(exc).__name__})"
+        ) from None
+    if response.is_error:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise CampaignCommandError(f"{response.status_code}: {detail}")
+    return response.json()
+
+
+def read_recipients(path: Path) -> list[dict[str, Any]]:
+    """Recipients from a CSV with id and email columns; other columns are merge fields."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"id", "email"} - set(reader.fieldnames or [])
+        if missing:
+            raise CampaignCommandError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        return [
+            {
+                "id": row.pop("id"),
+                "email": row.pop("email"),
+                "fields": {k: v for k, v in row.items() if k},
+            }
+            for row in reader
+        ]
+
+
+def progress_line(view: dict[str, Any], rate: float | None) -> str:
+    """One line: a bar, counts and the rate."""
+    width = 30
+    filled = int(view["progress"] * width)
+    counts = view["counts"]
+    line = (
+        f"[{'#' * filled}{'-' * (width - filled)}] {view['progress'] * 100:5.1f}% "
+        f"{view['done']:,}/{view['recipients']:,}  sent {counts['sent']:,}  "
+        f"failed {counts['failed']:,}  unknown {counts['unknown']:,}  {view['status']}"
+    )
+    return line + (f"  {rate:,.0f}/s" if rate else "")
+
+
+def follow(client: httpx.Client, campaign_id: str, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Redraw the progress bar until the campaign is no longer running."""
+    tty = out.isatty()
+    last_done, last_time, last_print = 0, time.monotonic(), 0.0
+    while True:
+        view: dict[str, Any] = _call(client, "GET", f"/v1/campaigns/{campaign_id}")
+        now = time.monotonic()
+        rate = (view["done"] - last_done) / (now - last_time) if now > last_time else None
+        last_done, last_time = view["done"], now
+        finished = view["status"] not in ("running", "reserving")
+        if tty:
+            out.write("\r" + progress_line(view, rate) + ("\n" if finished else ""))
+            out.flush()
+        elif finished or now - last_print > 5:
+            out.write(progress_line(view, rate) + "\n")
+            last_print = now
+        if finished:
+            return view
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle ``dispatcher campaign ...``; returns the exit code."""
+    with _client(args) as client:
+        command = args.campaign_command
+        if command == "send":
+            body = {
+                "user_id": args.user,
+                "provider": args.provider,
+                "name": args.name,
+                "from_name": args.from_name,
+                "message": {
+                    "subject": args.subject,
+                    "html": args.html.read_text(encoding="utf-8"),
+                    "text": args.text.read_text(encoding="utf-8") if args.text else None,
+                },
+                "recipients": read_recipients(args.recipients),
+            }
+            view = _call(client, "POST", "/v1/campaigns", json=body)
+            print(
+                f"campaign {view['id']}: {view['recipients']:,} recipients, "
+                f"{len(view['invalid'])} invalid, {view['status']}"
+            )
+            for bad in view["invalid"]:
+                print(f"  invalid: row {bad['index'] + 1} {bad['email']!r}: {bad['reason']}")
+            if args.follow:
+                follow(client, view["id"])
+            return 0
+        if command == "show":
+            view = (
+                follow(client, args.campaign_id)
+                if args.follow
+                else _call(client, "GET", f"/v1/campaigns/{args.campaign_id}")
+            )
+            if not args.follow:
+                print(progress_line(view, None))
+            if view["failed_by_reason"]:
+                reasons = ", ".join(f"{k} {v:,}" for k, v in view["failed_by_reason"].items())
+                print(f"failed by reason: {reasons}")
+            return 0
+        view = _call(client, "POST", f"/v1/campaigns/{args.campaign_id}/{command}")
+        print(progress_line(view, None))
+        return 0
