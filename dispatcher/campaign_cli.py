@@ -143,8 +143,9 @@ def progress_line(view: dict[str, Any], rate: float | None) -> str:
     return line + (f"  {rate:,.0f}/s" if rate else "")
 
 
-def follow(client: httpx.Client, campaign_id: str, out: TextIO = sys.stdout) -> dict[str, Any]:
+def follow(client: httpx.Client, campaign_id: str, out: TextIO | None = None) -> dict[str, Any]:
     """Redraw the progress bar until the campaign is no longer running."""
+    out = out or sys.stdout
     tty = out.isatty()
     last_done, last_time, last_print = 0, time.monotonic(), 0.0
     while True:
