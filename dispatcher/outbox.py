@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from dispatcher.errors import QueueUnavailable
 from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, SystemEmail
@@ -37,60 +39,54 @@ def enqueue_system_emails(rt: Runtime, email_ids: Iterable[str]) -> None:
             )
 
 
-def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int]:
-    """Enqueue queued sends and system emails that were never handed to the broker.
+def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
+    """Enqueue the sends, system emails and running campaigns that were stored but never
+    handed to the broker (it was down, or the producer could not reach it).
 
-    Returns how many of each were enqueued. A row enqueued twice is harmless: delivery is
+    Returns how many of each were enqueued. Work enqueued twice is harmless: delivery is
     idempotent.
     """
+    # Imported here: these modules build on this one.
+    from dispatcher.campaigns import enqueue as enqueue_campaign
+    from dispatcher.campaigns import open_chunks
+    from dispatcher.sends import enqueue as enqueue_send
+
     cutoff = rt.clock.now() - SWEEP_GRACE
     with rt.sessions() as session:
-        send_ids = session.scalars(
-            select(Send.id)
-            .where(
-                Send.status == SendStatus.QUEUED,
-                Send.enqueued_at.is_(None),
-                Send.created_at < cutoff,
-            )
-            .limit(limit)
-        ).all()
-        email_ids = session.scalars(
-            select(SystemEmail.id)
-            .where(
-                SystemEmail.status == SendStatus.QUEUED,
-                SystemEmail.enqueued_at.is_(None),
-                SystemEmail.created_at < cutoff,
-            )
-            .limit(limit)
-        ).all()
-    sent = 0
+        send_ids = _stranded(session, Send, Send.status == SendStatus.QUEUED, cutoff, limit)
+        email_ids = _stranded(
+            session, SystemEmail, SystemEmail.status == SendStatus.QUEUED, cutoff, limit
+        )
+        campaign_ids = _stranded(
+            session, Campaign, Campaign.status == CampaignStatus.RUNNING, cutoff, limit
+        )
+    sends = 0
     for send_id in send_ids:
         try:
-            rt.queue.enqueue_send(send_id)
+            enqueue_send(rt, rt.queue, send_id)
         except (DeferredToOutbox, QueueUnavailable) as exc:
             log.warning("outbox sweep could not enqueue send %s: %s", send_id, exc)
             break
-        with rt.sessions.begin() as session:
-            session.execute(
-                update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now())
-            )
-        sent += 1
+        sends += 1
     enqueue_system_emails(rt, email_ids)
-    with rt.sessions() as session:
-        campaign_ids = session.scalars(
-            select(Campaign.id)
-            .where(
-                Campaign.status == CampaignStatus.RUNNING,
-                Campaign.enqueued_at.is_(None),
-                Campaign.updated_at < cutoff,
-            )
+    for campaign_id in campaign_ids:
+        enqueue_campaign(rt, campaign_id, open_chunks(rt, campaign_id))
+    if send_ids or email_ids or campaign_ids:
+        log.info(
+            "outbox sweep enqueued sends=%d system_emails=%d campaigns=%d",
+            sends,
+            len(email_ids),
+            len(campaign_ids),
+        )
+    return sends, len(email_ids), len(campaign_ids)
+
+
+def _stranded(session: Session, model: Any, open_: Any, cutoff: datetime, limit: int) -> list[str]:
+    """Ids of rows still open, never enqueued, and older than the sweep's grace."""
+    return list(
+        session.scalars(
+            select(model.id)
+            .where(open_, model.enqueued_at.is_(None), model.created_at < cutoff)
             .limit(limit)
         ).all()
-    for campaign_id in campaign_ids:
-        # Imported here: campaigns builds on this module.
-        from dispatcher.campaigns import enqueue, open_chunks
-
-        enqueue(rt, campaign_id, open_chunks(rt, campaign_id))
-    if send_ids or email_ids:
-        log.info("outbox sweep enqueued sends=%d system_emails=%d", sent, len(email_ids))
-    return sent, len(email_ids)
+    )

@@ -16,7 +16,7 @@ from dispatcher import validation
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.message import message_id_for
 from dispatcher.models import Send, SendKind, SendStatus, User
-from dispatcher.ports import TaskQueue
+from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.rendering import MessageTemplate, check_merge_fields
 from dispatcher.runtime import Runtime
 from dispatcher.templates import load_template
@@ -129,11 +129,11 @@ def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult
     if existing is not None:
         if existing.enqueued_at is None:
             # The first request stored it but the broker never took it: enqueue it now.
-            _enqueue(rt, queue, existing.id)
+            enqueue(rt, queue, existing.id)
         return SubmitResult(existing.id, created=False)
     if send_id is None:
         return submit_send(rt, queue, req)  # a concurrent request inserted it first
-    _enqueue(rt, queue, send_id)
+    enqueue(rt, queue, send_id)
     log.info(
         "send queued id=%s user=%s run=%s step=%s", send_id, req.user_id, req.run_id, req.step_id
     )
@@ -179,14 +179,17 @@ def _insert(
     return send.id
 
 
-def _enqueue(rt: Runtime, queue: TaskQueue, send_id: str) -> None:
+def enqueue(rt: Runtime, queue: TaskQueue, send_id: str) -> None:
     """Hand the send to the broker, then remember that it was (a repeat then enqueues nothing).
 
     If the broker fails, :class:`~dispatcher.errors.QueueUnavailable` propagates and the send
     stays stored with no ``enqueued_at``, so the producer's retry of the same request enqueues
     it. A task enqueued twice is harmless: delivery is idempotent.
     """
-    queue.enqueue_send(send_id)
+    try:
+        queue.enqueue_send(send_id)
+    except DeferredToOutbox:
+        return  # the outbox sweep enqueues it
     with rt.sessions.begin() as session:
         session.execute(update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now()))
 
