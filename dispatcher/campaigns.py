@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, func, insert, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import notices, validation
@@ -33,6 +33,8 @@ from dispatcher.runtime import Runtime
 from dispatcher.subscriptions import ensure_current
 
 log = logging.getLogger(__name__)
+
+SEND_TABLE = cast(Table, Send.__table__)
 
 #: Campaign send statuses that still have work to do.
 OPEN_STATUSES = (SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING)
@@ -292,7 +294,8 @@ def _insert_sends(
             }
         )
     for start in range(0, len(rows), 2000):
-        session.execute(insert(Send), rows[start : start + 2000])
+        # Core executemany: the ORM bulk path costs several times the INSERT itself.
+        session.connection().execute(insert(SEND_TABLE), rows[start : start + 2000])
 
 
 def enqueue(

@@ -171,7 +171,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipients", type=int, default=100_000)
     parser.add_argument("--ceiling-messages", type=int, default=20_000)
-    parser.add_argument("--campaign-concurrency", type=int, default=2)
+    parser.add_argument("--campaign-concurrency", type=int, default=3)
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
     args = parser.parse_args()
 
