@@ -66,6 +66,10 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
         countdown = backoff(
             retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
         )
+        # A server that said when to come back (MailChimp's Retry-After) is not asked sooner.
+        asked = getattr(exc, "retry_after", None)
+        if isinstance(asked, int | float):
+            countdown = min(max(countdown, asked), settings.retry_backoff_max_seconds)
         log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
         raise task.retry(countdown=countdown) from None
 
