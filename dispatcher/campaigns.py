@@ -380,11 +380,12 @@ def _transition(
 
 def pause(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
     """Stop handing out recipients; those in flight finish. Nothing is sent twice on resume."""
-    c = _transition(
+    current = view(rt, campaign_id, user_id)
+    if current.provider == Provider.MAILCHIMP.value:
+        raise CampaignStateError(campaign_id, current.status, "pause (MailChimp sends it whole)")
+    _transition(
         rt, campaign_id, (CampaignStatus.RUNNING,), CampaignStatus.PAUSED, "pause", user_id
     )
-    if c.provider is Provider.MAILCHIMP:
-        raise CampaignStateError(campaign_id, c.status.value, "pause (MailChimp sends it whole)")
     log.info("campaign paused id=%s", campaign_id)
     return view(rt, campaign_id)
 

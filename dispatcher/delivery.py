@@ -54,6 +54,9 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         send = session.get(Send, send_id)
         if send is None:
             raise NotFound("send", send_id)
+        if send.kind is not SendKind.SMARTPLAN:
+            # A campaign recipient is delivered by its campaign's chunk, never on its own.
+            raise NotFound("SmartPlan send", send_id)
         user = session.get(User, send.user_id)
         if user is None:
             raise NotFound("user", send.user_id)
@@ -86,7 +89,16 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         # The grant is built first so that its own first rebuild does not count this claim.
         rt.quota.ensure(grant)
         with rt.sessions.begin() as session:
-            _cas(session, send_id, (SendStatus.QUEUED,), period=grant.period, grant_seq=grant.seq)
+            claimed = cast(CursorResult[Any], session.execute(
+                update(Send)
+                .where(Send.id == send_id, Send.status == SendStatus.QUEUED,
+                       Send.period.is_(None))
+                .values(period=grant.period, grant_seq=grant.seq)
+            )).rowcount == 1
+        if not claimed:
+            # A concurrent delivery claimed another grant first (a month start or an
+            # upgrade in between): start over from what it recorded, never charge twice.
+            return deliver(rt, send_id, final_attempt=final_attempt)
     reservation = rt.quota.reserve(grant, send.idempotency_key)
     send.period, send.grant_seq = grant.period, grant.seq
     if not reservation.granted:

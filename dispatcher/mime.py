@@ -10,7 +10,9 @@ from __future__ import annotations
 import binascii
 import secrets
 from email.header import Header
-from email.utils import formataddr
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
 
 
 def _header(name: str, value: str) -> bytes:
@@ -18,13 +20,25 @@ def _header(name: str, value: str) -> bytes:
     if value.isascii() and len(name) + len(value) + 2 <= 78:
         return f"{name}: {value}\r\n".encode("ascii")
     charset = "us-ascii" if value.isascii() else "utf-8"
-    encoded = Header(value, charset, header_name=name).encode(linesep="\r\n", maxlinelen=78)
+    encoded = Header(value, charset, header_name=name).encode(linesep="\r\n", maxlinelen=76)
     return f"{name}: {encoded}\r\n".encode("ascii")
+
+
+def _address_header(name: str, address: str, display_name: str | None) -> bytes:
+    """An address header folded and encoded by the standard library's SMTP policy (built once
+    per campaign, so its cost does not matter)."""
+    msg = EmailMessage(policy=SMTP)
+    local, _, domain = address.rpartition("@")
+    msg[name] = Address(display_name=display_name or "", username=local, domain=domain)
+    return msg.as_bytes().split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 
 def _qp(text: str) -> bytes:
     """Quoted-printable UTF-8 with CRLF line endings."""
-    data = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"  # as EmailMessage.set_content does
+    data = text.encode("utf-8")
     return binascii.b2a_qp(data, istext=True).replace(b"\n", b"\r\n")
 
 
@@ -40,7 +54,7 @@ class BulkMessage:
         extra_headers: dict[str, str] | None = None,
     ) -> None:
         self.boundary = f"=_ced_{secrets.token_hex(12)}"
-        head = _header("From", formataddr((from_name or "", from_address), charset="utf-8"))
+        head = _address_header("From", from_address, from_name)
         if reply_to:
             head += _header("Reply-To", reply_to)
         for name, value in (extra_headers or {}).items():

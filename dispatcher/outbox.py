@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.errors import QueueUnavailable
-from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, SystemEmail
+from dispatcher.models import Campaign, CampaignStatus, Send, SendKind, SendStatus, SystemEmail
 from dispatcher.ports import DeferredToOutbox
 from dispatcher.runtime import Runtime
 
@@ -53,7 +53,11 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
 
     cutoff = rt.clock.now() - SWEEP_GRACE
     with rt.sessions() as session:
-        send_ids = _stranded(session, Send, Send.status == SendStatus.QUEUED, cutoff, limit)
+        # Campaign recipients belong to their campaign's chunks (or MailChimp job), not here.
+        send_ids = _stranded(
+            session, Send, (Send.status == SendStatus.QUEUED) & (Send.kind == SendKind.SMARTPLAN),
+            cutoff, limit,
+        )
         email_ids = _stranded(
             session, SystemEmail, SystemEmail.status == SendStatus.QUEUED, cutoff, limit
         )

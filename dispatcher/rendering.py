@@ -13,9 +13,36 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dispatcher.errors import InvalidInput, RenderError
 
-_HTML_ENV = ImmutableSandboxedEnvironment(autoescape=True, undefined=Undefined)
-_TEXT_ENV = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined)
-_STRICT_CHECK = ImmutableSandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+#: Largest string, list or number a template expression may build (a merge-field email
+#: never needs more; `{{ 'x' * 10**10 }}` would take the worker's memory).
+MAX_VALUE = 1_000_000
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with multiplication and powers that cannot exhaust memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 100:
+                raise SecurityError("exponent too large")
+            result = left**right
+        else:
+            for a, b in ((left, right), (right, left)):
+                if isinstance(a, str | list | tuple) and isinstance(b, int) and (
+                    len(a) * b > MAX_VALUE
+                ):
+                    raise SecurityError("repetition too large")
+            result = left * right
+        if isinstance(result, int) and result.bit_length() > 4 * MAX_VALUE:
+            raise SecurityError("number too large")
+        return result
+
+
+_HTML_ENV = _LimitedSandbox(autoescape=True, undefined=Undefined)
+_TEXT_ENV = _LimitedSandbox(autoescape=False, undefined=Undefined)
+_STRICT_CHECK = _LimitedSandbox(autoescape=True, undefined=StrictUndefined)
 _WS = re.compile(r"\s+")
 
 
@@ -58,6 +85,9 @@ class MessageTemplate:
             )
         except TemplateError as exc:
             raise RenderError(f"template error: {exc}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+            # Constant folding at compile time runs template expressions too.
+            raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
 
     def render(self, context: dict[str, Any]) -> Rendered:
         """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
@@ -80,7 +110,7 @@ class CompiledTemplate:
             raise RenderError(f"template tried something the sandbox forbids: {exc}") from None
         except TemplateError as exc:
             raise RenderError(f"template error: {exc}") from None
-        except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
             raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
         # A merge field may carry a line break; a subject is one line.
         subject = _WS.sub(" ", subject).strip()

@@ -72,6 +72,13 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
             countdown = min(max(countdown, asked), settings.retry_backoff_max_seconds)
         log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
         raise task.retry(countdown=countdown) from None
+    except Exception as exc:
+        # Anything unforeseen (a bug, the soft time limit): retry rather than ack and strand
+        # the item; leases and compare-and-set statuses make the retry safe.
+        countdown = backoff(retries, settings.retry_backoff_seconds,
+                            settings.retry_backoff_max_seconds)
+        log.exception("%s %s failed unexpectedly; retry in %.1fs", task.name, item_id, countdown)
+        raise task.retry(countdown=countdown, exc=exc) from None
 
 
 def register(app: Celery) -> None:

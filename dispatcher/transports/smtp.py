@@ -57,8 +57,12 @@ class SMTPTransport:
             if cfg.username and cfg.password:
                 await client.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPResponseException as exc:
+            # A refusal at greeting or login is about the relay or our credentials, not this
+            # message: retry (with backoff) rather than fail every message for good.
             client.close()
-            raise _classify(exc, "connect") from None
+            raise DeliveryDeferred(
+                "smtp_connect_refused", f"{exc.code} {exc.message} (at connect)", exc.code
+            ) from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             raise DeliveryDeferred("connect_failed", _describe(exc)) from None
