@@ -215,7 +215,13 @@ def _release(rt: Runtime, rows: list[tuple[str, str, str]]) -> None:
             session.execute(
                 update(Send)
                 .where(Send.id == send_id, Send.status == SendStatus.SENDING)
-                .values(status=SendStatus.RESERVED, lease_until=None, reason=reason, detail=detail)
+                .values(
+                    status=SendStatus.RESERVED,
+                    lease_until=None,
+                    reason=reason,
+                    detail=detail,
+                    updated_at=rt.clock.now(),
+                )
             )
 
 

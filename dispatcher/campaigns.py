@@ -383,9 +383,7 @@ def pause(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaign
     current = view(rt, campaign_id, user_id)
     if current.provider == Provider.MAILCHIMP.value:
         raise CampaignStateError(campaign_id, current.status, "pause (MailChimp sends it whole)")
-    _transition(
-        rt, campaign_id, (CampaignStatus.RUNNING,), CampaignStatus.PAUSED, "pause", user_id
-    )
+    _transition(rt, campaign_id, (CampaignStatus.RUNNING,), CampaignStatus.PAUSED, "pause", user_id)
     log.info("campaign paused id=%s", campaign_id)
     return view(rt, campaign_id)
 

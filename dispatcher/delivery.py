@@ -89,12 +89,21 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         # The grant is built first so that its own first rebuild does not count this claim.
         rt.quota.ensure(grant)
         with rt.sessions.begin() as session:
-            claimed = cast(CursorResult[Any], session.execute(
-                update(Send)
-                .where(Send.id == send_id, Send.status == SendStatus.QUEUED,
-                       Send.period.is_(None))
-                .values(period=grant.period, grant_seq=grant.seq)
-            )).rowcount == 1
+            claimed = (
+                cast(
+                    CursorResult[Any],
+                    session.execute(
+                        update(Send)
+                        .where(
+                            Send.id == send_id,
+                            Send.status == SendStatus.QUEUED,
+                            Send.period.is_(None),
+                        )
+                        .values(period=grant.period, grant_seq=grant.seq)
+                    ),
+                ).rowcount
+                == 1
+            )
         if not claimed:
             # A concurrent delivery claimed another grant first (a month start or an
             # upgrade in between): start over from what it recorded, never charge twice.

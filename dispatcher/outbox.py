@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.errors import QueueUnavailable
@@ -55,8 +55,11 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     with rt.sessions() as session:
         # Campaign recipients belong to their campaign's chunks (or MailChimp job), not here.
         send_ids = _stranded(
-            session, Send, (Send.status == SendStatus.QUEUED) & (Send.kind == SendKind.SMARTPLAN),
-            cutoff, limit,
+            session,
+            Send,
+            (Send.status == SendStatus.QUEUED) & (Send.kind == SendKind.SMARTPLAN),
+            cutoff,
+            limit,
         )
         email_ids = _stranded(
             session, SystemEmail, SystemEmail.status == SendStatus.QUEUED, cutoff, limit
@@ -94,3 +97,71 @@ def _stranded(session: Session, model: Any, open_: Any, cutoff: datetime, limit:
             .limit(limit)
         ).all()
     )
+
+
+def stale_after(rt: Runtime) -> timedelta:
+    """How long open work may sit untouched before it is taken for lost: longer than the
+    longest retry countdown plus a lease, so live work is never mistaken for lost work."""
+    s = rt.settings
+    return timedelta(seconds=s.retry_backoff_max_seconds + s.send_lease_seconds + 60)
+
+
+def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
+    """Enqueue again open work whose task message was lost (Redis, the broker, lost its data):
+    SmartPlan sends and system emails not finished and untouched for :func:`stale_after`, and
+    running campaigns none of whose recipients moved for as long. Delivery is idempotent, and
+    a send caught mid-conversation is settled by its lease, so this never sends twice."""
+    from dispatcher.campaigns import OPEN_STATUSES, open_chunks
+    from dispatcher.campaigns import enqueue as enqueue_campaign
+
+    cutoff = rt.clock.now() - stale_after(rt)
+    with rt.sessions() as session:
+        send_ids = list(
+            session.scalars(
+                select(Send.id)
+                .where(
+                    Send.kind == SendKind.SMARTPLAN,
+                    Send.status.in_(OPEN_STATUSES),
+                    Send.updated_at < cutoff,
+                )
+                .limit(limit)
+            ).all()
+        )
+        email_ids = list(
+            session.scalars(
+                select(SystemEmail.id)
+                .where(SystemEmail.status.in_(OPEN_STATUSES), SystemEmail.created_at < cutoff)
+                .limit(limit)
+            ).all()
+        )
+        running = session.scalars(
+            select(Campaign.id)
+            .where(Campaign.status == CampaignStatus.RUNNING, Campaign.updated_at < cutoff)
+            .limit(limit)
+        ).all()
+        campaign_ids = [
+            cid
+            for cid in running
+            if (
+                session.scalar(select(func.max(Send.updated_at)).where(Send.campaign_id == cid))
+                or cutoff
+            )
+            <= cutoff
+        ]
+    try:
+        for send_id in send_ids:
+            rt.queue.enqueue_send(send_id)
+        for email_id in email_ids:
+            rt.queue.enqueue_system_email(email_id)
+        for campaign_id in campaign_ids:
+            enqueue_campaign(rt, campaign_id, open_chunks(rt, campaign_id))
+    except (DeferredToOutbox, QueueUnavailable) as exc:
+        log.warning("stale work sweep could not enqueue: %s", exc)
+    if send_ids or email_ids or campaign_ids:
+        log.warning(
+            "stale work enqueued again sends=%d system_emails=%d campaigns=%d",
+            len(send_ids),
+            len(email_ids),
+            len(campaign_ids),
+        )
+    return len(send_ids), len(email_ids), len(campaign_ids)

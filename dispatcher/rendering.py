@@ -30,8 +30,10 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
             result = left**right
         else:
             for a, b in ((left, right), (right, left)):
-                if isinstance(a, str | list | tuple) and isinstance(b, int) and (
-                    len(a) * b > MAX_VALUE
+                if (
+                    isinstance(a, str | list | tuple)
+                    and isinstance(b, int)
+                    and (len(a) * b > MAX_VALUE)
                 ):
                     raise SecurityError("repetition too large")
             result = left * right

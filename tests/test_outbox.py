@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from dispatcher import campaigns, outbox
+import pytest
+
+from dispatcher import campaigns, delivery, outbox
 from dispatcher.clock import FrozenClock
+from dispatcher.devsmtp import DevSMTPServer
+from dispatcher.errors import DeliveryDeferred
 from dispatcher.ports import InlineQueue, OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
@@ -56,3 +60,27 @@ def test_work_stored_without_a_broker_is_enqueued_once_by_the_sweep(
         sorted([(c.id, 0), (mc.id, 0)]),
     )
     assert outbox.sweep(runtime) == (0, 0, 0)
+
+
+def test_work_whose_task_message_was_lost_is_enqueued_again_once_stale(
+    runtime: Runtime, clock: FrozenClock, smtp_server: DevSMTPServer
+) -> None:
+    # Given a send deferred by the server (its retry message lives only in the broker)
+    make_user(runtime)
+    queue = InlineQueue()
+    runtime.queue = queue
+    send_id = submit_send(runtime, queue, send_request()).send_id
+    smtp_server.handler.fault = lambda stage, _r: "451 4.3.0 later" if stage == "data" else None
+    with pytest.raises(DeliveryDeferred):
+        delivery.deliver(runtime, send_id)
+    smtp_server.handler.fault = None
+    queue.enqueued.clear()
+    # When the broker loses that message, nothing happens while a retry could still come
+    assert outbox.recover_stale(runtime) == (0, 0, 0)
+    clock.advance(outbox.stale_after(runtime) + timedelta(seconds=1))
+    # Then once stale it is enqueued again, and delivering it sends one message
+    assert outbox.recover_stale(runtime) == (1, 0, 0)
+    assert queue.enqueued == [send_id]
+    assert delivery.deliver(runtime, send_id).value == "sent"
+    assert len(smtp_server.messages) == 1
+    assert outbox.recover_stale(runtime) == (0, 0, 0)

@@ -75,8 +75,9 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
     except Exception as exc:
         # Anything unforeseen (a bug, the soft time limit): retry rather than ack and strand
         # the item; leases and compare-and-set statuses make the retry safe.
-        countdown = backoff(retries, settings.retry_backoff_seconds,
-                            settings.retry_backoff_max_seconds)
+        countdown = backoff(
+            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
+        )
         log.exception("%s %s failed unexpectedly; retry in %.1fs", task.name, item_id, countdown)
         raise task.retry(countdown=countdown, exc=exc) from None
 
@@ -116,7 +117,8 @@ def register(app: Celery) -> None:
 
     @task(name=SWEEP_OUTBOX_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def sweep_outbox(self: Task) -> list[int]:
-        return list(outbox.sweep(runtime_of(self.app)))
+        rt = runtime_of(self.app)
+        return [*outbox.sweep(rt), *outbox.recover_stale(rt)]
 
     del (
         send_smartplan,
