@@ -83,7 +83,8 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     sender = user.sender_address
     if sender is None:
         raise RenderError("the user has no platform or communications email to send from")
-    deferred = asyncio.run(_run_chunk(rt, c, chunk, sender, final_attempt))
+    # Command Email recipients count their own attempts; ``final_attempt`` is MailChimp's.
+    deferred = asyncio.run(_run_chunk(rt, c, chunk, sender))
     busy = _live_lease(rt, campaign_id, chunk)
     if busy is not None:
         raise SendBusy(item, busy)
@@ -92,7 +93,7 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     return complete_if_done(rt, campaign_id)
 
 
-async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str, final_attempt: bool) -> int:
+async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> int:
     compiled = MessageTemplate(c.subject, c.html, c.text).compile()
     skeleton = BulkMessage(from_address=sender, from_name=c.from_name, reply_to=c.reply_to)
     envelope_from = rt.settings.mail_from_address
@@ -131,7 +132,8 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str, final_at
             back_to_reserved: list[tuple[str, str, str]] = []
             for (row, subject, _), result in zip(ready, results, strict=True):
                 if isinstance(result, DeliveryDeferred):
-                    if final_attempt:
+                    # Each recipient's own SMTP attempts (this one included) are its budget.
+                    if row.attempts > rt.settings.send_max_retries:
                         outcomes.append(
                             (
                                 row.id,
@@ -203,7 +205,12 @@ def _claim(
                 updated_at=now,
             )
             .returning(
-                Send.id, Send.contact_id, Send.contact_email, Send.merge_fields, Send.message_id
+                Send.id,
+                Send.contact_id,
+                Send.contact_email,
+                Send.merge_fields,
+                Send.message_id,
+                Send.attempts,
             )
         ).all()
 

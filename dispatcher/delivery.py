@@ -183,7 +183,9 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
     try:
         delivery = asyncio.run(rt.transport.send(envelope, message))
     except DeliveryDeferred as exc:
-        if final_attempt:
+        # The budget is the send's own SMTP attempts (this one included), not the task's
+        # retries, which also count waits for a lease or for Redis/the database.
+        if final_attempt or send.attempts + 1 > rt.settings.send_max_retries:
             return _finish(
                 rt,
                 send,

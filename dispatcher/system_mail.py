@@ -138,7 +138,7 @@ def deliver(rt: Runtime, email_id: str, *, final_attempt: bool = False) -> SendS
     try:
         delivery = asyncio.run(rt.transport.send(envelope, message))
     except DeliveryDeferred as exc:
-        if final_attempt:
+        if final_attempt or email.attempts + 1 > rt.settings.send_max_retries:
             return _finish(rt, email_id, SendStatus.FAILED, "retries_exhausted", exc.detail)
         _cas(
             rt,

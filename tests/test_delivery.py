@@ -207,3 +207,22 @@ def test_two_credits_left_and_four_sends(runtime: Runtime, smtp_server: DevSMTPS
     assert statuses(runtime, "agent-1") == {"sent": 2, "failed": 2}
     assert len(smtp_server.messages) == 2
     assert credits_used(runtime) == runtime.settings.free_plan_credits
+
+
+def test_the_retry_budget_is_the_sends_own_smtp_attempts(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    # Waits for a lease or for Redis retry the task too; only SMTP attempts count here.
+    make_user(runtime)
+    smtp_server.handler.fault = lambda stage, _r: "451 4.3.0 later" if stage == "data" else None
+    send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
+    for _ in range(runtime.settings.send_max_retries):
+        with pytest.raises(DeliveryDeferred):
+            delivery.deliver(runtime, send_id)
+    assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
+    view = get_send(runtime, send_id)
+    assert (view.reason, view.attempts) == (
+        "retries_exhausted",
+        runtime.settings.send_max_retries + 1,
+    )
+    assert credits_used(runtime) == 0

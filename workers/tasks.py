@@ -33,13 +33,19 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
-def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
-    """Run one delivery use case; retry what may succeed later, never what cannot."""
+def _deliver(task: Task, deliver: Deliver, item_id: str, *, task_budget: bool = False) -> str:
+    """Run one delivery use case; retry what may succeed later, never what cannot.
+
+    Sends, system emails and campaign recipients count their own SMTP attempts against
+    ``SEND_MAX_RETRIES`` (a wait for a lease or for Redis must not use that budget up);
+    ``task_budget`` makes the task's retries the budget instead (MailChimp jobs).
+    """
     rt: Runtime = runtime_of(task.app)
     settings = rt.settings
     retries: int = task.request.retries
+    final = task_budget and retries >= settings.send_max_retries
     try:
-        return deliver(rt, item_id, final_attempt=retries >= settings.send_max_retries).value
+        return deliver(rt, item_id, final_attempt=final).value
     except NotFound as exc:
         # Nothing to deliver (the row is gone): retrying cannot help.
         log.error("%s dropped: %s", task.name, exc)
@@ -71,7 +77,7 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
         if isinstance(asked, int | float):
             countdown = min(max(countdown, asked), settings.retry_backoff_max_seconds)
         log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
-        raise task.retry(countdown=countdown) from None
+        raise task.retry(countdown=countdown, max_retries=None) from None
     except Exception as exc:
         # Anything unforeseen (a bug, the soft time limit): retry rather than ack and strand
         # the item; leases and compare-and-set statuses make the retry safe.
@@ -79,7 +85,7 @@ def _deliver(task: Task, deliver: Deliver, item_id: str) -> str:
             retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
         )
         log.exception("%s %s failed unexpectedly; retry in %.1fs", task.name, item_id, countdown)
-        raise task.retry(countdown=countdown, exc=exc) from None
+        raise task.retry(countdown=countdown, exc=exc, max_retries=None) from None
 
 
 def register(app: Celery) -> None:
@@ -109,7 +115,7 @@ def register(app: Celery) -> None:
         name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False, max_retries=max_retries
     )
     def send_campaign_chunk(self: Task, item: str) -> str:
-        return _deliver(self, campaign_delivery.deliver_chunk, item)
+        return _deliver(self, campaign_delivery.deliver_chunk, item, task_budget=True)
 
     @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def renew_due(self: Task) -> int:
