@@ -201,7 +201,7 @@ def test_refused_and_deferred_recipients(
     wait_for(lambda: finished(api_client, cid), timeout=60)
     final = api_client.get(f"/v1/campaigns/{cid}").json()
     assert final["status"] == "completed"
-    assert final["failed_by_reason"] == {"smtp_rejected": 1}
+    assert final["failed_by_reason"] == {"hard_bounce": 1}
     assert final["counts"]["sent"] == 249
     got = to_contacts(smtp_server)
     assert len(got) == 249 and len({m.message_id for m in got}) == 249

@@ -96,7 +96,7 @@ def test_permanent_rejection_fails_and_returns_the_credit(
     send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
     assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
     view = get_send(runtime, send_id)
-    assert view.reason == "smtp_rejected" and "550" in (view.detail or "")
+    assert view.reason == "hard_bounce" and "550" in (view.detail or "")
     assert credits_used(runtime) == 0
 
 

@@ -12,6 +12,7 @@ import aiosmtplib
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
 from dispatcher.message import Envelope
 from dispatcher.transports.base import Delivery
+from dispatcher.transports.classify import classify
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,4 @@ def _describe(exc: BaseException) -> str:
 
 
 def _classify(exc: aiosmtplib.SMTPResponseException, stage: str) -> Exception:
-    detail = f"{exc.code} {exc.message} (at {stage})"
-    if 400 <= exc.code < 500:
-        return DeliveryDeferred("smtp_deferred", detail, exc.code)
-    return DeliveryRejected("smtp_rejected", detail, exc.code)
+    return classify(exc.code, exc.message, stage)
