@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -110,7 +110,8 @@ def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) ->
                 "used": reservation.used,
                 "total": row.total,
                 "plan_label": plan_label(plan),
-                "period_end": period.end.strftime("%B %d, %Y"),
+                # The period's last day (its end is the exclusive first of the next month).
+                "period_end": (period.end - timedelta(days=1)).strftime("%B %d, %Y"),
             },
             now,
             notification_id=note.id,

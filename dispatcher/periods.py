@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dispatcher.errors import InvalidInput
 
@@ -46,10 +46,6 @@ def period_at(when: datetime, tz_name: str) -> Period:
     year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
     end = datetime(year, month, 1, tzinfo=tz)
     return Period(id=f"{local.year:04d}-{local.month:02d}", start=start, end=end)
-
-
-def known_zones() -> set[str]:
-    return available_timezones()
 
 
 def period_by_id(period_id: str, tz_name: str) -> Period:
