@@ -10,12 +10,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
-from dispatcher import __version__, campaigns, sends
+from dispatcher import __version__, alerts, campaigns, sends, suppression, unsubscribe
 from dispatcher.campaigns import CampaignStateError, InsufficientCredits
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
@@ -188,6 +188,9 @@ class CampaignOut(BaseModel):
     name: str | None
     recipients: int = Field(description="Valid recipients, one send each.")
     invalid: list[dict[str, Any]] = Field(description="Recipients refused, never charged.")
+    suppressed: list[dict[str, Any]] = Field(
+        description="Recipients on the agent's suppression list: skipped, never charged."
+    )
     counts: dict[str, int]
     failed_by_reason: dict[str, int]
     done: int
@@ -195,6 +198,32 @@ class CampaignOut(BaseModel):
     detail: str | None
     created_at: datetime
     finished_at: datetime | None
+
+
+class SuppressionIn(_In):
+    email: str
+    reason: str = Field(default="manual", description="manual, unsubscribe or hard_bounce")
+    expires_at: datetime | None = Field(default=None, description="None: until removed.")
+    detail: str | None = None
+
+
+class SuppressionOut(BaseModel):
+    email: str
+    reason: str
+    contact_id: str | None
+    detail: str | None
+    expires_at: datetime | None
+    created_at: datetime
+
+
+class AlertOut(BaseModel):
+    id: int
+    kind: str
+    user_id: str | None
+    campaign_id: str | None
+    relay: str | None
+    detail: str
+    created_at: datetime
 
 
 class Problem(BaseModel):
@@ -436,6 +465,75 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         else:
             raise NotFound("campaign action", action)
         return CampaignOut(**asdict(result))
+
+    @app.get(
+        "/v1/users/{user_id}/suppressions",
+        response_model=list[SuppressionOut],
+        dependencies=auth,
+    )
+    def get_suppressions(
+        user_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
+    ) -> list[SuppressionOut]:
+        """Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in
+        force), newest first."""
+        return [SuppressionOut(**asdict(v)) for v in suppression.listing(rt, user_id, limit=limit)]
+
+    @app.post(
+        "/v1/users/{user_id}/suppressions",
+        status_code=201,
+        response_model=SuppressionOut,
+        dependencies=auth,
+    )
+    def post_suppression(user_id: str, body: SuppressionIn) -> SuppressionOut:
+        """Suppress an address for this agent, optionally until ``expires_at``."""
+        view = suppression.suppress(
+            rt,
+            user_id,
+            body.email,
+            reason=body.reason,
+            expires_at=body.expires_at,
+            detail=body.detail,
+        )
+        return SuppressionOut(**asdict(view))
+
+    @app.delete("/v1/users/{user_id}/suppressions/{email}", status_code=204, dependencies=auth)
+    def delete_suppression(user_id: str, email: str) -> Response:
+        """Take an address off the agent's list."""
+        suppression.remove(rt, user_id, email)
+        return Response(status_code=204)
+
+    @app.get("/v1/alerts", response_model=list[AlertOut], dependencies=auth)
+    def get_alerts(
+        user_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[AlertOut]:
+        """Policy refusals (campaign paused) and refused relay credentials (sending halted),
+        newest first."""
+        return [AlertOut(**asdict(a)) for a in alerts.recent(rt, user_id=user_id, limit=limit)]
+
+    @app.post("/v1/relay/resume", dependencies=auth)
+    def resume_relay() -> dict[str, bool]:
+        """Lift a halt on the SMTP relay (after the credentials were fixed)."""
+        return {"resumed": rt.relay.resume()}
+
+    @app.post("/u/{token}", include_in_schema=True, tags=["recipients"])
+    def one_click_unsubscribe(token: str) -> Response:
+        """RFC 8058 one-click unsubscribe: the POST a mailbox provider makes with
+        ``List-Unsubscribe=One-Click``. No cookie or bearer token: the signed token is the
+        authority. The contact is suppressed for the agent who sent the email."""
+        unsubscribe.unsubscribe(rt, token)
+        return PlainTextResponse("You are unsubscribed.\n")
+
+    @app.get("/u/{token}", response_class=HTMLResponse, tags=["recipients"])
+    def unsubscribe_page(token: str) -> HTMLResponse:
+        """The page behind the link, for people: a button that makes the POST. Opening it
+        changes nothing (link scanners open links)."""
+        unsubscribe.send_id_of(rt.settings, token)
+        return HTMLResponse(
+            "<!doctype html><title>Unsubscribe</title>"
+            f'<form method="post" action="/u/{token}">'
+            '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+            "<p>Stop receiving these emails?</p><button>Unsubscribe</button></form>"
+        )
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

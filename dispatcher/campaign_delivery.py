@@ -17,11 +17,13 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, insert, select, update
 
+from dispatcher import alerts, suppression
 from dispatcher.campaigns import OPEN_STATUSES, campaign_key, grant_of
 from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
     DeliveryUnknown,
+    NotAttempted,
     NotFound,
     RenderError,
     SendBusy,
@@ -29,17 +31,21 @@ from dispatcher.errors import (
 from dispatcher.message import Envelope
 from dispatcher.mime import BulkMessage
 from dispatcher.models import (
+    AlertKind,
     Campaign,
     CampaignStatus,
     Provider,
     Send,
     SendStatus,
+    SuppressionReason,
     TimelineEvent,
     TimelineKind,
     User,
 )
 from dispatcher.rendering import MessageTemplate, context_for
 from dispatcher.runtime import Runtime
+from dispatcher.transports.classify import HARD_BOUNCE, POLICY
+from dispatcher.unsubscribe import bulk_headers
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +90,35 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     if sender is None:
         raise RenderError("the user has no platform or communications email to send from")
     # Command Email recipients count their own attempts; ``final_attempt`` is MailChimp's.
-    deferred = asyncio.run(_run_chunk(rt, c, chunk, sender))
+    deferred, held = asyncio.run(_run_chunk(rt, c, chunk, sender))
     busy = _live_lease(rt, campaign_id, chunk)
     if busy is not None:
         raise SendBusy(item, busy)
+    if held is not None:
+        raise held  # the relay is halted or its rate limit used up: come back later
     if deferred:
         raise DeliveryDeferred("smtp_deferred", f"{deferred} recipients deferred; retrying")
     return complete_if_done(rt, campaign_id)
 
 
-async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> int:
+async def _run_chunk(
+    rt: Runtime, c: Campaign, chunk: int, sender: str
+) -> tuple[int, NotAttempted | None]:
+    """Send the chunk's reserved recipients batch by batch while the campaign runs; returns
+    how many were deferred, and why the relay held messages back (if it did)."""
     compiled = MessageTemplate(c.subject, c.html, c.text).compile()
-    skeleton = BulkMessage(from_address=sender, from_name=c.from_name, reply_to=c.reply_to)
+    headers = bulk_headers(rt.settings, c.id, c.user_id)
+    skeleton = BulkMessage(
+        from_address=sender,
+        from_name=c.from_name,
+        reply_to=c.reply_to,
+        extra_headers=headers.constant,
+    )
     envelope_from = rt.settings.mail_from_address
     lease = timedelta(seconds=rt.settings.send_lease_seconds)
     bulk = rt.transport.bulk()
     deferred = 0
+    held: NotAttempted | None = None
     try:
         while _status(rt, c.id) is CampaignStatus.RUNNING:
             now = rt.clock.now()
@@ -109,7 +128,26 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> int:
             date = format_datetime(now)
             outcomes: list[Outcome] = []
             ready: list[tuple[Any, str, bytes]] = []
+            with rt.sessions() as session:
+                # Unsubscribed or bounced since the campaign was created: credit back, not sent.
+                blocked = suppression.active(
+                    session, c.user_id, (row.contact_email for row in claimed), now
+                )
             for row in claimed:
+                why = blocked.get(suppression.normalize(row.contact_email))
+                if why is not None:
+                    outcomes.append(
+                        (
+                            row.id,
+                            SendStatus.FAILED,
+                            suppression.SUPPRESSED,
+                            f"the address is on the agent's suppression list ({why.value}); "
+                            "not sent",
+                            None,
+                            True,
+                        )
+                    )
+                    continue
                 try:
                     rendered = compiled.render(
                         context_for(row.contact_id, row.contact_email, row.merge_fields)
@@ -124,14 +162,19 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> int:
                     date=date,
                     text=rendered.text,
                     html=rendered.html,
+                    list_unsubscribe=headers.list_unsubscribe(row.id),
                 )
                 ready.append((row, rendered.subject, raw))
             results = await bulk.send_many(
                 [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready]
             )
             back_to_reserved: list[tuple[str, str, str]] = []
+            not_attempted: list[str] = []
             for (row, subject, _), result in zip(ready, results, strict=True):
-                if isinstance(result, DeliveryDeferred):
+                if isinstance(result, NotAttempted):
+                    held = result
+                    not_attempted.append(row.id)
+                elif isinstance(result, DeliveryDeferred):
                     # Each recipient's own SMTP attempts (this one included) are its budget.
                     if row.attempts > rt.settings.send_max_retries:
                         outcomes.append(
@@ -166,13 +209,21 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> int:
                         )
                     )
             settle(rt, c, outcomes, expect=(SendStatus.SENDING,))
+            if not_attempted:
+                _unclaim(rt, not_attempted)
+            policy = next((o for o in outcomes if o[2] == POLICY), None)
+            if policy is not None:
+                _pause_for_policy(rt, c, policy[3] or "")
+                break
             if back_to_reserved:
                 deferred += len(back_to_reserved)
                 _release(rt, back_to_reserved)
                 break  # leave the rest of the chunk for the retry, after the backoff
+            if held is not None:
+                break
     finally:
         await bulk.close()
-    return deferred
+    return deferred, held
 
 
 def _status(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
@@ -230,6 +281,46 @@ def _release(rt: Runtime, rows: list[tuple[str, str, str]]) -> None:
                     updated_at=rt.clock.now(),
                 )
             )
+
+
+def _unclaim(rt: Runtime, send_ids: list[str]) -> None:
+    """Recipients the relay's guard held back go back to reserved; not an attempt."""
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Send)
+            .where(Send.id.in_(send_ids), Send.status == SendStatus.SENDING)
+            .values(
+                status=SendStatus.RESERVED,
+                lease_until=None,
+                attempts=Send.attempts - 1,
+                updated_at=rt.clock.now(),
+            )
+        )
+
+
+def _pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
+    """The relay refused a message on policy grounds (content, reputation): sending more of the
+    same would hurt the agent's and our reputation, so the campaign pauses and ops and the
+    agent are alerted. The refused recipient is failed (credit back), not suppressed."""
+    now = rt.clock.now()
+    note = f"paused: the relay refused a message on policy grounds ({detail})"
+    with rt.sessions.begin() as session:
+        paused = session.execute(
+            update(Campaign)
+            .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
+            .values(status=CampaignStatus.PAUSED, detail=note, updated_at=now)
+        )
+        if cast(CursorResult[Any], paused).rowcount == 1:
+            alerts.record(
+                session,
+                AlertKind.POLICY_REJECTED,
+                f"campaign {c.id} paused: the relay refused a message on policy grounds: "
+                f"{detail}; review the content and resume it",
+                now,
+                user_id=c.user_id,
+                campaign_id=c.id,
+            )
+    log.warning("campaign paused on a policy refusal id=%s: %s", c.id, detail)
 
 
 def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
@@ -307,10 +398,21 @@ def settle(
                         finished_at=now,
                         updated_at=now,
                     )
-                    .returning(Send.id, Send.contact_id, Send.idempotency_key)
+                    .returning(Send.id, Send.contact_id, Send.idempotency_key, Send.contact_email)
                 ).all()
                 if not rows:
                     continue
+                if reason == HARD_BOUNCE:
+                    for r in rows:
+                        suppression.add(
+                            session,
+                            c.user_id,
+                            r.contact_email,
+                            SuppressionReason.HARD_BOUNCE,
+                            now,
+                            contact_id=r.contact_id,
+                            detail=detail,
+                        )
                 recorded += len(rows)
                 session.execute(
                     insert(TimelineEvent),

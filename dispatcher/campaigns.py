@@ -7,13 +7,13 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from dispatcher import notices, validation
+from dispatcher import notices, suppression, validation
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound, QueueUnavailable
 from dispatcher.message import message_id_for
 from dispatcher.models import (
@@ -91,6 +91,7 @@ class CampaignView:
     name: str | None
     recipients: int
     invalid: list[dict[str, Any]]
+    suppressed: list[dict[str, Any]]
     counts: dict[str, int]
     failed_by_reason: dict[str, int]
     done: int
@@ -180,6 +181,8 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         user = session.get(User, req.user_id)
         if user is None:
             raise NotFound("user", req.user_id)
+        # The suppression list is checked before any credit is reserved: reported, not charged.
+        blocked = suppression.active(session, req.user_id, (r.email for r in valid), now)
         if provider is Provider.MAILCHIMP and not (
             user.mailchimp_api_key and user.mailchimp_list_id
         ):
@@ -187,6 +190,20 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
                 "provider",
                 "the user has no connected MailChimp account "
                 "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
+            )
+    skipped: list[dict[str, Any]] = []
+    if blocked:
+        kept: list[Recipient] = []
+        for r in valid:
+            why = blocked.get(suppression.normalize(r.email))
+            if why is None:
+                kept.append(r)
+            else:
+                skipped.append({"contact_id": r.contact_id, "email": r.email, "reason": why.value})
+        valid = kept
+        if not valid:
+            raise InvalidInput(
+                "recipients", f"all {len(skipped)} valid recipients are on the suppression list"
             )
     grant: GrantRef | None = None
     if provider is Provider.COMMAND_EMAIL:
@@ -212,6 +229,7 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
                 reply_to=req.reply_to,
                 recipients=len(valid),
                 invalid=invalid,
+                suppressed=skipped,
                 chunks=chunks,
                 period=grant.period if grant else None,
                 grant_seq=grant.seq if grant else None,
@@ -231,23 +249,36 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
             raise InsufficientCredits(len(valid), reservation.remaining, reservation.total)
         notices.after_reservation(rt, grant, reservation)
         with rt.sessions.begin() as session:
-            session.execute(
-                update(Send)
-                .where(Send.campaign_id == campaign_id, Send.status == SendStatus.QUEUED)
-                .values(status=SendStatus.RESERVED, updated_at=now)
-            )
-            session.execute(
+            started = session.execute(
                 update(Campaign)
-                .where(Campaign.id == campaign_id)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
                 .values(status=CampaignStatus.RUNNING, updated_at=now)
             )
+            if cast(CursorResult[Any], started).rowcount == 1:
+                session.execute(
+                    update(Send)
+                    .where(Send.campaign_id == campaign_id, Send.status == SendStatus.QUEUED)
+                    .values(status=SendStatus.RESERVED, updated_at=now)
+                )
+        if cast(CursorResult[Any], started).rowcount != 1:
+            # The sweep gave up on this campaign (this request took far too long): it was
+            # failed and its recipients settled; this reservation goes back too.
+            # Part by part: the sweep may have given some back already; never twice.
+            rt.quota.refund_parts(
+                grant,
+                campaign_key(campaign_id),
+                [recipient_key(campaign_id, r.contact_id) for r in valid],
+            )
+            raise CampaignStateError(campaign_id, CampaignStatus.FAILED.value, "start")
     log.info(
-        "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d chunks=%d",
+        "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
+        "chunks=%d",
         campaign_id,
         req.user_id,
         provider.value,
         len(valid),
         len(invalid),
+        len(skipped),
         chunks,
     )
     # A MailChimp campaign is one job: MailChimp sends it whole.
@@ -342,6 +373,7 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
         name=c.name,
         recipients=c.recipients,
         invalid=list(c.invalid),
+        suppressed=list(c.suppressed or []),
         counts=counts,
         failed_by_reason=failed,
         done=done,
@@ -443,6 +475,74 @@ def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaig
     )
     log.info("campaign cancelled id=%s unsent=%d", campaign_id, len(ids))
     return view(rt, campaign_id)
+
+
+#: A campaign still ``reserving`` after this long lost the request that created it.
+RESERVING_GRACE = timedelta(minutes=10)
+
+
+def expire_reserving(rt: Runtime, limit: int = 100) -> int:
+    """Fail campaigns whose creating request died between storing the recipients and starting
+    (still ``reserving`` after :data:`RESERVING_GRACE`): their recipients fail as
+    ``campaign_not_started`` and any credits reserved for them come back. Fenced: the request
+    starts the campaign only with a compare-and-set from ``reserving``, so exactly one wins."""
+    from dispatcher.campaign_delivery import settle
+
+    now = rt.clock.now()
+    cutoff = now - RESERVING_GRACE
+    with rt.sessions() as session:
+        stuck = session.scalars(
+            select(Campaign.id)
+            .where(Campaign.status == CampaignStatus.RESERVING, Campaign.updated_at < cutoff)
+            .limit(limit)
+        ).all()
+    failed = 0
+    for campaign_id in stuck:
+        with rt.sessions.begin() as session:
+            won = session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+                .values(
+                    status=CampaignStatus.FAILED,
+                    detail="the request that created this campaign did not finish; "
+                    "nothing was sent and no credit is kept",
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            if cast(CursorResult[Any], won).rowcount != 1:
+                continue
+            c = session.get(Campaign, campaign_id)
+            assert c is not None
+            session.expunge(c)
+            ids = list(
+                session.scalars(
+                    select(Send.id).where(
+                        Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES)
+                    )
+                ).all()
+            )
+        settle(
+            rt,
+            c,
+            [
+                (
+                    i,
+                    SendStatus.FAILED,
+                    "campaign_not_started",
+                    "the campaign could not be started; nothing was sent",
+                    None,
+                    True,
+                )
+                for i in ids
+            ],
+            expect=OPEN_STATUSES,
+        )
+        failed += 1
+        log.warning(
+            "campaign %s never started: failed, %d recipients settled", campaign_id, len(ids)
+        )
+    return failed
 
 
 def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:

@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_campaign_commands(commands)
 
+    from dispatcher.ops_cli import add_commands as add_ops_commands
+
+    add_ops_commands(commands)
+
     smtp = commands.add_parser(
         "serve-smtp",
         help="run only the local SMTP server that writes .eml files",
@@ -377,6 +381,17 @@ def _campaign(args: argparse.Namespace) -> int:
     return run_campaign(args)
 
 
+def _ops(args: argparse.Namespace) -> int:
+    """``dispatcher suppression|alerts|relay ...``."""
+    from dispatcher.ops_cli import run as run_ops
+
+    rt = _runtime()
+    try:
+        return run_ops(args, rt)
+    finally:
+        rt.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dispatcher`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -394,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plans": _plans,
         "reconcile": _reconcile,
         "campaign": _campaign,
+        "suppression": _ops,
+        "alerts": _ops,
+        "relay": _ops,
     }
     try:
         return handlers[args.command](args)

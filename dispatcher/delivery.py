@@ -10,23 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from dispatcher import notices
+from dispatcher import alerts, notices, suppression
 from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
     DeliveryUnknown,
+    NotAttempted,
     NotFound,
     RenderError,
     SendBusy,
 )
 from dispatcher.message import Envelope, build_message
-from dispatcher.models import Send, SendKind, SendStatus, User
+from dispatcher.models import AlertKind, Send, SendKind, SendStatus, SuppressionReason, User
 from dispatcher.outcomes import StepOutcome
 from dispatcher.periods import period_by_id
 from dispatcher.quota import GrantRef
@@ -34,12 +35,22 @@ from dispatcher.rendering import MessageTemplate, context_for
 from dispatcher.runtime import Runtime
 from dispatcher.subscriptions import ensure_current
 from dispatcher.timeline import record_outcome
+from dispatcher.transports.classify import HARD_BOUNCE, POLICY
 
 log = logging.getLogger(__name__)
 
 QUOTA_EXHAUSTED = "quota_exhausted"
 RETRIES_EXHAUSTED = "retries_exhausted"
 WORKER_LOST = "worker_lost_during_smtp"
+RESERVATION_EXPIRED = "reservation_expired"
+
+
+def reservation_hold(rt: Runtime) -> timedelta:
+    """How long a ``reserved`` send may hold its credit without a worker moving it: twice
+    what the stale-work sweep waits before enqueueing it again, so the sweep gets its turn
+    first and the credit comes back only when even that did not help."""
+    s = rt.settings
+    return 2 * timedelta(seconds=s.retry_backoff_max_seconds + s.send_lease_seconds + 60)
 
 
 def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendStatus:
@@ -77,6 +88,26 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             WORKER_LOST,
             "the worker was lost while talking to the SMTP server; not resent",
             expect=(SendStatus.SENDING,),
+        )
+
+    with rt.sessions() as session:
+        suppressed = suppression.reason_for(session, user.id, send.contact_email, now)
+    if suppressed is not None:
+        # Checked before any credit is taken: reported, never charged (or charged back when a
+        # retry finds the address suppressed since).
+        grant_held = (
+            GrantRef.of(user.id, period_by_id(send.period, user.timezone), send.grant_seq)
+            if send.period is not None and send.grant_seq is not None
+            else None
+        )
+        return _finish(
+            rt,
+            send,
+            SendStatus.FAILED,
+            suppression.SUPPRESSED,
+            f"the address is on the agent's suppression list ({suppressed}); not sent",
+            refund=grant_held,
+            expect=(SendStatus.QUEUED, SendStatus.RESERVED),
         )
 
     if send.period is not None and send.grant_seq is not None:
@@ -136,6 +167,8 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         SendStatus.RESERVED,
         period=grant.period,
         grant_seq=grant.seq,
+        lease_until=now + reservation_hold(rt),
+        retry_at=None,
         updated_at=now,
     ):
         return _settled_elsewhere(rt, send_id)
@@ -182,6 +215,19 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
     envelope = Envelope(mail_from=rt.settings.mail_from_address, recipients=(send.contact_email,))
     try:
         delivery = asyncio.run(rt.transport.send(envelope, message))
+    except NotAttempted as exc:
+        # The relay was never asked (halted, or the rate limit said wait): not an attempt.
+        _move(
+            rt,
+            send_id,
+            (SendStatus.SENDING,),
+            SendStatus.RESERVED,
+            lease_until=rt.clock.now() + reservation_hold(rt),
+            attempts=Send.attempts - 1,
+            updated_at=rt.clock.now(),
+        )
+        log.info("send held back id=%s reason=%s detail=%s", send_id, exc.reason, exc.detail)
+        raise
     except DeliveryDeferred as exc:
         # The budget is the send's own SMTP attempts (this one included), not the task's
         # retries, which also count waits for a lease or for Redis/the database.
@@ -201,7 +247,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             send_id,
             (SendStatus.SENDING,),
             SendStatus.RESERVED,
-            lease_until=None,
+            lease_until=rt.clock.now() + reservation_hold(rt),
             reason=exc.reason,
             detail=exc.detail,
             updated_at=rt.clock.now(),
@@ -240,12 +286,51 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
     )
 
 
-def _cas(session: Session, send_id: str, expect: Iterable[SendStatus], **values: object) -> bool:
-    """Compare-and-set on the send's status; false when it was no longer in ``expect``."""
-    result = session.execute(
-        update(Send).where(Send.id == send_id, Send.status.in_(tuple(expect))).values(**values)
-    )
+def _cas(
+    session: Session,
+    send_id: str,
+    expect: Iterable[SendStatus],
+    lease_seen: datetime | None = None,
+    **values: object,
+) -> bool:
+    """Compare-and-set on the send's status (and, with ``lease_seen``, on the lease it had
+    when read: the fence); false when it was no longer in ``expect``."""
+    query = update(Send).where(Send.id == send_id, Send.status.in_(tuple(expect)))
+    if lease_seen is not None:
+        query = query.where(Send.lease_until == lease_seen)
+    result = session.execute(query.values(**values))
     return cast(CursorResult[Any], result).rowcount == 1
+
+
+def expire_reservation(rt: Runtime, send_id: str, lease_seen: datetime) -> bool:
+    """Give back the credit of a send stuck in ``reserved`` past its hold; true when it did.
+
+    Fenced: the send fails only if it is still ``reserved`` with the very lease read by the
+    sweeper. A worker that picked it up meanwhile renewed that lease (or moved it to
+    ``sending``), so the sweeper's compare-and-set loses and nothing is taken from a send in
+    progress; a worker that comes later finds it terminal and stops.
+    """
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None:
+            return False
+        tz = session.scalar(select(User.timezone).where(User.id == send.user_id)) or "UTC"
+        session.expunge_all()
+    if send.period is None or send.grant_seq is None:
+        return False
+    grant = GrantRef.of(send.user_id, period_by_id(send.period, tz), send.grant_seq)
+    status = _finish(
+        rt,
+        send,
+        SendStatus.FAILED,
+        RESERVATION_EXPIRED,
+        "no worker could send this email while its credit was held; the credit is back",
+        expect=(SendStatus.RESERVED,),
+        refund=grant,
+        lease_seen=lease_seen,
+        quiet=True,
+    )
+    return status is SendStatus.FAILED
 
 
 def _move(
@@ -253,7 +338,7 @@ def _move(
 ) -> bool:
     """Move the send to ``to`` if it is still in ``expect``, in its own transaction."""
     with rt.sessions.begin() as session:
-        return _cas(session, send_id, expect, status=to, **values)
+        return _cas(session, send_id, expect, None, status=to, **values)
 
 
 def _finish(
@@ -266,15 +351,19 @@ def _finish(
     expect: tuple[SendStatus, ...],
     refund: GrantRef | None = None,
     subject: str | None = None,
+    lease_seen: datetime | None = None,
+    quiet: bool = False,
 ) -> SendStatus:
     """Record the terminal outcome and its timeline event in one transaction, then refund
-    (when the credit is to come back) and publish the step outcome."""
+    (when the credit is to come back) and publish the step outcome. ``quiet``: losing the
+    compare-and-set is expected (a sweeper), so report the status without waiting."""
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         won = _cas(
             session,
             send.id,
             expect,
+            lease_seen,
             status=status,
             reason=reason,
             detail=detail,
@@ -288,7 +377,33 @@ def _finish(
             row = session.get(Send, send.id)
             assert row is not None
             record_outcome(session, row, now, subject)
+            if reason == HARD_BOUNCE:
+                # The address does not exist: never again for this agent.
+                suppression.add(
+                    session,
+                    send.user_id,
+                    send.contact_email,
+                    SuppressionReason.HARD_BOUNCE,
+                    now,
+                    contact_id=send.contact_id,
+                    detail=detail,
+                )
+            elif reason == POLICY:
+                # Content or reputation: not the address's fault, so not suppressed; ops and
+                # the agent must look (one alert an hour per agent, not one per send).
+                alerts.record(
+                    session,
+                    AlertKind.POLICY_REJECTED,
+                    f"the relay refused a SmartPlan email on policy grounds: {detail}",
+                    now,
+                    user_id=send.user_id,
+                    quiet_for=timedelta(hours=1),
+                )
     if not won:
+        if quiet:
+            with rt.sessions() as session:
+                current = session.scalar(select(Send.status).where(Send.id == send.id))
+            return current or status
         return _settled_elsewhere(rt, send.id)
     log.info("send %s id=%s user=%s reason=%s", status.value, send.id, send.user_id, reason)
     if refund is not None:

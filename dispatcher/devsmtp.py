@@ -1,8 +1,8 @@
 """A real SMTP server (aiosmtpd) for the local stack and tests.
 
 It stores every accepted message in memory and, when given a folder, as a ``.eml`` file there;
-it can be told to answer a recipient or a whole message with any reply, or to drop the
-connection before or after DATA.
+it can be told (by a :class:`FaultPlan`: by recipient or by schedule) to answer a recipient or a
+whole message with any reply, to drop the connection before or after DATA, or to answer slowly.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,67 @@ log = logging.getLogger(__name__)
 #: "data" (after the final dot). None goes on as normal; a string like "550 5.1.1 No such user"
 #: is sent as the reply; DROP closes the connection without a reply (at "data": after the
 #: message was read in full, so the client cannot know whether it was taken).
-Fault = Callable[[str, "Received"], str | None]
+Fault = Callable[[str, "Received"], "str | Action | None"]
 DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the server does at one stage of one message: wait ``delay`` seconds, then drop the
+    connection, answer ``reply``, or (neither) go on as normal."""
+
+    stage: str  # "rcpt" (before DATA) or "data" (after the final dot)
+    reply: str | None = None
+    drop: bool = False
+    delay: float = 0.0
+
+
+def reply(text: str, stage: str = "rcpt") -> Action:
+    """Answer ``text`` (e.g. "451 4.3.0 try later") at ``stage``."""
+    return Action(stage, reply=text)
+
+
+def slow(seconds: float, stage: str = "data") -> Action:
+    """Answer normally, but only after ``seconds``."""
+    return Action(stage, delay=seconds)
+
+
+DROP_BEFORE_DATA = Action("rcpt", drop=True)
+DROP_AFTER_DATA = Action("data", drop=True)  # the message was read in full: outcome unknown
+
+
+class FaultPlan:
+    """Faults by recipient (each arrival of that recipient's message takes the next action
+    of its list; afterwards it is served normally) and by schedule (the n-th message overall
+    takes ``schedule[n]``; None serves it normally). Thread-safe; usable as a :data:`Fault`."""
+
+    def __init__(
+        self,
+        by_recipient: dict[str, list[Action]] | None = None,
+        schedule: list[Action | None] | None = None,
+    ) -> None:
+        self._by_recipient = {k.lower(): list(v) for k, v in (by_recipient or {}).items()}
+        self._schedule = list(schedule or [])
+        self._count = 0
+        self._for_data: dict[str, Action] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: str, got: Received) -> Action | None:
+        rcpt = got.rcpt_tos[-1].lower() if got.rcpt_tos else ""
+        with self._lock:
+            if stage == "rcpt":
+                action: Action | None = None
+                queue = self._by_recipient.get(rcpt)
+                if queue:
+                    action = queue.pop(0)
+                elif self._count < len(self._schedule):
+                    action = self._schedule[self._count]
+                self._count += 1
+                if action is not None and action.stage == "data":
+                    self._for_data[rcpt] = action
+                    return None
+                return action
+            return self._for_data.pop(rcpt, None)
 
 
 @dataclass(frozen=True)
@@ -62,13 +121,23 @@ class RecordingHandler:
     ) -> str:
         if self.fault is not None:
             got = Received(str(envelope.mail_from), (*envelope.rcpt_tos, address), b"")
-            answer = self.fault("rcpt", got)
-            if answer == DROP:
-                return self._drop(server)
+            answer = await self._act(server, self.fault("rcpt", got))
             if answer is not None:
                 return answer
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def _act(self, server: SMTP, answer: str | Action | None) -> str | None:
+        """Carry out a fault's answer; returns the reply to send, or None to go on."""
+        if isinstance(answer, Action):
+            if answer.delay:
+                await asyncio.sleep(answer.delay)
+            if answer.drop:
+                return self._drop(server)
+            return answer.reply
+        if answer == DROP:
+            return self._drop(server)
+        return answer
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or envelope.content or b""
@@ -81,11 +150,14 @@ class RecordingHandler:
         with self._lock:
             self.attempts += 1
         answer = self.fault("data", got) if self.fault else None
-        if answer == DROP:
+        dropping = answer == DROP or (isinstance(answer, Action) and answer.drop)
+        if dropping:
             self._keep(got)  # the server has it; the client never hears so
-            return self._drop(server)
-        if answer is not None:
-            return answer
+        replied = await self._act(server, answer)
+        if dropping:
+            return replied or ""
+        if replied is not None:
+            return replied
         self._keep(got)
         return "250 2.0.0 OK: queued"
 
@@ -119,11 +191,15 @@ class DevSMTPServer:
         port: int = 0,
         folder: Path | None = None,
         fault: Fault | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.handler = RecordingHandler(folder, fault)
         self.host = host
         self._port = port
         self._controller: Controller | None = None
+        #: With credentials the server offers AUTH (plain text allowed on loopback) and
+        #: answers 535 to any other user or password.
+        self.credentials = credentials
 
     @property
     def port(self) -> int:
@@ -138,9 +214,23 @@ class DevSMTPServer:
             port=self._port or _free_port(self.host),
             ready_timeout=10,
             data_size_limit=50 * 1024 * 1024,
+            **self._auth_options(),
         )
         self._controller.start()
         return self.port
+
+    def _auth_options(self) -> dict[str, Any]:
+        if self.credentials is None:
+            return {}
+
+        def check(
+            _server: SMTP, _session: Session, _envelope: Envelope, _mechanism: str, data: Any
+        ) -> AuthResult:
+            wanted = self.credentials
+            given = (data.login.decode(), data.password.decode()) if data else None
+            return AuthResult(success=given == wanted, handled=False)
+
+        return {"authenticator": check, "auth_require_tls": False}
 
     def stop(self) -> None:
         if self._controller is not None:

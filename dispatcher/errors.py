@@ -103,3 +103,12 @@ class SendBusy(TransientError):
     def __init__(self, send_id: str, retry_after: float) -> None:
         super().__init__("send_busy", f"send {send_id} is being delivered by another worker")
         self.retry_after = retry_after
+
+
+class NotAttempted(TransientError):
+    """The relay was not asked at all (sending is halted, or the shared rate limit says wait):
+    no SMTP attempt is counted, and the item is tried again after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, detail: str, retry_after: float) -> None:
+        super().__init__(reason, detail)
+        self.retry_after = retry_after

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.errors import NotFound
@@ -24,15 +24,19 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
         Send.period == grant.period,
         Send.grant_seq == grant.seq,
     )
-    charged = session.scalars(
-        select(Send.idempotency_key).where(*in_grant, Send.status.in_(CHARGED_STATUSES))
+    # One statement, so one consistent view even under READ COMMITTED: read as two, a send
+    # moving from queued to reserved in between would be in neither and the rebuild would
+    # over-grant by one.
+    rows = session.execute(
+        select(Send.idempotency_key, Send.status).where(
+            *in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED))
+        )
     ).all()
+    charged = [key for key, status in rows if status is not SendStatus.QUEUED]
     # Claimed but not yet marked reserved: Redis may have granted them just before it lost its
     # data. They count as used (without their keys), so the rebuild can only under-grant;
     # `dispatcher reconcile` gives such credits back once the sends have settled.
-    in_flight = session.scalar(
-        select(func.count()).select_from(Send).where(*in_grant, Send.status == SendStatus.QUEUED)
-    )
+    in_flight = len(rows) - len(charged)
     return LedgerSnapshot(
         total=row.total,
         charged_keys=list(charged),

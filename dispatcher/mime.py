@@ -75,12 +75,21 @@ class BulkMessage:
         self._end = b"\r\n--" + self.boundary.encode() + b"--\r\n"
 
     def render(
-        self, *, to: str, subject: str, message_id: str, date: str, text: str, html: str
+        self,
+        *,
+        to: str,
+        subject: str,
+        message_id: str,
+        date: str,
+        text: str,
+        html: str,
+        list_unsubscribe: str | None = None,
     ) -> bytes:
         """The bytes of one recipient's message."""
         return b"".join(
             (
                 self._head,
+                _header("List-Unsubscribe", list_unsubscribe) if list_unsubscribe else b"",
                 _header("To", to),
                 _header("Subject", subject),
                 b"Date: " + date.encode("ascii") + b"\r\n",

@@ -127,6 +127,17 @@ class SystemEmailKind(enum.StrEnum):
     RECEIPT = "receipt"
 
 
+class SuppressionReason(enum.StrEnum):
+    HARD_BOUNCE = "hard_bounce"  # the relay said the address does not exist
+    UNSUBSCRIBE = "unsubscribe"  # the contact asked (one-click or the link)
+    MANUAL = "manual"  # the agent or ops added it
+
+
+class AlertKind(enum.StrEnum):
+    POLICY_REJECTED = "policy_rejected"  # the relay refused content or reputation: campaign paused
+    SMTP_AUTH_FAILED = "smtp_auth_failed"  # the relay refused our credentials: sending stopped
+
+
 class TimelineKind(enum.StrEnum):
     EMAIL_SENT = "email_sent"
     EMAIL_FAILED = "email_failed"
@@ -196,7 +207,11 @@ class Send(Base):
     grant_seq: Mapped[int | None] = mapped_column(Integer)
     message_id: Mapped[str] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: While ``sending``: the conversation's lease. While ``reserved``: how long the credit
+    #: may be held without progress before the sweeper returns it.
     lease_until: Mapped[datetime | None]
+    #: A wait too long for the broker's countdown: the beat sweep enqueues it again then.
+    retry_at: Mapped[datetime | None] = mapped_column(index=True)
     enqueued_at: Mapped[datetime | None]  # set once the broker took the task
     outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
@@ -319,12 +334,50 @@ class Campaign(Base):
     reply_to: Mapped[str | None] = mapped_column(String(254))
     recipients: Mapped[int] = mapped_column(Integer)  # valid recipients (one send each)
     invalid: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    #: Recipients on the agent's suppression list when the campaign was created: not charged.
+    suppressed: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default="[]"
+    )
     chunks: Mapped[int] = mapped_column(Integer)
     period: Mapped[str | None] = mapped_column(String(16))
     grant_seq: Mapped[int | None] = mapped_column(Integer)
     provider_campaign_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+    #: A wait too long for the broker's countdown: the beat sweep enqueues the chunks then.
+    retry_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class Suppression(Base):
+    """An address one agent must not email (rule: checked before any credit is reserved)."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (UniqueConstraint("user_id", "email"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    email: Mapped[str] = mapped_column(String(254))  # lower-cased
+    reason: Mapped[SuppressionReason] = mapped_column(
+        _enum(SuppressionReason, "suppression_reason")
+    )
+    contact_id: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None]  # None: until removed
+    created_at: Mapped[datetime]
+
+
+class Alert(Base):
+    """Something ops (and the agent, where it is theirs) must look at."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[AlertKind] = mapped_column(_enum(AlertKind, "alert_kind"))
+    user_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    campaign_id: Mapped[str | None] = mapped_column(String(36))
+    relay: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]

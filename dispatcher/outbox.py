@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.errors import QueueUnavailable
@@ -67,6 +67,22 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
         campaign_ids = _stranded(
             session, Campaign, Campaign.status == CampaignStatus.RUNNING, cutoff, limit
         )
+        now = rt.clock.now()
+        # Long waits parked by the workers (a rate limit's hour, a halted relay) that are due.
+        send_ids += session.scalars(
+            select(Send.id)
+            .where(
+                Send.kind == SendKind.SMARTPLAN,
+                Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
+                Send.retry_at <= now,
+            )
+            .limit(limit)
+        ).all()
+        campaign_ids += session.scalars(
+            select(Campaign.id)
+            .where(Campaign.status == CampaignStatus.RUNNING, Campaign.retry_at <= now)
+            .limit(limit)
+        ).all()
     sends = 0
     for send_id in send_ids:
         try:
@@ -78,6 +94,7 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     enqueue_system_emails(rt, email_ids)
     for campaign_id in campaign_ids:
         enqueue_campaign(rt, campaign_id, open_chunks(rt, campaign_id))
+    _unpark(rt, send_ids, campaign_ids)
     if send_ids or email_ids or campaign_ids:
         log.info(
             "outbox sweep enqueued sends=%d system_emails=%d campaigns=%d",
@@ -86,6 +103,79 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
             len(campaign_ids),
         )
     return sends, len(email_ids), len(campaign_ids)
+
+
+def park_send(rt: Runtime, send_id: str, seconds: float) -> None:
+    """Store a wait too long for the broker's countdown; :func:`sweep` enqueues the send again
+    when it is due. Its credit stays held until then (the hold is extended to cover it)."""
+    from dispatcher.delivery import reservation_hold
+
+    due = rt.clock.now() + timedelta(seconds=seconds)
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Send)
+            .where(Send.id == send_id, Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)))
+            .values(retry_at=due, updated_at=rt.clock.now())
+        )
+        session.execute(
+            update(Send)
+            .where(Send.id == send_id, Send.status == SendStatus.RESERVED)
+            .values(lease_until=due + reservation_hold(rt))
+        )
+    log.info("send %s parked until %s", send_id, due.isoformat(timespec="seconds"))
+
+
+def park_campaign(rt: Runtime, campaign_id: str, seconds: float) -> None:
+    """Store a wait too long for the broker's countdown for a campaign's chunks."""
+    due = rt.clock.now() + timedelta(seconds=seconds)
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id)
+            .values(retry_at=due, updated_at=rt.clock.now())
+        )
+    log.info("campaign %s parked until %s", campaign_id, due.isoformat(timespec="seconds"))
+
+
+def _unpark(rt: Runtime, send_ids: Iterable[str], campaign_ids: Iterable[str]) -> None:
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Send)
+            .where(Send.id.in_(list(send_ids)), Send.retry_at <= now)
+            .values(retry_at=None)
+        )
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id.in_(list(campaign_ids)), Campaign.retry_at <= now)
+            .values(retry_at=None)
+        )
+
+
+def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
+    """Give back the credits of SmartPlan sends stuck in ``reserved`` past their hold (see
+    :func:`dispatcher.delivery.expire_reservation`, fenced on the lease); returns how many."""
+    from dispatcher.delivery import expire_reservation
+
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        stuck = session.execute(
+            select(Send.id, Send.lease_until)
+            .where(
+                Send.kind == SendKind.SMARTPLAN,
+                Send.status == SendStatus.RESERVED,
+                Send.lease_until < now,
+            )
+            .limit(limit)
+        ).all()
+    expired = sum(
+        1
+        for send_id, lease in stuck
+        if lease is not None and expire_reservation(rt, send_id, lease)
+    )
+    if expired:
+        log.warning("credits returned for %d sends stuck in reserved", expired)
+    return expired
 
 
 def _stranded(session: Session, model: Any, open_: Any, cutoff: datetime, limit: int) -> list[str]:
@@ -123,6 +213,7 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
                     Send.kind == SendKind.SMARTPLAN,
                     Send.status.in_(OPEN_STATUSES),
                     Send.updated_at < cutoff,
+                    or_(Send.retry_at.is_(None), Send.retry_at <= rt.clock.now()),
                 )
                 .limit(limit)
             ).all()
@@ -136,7 +227,11 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
         )
         running = session.scalars(
             select(Campaign.id)
-            .where(Campaign.status == CampaignStatus.RUNNING, Campaign.updated_at < cutoff)
+            .where(
+                Campaign.status == CampaignStatus.RUNNING,
+                Campaign.updated_at < cutoff,
+                or_(Campaign.retry_at.is_(None), Campaign.retry_at <= rt.clock.now()),
+            )
             .limit(limit)
         ).all()
         campaign_ids = [

@@ -15,6 +15,8 @@ from dispatcher.ledger import snapshot_source
 from dispatcher.outcomes import OutcomeStream
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
 from dispatcher.quota import QuotaLedger
+from dispatcher.ratelimit import RateLimit
+from dispatcher.relay import RelayGuard, relay_id
 from dispatcher.settings import Settings
 from dispatcher.transports.base import Transport
 from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
@@ -66,6 +68,26 @@ class Runtime:
     def outcomes(self) -> OutcomeStream:
         return OutcomeStream(self.redis, self.settings.outcome_stream)
 
+    @cached_property
+    def relay(self) -> RelayGuard:
+        """The SMTP relay's halt switch and shared rate limit."""
+        s = self.settings
+        name = relay_id(s.smtp_host, s.smtp_port)
+
+        def alert(detail: str) -> None:
+            from dispatcher.alerts import raise_alert
+            from dispatcher.models import AlertKind
+
+            raise_alert(self, AlertKind.SMTP_AUTH_FAILED, detail, relay=name)
+
+        return RelayGuard(
+            self.redis,
+            name,
+            limit=RateLimit(per_second=s.smtp_rate_per_second, per_hour=s.smtp_rate_per_hour),
+            halt_seconds=s.relay_halt_seconds,
+            on_halt=alert,
+        )
+
     @property
     def transport(self) -> Transport:
         if self._transport is None:
@@ -80,6 +102,7 @@ class Runtime:
                     timeout=s.smtp_timeout,
                 ),
                 pool_size=s.smtp_pool_size,
+                guard=self.relay,
             )
         return self._transport
 

@@ -40,6 +40,12 @@ KNOWN_VARIABLES = (
     "OUTCOME_STREAM",
     "TEMPLATES_DIR",
     "LOG_LEVEL",
+    "SMTP_RATE_PER_SECOND",
+    "SMTP_RATE_PER_HOUR",
+    "PUBLIC_BASE_URL",
+    "UNSUBSCRIBE_SECRET",
+    "UNSUBSCRIBE_MAILTO",
+    "RELAY_HALT_SECONDS",
 )
 
 
@@ -78,6 +84,17 @@ class Settings:
     outcome_stream: str = "ced:smartplan:outcomes"
     templates_dir: str = str(Path(__file__).resolve().parent.parent / "templates")
     log_level: str = "INFO"
+    #: Messages the SMTP relay takes from all workers together; None is unlimited.
+    smtp_rate_per_second: int | None = None
+    smtp_rate_per_hour: int | None = None
+    #: Where recipients reach the one-click unsubscribe endpoint (HTTPS in production).
+    public_base_url: str = "http://127.0.0.1:8000"
+    #: Key that signs unsubscribe tokens; None uses a development key and says so in the log.
+    unsubscribe_secret: str | None = field(default=None, repr=False)
+    #: The mailto: address in List-Unsubscribe; default unsubscribe@ the MAIL_FROM domain.
+    unsubscribe_mailto: str | None = None
+    #: How long sending stops after the relay refused our credentials (ops can resume sooner).
+    relay_halt_seconds: int = 900
 
     def __post_init__(self) -> None:
         self._check()
@@ -125,6 +142,20 @@ class Settings:
             raise ConfigError("MAX_CAMPAIGN_RECIPIENTS", "must be at least 1")
         if self.renewal_sweep_seconds < 10:
             raise ConfigError("RENEWAL_SWEEP_SECONDS", "must be at least 10")
+        for name, rate in (
+            ("SMTP_RATE_PER_SECOND", self.smtp_rate_per_second),
+            ("SMTP_RATE_PER_HOUR", self.smtp_rate_per_hour),
+        ):
+            if rate is not None and rate < 1:
+                raise ConfigError(name, "must be at least 1 (leave it unset for no limit)")
+        if self.relay_halt_seconds < 1:
+            raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
+        if not self.public_base_url.startswith(("https://", "http://")):
+            raise ConfigError("PUBLIC_BASE_URL", "must start with https:// (or http:// locally)")
+        if self.unsubscribe_secret is not None and len(self.unsubscribe_secret) < 16:
+            raise ConfigError("UNSUBSCRIBE_SECRET", "must be at least 16 characters")
+        if self.unsubscribe_mailto is not None and "@" not in self.unsubscribe_mailto:
+            raise ConfigError("UNSUBSCRIBE_MAILTO", "must be an email address")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
@@ -238,4 +269,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "retry_backoff_max_seconds": _float,
     "task_time_limit": _int,
     "visibility_timeout": _int,
+    "smtp_rate_per_second": _int,
+    "smtp_rate_per_hour": _int,
+    "relay_halt_seconds": _int,
 }

@@ -150,7 +150,18 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-TABLES = ("system_emails", "notifications", "orders", "grants", "timeline_events", "sends", "users")
+TABLES = (
+    "alerts",
+    "suppressions",
+    "campaigns",
+    "system_emails",
+    "notifications",
+    "orders",
+    "grants",
+    "timeline_events",
+    "sends",
+    "users",
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -79,3 +79,34 @@ def test_reconcile_finds_and_repairs_lost_and_drifted_counters(
     assert "2 grants repaired" in capsys.readouterr().out
     assert (credits(rt, "agent-1").used, credits(rt, "agent-2").used) == (3, 0)
     assert main(["reconcile"]) == 0
+
+
+def test_suppression_alerts_and_relay_commands(
+    env: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["suppression", "add", "agent-1", "Gone@Example.org", "--detail", "asked"]) == 0
+    assert "gone@example.org suppressed for agent-1 (manual)" in capsys.readouterr().out
+    assert main(["suppression", "list", "agent-1"]) == 0
+    out = capsys.readouterr().out
+    assert "gone@example.org" in out and "expires never" in out and "1 suppressed" in out
+    assert (
+        main(
+            ["suppression", "add", "agent-1", "x@example.org", "--expires", "2020-01-01T00:00:00Z"]
+        )
+        == 2
+    )
+    assert "expires_at: must lie in the future" in capsys.readouterr().err
+    assert main(["suppression", "remove", "agent-1", "gone@example.org"]) == 0
+    assert main(["suppression", "remove", "agent-1", "gone@example.org"]) == 2
+    assert "suppression 'gone@example.org' not found" in capsys.readouterr().err
+
+    env.relay.halt("535 5.7.8 authentication failed (at login)")
+    assert main(["relay", "status"]) == 0
+    assert "HALTED" in capsys.readouterr().out
+    assert main(["alerts"]) == 0
+    out = capsys.readouterr().out
+    assert "smtp_auth_failed" in out and "535 5.7.8" in out
+    assert main(["relay", "resume"]) == 0
+    assert "halt lifted" in capsys.readouterr().out
+    assert main(["relay", "status"]) == 0
+    assert "state   sending" in capsys.readouterr().out

@@ -84,3 +84,56 @@ def test_work_whose_task_message_was_lost_is_enqueued_again_once_stale(
     assert delivery.deliver(runtime, send_id).value == "sent"
     assert len(smtp_server.messages) == 1
     assert outbox.recover_stale(runtime) == (0, 0, 0)
+
+
+class _ProcessDied(BaseException):
+    """Stands for the process dying at a given step (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("dies", ["before_reserving", "after_reserving"])
+def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits_return(
+    runtime: Runtime, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    from dispatcher import notices
+    from dispatcher.subscriptions import credits
+
+    make_user(runtime)
+    if dies == "before_reserving":
+        target, name = runtime.quota, "reserve"
+    else:
+        target, name = notices, "after_reservation"
+
+    def die(*_a: object, **_k: object) -> None:
+        raise _ProcessDied()
+
+    monkeypatch.setattr(target, name, die)
+    request = campaigns.CampaignRequest(
+        user_id="agent-1",
+        provider="command_email",
+        subject="s",
+        html="<p>h</p>",
+        recipients=[campaigns.Recipient(f"c{i}", f"p{i}@example.org") for i in range(40)],
+    )
+    with pytest.raises(_ProcessDied):
+        campaigns.create(runtime, request)
+    monkeypatch.undo()
+    # Held meanwhile when the process got as far as reserving them.
+    assert credits(runtime, "agent-1").used == (40 if dies == "after_reserving" else 0)
+
+    assert campaigns.expire_reserving(runtime) == 0  # the request may still be alive
+    clock.advance(campaigns.RESERVING_GRACE + timedelta(seconds=1))
+    assert campaigns.expire_reserving(runtime) == 1
+    assert campaigns.expire_reserving(runtime) == 0
+
+    with runtime.sessions() as session:
+        from sqlalchemy import select
+
+        from dispatcher.models import Campaign
+
+        c = session.scalars(select(Campaign)).one()
+    view = campaigns.view(runtime, c.id)
+    assert view.status == "failed"
+    assert view.failed_by_reason == {"campaign_not_started": 40}
+    assert credits(runtime, "agent-1").used == 0
+    runtime.redis.flushall()  # and the SQL ledger agrees
+    assert credits(runtime, "agent-1").used == 0

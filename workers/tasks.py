@@ -11,7 +11,7 @@ from celery import Celery, Task
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import campaign_delivery, delivery, outbox, subscriptions, system_mail
+from dispatcher import campaign_delivery, campaigns, delivery, outbox, subscriptions, system_mail
 from dispatcher.errors import NotFound, SendBusy, TransientError
 from dispatcher.runtime import Runtime
 from workers.app import (
@@ -26,6 +26,11 @@ from workers.app import (
 log = logging.getLogger(__name__)
 
 Deliver = Callable[..., StrEnum]  # a use case returning the item's status
+Park = Callable[[Runtime, str, float], None]  # store a long wait for the beat sweep
+
+
+def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
+    outbox.park_campaign(rt, item.rpartition(":")[0], seconds)
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -33,7 +38,14 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
-def _deliver(task: Task, deliver: Deliver, item_id: str, *, task_budget: bool = False) -> str:
+def _deliver(
+    task: Task,
+    deliver: Deliver,
+    item_id: str,
+    *,
+    task_budget: bool = False,
+    park: Park | None = None,
+) -> str:
     """Run one delivery use case; retry what may succeed later, never what cannot.
 
     Sends, system emails and campaign recipients count their own SMTP attempts against
@@ -75,6 +87,12 @@ def _deliver(task: Task, deliver: Deliver, item_id: str, *, task_budget: bool = 
         # A server that said when to come back (MailChimp's Retry-After) is not asked sooner.
         asked = getattr(exc, "retry_after", None)
         if isinstance(asked, int | float):
+            if asked > settings.retry_backoff_max_seconds and park is not None:
+                # Longer than any countdown may be (the broker would redeliver it): store the
+                # wait in SQL; the beat sweep enqueues the item when it is due.
+                park(rt, item_id, asked)
+                log.info("%s %s parked for %.0fs: %s", task.name, item_id, asked, exc)
+                return "parked"
             countdown = min(max(countdown, asked), settings.retry_backoff_max_seconds)
         log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
         raise task.retry(countdown=countdown, max_retries=None) from None
@@ -100,7 +118,7 @@ def register(app: Celery) -> None:
         max_retries=max_retries,
     )
     def send_smartplan(self: Task, send_id: str) -> str:
-        return _deliver(self, delivery.deliver, send_id)
+        return _deliver(self, delivery.deliver, send_id, park=outbox.park_send)
 
     @task(
         name=SEND_SYSTEM_EMAIL_TASK,
@@ -115,7 +133,9 @@ def register(app: Celery) -> None:
         name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False, max_retries=max_retries
     )
     def send_campaign_chunk(self: Task, item: str) -> str:
-        return _deliver(self, campaign_delivery.deliver_chunk, item, task_budget=True)
+        return _deliver(
+            self, campaign_delivery.deliver_chunk, item, task_budget=True, park=_park_chunk
+        )
 
     @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def renew_due(self: Task) -> int:
@@ -124,7 +144,12 @@ def register(app: Celery) -> None:
     @task(name=SWEEP_OUTBOX_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def sweep_outbox(self: Task) -> list[int]:
         rt = runtime_of(self.app)
-        return [*outbox.sweep(rt), *outbox.recover_stale(rt)]
+        return [
+            *outbox.sweep(rt),
+            *outbox.recover_stale(rt),
+            outbox.expire_reservations(rt),
+            campaigns.expire_reserving(rt),
+        ]
 
     del (
         send_smartplan,

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.message import Envelope
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """A message the server accepted, with its reply."""
+    """A message the server accepted, with its reply, and the recipients it refused at RCPT
+    while accepting others (address -> (code, reply))."""
 
     code: int
     reply: str
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -39,6 +41,6 @@ class BulkSender(Protocol):
 
     async def send_many(
         self, items: Sequence[tuple[Envelope, bytes]]
-    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]: ...
+    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted]: ...
 
     async def close(self) -> None: ...

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.message import Envelope
+from dispatcher.relay import RelayGuard
 from dispatcher.transports.base import Delivery
 from dispatcher.transports.classify import classify
 
@@ -27,7 +28,10 @@ class SMTPConfig:
     timeout: float = 30.0
 
 
-Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown
+Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
+
+#: Replies to AUTH that mean our credentials (or the relay's account) are refused.
+AUTH_REFUSED = (530, 534, 535, 538)
 
 
 class SMTPTransport:
@@ -39,9 +43,12 @@ class SMTPTransport:
     connections across many messages.
     """
 
-    def __init__(self, config: SMTPConfig, pool_size: int = 8) -> None:
+    def __init__(
+        self, config: SMTPConfig, pool_size: int = 8, guard: RelayGuard | None = None
+    ) -> None:
         self.config = config
         self.pool_size = pool_size
+        self.guard = guard
 
     async def _connect(self) -> aiosmtplib.SMTP:
         cfg = self.config
@@ -55,11 +62,8 @@ class SMTPTransport:
         )
         try:
             await client.connect()
-            if cfg.username and cfg.password:
-                await client.login(cfg.username, cfg.password)
         except aiosmtplib.SMTPResponseException as exc:
-            # A refusal at greeting or login is about the relay or our credentials, not this
-            # message: retry (with backoff) rather than fail every message for good.
+            # A refusal at greeting is about the relay, not this message: retry with backoff.
             client.close()
             raise DeliveryDeferred(
                 "smtp_connect_refused", f"{exc.code} {exc.message} (at connect)", exc.code
@@ -67,11 +71,33 @@ class SMTPTransport:
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+        if cfg.username and cfg.password:
+            try:
+                await client.login(cfg.username, cfg.password)
+            except aiosmtplib.SMTPResponseException as exc:
+                client.close()
+                detail = f"{exc.code} {exc.message} (at login)"
+                if exc.code in AUTH_REFUSED and self.guard is not None:
+                    # Our credentials are refused: every message would fail the same way.
+                    # Stop all workers on this relay and alert, instead of burning retries.
+                    raise self.guard.halt(f"the relay refused our credentials: {detail}") from None
+                raise DeliveryDeferred("smtp_login_refused", detail, exc.code) from None
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                client.close()
+                raise DeliveryDeferred("connect_failed", _describe(exc)) from None
         return client
 
     async def send(self, envelope: Envelope, message: bytes) -> Delivery:
+        """Send one message on its own connection; raises the delivery errors, or
+        :class:`NotAttempted` when the relay's guard held it back."""
+        if self.guard is not None:
+            self.guard.check()
         client = await self._connect()
         try:
+            if self.guard is not None:
+                # Admitted once connected: MAIL follows at once, so the relay sees the
+                # message within the limiter's margin of its admission.
+                await self.guard.admit()
             return await _converse(client, envelope, message)
         finally:
             await _quit(client)
@@ -93,16 +119,32 @@ class SMTPBulk:
         (delivery errors are returned, not raised)."""
         results: list[Outcome | None] = [None] * len(items)
         pending = iter(range(len(items)))
+        guard = self._transport.guard
+        held: NotAttempted | None = None
+        if guard is not None:
+            try:
+                guard.check()
+            except NotAttempted as exc:
+                held = exc
 
         async def lane(slot: int) -> None:
+            nonlocal held
             client = self._clients[slot]
             for i in pending:
+                if held is not None:
+                    results[i] = held  # the relay is halted or rate-limited: not attempted
+                    continue
                 envelope, message = items[i]
                 try:
                     if client is None or not client.is_connected:
                         client = None
                         client = await self._transport._connect()
+                    if guard is not None and guard.limited:
+                        await guard.admit()  # once connected: MAIL follows at once
                     results[i] = await _converse(client, envelope, message)
+                except NotAttempted as exc:
+                    held = exc
+                    results[i] = exc
                 except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
                     results[i] = exc
                     client = await _reset(client)
@@ -110,7 +152,9 @@ class SMTPBulk:
 
         lanes = max(1, min(len(self._clients), len(items)))
         await asyncio.gather(*(lane(slot) for slot in range(lanes)))
-        return [r for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(items), "every item has an outcome"
+        return done
 
     async def close(self) -> None:
         for client in self._clients:
@@ -120,11 +164,26 @@ class SMTPBulk:
 
 
 async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes) -> Delivery:
-    """One message on an open connection, outcomes classified by where it broke."""
+    """One message on an open connection, outcomes classified by where it broke.
+
+    Recipients are offered one by one and each reply is read: refused ones are reported in
+    :attr:`Delivery.refused` while the message still goes to the accepted ones; only when
+    every recipient is refused does the refusal become the message's outcome.
+    """
+    refused: dict[str, tuple[int, str]] = {}
     try:
         await client.mail(envelope.mail_from)
         for rcpt in envelope.recipients:
-            await client.rcpt(rcpt)
+            try:
+                reply = await client.rcpt(rcpt)
+            except aiosmtplib.SMTPResponseException as exc:
+                refused[rcpt] = (exc.code, exc.message)
+                continue
+            if reply.code not in (250, 251):
+                refused[rcpt] = (reply.code, reply.message)
+        if len(refused) == len(envelope.recipients):
+            code, text = refused[envelope.recipients[0]]
+            raise classify(code, text, "envelope")
     except aiosmtplib.SMTPResponseException as exc:
         raise _classify(exc, "envelope") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
@@ -137,7 +196,7 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # The bytes may have reached the server; resending risks a duplicate.
         raise DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}") from None
-    return Delivery(response.code, response.message)
+    return Delivery(response.code, response.message, refused)
 
 
 async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:

@@ -1,0 +1,119 @@
+"""Alerts: what ops (and the agent, where it is theirs) must look at, kept in SQL and logged."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dispatcher.models import Alert, AlertKind
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AlertView:
+    id: int
+    kind: str
+    user_id: str | None
+    campaign_id: str | None
+    relay: str | None
+    detail: str
+    created_at: datetime
+
+
+def record(
+    session: Session,
+    kind: AlertKind,
+    detail: str,
+    now: datetime,
+    *,
+    user_id: str | None = None,
+    campaign_id: str | None = None,
+    relay: str | None = None,
+    quiet_for: timedelta | None = None,
+) -> bool:
+    """Add an alert in the caller's transaction and log it; with ``quiet_for``, skip it when
+    the same kind was raised for the same user, campaign and relay that recently. Returns
+    whether one was added."""
+    if quiet_for is not None:
+        recent = session.scalar(
+            select(Alert.id)
+            .where(
+                Alert.kind == kind,
+                Alert.user_id.is_(None) if user_id is None else Alert.user_id == user_id,
+                Alert.campaign_id.is_(None)
+                if campaign_id is None
+                else Alert.campaign_id == campaign_id,
+                Alert.relay.is_(None) if relay is None else Alert.relay == relay,
+                Alert.created_at > now - quiet_for,
+            )
+            .limit(1)
+        )
+        if recent is not None:
+            return False
+    session.add(
+        Alert(
+            kind=kind,
+            detail=detail,
+            user_id=user_id,
+            campaign_id=campaign_id,
+            relay=relay,
+            created_at=now,
+        )
+    )
+    log.error(
+        "ALERT %s user=%s campaign=%s relay=%s: %s",
+        kind.value,
+        user_id or "-",
+        campaign_id or "-",
+        relay or "-",
+        detail,
+    )
+    return True
+
+
+def raise_alert(
+    rt: Runtime,
+    kind: AlertKind,
+    detail: str,
+    *,
+    user_id: str | None = None,
+    campaign_id: str | None = None,
+    relay: str | None = None,
+) -> None:
+    """Record an alert in its own transaction."""
+    with rt.sessions.begin() as session:
+        record(
+            session,
+            kind,
+            detail,
+            rt.clock.now(),
+            user_id=user_id,
+            campaign_id=campaign_id,
+            relay=relay,
+        )
+
+
+def recent(rt: Runtime, *, user_id: str | None = None, limit: int = 100) -> list[AlertView]:
+    """The newest alerts, optionally of one user's work only."""
+    with rt.sessions() as session:
+        query = select(Alert).order_by(Alert.id.desc()).limit(limit)
+        if user_id is not None:
+            query = query.where(Alert.user_id == user_id)
+        return [
+            AlertView(
+                id=a.id,
+                kind=a.kind.value,
+                user_id=a.user_id,
+                campaign_id=a.campaign_id,
+                relay=a.relay,
+                detail=a.detail,
+                created_at=a.created_at,
+            )
+            for a in session.scalars(query).all()
+        ]

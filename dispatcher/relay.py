@@ -1,0 +1,98 @@
+"""What every worker asks before talking to the SMTP relay: is sending halted (the relay
+refused our credentials), and may one more message go now (the rate limit all workers share)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+
+from redis import Redis
+
+from dispatcher.errors import NotAttempted
+from dispatcher.keys import PREFIX
+from dispatcher.ratelimit import LAG_MARGIN, RateLimit, RateLimited, RelayRateLimiter
+
+log = logging.getLogger(__name__)
+
+#: The longest a campaign lane waits in-process for the rate limit before deferring instead.
+MAX_IN_PROCESS_WAIT = 10.0
+
+
+def relay_id(host: str, port: int) -> str:
+    """A short, credential-free name for a relay, shared by every worker that uses it."""
+    return hashlib.sha256(f"{host.lower()}:{port}".encode()).hexdigest()[:12]
+
+
+class RelayGuard:
+    """The halt switch and the shared rate limit of one relay, both in Redis.
+
+    ``on_halt`` is called once per halt (by the worker whose halt took effect) to raise the
+    alert; the halt lifts after ``halt_seconds`` or when ops call :meth:`resume`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        relay: str,
+        *,
+        limit: RateLimit,
+        halt_seconds: int,
+        on_halt: Callable[[str], None],
+    ) -> None:
+        self.relay = relay
+        self._redis = redis
+        self._halt_key = f"{PREFIX}:relay:{relay}:halted"
+        self._halt_seconds = halt_seconds
+        self._on_halt = on_halt
+        self._limiter = (
+            None if limit.unlimited else RelayRateLimiter(redis, relay, limit, margin=LAG_MARGIN)
+        )
+
+    @property
+    def limited(self) -> bool:
+        return self._limiter is not None
+
+    def check(self) -> None:
+        """Raise :class:`NotAttempted` while sending through this relay is halted."""
+        halted = self.halted()
+        if halted is not None:
+            detail, ttl = halted
+            raise NotAttempted("relay_halted", f"sending is halted: {detail}", max(ttl, 1))
+
+    def halted(self) -> tuple[str, int] | None:
+        """Why sending is halted and for how many more seconds, or None."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._halt_key)
+        pipe.ttl(self._halt_key)
+        value, ttl = pipe.execute()
+        if value is None:
+            return None
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        return text, int(ttl)
+
+    def halt(self, detail: str) -> NotAttempted:
+        """Stop every worker sending through this relay; the first caller raises the alert.
+        Returns the error the caller raises for its own message (not attempted)."""
+        if self._redis.set(self._halt_key, detail, nx=True, ex=self._halt_seconds):
+            log.error(
+                "sending halted on relay %s for %ds: %s", self.relay, self._halt_seconds, detail
+            )
+            self._on_halt(detail)
+        return NotAttempted("relay_halted", f"sending is halted: {detail}", self._halt_seconds)
+
+    def resume(self) -> bool:
+        """Lift a halt (ops fixed the credentials); true when one was in force."""
+        return bool(self._redis.delete(self._halt_key))
+
+    async def admit(self, max_wait: float = MAX_IN_PROCESS_WAIT) -> None:
+        """Wait for the rate limit's permission for one message, up to ``max_wait`` seconds;
+        raise :class:`NotAttempted` when the wait would be longer."""
+        if self._limiter is None:
+            return
+        try:
+            await self._limiter.acquire(max_wait)
+        except RateLimited as exc:
+            raise NotAttempted(
+                "rate_limited", f"the relay's rate limit is used up: {exc}", exc.wait
+            ) from None

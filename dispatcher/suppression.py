@@ -1,0 +1,198 @@
+"""Each agent's suppression list: addresses that must not be emailed (hard bounces,
+unsubscribes, manual entries with an optional expiry).
+
+It is checked before any credit is reserved, so a suppressed recipient is reported and never
+charged. Addresses are compared lower-cased.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from dispatcher import validation
+from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.models import Suppression, SuppressionReason, User
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: The reason a send or recipient fails with when its address is suppressed.
+SUPPRESSED = "suppressed"
+
+
+@dataclass(frozen=True)
+class SuppressionView:
+    email: str
+    reason: str
+    contact_id: str | None
+    detail: str | None
+    expires_at: datetime | None
+    created_at: datetime
+
+
+def normalize(email: str) -> str:
+    """The form addresses are stored and compared in."""
+    return email.strip().lower()
+
+
+def _view(row: Suppression) -> SuppressionView:
+    return SuppressionView(
+        email=row.email,
+        reason=row.reason.value,
+        contact_id=row.contact_id,
+        detail=row.detail,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+    )
+
+
+def _live(now: datetime) -> ColumnElement[bool]:
+    return or_(Suppression.expires_at.is_(None), Suppression.expires_at > now)
+
+
+def add(
+    session: Session,
+    user_id: str,
+    email: str,
+    reason: SuppressionReason,
+    now: datetime,
+    *,
+    contact_id: str | None = None,
+    detail: str | None = None,
+    expires_at: datetime | None = None,
+) -> None:
+    """Suppress ``email`` for ``user_id`` in the caller's transaction (insert or update).
+
+    A later entry replaces an earlier one's reason and expiry, except that an entry without
+    expiry (a hard bounce, an unsubscribe) is never shortened by one with an expiry.
+    """
+    values = {
+        "user_id": user_id,
+        "email": normalize(email),
+        "reason": reason,
+        "contact_id": contact_id,
+        "detail": detail,
+        "expires_at": expires_at,
+        "created_at": now,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(Suppression).values(**values)
+    excluded = stmt.excluded
+    update_values: dict[str, object] = {
+        "reason": excluded.reason,
+        "detail": excluded.detail,
+        "contact_id": excluded.contact_id,
+        "created_at": excluded.created_at,
+    }
+    if expires_at is None:
+        update_values["expires_at"] = None
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["user_id", "email"], set_=update_values)
+    )
+
+
+def active(
+    session: Session, user_id: str, emails: Iterable[str], now: datetime
+) -> dict[str, SuppressionReason]:
+    """The suppressed addresses among ``emails`` (lower-cased), with their reasons."""
+    wanted = sorted({normalize(e) for e in emails})
+    found: dict[str, SuppressionReason] = {}
+    for start in range(0, len(wanted), 500):
+        rows = session.execute(
+            select(Suppression.email, Suppression.reason).where(
+                Suppression.user_id == user_id,
+                Suppression.email.in_(wanted[start : start + 500]),
+                _live(now),
+            )
+        ).all()
+        found.update({e: r for e, r in rows})
+    return found
+
+
+def reason_for(session: Session, user_id: str, email: str, now: datetime) -> str | None:
+    """Why ``email`` is suppressed for ``user_id``, or None when it is not."""
+    reason = active(session, user_id, [email], now).get(normalize(email))
+    return None if reason is None else reason.value
+
+
+# Use cases for the API and the CLI.
+
+
+def suppress(
+    rt: Runtime,
+    user_id: str,
+    email: str,
+    *,
+    reason: str = SuppressionReason.MANUAL.value,
+    expires_at: datetime | None = None,
+    detail: str | None = None,
+) -> SuppressionView:
+    """Add (or renew) an entry by hand; ``expires_at`` must lie in the future."""
+    address = validation.address("email", email)
+    try:
+        why = SuppressionReason(reason)
+    except ValueError:
+        allowed = ", ".join(r.value for r in SuppressionReason)
+        raise InvalidInput("reason", f"must be one of {allowed}") from None
+    now = rt.clock.now()
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidInput("expires_at", "must carry a time zone (e.g. 2027-01-01T00:00:00Z)")
+        if expires_at <= now:
+            raise InvalidInput("expires_at", "must lie in the future")
+    if detail is not None:
+        detail = validation.header_text("detail", detail, max_len=500)
+    with rt.sessions.begin() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("user", user_id)
+        add(session, user_id, address, why, now, detail=detail, expires_at=expires_at)
+    log.info("address suppressed user=%s reason=%s", user_id, why.value)
+    return get(rt, user_id, address)
+
+
+def get(rt: Runtime, user_id: str, email: str) -> SuppressionView:
+    with rt.sessions() as session:
+        row = session.scalar(
+            select(Suppression).where(
+                Suppression.user_id == user_id, Suppression.email == normalize(email)
+            )
+        )
+        if row is None:
+            raise NotFound("suppression", email)
+        return _view(row)
+
+
+def remove(rt: Runtime, user_id: str, email: str) -> None:
+    """Take an address off the list (the agent re-confirmed consent)."""
+    with rt.sessions.begin() as session:
+        gone = session.execute(
+            delete(Suppression).where(
+                Suppression.user_id == user_id, Suppression.email == normalize(email)
+            )
+        )
+        if not getattr(gone, "rowcount", 0):
+            raise NotFound("suppression", email)
+    log.info("suppression removed user=%s", user_id)
+
+
+def listing(rt: Runtime, user_id: str, *, limit: int = 1000) -> list[SuppressionView]:
+    """The entries in force for ``user_id``, newest first."""
+    now = rt.clock.now()
+    with rt.sessions() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("user", user_id)
+        rows = session.scalars(
+            select(Suppression)
+            .where(Suppression.user_id == user_id, _live(now))
+            .order_by(Suppression.created_at.desc(), Suppression.id.desc())
+            .limit(limit)
+        ).all()
+        return [_view(r) for r in rows]

@@ -1,0 +1,129 @@
+"""One-click unsubscribe (RFC 8058): the bulk-sender headers on campaign mail and the signed,
+opaque token their link carries.
+
+The token is the send's id and an HMAC-SHA256 tag over it, base64url-encoded: it names no
+agent, contact or address, and cannot be forged or altered without the key
+(``UNSUBSCRIBE_SECRET``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+
+from dispatcher import suppression
+from dispatcher.errors import InvalidInput
+from dispatcher.models import Send, SuppressionReason
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Used when UNSUBSCRIBE_SECRET is unset (local runs); production sets its own.
+DEVELOPMENT_KEY = "command-email-development-unsubscribe-key"
+_TAG_BYTES = 16
+_DOMAIN = b"ced-unsubscribe-v1:"
+
+
+@lru_cache(maxsize=8)
+def _key(secret: str | None) -> bytes:
+    if secret is None:
+        log.warning(
+            "UNSUBSCRIBE_SECRET is not set: unsubscribe links are signed with the development "
+            "key; set it in production"
+        )
+        secret = DEVELOPMENT_KEY
+    return hashlib.sha256(_DOMAIN + secret.encode()).digest()
+
+
+def _tag(key: bytes, send_id: bytes) -> bytes:
+    return hmac.new(key, _DOMAIN + send_id, hashlib.sha256).digest()[:_TAG_BYTES]
+
+
+def token_for(settings: Settings, send_id: str) -> str:
+    """The opaque token for one recipient's copy of a campaign email."""
+    raw = uuid.UUID(send_id).bytes
+    return (
+        base64.urlsafe_b64encode(raw + _tag(_key(settings.unsubscribe_secret), raw))
+        .decode("ascii")
+        .rstrip("=")
+    )
+
+
+def send_id_of(settings: Settings, token: str) -> str:
+    """The send a token was made for; :class:`InvalidInput` for a forged, altered or
+    malformed token (compared in constant time)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{40,64}", token):
+        raise InvalidInput("token", "is not an unsubscribe token")
+    try:
+        data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidInput("token", "is not an unsubscribe token") from None
+    raw, tag = data[:16], data[16:]
+    if len(raw) != 16 or not hmac.compare_digest(tag, _tag(_key(settings.unsubscribe_secret), raw)):
+        raise InvalidInput("token", "is not valid (forged or altered)")
+    return str(uuid.UUID(bytes=raw))
+
+
+@dataclass(frozen=True)
+class BulkHeaders:
+    """What a campaign's copies carry: the constant headers once, the link per recipient."""
+
+    constant: dict[str, str]
+    settings: Settings
+
+    def list_unsubscribe(self, send_id: str) -> str:
+        token = token_for(self.settings, send_id)
+        base = self.settings.public_base_url.rstrip("/")
+        mailto = self.settings.unsubscribe_mailto or (
+            f"unsubscribe@{self.settings.message_id_domain}"
+        )
+        return f"<{base}/u/{token}>, <mailto:{mailto}?subject=unsubscribe%20{token}>"
+
+
+def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHeaders:
+    """``List-Unsubscribe-Post`` and ``List-Id`` (RFC 2919: the campaign's list, under the
+    agent, in our domain), and the per-recipient ``List-Unsubscribe``."""
+    agent = hashlib.sha256(user_id.encode()).hexdigest()[:12]
+    return BulkHeaders(
+        constant={
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            "List-Id": f"<{campaign_id}.{agent}.{settings.message_id_domain}>",
+        },
+        settings=settings,
+    )
+
+
+@dataclass(frozen=True)
+class Unsubscribed:
+    user_id: str
+    contact_id: str
+
+
+def unsubscribe(rt: Runtime, token: str) -> Unsubscribed:
+    """Suppress the contact a token was sent to, for the agent who sent it (idempotent)."""
+    send_id = send_id_of(rt.settings, token)
+    with rt.sessions.begin() as session:
+        send = session.get(Send, send_id)
+        if send is None:
+            # A valid signature on a send we no longer have: nothing to suppress.
+            raise InvalidInput("token", "refers to an email this service no longer knows")
+        suppression.add(
+            session,
+            send.user_id,
+            send.contact_email,
+            SuppressionReason.UNSUBSCRIBE,
+            rt.clock.now(),
+            contact_id=send.contact_id,
+            detail=f"one-click unsubscribe from campaign {send.campaign_id or '-'}",
+        )
+        done = Unsubscribed(send.user_id, send.contact_id)
+    log.info("contact unsubscribed user=%s contact=%s", done.user_id, done.contact_id)
+    return done

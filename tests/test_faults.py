@@ -1,0 +1,344 @@
+"""The fault matrix: one test per way the SMTP relay can misbehave, against a real aiosmtpd
+server told what to do by a FaultPlan, real Redis and the SQL ledger.
+
+Each test asserts what the server received, what the timeline says, whether the address is
+suppressed and what happened to the credit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from dispatcher import alerts, campaigns, delivery, outbox, suppression
+from dispatcher.campaign_delivery import deliver_chunk
+from dispatcher.devsmtp import (
+    DROP_AFTER_DATA,
+    DROP_BEFORE_DATA,
+    DevSMTPServer,
+    FaultPlan,
+    reply,
+    slow,
+)
+from dispatcher.errors import DeliveryDeferred, NotAttempted
+from dispatcher.message import Envelope
+from dispatcher.models import CampaignStatus, Send, SendStatus
+from dispatcher.ports import InlineQueue
+from dispatcher.runtime import Runtime
+from dispatcher.sends import get_send, submit_send
+from dispatcher.subscriptions import credits
+from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
+from tests.helpers import make_user, send_request, timeline_rows
+
+ADDRESS = "contact1@example.org"
+
+
+def used(rt: Runtime) -> int:
+    return credits(rt, "agent-1").used
+
+
+def suppressed(rt: Runtime, email: str = ADDRESS) -> str | None:
+    with rt.sessions() as session:
+        return suppression.reason_for(session, "agent-1", email, rt.clock.now())
+
+
+def one_send(rt: Runtime) -> str:
+    make_user(rt)
+    return submit_send(rt, InlineQueue(), send_request()).send_id
+
+
+def events(rt: Runtime) -> list[tuple[str, str | None]]:
+    return [(e.kind.value, e.reason) for e in timeline_rows(rt, "agent-1")]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(reply("421 4.7.0 too many connections, slow down"), id="421-at-rcpt"),
+        pytest.param(reply("451 4.3.0 local error, try later", stage="data"), id="451-at-data"),
+        pytest.param(DROP_BEFORE_DATA, id="drop-before-data"),
+    ],
+)
+def test_transient_faults_keep_the_credit_and_the_retry_sends_exactly_once(
+    runtime: Runtime, smtp_server: DevSMTPServer, fault: Any
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [fault]})
+
+    with pytest.raises(DeliveryDeferred):
+        delivery.deliver(runtime, send_id)
+    assert smtp_server.messages == []
+    view = get_send(runtime, send_id)
+    assert view.status == "reserved" and used(runtime) == 1  # credit held for the retry
+    assert events(runtime) == []  # nothing terminal yet
+
+    assert delivery.deliver(runtime, send_id) is SendStatus.SENT
+    assert [m.rcpt_tos for m in smtp_server.messages] == [(ADDRESS,)]
+    assert events(runtime) == [("email_sent", None)]
+    assert used(runtime) == 1 and suppressed(runtime) is None
+
+
+def test_550_hard_bounce_fails_suppresses_the_address_and_returns_the_credit(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={ADDRESS: [reply("550 5.1.1 <contact1@example.org>: no such user")]}
+    )
+
+    assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
+
+    assert smtp_server.messages == []
+    assert events(runtime) == [("email_failed", "hard_bounce")]
+    assert suppressed(runtime) == "hard_bounce"
+    assert used(runtime) == 0
+    # The next SmartPlan step to that address is refused before any credit is taken.
+    again = submit_send(runtime, InlineQueue(), send_request(step_id="step-2")).send_id
+    assert delivery.deliver(runtime, again) is SendStatus.FAILED
+    assert get_send(runtime, again).reason == "suppressed"
+    assert smtp_server.handler.attempts == 0 and used(runtime) == 0
+
+
+def test_554_policy_refusal_fails_the_message_alerts_and_does_not_suppress(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={ADDRESS: [reply("554 5.7.1 message refused: spam content", stage="data")]}
+    )
+
+    assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
+
+    assert smtp_server.messages == []
+    assert events(runtime) == [("email_failed", "policy_rejected")]
+    assert suppressed(runtime) is None
+    assert used(runtime) == 0
+    [alert] = alerts.recent(runtime)
+    assert (alert.kind, alert.user_id) == ("policy_rejected", "agent-1")
+
+
+def test_554_policy_refusal_in_a_campaign_pauses_it_and_alerts(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(campaign_chunk_size=50, smtp_pool_size=1)
+    make_user(rt)
+    smtp_server.handler.fault = FaultPlan(
+        schedule=[None] * 3 + [reply("554 5.7.1 refused for policy reasons", stage="data")]
+    )
+    view, _ = campaigns.create(rt, campaign_request(10))
+    assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
+
+    after = campaigns.view(rt, view.id)
+    assert after.status == "paused" and "policy" in (after.detail or "")
+    assert after.failed_by_reason == {"policy_rejected": 1}
+    sent = after.counts["sent"]
+    assert len(smtp_server.messages) == sent
+    assert after.counts["reserved"] == 10 - sent - 1  # the rest waits for a resume
+    assert suppressed(rt, "person3@example.org") is None
+    assert used(rt) == 9  # the refused one's credit is back
+    [alert] = alerts.recent(rt)
+    assert (alert.kind, alert.campaign_id) == ("policy_rejected", view.id)
+
+
+def test_connection_dropped_after_data_is_unknown_keeps_the_credit_and_is_never_resent(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [DROP_AFTER_DATA]})
+
+    assert delivery.deliver(runtime, send_id) is SendStatus.UNKNOWN
+    assert delivery.deliver(runtime, send_id) is SendStatus.UNKNOWN  # a redelivery
+
+    assert len(smtp_server.messages) == 1  # the server had it once; never offered again
+    assert events(runtime) == [("email_unknown", "ambiguous_delivery")]
+    assert used(runtime) == 1 and suppressed(runtime) is None
+
+
+def test_no_reply_to_the_final_dot_within_the_timeout_is_unknown(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(smtp_timeout=0.5)
+    send_id = one_send(rt)
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [slow(1.5)]})
+
+    assert delivery.deliver(rt, send_id) is SendStatus.UNKNOWN
+
+    assert events(rt) == [("email_unknown", "ambiguous_delivery")]
+    assert used(rt) == 1
+    assert smtp_server.handler.attempts == 1
+
+
+def test_a_slow_reply_within_the_timeout_is_sent(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [slow(0.5)]})
+
+    assert delivery.deliver(runtime, send_id) is SendStatus.SENT
+    assert len(smtp_server.messages) == 1 and used(runtime) == 1
+
+
+def test_refused_credentials_halt_the_relay_for_every_worker_and_alert_once(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    server = DevSMTPServer(credentials=("relay-user", "right-password"))
+    server.start()
+    try:
+        rt = make_runtime(
+            smtp_port=server.port, smtp_username="relay-user", smtp_password="wrong-password"
+        )
+        other_worker = make_runtime(
+            smtp_port=server.port, smtp_username="relay-user", smtp_password="wrong-password"
+        )
+        make_user(rt)
+        first = submit_send(rt, InlineQueue(), send_request()).send_id
+        second = submit_send(rt, InlineQueue(), send_request(n=2)).send_id
+
+        with pytest.raises(NotAttempted) as halted:
+            delivery.deliver(rt, first)
+        assert halted.value.reason == "relay_halted"
+        with pytest.raises(NotAttempted):
+            delivery.deliver(other_worker, second)  # held back without connecting
+
+        assert server.messages == []
+        assert [get_send(rt, s).attempts for s in (first, second)] == [0, 0]
+        assert [get_send(rt, s).status for s in (first, second)] == ["reserved", "reserved"]
+        assert used(rt) == 2 and events(rt) == []  # credits held, nothing failed
+        [alert] = alerts.recent(rt)
+        assert alert.kind == "smtp_auth_failed" and "535" in alert.detail
+        assert "wrong-password" not in alert.detail
+
+        # Ops fix the password and lift the halt: both go, once each.
+        fixed = make_runtime(
+            smtp_port=server.port, smtp_username="relay-user", smtp_password="right-password"
+        )
+        assert fixed.relay.resume()
+        assert delivery.deliver(fixed, first) is SendStatus.SENT
+        assert delivery.deliver(fixed, second) is SendStatus.SENT
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+            "contact1@example.org",
+            "contact2@example.org",
+        ]
+        assert used(rt) == 2
+    finally:
+        server.stop()
+
+
+def test_a_partial_refusal_of_recipients_is_read_from_the_replies(
+    smtp_server: DevSMTPServer,
+) -> None:
+    import asyncio
+
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={"gone@example.org": [reply("550 5.1.1 no such user")]}
+    )
+    transport = SMTPTransport(SMTPConfig("127.0.0.1", smtp_server.port, timeout=5))
+    envelope = Envelope("bounces@mail.example.com", ("gone@example.org", "here@example.org"))
+    message = b"Subject: hi\r\nMessage-ID: <partial@x>\r\n\r\nhello\r\n"
+
+    result = asyncio.run(transport.send(envelope, message))
+
+    assert result.refused == {"gone@example.org": (550, "5.1.1 no such user")}
+    [got] = smtp_server.messages
+    assert got.rcpt_tos == ("here@example.org",)
+
+
+def test_a_send_stuck_in_reserved_past_its_hold_gets_its_credit_back_fenced(
+    runtime: Runtime, smtp_server: DevSMTPServer, clock: Any
+) -> None:
+    send_id = one_send(runtime)
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [reply("451 4.3.0 later")]})
+    with pytest.raises(DeliveryDeferred):
+        delivery.deliver(runtime, send_id)  # reserved, credit held, then its task is lost
+    assert used(runtime) == 1
+
+    # Within the hold the sweeper leaves it alone.
+    clock.advance(timedelta(seconds=delivery.reservation_hold(runtime).total_seconds() - 1))
+    assert outbox.expire_reservations(runtime) == 0
+
+    # A worker picks it up at the last moment: it renews the hold, so a sweeper that read the
+    # old lease loses its compare-and-set and takes nothing from a send in progress.
+    with runtime.sessions() as session:
+        old_lease = session.scalar(select(Send.lease_until).where(Send.id == send_id))
+    assert old_lease is not None
+    clock.advance(timedelta(seconds=2))
+    assert delivery.deliver(runtime, send_id) is SendStatus.SENT
+    assert not delivery.expire_reservation(runtime, send_id, old_lease)
+    assert get_send(runtime, send_id).status == "sent" and used(runtime) == 1
+
+    # A second send whose task is gone for good: past the hold, the credit comes back and the
+    # step gets its terminal outcome.
+    other = submit_send(runtime, InlineQueue(), send_request(n=2)).send_id
+    smtp_server.handler.fault = FaultPlan(schedule=[reply("451 4.3.0 later")])
+    with pytest.raises(DeliveryDeferred):
+        delivery.deliver(runtime, other)
+    assert used(runtime) == 2
+    clock.advance(timedelta(seconds=delivery.reservation_hold(runtime).total_seconds() + 1))
+    assert outbox.expire_reservations(runtime) == 1
+    view = get_send(runtime, other)
+    assert (view.status, view.reason) == ("failed", "reservation_expired")
+    assert used(runtime) == 1
+    # A late redelivery of its task finds it settled and sends nothing.
+    assert delivery.deliver(runtime, other) is SendStatus.FAILED
+    assert len(smtp_server.messages) == 1
+
+
+def campaign_request(n: int) -> campaigns.CampaignRequest:
+    return campaigns.CampaignRequest(
+        user_id="agent-1",
+        provider="command_email",
+        subject="Open house, {{ first_name }}",
+        html="<p>Hi {{ first_name }}</p>",
+        recipients=[
+            campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
+            for i in range(n)
+        ],
+    )
+
+
+def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sweep(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer, clock: Any
+) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.helpers import wait_for
+    from workers.app import create_app
+    from workers.queue import CeleryTaskQueue
+
+    rt = make_runtime(smtp_rate_per_hour=1)  # the second send must wait about an hour
+    app = create_app(rt.settings, rt)
+    make_user(rt)
+    queue = CeleryTaskQueue(app)
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        first = submit_send(rt, queue, send_request()).send_id
+        wait_for(lambda: get_send(rt, first).status == "sent", what="first sent")
+        second = submit_send(rt, queue, send_request(n=2)).send_id
+
+        def parked() -> bool:
+            with rt.sessions() as session:
+                return session.scalar(select(Send.retry_at).where(Send.id == second)) is not None
+
+        wait_for(parked, what="second parked")
+        view = get_send(rt, second)
+        assert (view.status, view.attempts) == ("reserved", 0)  # credit held, not an attempt
+        with rt.sessions() as session:
+            due = session.scalar(select(Send.retry_at).where(Send.id == second))
+        assert due is not None
+        assert 3000 < (due - clock.now()).total_seconds() <= 3601
+        assert len(smtp_server.messages) == 1
+
+        # Beat's sweep leaves it until it is due, then hands it to the broker again.
+        inline = InlineQueue()
+        rt.queue = inline
+        outbox.sweep(rt)
+        assert second not in inline.enqueued
+        clock.advance(timedelta(seconds=3601))
+        outbox.sweep(rt)
+        assert second in inline.enqueued
+        with rt.sessions() as session:
+            assert session.scalar(select(Send.retry_at).where(Send.id == second)) is None
+    assert used(rt) == 2

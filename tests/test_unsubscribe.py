@@ -1,0 +1,171 @@
+"""Bulk-sender headers, one-click unsubscribe (RFC 8058) and the suppression list, end to end:
+HTTP API -> broker -> real Celery worker -> real SMTP server, then the recipient's POST."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from dispatcher import suppression, unsubscribe
+from dispatcher.clock import FrozenClock
+from dispatcher.devsmtp import DevSMTPServer, Received
+from dispatcher.runtime import Runtime
+from dispatcher.subscriptions import credits
+from tests.helpers import make_user, wait_for
+
+AUTH = {"Authorization": "Bearer test-token-123"}
+
+
+def campaign_body(contacts: range, name: str = "Open house") -> dict[str, Any]:
+    return {
+        "user_id": "agent-1",
+        "name": name,
+        "message": {"subject": "Open house, {{ first_name }}", "html": "<p>Hi</p>"},
+        "recipients": [
+            {"id": f"c{i}", "email": f"person{i}@example.org", "fields": {"first_name": f"P{i}"}}
+            for i in contacts
+        ],
+    }
+
+
+def run_campaign(api: Any, body: dict[str, Any]) -> dict[str, Any]:
+    r = api.post("/v1/campaigns", json=body)
+    assert r.status_code == 202, r.text
+    created: dict[str, Any] = r.json()
+
+    def done() -> bool:
+        return bool(api.get(f"/v1/campaigns/{created['id']}").json()["status"] == "completed")
+
+    wait_for(done, timeout=60, what="campaign completed")
+    return created
+
+
+def one_click_url(message: Received) -> str:
+    header = str(message.parsed()["List-Unsubscribe"])
+    match = re.search(r"<(https?://[^>]+/u/[^>]+)>", header)
+    assert match, header
+    return match[1]
+
+
+def test_campaign_mail_carries_the_bulk_sender_headers(
+    runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    make_user(runtime)
+    run_campaign(api_client, campaign_body(range(3)))
+
+    assert len(smtp_server.messages) == 3
+    tokens = set()
+    for m in smtp_server.messages:
+        msg = m.parsed()
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert re.fullmatch(r"<[0-9a-f-]{36}\.[0-9a-f]{12}\.mail\.example\.com>", msg["List-Id"])
+        header = str(msg["List-Unsubscribe"])
+        assert "<mailto:unsubscribe@mail.example.com?subject=unsubscribe%20" in header
+        url = one_click_url(m)
+        assert url.startswith("http://127.0.0.1:8000/u/")
+        token = url.rsplit("/", 1)[1]
+        # Opaque: the token names neither the agent, the contact nor the address.
+        for secret in ("agent-1", "person", "example.org", "c0", "c1", "c2"):
+            assert secret not in token
+        tokens.add(token)
+    assert len(tokens) == 3  # one per recipient
+
+
+def test_one_click_post_suppresses_the_contact_and_the_next_campaign_skips_it_uncharged(
+    runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    make_user(runtime)
+    run_campaign(api_client, campaign_body(range(5)))
+    assert credits(runtime, "agent-1").used == 5
+    [to_person2] = [m for m in smtp_server.messages if m.rcpt_tos == ("person2@example.org",)]
+    path = "/u/" + one_click_url(to_person2).rsplit("/u/", 1)[1]
+
+    # The mailbox provider's POST: no cookie, no bearer token, the RFC 8058 body.
+    r = api_client.post(
+        path,
+        content="List-Unsubscribe=One-Click",
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": ""},
+    )
+    assert r.status_code == 200, r.text
+    again = api_client.post(path, content="List-Unsubscribe=One-Click")
+    assert again.status_code == 200  # idempotent
+
+    listed = api_client.get("/v1/users/agent-1/suppressions").json()
+    assert [(s["email"], s["reason"], s["contact_id"]) for s in listed] == [
+        ("person2@example.org", "unsubscribe", "c2")
+    ]
+
+    smtp_server.handler.clear()
+    second = run_campaign(api_client, campaign_body(range(5), name="Second"))
+    assert second["recipients"] == 4
+    assert second["suppressed"] == [
+        {"contact_id": "c2", "email": "person2@example.org", "reason": "unsubscribe"}
+    ]
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == [
+        f"person{i}@example.org" for i in (0, 1, 3, 4)
+    ]
+    assert credits(runtime, "agent-1").used == 5 + 4  # the suppressed contact cost nothing
+
+
+def test_a_forged_or_tampered_token_is_refused_and_suppresses_nobody(
+    runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    make_user(runtime)
+    run_campaign(api_client, campaign_body(range(1)))
+    token = one_click_url(smtp_server.messages[0]).rsplit("/", 1)[1]
+    flipped = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    other_key = runtime.settings.with_overrides(unsubscribe_secret="another-secret-0123456789")
+    forged = unsubscribe.token_for(other_key, unsubscribe.send_id_of(runtime.settings, token))
+
+    for bad in (flipped, forged, "x" * 43, "not-a-token"):
+        r = api_client.post(f"/u/{bad}", content="List-Unsubscribe=One-Click")
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["field"] == "token"
+    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+
+
+def test_opening_the_link_does_not_unsubscribe(
+    runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    make_user(runtime)
+    run_campaign(api_client, campaign_body(range(1)))
+    path = "/u/" + one_click_url(smtp_server.messages[0]).rsplit("/u/", 1)[1]
+
+    page = api_client.get(path)
+    assert page.status_code == 200 and 'method="post"' in page.text
+    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+
+
+def test_manual_entries_expire_and_can_be_removed(
+    runtime: Runtime, api_client: Any, clock: FrozenClock
+) -> None:
+    make_user(runtime)
+    r = api_client.post(
+        "/v1/users/agent-1/suppressions",
+        json={"email": "Someone@Example.org", "expires_at": "2026-11-12T00:00:00Z"},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["email"] == "someone@example.org"
+    with runtime.sessions() as s:
+        now = runtime.clock.now()
+        assert suppression.reason_for(s, "agent-1", "SOMEONE@example.org", now) == "manual"
+    bad = api_client.post(
+        "/v1/users/agent-1/suppressions",
+        json={"email": "x@example.org", "expires_at": "2020-01-01T00:00:00Z"},
+    )
+    assert bad.status_code == 422 and bad.json()["field"] == "expires_at"
+    bad = api_client.post("/v1/users/agent-1/suppressions", json={"email": "nope"})
+    assert bad.status_code == 422 and bad.json()["field"] == "email"
+
+    clock.advance(timedelta(days=2))
+    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+
+    api_client.post("/v1/users/agent-1/suppressions", json={"email": "someone@example.org"})
+    assert (
+        api_client.delete("/v1/users/agent-1/suppressions/someone@example.org").status_code == 204
+    )
+    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+    assert (
+        api_client.delete("/v1/users/agent-1/suppressions/someone@example.org").status_code == 404
+    )
