@@ -74,7 +74,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         session.expunge_all()
 
     if send.status.terminal:
-        _publish(rt, send_id)  # a crash may have come between recording and publishing
+        publish_outcome(rt, send_id)  # a crash may have come between recording and publishing
         return send.status
     if send.status is SendStatus.SENDING:
         assert send.lease_until is not None
@@ -409,7 +409,7 @@ def _finish(
     if refund is not None:
         # After the commit: SQL no longer counts this key, so a rebuild agrees with the refund.
         rt.quota.refund(refund, send.idempotency_key)
-    _publish(rt, send.id)
+    publish_outcome(rt, send.id)
     return status
 
 
@@ -422,11 +422,11 @@ def _settled_elsewhere(rt: Runtime, send_id: str) -> SendStatus:
     if status is SendStatus.SENDING and lease_until is not None:
         raise SendBusy(send_id, max((lease_until - rt.clock.now()).total_seconds(), 0) + 1)
     if status.terminal:
-        _publish(rt, send_id)
+        publish_outcome(rt, send_id)
     return status
 
 
-def _publish(rt: Runtime, send_id: str) -> None:
+def publish_outcome(rt: Runtime, send_id: str) -> None:
     """Publish a SmartPlan send's terminal outcome once it is recorded (at least once)."""
     with rt.sessions() as session:
         send = session.get(Send, send_id)

@@ -152,6 +152,57 @@ def _unpark(rt: Runtime, send_ids: Iterable[str], campaign_ids: Iterable[str]) -
         )
 
 
+#: After Redis lost its data, SmartPlan outcomes finished this recently are published again
+#: (the stream, and any entries the engine had not read yet, went with it).
+REPUBLISH_WINDOW = timedelta(days=7)
+#: Outcomes are left to the worker that recorded them for this long before the sweep helps.
+PUBLISH_GRACE = timedelta(seconds=30)
+
+
+def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
+    """Publish SmartPlan step outcomes the stream may not hold: those recorded but never
+    published (a crash between the two), and, when Redis lost its data (its epoch marker is
+    gone), every outcome of the last :data:`REPUBLISH_WINDOW` again. Consumers dedupe on
+    ``send_id`` (delivery is at least once). Returns how many were published."""
+    from dispatcher.delivery import publish_outcome
+
+    now = rt.clock.now()
+    terminal = (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
+    epoch = f"{rt.settings.outcome_stream}:epoch"
+    if not rt.redis.exists(epoch):
+        with rt.sessions.begin() as session:
+            flagged = session.execute(
+                update(Send)
+                .where(
+                    Send.kind == SendKind.SMARTPLAN,
+                    Send.status.in_(terminal),
+                    Send.outcome_published.is_(True),
+                    Send.finished_at >= now - REPUBLISH_WINDOW,
+                )
+                .values(outcome_published=False)
+            )
+        # Set after flagging: should this process die in between, the next sweep flags again.
+        rt.redis.set(epoch, now.isoformat())
+        count = getattr(flagged, "rowcount", 0)
+        if count:
+            log.warning("the outcome stream was lost with Redis: republishing %d outcomes", count)
+    with rt.sessions() as session:
+        ids = session.scalars(
+            select(Send.id)
+            .where(
+                Send.kind == SendKind.SMARTPLAN,
+                Send.status.in_(terminal),
+                Send.outcome_published.is_(False),
+                Send.finished_at < now - PUBLISH_GRACE,
+            )
+            .order_by(Send.finished_at)
+            .limit(limit)
+        ).all()
+    for send_id in ids:
+        publish_outcome(rt, send_id)
+    return len(ids)
+
+
 def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
     """Give back the credits of SmartPlan sends stuck in ``reserved`` past their hold (see
     :func:`dispatcher.delivery.expire_reservation`, fenced on the lease); returns how many."""

@@ -148,6 +148,7 @@ def register(app: Celery) -> None:
             *outbox.sweep(rt),
             *outbox.recover_stale(rt),
             outbox.expire_reservations(rt),
+            outbox.republish_outcomes(rt),
             campaigns.expire_reserving(rt),
         ]
 
