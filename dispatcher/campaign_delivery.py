@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from email.utils import format_datetime
@@ -91,6 +92,9 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
         raise RenderError("the user has no platform or communications email to send from")
     # Command Email recipients count their own attempts; ``final_attempt`` is MailChimp's.
     deferred, held = asyncio.run(_run_chunk(rt, c, chunk, sender))
+    now_status = _status(rt, campaign_id)
+    if now_status is not CampaignStatus.RUNNING and now_status is not None:
+        return now_status  # paused or cancelled meanwhile: a resume enqueues what is left
     busy = _live_lease(rt, campaign_id, chunk)
     if busy is not None:
         raise SendBusy(item, busy)
@@ -119,8 +123,14 @@ async def _run_chunk(
     bulk = rt.transport.bulk()
     deferred = 0
     held: NotAttempted | None = None
+    # Stop claiming (and starting messages) well before the task's time limit, so a throttled
+    # relay never leaves claimed recipients behind a killed task; the rest goes on in a retry.
+    deadline = time.monotonic() + rt.settings.task_time_limit / 2
     try:
         while _status(rt, c.id) is CampaignStatus.RUNNING:
+            if time.monotonic() > deadline:
+                held = NotAttempted("chunk_yield", "the task's time is up; the chunk goes on", 0.0)
+                break
             now = rt.clock.now()
             claimed = _claim(rt, c.id, chunk, now, now + lease)
             if not claimed:
@@ -166,7 +176,8 @@ async def _run_chunk(
                 )
                 ready.append((row, rendered.subject, raw))
             results = await bulk.send_many(
-                [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready]
+                [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready],
+                deadline,
             )
             back_to_reserved: list[tuple[str, str, str]] = []
             not_attempted: list[str] = []
@@ -211,13 +222,14 @@ async def _run_chunk(
             settle(rt, c, outcomes, expect=(SendStatus.SENDING,))
             if not_attempted:
                 _unclaim(rt, not_attempted)
+            if back_to_reserved:
+                deferred += len(back_to_reserved)
+                _release(rt, back_to_reserved)
             policy = next((o for o in outcomes if o[2] == POLICY), None)
             if policy is not None:
                 _pause_for_policy(rt, c, policy[3] or "")
                 break
             if back_to_reserved:
-                deferred += len(back_to_reserved)
-                _release(rt, back_to_reserved)
                 break  # leave the rest of the chunk for the retry, after the backoff
             if held is not None:
                 break
@@ -305,10 +317,17 @@ def _pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
     now = rt.clock.now()
     note = f"paused: the relay refused a message on policy grounds ({detail})"
     with rt.sessions.begin() as session:
+        open_left = session.scalar(
+            select(func.count())
+            .select_from(Send)
+            .where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
+        )
         paused = session.execute(
             update(Campaign)
             .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
-            .values(status=CampaignStatus.PAUSED, detail=note, updated_at=now)
+            # Nothing left to hold back: the campaign completes; the alert is raised anyway.
+            .values(detail=note, updated_at=now)
+            .values(status=CampaignStatus.PAUSED if open_left else CampaignStatus.RUNNING)
         )
         if cast(CursorResult[Any], paused).rowcount == 1:
             alerts.record(

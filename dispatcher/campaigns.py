@@ -244,8 +244,16 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         reservation = rt.quota.reserve(grant, campaign_key(campaign_id), len(valid))
         if not reservation.granted:
             with rt.sessions.begin() as session:
-                session.execute(delete(Send).where(Send.campaign_id == campaign_id))
-                session.execute(delete(Campaign).where(Campaign.id == campaign_id))
+                # Leave nothing behind, unless the sweep already failed and settled it (this
+                # request took far too long): then its rows are history with timeline events.
+                still_ours = session.execute(
+                    update(Campaign)
+                    .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+                    .values(updated_at=now)
+                )
+                if cast(CursorResult[Any], still_ours).rowcount == 1:
+                    session.execute(delete(Send).where(Send.campaign_id == campaign_id))
+                    session.execute(delete(Campaign).where(Campaign.id == campaign_id))
             raise InsufficientCredits(len(valid), reservation.remaining, reservation.total)
         notices.after_reservation(rt, grant, reservation)
         with rt.sessions.begin() as session:
@@ -432,6 +440,11 @@ def resume(
         session.execute(update(Campaign).where(Campaign.id == campaign_id).values(enqueued_at=None))
     enqueue(rt, campaign_id, chunks, queue)
     log.info("campaign resumed id=%s chunks=%d", campaign_id, len(chunks))
+    if not chunks:
+        # Nothing was left open (paused after its last batch): it is done.
+        from dispatcher.campaign_delivery import complete_if_done
+
+        complete_if_done(rt, campaign_id)
     return view(rt, campaign_id)
 
 
@@ -481,13 +494,16 @@ def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaig
 RESERVING_GRACE = timedelta(minutes=10)
 
 
+NOT_STARTED = "campaign_not_started"
+
+
 def expire_reserving(rt: Runtime, limit: int = 100) -> int:
     """Fail campaigns whose creating request died between storing the recipients and starting
     (still ``reserving`` after :data:`RESERVING_GRACE`): their recipients fail as
     ``campaign_not_started`` and any credits reserved for them come back. Fenced: the request
-    starts the campaign only with a compare-and-set from ``reserving``, so exactly one wins."""
-    from dispatcher.campaign_delivery import settle
-
+    starts the campaign only with a compare-and-set from ``reserving``, so exactly one wins.
+    Failed campaigns that still have open recipients (this sweep died between the two steps)
+    are settled too. Returns how many campaigns were failed."""
     now = rt.clock.now()
     cutoff = now - RESERVING_GRACE
     with rt.sessions() as session:
@@ -510,44 +526,58 @@ def expire_reserving(rt: Runtime, limit: int = 100) -> int:
                     updated_at=now,
                 )
             )
-            if cast(CursorResult[Any], won).rowcount != 1:
-                continue
-            c = session.get(Campaign, campaign_id)
-            assert c is not None
-            session.expunge(c)
-            ids = list(
-                session.scalars(
-                    select(Send.id).where(
-                        Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES)
-                    )
-                ).all()
+        if cast(CursorResult[Any], won).rowcount == 1:
+            failed += 1
+    with rt.sessions() as session:
+        unsettled = session.scalars(
+            select(Campaign)
+            .where(
+                Campaign.status == CampaignStatus.FAILED,
+                Campaign.provider == Provider.COMMAND_EMAIL,
+                select(Send.id)
+                .where(Send.campaign_id == Campaign.id, Send.status.in_(OPEN_STATUSES))
+                .exists(),
             )
-        settle(
-            rt,
-            c,
-            [
-                (
-                    i,
-                    SendStatus.FAILED,
-                    "campaign_not_started",
-                    "the campaign could not be started; nothing was sent",
-                    None,
-                    True,
-                )
-                for i in ids
-            ],
-            expect=OPEN_STATUSES,
-        )
-        failed += 1
-        log.warning(
-            "campaign %s never started: failed, %d recipients settled", campaign_id, len(ids)
-        )
+            .limit(limit)
+        ).all()
+        session.expunge_all()
+    for c in unsettled:
+        _settle_not_started(rt, c)
     return failed
 
 
-def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:
-    """Chunks of a campaign that still have recipients to send."""
+def _settle_not_started(rt: Runtime, c: Campaign) -> None:
+    from dispatcher.campaign_delivery import settle
+
     with rt.sessions() as session:
+        ids = list(
+            session.scalars(
+                select(Send.id).where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
+            ).all()
+        )
+    detail = "the campaign could not be started; nothing was sent"
+    settle(
+        rt,
+        c,
+        [(i, SendStatus.FAILED, NOT_STARTED, detail, None, True) for i in ids],
+        expect=OPEN_STATUSES,
+    )
+    log.warning("campaign %s never started: failed, %d recipients settled", c.id, len(ids))
+
+
+def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:
+    """The work items of a campaign still to do: its chunks with recipients left to send, or
+    for a MailChimp campaign its one job (MailChimp sends it whole; enqueueing it once per
+    chunk would run the whole campaign that many times)."""
+    with rt.sessions() as session:
+        provider = session.scalar(select(Campaign.provider).where(Campaign.id == campaign_id))
+        if provider is Provider.MAILCHIMP:
+            has_open = session.scalar(
+                select(Send.id)
+                .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+                .limit(1)
+            )
+            return [0] if has_open is not None else []
         found = session.scalars(
             select(Send.chunk)
             .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))

@@ -330,7 +330,10 @@ def expire_reservation(rt: Runtime, send_id: str, lease_seen: datetime) -> bool:
         lease_seen=lease_seen,
         quiet=True,
     )
-    return status is SendStatus.FAILED
+    if status is not SendStatus.FAILED:
+        return False
+    with rt.sessions() as session:  # failed by this sweep, not for another reason
+        return session.scalar(select(Send.reason).where(Send.id == send_id)) == RESERVATION_EXPIRED
 
 
 def _move(

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from dispatcher import suppression
 from dispatcher.campaign_delivery import Outcome, complete_if_done, settle
 from dispatcher.errors import RenderError
 from dispatcher.mailchimp import (
@@ -52,6 +53,30 @@ def deliver_mailchimp(
                 Send.campaign_id == c.id, Send.status == SendStatus.QUEUED
             )
         ).all()
+    with rt.sessions() as session:
+        # Unsubscribed or bounced since the campaign was created: never synced or sent.
+        blocked = suppression.active(
+            session, c.user_id, (r.contact_email for r in rows), rt.clock.now()
+        )
+    if blocked:
+        skipped = [r for r in rows if suppression.normalize(r.contact_email) in blocked]
+        settle(
+            rt,
+            c,
+            [
+                (
+                    r.id,
+                    SendStatus.FAILED,
+                    suppression.SUPPRESSED,
+                    "the address is on the agent's suppression list; not sent",
+                    None,
+                    False,
+                )
+                for r in skipped
+            ],
+            expect=(SendStatus.QUEUED,),
+        )
+        rows = [r for r in rows if suppression.normalize(r.contact_email) not in blocked]
     if not rows:
         return complete_if_done(rt, c.id)
     if not (user.mailchimp_api_key and user.mailchimp_list_id):

@@ -181,6 +181,9 @@ class Send(Base):
     __table_args__ = (
         Index("ix_sends_user_period_status", "user_id", "period", "status"),
         Index("ix_sends_campaign_chunk_status", "campaign_id", "chunk", "status"),
+        # The beat's sweeps: stuck reservations, and outcomes still to publish.
+        Index("ix_sends_kind_status_lease", "kind", "status", "lease_until"),
+        Index("ix_sends_published_finished", "outcome_published", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

@@ -91,6 +91,7 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
             log.warning("outbox sweep could not enqueue send %s: %s", send_id, exc)
             break
         sends += 1
+    send_ids = send_ids[:sends]  # only those the broker took are unparked
     enqueue_system_emails(rt, email_ids)
     for campaign_id in campaign_ids:
         enqueue_campaign(rt, campaign_id, open_chunks(rt, campaign_id))
@@ -195,7 +196,7 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
                 Send.outcome_published.is_(False),
                 Send.finished_at < now - PUBLISH_GRACE,
             )
-            .order_by(Send.finished_at)
+            .order_by(Send.finished_at.desc())  # the newest are the likeliest unread
             .limit(limit)
         ).all()
     for send_id in ids:
@@ -204,8 +205,10 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
 
 
 def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
-    """Give back the credits of SmartPlan sends stuck in ``reserved`` past their hold (see
-    :func:`dispatcher.delivery.expire_reservation`, fenced on the lease); returns how many."""
+    """Give back the credits of SmartPlan sends stuck in ``reserved`` past their hold, that
+    even the stale-work sweep's new task did not move (see
+    :func:`dispatcher.delivery.expire_reservation`, fenced on the lease); returns how many.
+    Run it before :func:`recover_stale` in a sweep."""
     from dispatcher.delivery import expire_reservation
 
     now = rt.clock.now()
@@ -216,6 +219,11 @@ def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
                 Send.kind == SendKind.SMARTPLAN,
                 Send.status == SendStatus.RESERVED,
                 Send.lease_until < now,
+                # Only once :func:`recover_stale` enqueued it again after the last worker
+                # touched it, and no worker took that task for a whole stale period: a send
+                # that is merely late (a backlog, beat down for a while) is left alone.
+                Send.enqueued_at > Send.updated_at,
+                Send.enqueued_at < now - stale_after(rt),
             )
             .limit(limit)
         ).all()
@@ -264,6 +272,8 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
                     Send.kind == SendKind.SMARTPLAN,
                     Send.status.in_(OPEN_STATUSES),
                     Send.updated_at < cutoff,
+                    # Once per stale period, not every sweep.
+                    or_(Send.enqueued_at.is_(None), Send.enqueued_at < cutoff),
                     or_(Send.retry_at.is_(None), Send.retry_at <= rt.clock.now()),
                 )
                 .limit(limit)
@@ -297,6 +307,10 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     try:
         for send_id in send_ids:
             rt.queue.enqueue_send(send_id)
+            with rt.sessions.begin() as session:
+                session.execute(
+                    update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now())
+                )
         for email_id in email_ids:
             rt.queue.enqueue_system_email(email_id)
         for campaign_id in campaign_ids:

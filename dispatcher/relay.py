@@ -78,7 +78,11 @@ class RelayGuard:
             log.error(
                 "sending halted on relay %s for %ds: %s", self.relay, self._halt_seconds, detail
             )
-            self._on_halt(detail)
+            try:
+                self._on_halt(detail)
+            except Exception:
+                # The halt is in force either way; only the alert could not be written.
+                log.exception("the alert for the halt of relay %s was not recorded", self.relay)
         return NotAttempted("relay_halted", f"sending is halted: {detail}", self._halt_seconds)
 
     def resume(self) -> bool:

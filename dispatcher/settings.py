@@ -152,6 +152,12 @@ class Settings:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
         if not self.public_base_url.startswith(("https://", "http://")):
             raise ConfigError("PUBLIC_BASE_URL", "must start with https:// (or http:// locally)")
+        if self.unsubscribe_secret is None and self.public_base_url.startswith("https://"):
+            raise ConfigError(
+                "UNSUBSCRIBE_SECRET",
+                "must be set when PUBLIC_BASE_URL is a public https:// address (the development "
+                "key is in the source, so anyone could unsubscribe anyone)",
+            )
         if self.unsubscribe_secret is not None and len(self.unsubscribe_secret) < 16:
             raise ConfigError("UNSUBSCRIBE_SECRET", "must be at least 16 characters")
         if self.unsubscribe_mailto is not None and "@" not in self.unsubscribe_mailto:

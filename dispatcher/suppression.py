@@ -11,8 +11,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy import ColumnElement, case, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -70,8 +71,8 @@ def add(
 ) -> None:
     """Suppress ``email`` for ``user_id`` in the caller's transaction (insert or update).
 
-    A later entry replaces an earlier one's reason and expiry, except that an entry without
-    expiry (a hard bounce, an unsubscribe) is never shortened by one with an expiry.
+    A later entry replaces an earlier one (reason, detail, expiry), except that an entry
+    without expiry (a hard bounce, an unsubscribe) is never replaced by one with an expiry.
     """
     values = {
         "user_id": user_id,
@@ -85,17 +86,25 @@ def add(
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(Suppression).values(**values)
-    excluded = stmt.excluded
-    update_values: dict[str, object] = {
-        "reason": excluded.reason,
-        "detail": excluded.detail,
-        "contact_id": excluded.contact_id,
-        "created_at": excluded.created_at,
-    }
-    if expires_at is None:
-        update_values["expires_at"] = None
+    new, old = stmt.excluded, Suppression.__table__.c
+    # An entry without expiry is never replaced by one with an expiry; otherwise the newer
+    # entry wins (an expiry can be extended or renewed).
+    keep_old = old.expires_at.is_(None) & new.expires_at.is_not(None)
+
+    def pick(column: str) -> Any:
+        return case((keep_old, old[column]), else_=new[column])
+
     session.execute(
-        stmt.on_conflict_do_update(index_elements=["user_id", "email"], set_=update_values)
+        stmt.on_conflict_do_update(
+            index_elements=["user_id", "email"],
+            set_={
+                "reason": pick("reason"),
+                "detail": pick("detail"),
+                "expires_at": pick("expires_at"),
+                "created_at": pick("created_at"),
+                "contact_id": func.coalesce(new.contact_id, old.contact_id),
+            },
+        )
     )
 
 

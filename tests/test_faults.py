@@ -7,6 +7,7 @@ suppressed and what happened to the credit.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -129,19 +130,66 @@ def test_554_policy_refusal_in_a_campaign_pauses_it_and_alerts(
     smtp_server.handler.fault = FaultPlan(
         schedule=[None] * 3 + [reply("554 5.7.1 refused for policy reasons", stage="data")]
     )
-    view, _ = campaigns.create(rt, campaign_request(10))
+    view, _ = campaigns.create(rt, campaign_request(120))  # chunks of 50
     assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
 
     after = campaigns.view(rt, view.id)
     assert after.status == "paused" and "policy" in (after.detail or "")
     assert after.failed_by_reason == {"policy_rejected": 1}
     sent = after.counts["sent"]
-    assert len(smtp_server.messages) == sent
-    assert after.counts["reserved"] == 10 - sent - 1  # the rest waits for a resume
+    assert len(smtp_server.messages) == sent == 49  # the rest of the batch went on
+    assert after.counts["reserved"] == 70  # the other chunks wait for a resume
     assert suppressed(rt, "person3@example.org") is None
-    assert used(rt) == 9  # the refused one's credit is back
+    assert used(rt) == 119  # the refused one's credit is back
     [alert] = alerts.recent(rt)
     assert (alert.kind, alert.campaign_id) == ("policy_rejected", view.id)
+    # A chunk task still in the queue sends nothing while paused.
+    assert deliver_chunk(rt, f"{view.id}:1") is CampaignStatus.PAUSED
+    assert len(smtp_server.messages) == 49
+
+
+def test_a_policy_refusal_in_the_last_batch_still_completes_the_campaign(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(campaign_chunk_size=50, smtp_pool_size=1)
+    make_user(rt)
+    smtp_server.handler.fault = FaultPlan(
+        schedule=[None, None, reply("554 5.7.1 refused for policy reasons", stage="data")]
+    )
+    view, _ = campaigns.create(rt, campaign_request(10))
+    assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.COMPLETED
+    after = campaigns.view(rt, view.id)
+    assert (after.counts["sent"], after.failed_by_reason) == (9, {"policy_rejected": 1})
+    [alert] = alerts.recent(rt)
+    assert alert.kind == "policy_rejected"
+
+
+def test_recipients_deferred_beside_a_policy_refusal_are_kept_for_the_resume(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(campaign_chunk_size=50, smtp_pool_size=1)
+    make_user(rt)
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={
+            "person1@example.org": [reply("451 4.3.0 later")],
+            "person2@example.org": [reply("554 5.7.1 policy", stage="data")],
+        }
+    )
+    view, _ = campaigns.create(rt, campaign_request(60))
+    assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
+    after = campaigns.view(rt, view.id)
+    assert after.counts["sending"] == 0  # nobody left behind a lease
+    campaigns.resume(rt, view.id, queue=InlineQueue())
+    for chunk in (0, 1):
+        deliver_chunk(rt, f"{view.id}:{chunk}")
+    done = campaigns.view(rt, view.id)
+    assert (done.status, done.counts["sent"], done.failed_by_reason) == (
+        "completed",
+        59,
+        {"policy_rejected": 1},
+    )
+    got = Counter(m.rcpt_tos[0] for m in smtp_server.messages)
+    assert got["person1@example.org"] == 1 and max(got.values()) == 1
 
 
 def test_connection_dropped_after_data_is_unknown_keeps_the_credit_and_is_never_resent(
@@ -277,7 +325,14 @@ def test_a_send_stuck_in_reserved_past_its_hold_gets_its_credit_back_fenced(
     with pytest.raises(DeliveryDeferred):
         delivery.deliver(runtime, other)
     assert used(runtime) == 2
+    # Past the hold but never enqueued again since: it may only be late, so it is left alone;
+    # the stale-work sweep enqueues it again instead.
+    runtime.queue = InlineQueue()
     clock.advance(timedelta(seconds=delivery.reservation_hold(runtime).total_seconds() + 1))
+    assert outbox.expire_reservations(runtime) == 0
+    assert outbox.recover_stale(runtime)[0] == 1
+    # That task too was lost: a whole stale period later, the credit comes back.
+    clock.advance(outbox.stale_after(runtime) + timedelta(seconds=1))
     assert outbox.expire_reservations(runtime) == 1
     view = get_send(runtime, other)
     assert (view.status, view.reason) == ("failed", "reservation_expired")
@@ -342,3 +397,74 @@ def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sw
         with rt.sessions() as session:
             assert session.scalar(select(Send.retry_at).where(Send.id == second)) is None
     assert used(rt) == 2
+
+
+def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    import redis as redis_lib
+
+    from dispatcher.ratelimit import RateLimit
+    from dispatcher.relay import RelayGuard
+    from tests.conftest import free_port
+
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # Nothing listens there: every call to the guard fails at once.
+    dead = redis_lib.Redis(
+        port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    guard = RelayGuard(
+        dead, "test", limit=RateLimit(per_second=10), halt_seconds=60, on_halt=lambda _d: None
+    )
+    transport = SMTPTransport(
+        SMTPConfig("127.0.0.1", smtp_server.port, timeout=5), pool_size=2, guard=guard
+    )
+    rt = make_runtime(transport=transport)
+    send_id = one_send(rt)
+
+    with pytest.raises(NotAttempted) as held:
+        delivery.deliver(rt, send_id)
+    assert held.value.reason == "guard_unavailable"
+    view = get_send(rt, send_id)
+    assert (view.status, view.attempts) == ("reserved", 0)  # not sending, not unknown
+    assert smtp_server.messages == [] and events(rt) == []
+
+    rt2 = make_runtime(campaign_chunk_size=50, transport=transport)
+    view2, _ = campaigns.create(rt2, campaign_request(5))
+    with pytest.raises(NotAttempted):
+        deliver_chunk(rt2, f"{view2.id}:0")
+    after = campaigns.view(rt2, view2.id)
+    assert after.counts["reserved"] == 5 and after.counts["unknown"] == 0
+    assert smtp_server.messages == []
+
+
+def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(
+        campaign_chunk_size=50,
+        smtp_pool_size=4,
+        smtp_rate_per_second=10,
+        task_time_limit=2,  # the chunk stops starting messages after 1 s
+        send_lease_seconds=5,
+    )
+    make_user(rt)
+    view, _ = campaigns.create(rt, campaign_request(50))
+    with pytest.raises(NotAttempted) as held:
+        deliver_chunk(rt, f"{view.id}:0")
+    assert held.value.reason == "chunk_yield"
+    after = campaigns.view(rt, view.id)
+    sent = after.counts["sent"]
+    assert 5 <= sent <= 25, sent  # about one second's worth at 10/s
+    assert after.counts["reserved"] == 50 - sent  # the rest waits for the retry, unattempted
+    assert after.counts["sending"] == after.counts["unknown"] == 0
+    with rt.sessions() as session:
+        attempts = session.scalars(
+            select(Send.attempts).where(
+                Send.campaign_id == view.id, Send.status == SendStatus.RESERVED
+            )
+        ).all()
+    assert set(attempts) == {0}
+    assert len(smtp_server.messages) == sent

@@ -42,6 +42,13 @@ def test_defaults_and_parsing() -> None:
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
         ({"VISIBILITY_TIMEOUT": "100"}, "RETRY_BACKOFF_MAX_SECONDS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"SMTP_RATE_PER_SECOND": "0"}, "SMTP_RATE_PER_SECOND"),
+        ({"SMTP_RATE_PER_HOUR": "lots"}, "SMTP_RATE_PER_HOUR"),
+        ({"PUBLIC_BASE_URL": "example.com"}, "PUBLIC_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "https://mail.example.com"}, "UNSUBSCRIBE_SECRET"),
+        ({"UNSUBSCRIBE_SECRET": "short"}, "UNSUBSCRIBE_SECRET"),
+        ({"UNSUBSCRIBE_MAILTO": "nobody"}, "UNSUBSCRIBE_MAILTO"),
+        ({"RELAY_HALT_SECONDS": "0"}, "RELAY_HALT_SECONDS"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -169,3 +169,33 @@ def test_manual_entries_expire_and_can_be_removed(
     assert (
         api_client.delete("/v1/users/agent-1/suppressions/someone@example.org").status_code == 404
     )
+
+
+def test_an_expired_entry_can_be_renewed_and_a_permanent_one_is_never_shortened(
+    runtime: Runtime, api_client: Any, clock: FrozenClock
+) -> None:
+    make_user(runtime)
+    url = "/v1/users/agent-1/suppressions"
+    api_client.post(url, json={"email": "a@example.org", "expires_at": "2026-11-11T00:00:00Z"})
+    clock.advance(timedelta(days=2))  # expired
+    renewed = api_client.post(
+        url, json={"email": "a@example.org", "expires_at": "2026-12-31T00:00:00Z"}
+    )
+    assert renewed.status_code == 201
+    assert renewed.json()["expires_at"].startswith("2026-12-31")
+    assert [s["email"] for s in api_client.get(url).json()] == ["a@example.org"]
+
+    with runtime.sessions.begin() as session:
+        suppression.add(
+            session,
+            "agent-1",
+            "b@example.org",
+            suppression.SuppressionReason.UNSUBSCRIBE,
+            clock.now(),
+            contact_id="c-b",
+        )
+    later = api_client.post(
+        url, json={"email": "b@example.org", "expires_at": "2026-12-01T00:00:00Z"}
+    )
+    kept = later.json()
+    assert (kept["reason"], kept["expires_at"], kept["contact_id"]) == ("unsubscribe", None, "c-b")

@@ -146,8 +146,8 @@ def register(app: Celery) -> None:
         rt = runtime_of(self.app)
         return [
             *outbox.sweep(rt),
+            outbox.expire_reservations(rt),  # before recover_stale: see its docstring
             *outbox.recover_stale(rt),
-            outbox.expire_reservations(rt),
             outbox.republish_outcomes(rt),
             campaigns.expire_reserving(rt),
         ]

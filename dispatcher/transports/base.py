@@ -37,10 +37,11 @@ class Transport(Protocol):
 
 class BulkSender(Protocol):
     """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
-    delivery error, returned, not raised."""
+    delivery error, returned, not raised. Items not started by ``deadline`` (a
+    ``time.monotonic()`` reading) come back as :class:`NotAttempted`."""
 
     async def send_many(
-        self, items: Sequence[tuple[Envelope, bytes]]
+        self, items: Sequence[tuple[Envelope, bytes]], deadline: float | None = None
     ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted]: ...
 
     async def close(self) -> None: ...

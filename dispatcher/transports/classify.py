@@ -22,12 +22,21 @@ def enhanced_code(message: str) -> tuple[int, int, int] | None:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
-def classify(code: int, message: str, stage: str) -> DeliveryDeferred | DeliveryRejected:
-    """The delivery error for a refusal ``code``/``message`` met at ``stage``.
+#: X.1.Y details that are about the recipient's address (RFC 3463): bad mailbox (1), bad
+#: system (2), bad syntax (3), moved (6), no such domain (10), other (0). 5.1.7 and 5.1.8 are
+#: about the sender and never suppress a recipient.
+ADDRESS_DETAILS = frozenset({0, 1, 2, 3, 6, 10})
 
-    4xx (421 included) is deferred; 550-553 and 5.1.x are hard bounces; 554 and 5.7.x are
-    policy refusals; any other 5xx is a plain permanent refusal. An enhanced code of class 4
-    defers even under a 5xx reply.
+
+def classify(code: int, message: str, stage: str) -> DeliveryDeferred | DeliveryRejected:
+    """The delivery error for a refusal ``code``/``message`` met at ``stage`` ("mail", "rcpt"
+    or "data").
+
+    4xx (421 included), or an enhanced code of class 4 even under a 5xx, is deferred. 5.7.x is
+    a policy refusal, as is a bare 554. A hard bounce (the address does not exist, so it is
+    suppressed) must be about the recipient: an enhanced 5.1.x address code, or a bare 550-553
+    in answer to RCPT. A refusal of MAIL FROM is about our sender, and a bare 550-553 after
+    DATA is about the message: both are plain permanent refusals.
     """
     detail = f"{code} {message} (at {stage})"
     enhanced = enhanced_code(message)
@@ -35,8 +44,13 @@ def classify(code: int, message: str, stage: str) -> DeliveryDeferred | Delivery
         return DeliveryDeferred(DEFERRED, detail, code)
     if enhanced is not None and enhanced[1] == 7:
         return DeliveryRejected(POLICY, detail, code)
-    if (enhanced is not None and enhanced[1] == 1) or 550 <= code <= 553:
-        return DeliveryRejected(HARD_BOUNCE, detail, code)
+    if stage == "mail":
+        return DeliveryRejected(REJECTED, detail, code)
+    if enhanced is not None and enhanced[1] == 1:
+        reason = HARD_BOUNCE if enhanced[2] in ADDRESS_DETAILS else REJECTED
+        return DeliveryRejected(reason, detail, code)
     if code == 554:
         return DeliveryRejected(POLICY, detail, code)
+    if enhanced is None and 550 <= code <= 553 and stage == "rcpt":
+        return DeliveryRejected(HARD_BOUNCE, detail, code)
     return DeliveryRejected(REJECTED, detail, code)

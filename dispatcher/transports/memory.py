@@ -37,7 +37,7 @@ class MemoryTransport:
         return None
 
     async def send_many(
-        self, items: Sequence[tuple[Envelope, bytes]]
+        self, items: Sequence[tuple[Envelope, bytes]], deadline: float | None = None
     ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]:
         out: list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown] = []
         for envelope, message in items:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
+from redis.exceptions import RedisError
 
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.message import Envelope
@@ -29,6 +31,10 @@ class SMTPConfig:
 
 
 Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
+
+#: Seconds before a message held back because the relay guard (Redis) could not be asked is
+#: tried again.
+GUARD_RETRY = 5.0
 
 #: Replies to AUTH that mean our credentials (or the relay's account) are refused.
 AUTH_REFUSED = (530, 534, 535, 538)
@@ -80,7 +86,11 @@ class SMTPTransport:
                 if exc.code in AUTH_REFUSED and self.guard is not None:
                     # Our credentials are refused: every message would fail the same way.
                     # Stop all workers on this relay and alert, instead of burning retries.
-                    raise self.guard.halt(f"the relay refused our credentials: {detail}") from None
+                    try:
+                        halted = self.guard.halt(f"the relay refused our credentials: {detail}")
+                    except RedisError as err:
+                        raise _unavailable(err) from None
+                    raise halted from None
                 raise DeliveryDeferred("smtp_login_refused", detail, exc.code) from None
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 client.close()
@@ -91,13 +101,19 @@ class SMTPTransport:
         """Send one message on its own connection; raises the delivery errors, or
         :class:`NotAttempted` when the relay's guard held it back."""
         if self.guard is not None:
-            self.guard.check()
+            try:
+                self.guard.check()
+            except RedisError as exc:
+                raise _unavailable(exc) from None
         client = await self._connect()
         try:
             if self.guard is not None:
                 # Admitted once connected: MAIL follows at once, so the relay sees the
                 # message within the limiter's margin of its admission.
-                await self.guard.admit()
+                try:
+                    await self.guard.admit()
+                except RedisError as exc:
+                    raise _unavailable(exc) from None
             return await _converse(client, envelope, message)
         finally:
             await _quit(client)
@@ -114,9 +130,12 @@ class SMTPBulk:
         self._transport = transport
         self._clients: list[aiosmtplib.SMTP | None] = [None] * transport.pool_size
 
-    async def send_many(self, items: Sequence[tuple[Envelope, bytes]]) -> list[Outcome]:
+    async def send_many(
+        self, items: Sequence[tuple[Envelope, bytes]], deadline: float | None = None
+    ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
-        (delivery errors are returned, not raised)."""
+        (delivery errors are returned, not raised). Items not started by ``deadline`` (a
+        ``time.monotonic()`` reading) are returned as :class:`NotAttempted`."""
         results: list[Outcome | None] = [None] * len(items)
         pending = iter(range(len(items)))
         guard = self._transport.guard
@@ -126,13 +145,17 @@ class SMTPBulk:
                 guard.check()
             except NotAttempted as exc:
                 held = exc
+            except RedisError as exc:
+                held = _unavailable(exc)
 
         async def lane(slot: int) -> None:
             nonlocal held
             client = self._clients[slot]
             for i in pending:
+                if held is None and deadline is not None and time.monotonic() > deadline:
+                    held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
                 if held is not None:
-                    results[i] = held  # the relay is halted or rate-limited: not attempted
+                    results[i] = held  # halted, rate-limited or out of time: not attempted
                     continue
                 envelope, message = items[i]
                 try:
@@ -145,6 +168,10 @@ class SMTPBulk:
                 except NotAttempted as exc:
                     held = exc
                     results[i] = exc
+                except RedisError as exc:
+                    # The guard could not be asked: hold this and the rest back (not an attempt).
+                    held = _unavailable(exc)
+                    results[i] = held
                 except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
                     results[i] = exc
                     client = await _reset(client)
@@ -173,6 +200,11 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
     refused: dict[str, tuple[int, str]] = {}
     try:
         await client.mail(envelope.mail_from)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _classify(exc, "mail") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+    try:
         for rcpt in envelope.recipients:
             try:
                 reply = await client.rcpt(rcpt)
@@ -183,9 +215,9 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
                 refused[rcpt] = (reply.code, reply.message)
         if len(refused) == len(envelope.recipients):
             code, text = refused[envelope.recipients[0]]
-            raise classify(code, text, "envelope")
+            raise classify(code, text, "rcpt")
     except aiosmtplib.SMTPResponseException as exc:
-        raise _classify(exc, "envelope") from None
+        raise _classify(exc, "rcpt") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryDeferred("connection_lost", _describe(exc)) from None
     try:
@@ -218,6 +250,12 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         log.debug("QUIT failed after the messages were handled: %s", _describe(exc))
         client.close()
+
+
+def _unavailable(exc: RedisError) -> NotAttempted:
+    return NotAttempted(
+        "guard_unavailable", f"the relay guard could not be asked: {_describe(exc)}", GUARD_RETRY
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -80,10 +80,18 @@ def upgrade() -> None:
             sa.Column("retry_at", dispatcher.models.UTCDateTime(timezone=True), nullable=True)
         )
         batch_op.create_index(batch_op.f("ix_sends_retry_at"), ["retry_at"], unique=False)
+        batch_op.create_index(
+            "ix_sends_kind_status_lease", ["kind", "status", "lease_until"], unique=False
+        )
+        batch_op.create_index(
+            "ix_sends_published_finished", ["outcome_published", "finished_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("sends", schema=None) as batch_op:
+        batch_op.drop_index("ix_sends_published_finished")
+        batch_op.drop_index("ix_sends_kind_status_lease")
         batch_op.drop_index(batch_op.f("ix_sends_retry_at"))
         batch_op.drop_column("retry_at")
 
