@@ -403,13 +403,12 @@ def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
     make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
 ) -> None:
     import redis as redis_lib
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from dispatcher.ratelimit import RateLimit
     from dispatcher.relay import RelayGuard
     from tests.conftest import free_port
-
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     # Nothing listens there: every call to the guard fails at once.
     dead = redis_lib.Redis(
