@@ -19,6 +19,7 @@ from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
     DeliveryUnknown,
+    NotAttempted,
     NotFound,
     SendBusy,
 )
@@ -137,6 +138,17 @@ def deliver(rt: Runtime, email_id: str, *, final_attempt: bool = False) -> SendS
     envelope = Envelope(rt.settings.mail_from_address, (email.to_address,))
     try:
         delivery = asyncio.run(rt.transport.send(envelope, message))
+    except NotAttempted:
+        # Held back by the relay's guard (halted, rate-limited): not an attempt.
+        _cas(
+            rt,
+            email_id,
+            SendStatus.SENDING,
+            status=SendStatus.QUEUED,
+            lease_until=None,
+            attempts=SystemEmail.attempts - 1,
+        )
+        raise
     except DeliveryDeferred as exc:
         if final_attempt or email.attempts + 1 > rt.settings.send_max_retries:
             return _finish(rt, email_id, SendStatus.FAILED, "retries_exhausted", exc.detail)

@@ -467,3 +467,27 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
         ).all()
     assert set(attempts) == {0}
     assert len(smtp_server.messages) == sent
+
+
+def test_a_system_email_held_back_by_a_halted_relay_is_queued_not_lost(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    from dispatcher import system_mail
+    from dispatcher.models import SystemEmail
+    from dispatcher.subscriptions import change
+
+    make_user(runtime)
+    change(runtime, "agent-1", "upgrade", "10k")  # a receipt to send
+    with runtime.sessions() as session:
+        [email] = session.scalars(select(SystemEmail)).all()
+    runtime.relay.halt("535 5.7.8 authentication failed (at login)")
+
+    with pytest.raises(NotAttempted):
+        system_mail.deliver(runtime, email.id)
+    with runtime.sessions() as session:
+        row = session.get(SystemEmail, email.id)
+        assert row is not None and (row.status, row.attempts) == (SendStatus.QUEUED, 0)
+
+    runtime.relay.resume()
+    assert system_mail.deliver(runtime, email.id) is SendStatus.SENT
+    assert len(smtp_server.messages) == 1
