@@ -39,7 +39,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # A task's message becomes visible again only after every time limit has passed.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Workers look for the messages of dead workers every interval x throttle seconds
+            # (10 x 10 by default): without these a task comes back some 100 s after its worker
+            # died, however short the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        },
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
         # Outcomes live in SQL and on the step-outcome stream, never in a result backend.
