@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from itertools import groupby
@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, insert, select, update
 
-from dispatcher import alerts, suppression
+from dispatcher import alerts, keys, suppression
 from dispatcher.campaigns import OPEN_STATUSES, campaign_key, grant_of
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 #: Recipients claimed per round trip; a pause takes effect within one batch.
 BATCH = 200
+
+#: Member of a chunk's start-mark set written before any recipient is claimed.
+OPEN_MARK = "-"
+#: How long start marks outlive a lease (seconds).
+STARTED_TTL = 86_400
 
 _KIND = {
     SendStatus.SENT: TimelineKind.EMAIL_SENT,
@@ -87,6 +92,7 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     if c.status is not CampaignStatus.RUNNING:
         return c.status
     _settle_lost(rt, c, chunk)
+    _refund_failed(rt, c, chunk)
     sender = user.sender_address
     if sender is None:
         raise RenderError("the user has no platform or communications email to send from")
@@ -126,6 +132,13 @@ async def _run_chunk(
     # Stop claiming (and starting messages) well before the task's time limit, so a throttled
     # relay never leaves claimed recipients behind a killed task; the rest goes on in a retry.
     deadline = time.monotonic() + rt.settings.task_time_limit / 2
+    # Before anything is claimed: the marker that says this chunk's start marks are complete
+    # (should Redis lose them, the marker goes too, and lost recipients count as started).
+    started = keys.chunk_started(c.id, chunk)
+    pipe = rt.redis.pipeline(transaction=False)
+    pipe.sadd(started, OPEN_MARK)
+    pipe.expire(started, rt.settings.send_lease_seconds + STARTED_TTL)
+    pipe.execute()
     try:
         while _status(rt, c.id) is CampaignStatus.RUNNING:
             if time.monotonic() > deadline:
@@ -175,9 +188,16 @@ async def _run_chunk(
                     list_unsubscribe=headers.list_unsubscribe(row.id),
                 )
                 ready.append((row, rendered.subject, raw))
+
+            def mark(i: int, batch: list[tuple[Any, str, bytes]] = ready) -> None:
+                # Before the conversation: a worker dying after this leaves the recipient
+                # ``unknown``; one dying before it leaves it to be sent again.
+                rt.redis.sadd(started, batch[i][0].id)
+
             results = await bulk.send_many(
                 [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready],
                 deadline,
+                mark,
             )
             back_to_reserved: list[tuple[str, str, str]] = []
             not_attempted: list[str] = []
@@ -343,35 +363,100 @@ def _pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
 
 
 def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
-    """Recipients whose lease ran out mid-conversation (their worker died) are ``unknown``:
-    the server may have the message, so it is never resent and the credit is kept."""
+    """Settle recipients whose lease ran out mid-batch (their worker died). Those whose
+    conversation had started (marked in Redis just before it) are ``unknown``: the server may
+    have the message, so it is never resent and the credit is kept. Those never started go back
+    to ``reserved`` to be sent (not an attempt). Without the chunk's marker (Redis lost its
+    data) every one of them counts as started."""
     now = rt.clock.now()
     with rt.sessions() as session:
-        lost = session.scalars(
-            select(Send.id).where(
+        lost = session.execute(
+            select(Send.id, Send.contact_id, Send.contact_email, Send.merge_fields).where(
                 Send.campaign_id == c.id,
                 Send.chunk == chunk,
                 Send.status == SendStatus.SENDING,
                 Send.lease_until < now,
             )
         ).all()
-    if lost:
-        settle(
-            rt,
-            c,
-            [
-                (
-                    i,
-                    SendStatus.UNKNOWN,
-                    "worker_lost_during_smtp",
-                    "the worker was lost while talking to the SMTP server; not resent",
-                    None,
-                    False,
+    if not lost:
+        return
+    started_key = keys.chunk_started(c.id, chunk)
+    flags = rt.redis.smismember(started_key, [OPEN_MARK, *(row.id for row in lost)])
+    complete, marks = bool(flags[0]), flags[1:]
+    never = [row.id for row, m in zip(lost, marks, strict=True) if complete and not m]
+    if never:
+        with rt.sessions.begin() as session:
+            session.execute(
+                update(Send)
+                .where(
+                    Send.id.in_(never), Send.status == SendStatus.SENDING, Send.lease_until < now
                 )
-                for i in lost
-            ],
-            expect=(SendStatus.SENDING,),
+                .values(
+                    status=SendStatus.RESERVED,
+                    lease_until=None,
+                    attempts=Send.attempts - 1,
+                    updated_at=now,
+                )
+            )
+        log.warning(
+            "campaign %s chunk %d: %d recipients of a lost worker were never started; "
+            "they will be sent",
+            c.id,
+            chunk,
+            len(never),
         )
+    subject = _subjects(c)
+    settle(
+        rt,
+        c,
+        [
+            (
+                row.id,
+                SendStatus.UNKNOWN,
+                "worker_lost_during_smtp",
+                "the worker was lost while talking to the SMTP server; not resent",
+                subject(row),
+                False,
+            )
+            for row in lost
+            if row.id not in never
+        ],
+        expect=(SendStatus.SENDING,),
+    )
+
+
+def _subjects(c: Campaign) -> Callable[[Any], str | None]:
+    """Each recipient's rendered subject, as its timeline shows it (None: the campaign's)."""
+    try:
+        compiled = MessageTemplate(c.subject, c.html, c.text).compile()
+    except RenderError:
+        return lambda _row: None
+
+    def subject(row: Any) -> str | None:
+        try:
+            fields = context_for(row.contact_id, row.contact_email, row.merge_fields)
+            return compiled.render(fields).subject
+        except RenderError:
+            return None
+
+    return subject
+
+
+def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
+    """Give the credits of the chunk's failed recipients back again: once per recipient
+    however often it is called, so a refund lost to a Redis error after its outcome was
+    committed is made by the task's retry."""
+    grant = grant_of(rt, c)
+    if grant is None:
+        return
+    with rt.sessions() as session:
+        keys = session.scalars(
+            select(Send.idempotency_key).where(
+                Send.campaign_id == c.id, Send.chunk == chunk, Send.status == SendStatus.FAILED
+            )
+        ).all()
+    if keys:
+        rt.quota.refund_parts(grant, campaign_key(c.id), list(keys))
 
 
 def _live_lease(rt: Runtime, campaign_id: str, chunk: int) -> float | None:

@@ -14,3 +14,9 @@ def grant(user_id: str, period: str, seq: int) -> str:
 def reservations(user_id: str, period: str, seq: int) -> str:
     """Hash of idempotency key -> G (granted) | D (denied) | R (refunded)."""
     return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}:res"
+
+
+def chunk_started(campaign_id: str, chunk: int) -> str:
+    """Set of a campaign chunk's recipients (send ids) whose SMTP conversation was started,
+    plus a marker member written before any of them was claimed."""
+    return f"{PREFIX}:campaign:{{{campaign_id}}}:{chunk}:started"

@@ -37,10 +37,15 @@ class MemoryTransport:
         return None
 
     async def send_many(
-        self, items: Sequence[tuple[Envelope, bytes]], deadline: float | None = None
+        self,
+        items: Sequence[tuple[Envelope, bytes]],
+        deadline: float | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]:
         out: list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown] = []
-        for envelope, message in items:
+        for i, (envelope, message) in enumerate(items):
+            if on_start is not None:
+                on_start(i)
             try:
                 out.append(await self.send(envelope, message))
             except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:

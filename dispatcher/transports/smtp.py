@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -131,7 +131,10 @@ class SMTPBulk:
         self._clients: list[aiosmtplib.SMTP | None] = [None] * transport.pool_size
 
     async def send_many(
-        self, items: Sequence[tuple[Envelope, bytes]], deadline: float | None = None
+        self,
+        items: Sequence[tuple[Envelope, bytes]],
+        deadline: float | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
         (delivery errors are returned, not raised). Items not started by ``deadline`` (a
@@ -164,6 +167,8 @@ class SMTPBulk:
                         client = await self._transport._connect()
                     if guard is not None and guard.limited:
                         await guard.admit()  # once connected: MAIL follows at once
+                    if on_start is not None:
+                        on_start(i)
                     results[i] = await _converse(client, envelope, message)
                 except NotAttempted as exc:
                     held = exc
