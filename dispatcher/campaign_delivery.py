@@ -185,14 +185,14 @@ async def _run_chunk(
                     date=date,
                     text=rendered.text,
                     html=rendered.html,
-                    list_unsubscribe=headers.list_unsubscribe(row.id),
+                    extra=headers.list_unsubscribe_field(row.id),
                 )
                 ready.append((row, rendered.subject, raw))
 
-            def mark(i: int, batch: list[tuple[Any, str, bytes]] = ready) -> None:
-                # Before the conversation: a worker dying after this leaves the recipient
-                # ``unknown``; one dying before it leaves it to be sent again.
-                rt.redis.sadd(started, batch[i][0].id)
+            def mark(group: Sequence[int], batch: list[tuple[Any, str, bytes]] = ready) -> None:
+                # Before their conversations: a worker dying after this leaves them
+                # ``unknown``; one dying before it leaves them to be sent again.
+                rt.redis.sadd(started, *(batch[i][0].id for i in group))
 
             results = await bulk.send_many(
                 [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready],

@@ -83,13 +83,14 @@ class BulkMessage:
         date: str,
         text: str,
         html: str,
-        list_unsubscribe: str | None = None,
+        extra: bytes = b"",
     ) -> bytes:
-        """The bytes of one recipient's message."""
+        """The bytes of one recipient's message; ``extra`` is header fields of this copy only
+        (complete, folded and CRLF-terminated)."""
         return b"".join(
             (
                 self._head,
-                _header("List-Unsubscribe", list_unsubscribe) if list_unsubscribe else b"",
+                extra,
                 _header("To", to),
                 _header("Subject", subject),
                 b"Date: " + date.encode("ascii") + b"\r\n",

@@ -72,20 +72,26 @@ def send_id_of(settings: Settings, token: str) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
-@dataclass(frozen=True)
 class BulkHeaders:
     """What a campaign's copies carry: the constant headers once, the link per recipient."""
 
-    constant: dict[str, str]
-    settings: Settings
-
-    def list_unsubscribe(self, send_id: str) -> str:
-        token = token_for(self.settings, send_id)
-        base = self.settings.public_base_url.rstrip("/")
-        mailto = self.settings.unsubscribe_mailto or (
-            f"unsubscribe@{self.settings.message_id_domain}"
+    def __init__(self, constant: dict[str, str], settings: Settings) -> None:
+        self.constant = constant
+        self.settings = settings
+        # Worked out once per campaign: this runs for every recipient of 100,000.
+        self._base = settings.public_base_url.rstrip("/") + "/u/"
+        self._mailto = "mailto:" + (
+            settings.unsubscribe_mailto or f"unsubscribe@{settings.message_id_domain}"
         )
-        return f"<{base}/u/{token}>, <mailto:{mailto}?subject=unsubscribe%20{token}>"
+
+    def list_unsubscribe_field(self, send_id: str) -> bytes:
+        """The ``List-Unsubscribe`` field: the one-click HTTPS link, then the mailto; folded
+        after the comma (both parts are ASCII)."""
+        token = token_for(self.settings, send_id)
+        return (
+            f"List-Unsubscribe: <{self._base}{token}>,\r\n"
+            f" <{self._mailto}?subject=unsubscribe%20{token}>\r\n"
+        ).encode("ascii")
 
 
 def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHeaders:

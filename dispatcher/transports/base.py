@@ -38,15 +38,15 @@ class Transport(Protocol):
 class BulkSender(Protocol):
     """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
     delivery error, returned, not raised. Items not started by ``deadline`` (a
-    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``on_start(i)`` is
-    called just before item ``i``'s conversation begins; when it raises a Redis error the item
-    and the rest are not attempted."""
+    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``on_start(group)`` is
+    called before the conversations of a few items begin (at least once for every item that
+    is attempted); when it raises a Redis error those and the rest are not attempted."""
 
     async def send_many(
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[int], None] | None = None,
+        on_start: Callable[[Sequence[int]], None] | None = None,
     ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted]: ...
 
     async def close(self) -> None: ...

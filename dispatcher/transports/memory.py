@@ -40,12 +40,12 @@ class MemoryTransport:
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[int], None] | None = None,
+        on_start: Callable[[Sequence[int]], None] | None = None,
     ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]:
         out: list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown] = []
         for i, (envelope, message) in enumerate(items):
             if on_start is not None:
-                on_start(i)
+                on_start([i])
             try:
                 out.append(await self.send(envelope, message))
             except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:

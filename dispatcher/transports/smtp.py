@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import aiosmtplib
 from redis.exceptions import RedisError
@@ -31,6 +32,9 @@ class SMTPConfig:
 
 
 Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
+
+#: Items a lane announces to ``on_start`` at once (one round trip for several messages).
+START_GROUP = 4
 
 #: Seconds before a message held back because the relay guard (Redis) could not be asked is
 #: tried again.
@@ -134,7 +138,7 @@ class SMTPBulk:
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[int], None] | None = None,
+        on_start: Callable[[Sequence[int]], None] | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
         (delivery errors are returned, not raised). Items not started by ``deadline`` (a
@@ -154,32 +158,37 @@ class SMTPBulk:
         async def lane(slot: int) -> None:
             nonlocal held
             client = self._clients[slot]
-            for i in pending:
-                if held is None and deadline is not None and time.monotonic() > deadline:
-                    held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
-                if held is not None:
-                    results[i] = held  # halted, rate-limited or out of time: not attempted
-                    continue
-                envelope, message = items[i]
-                try:
-                    if client is None or not client.is_connected:
-                        client = None
-                        client = await self._transport._connect()
-                    if guard is not None and guard.limited:
-                        await guard.admit()  # once connected: MAIL follows at once
-                    if on_start is not None:
-                        on_start(i)
-                    results[i] = await _converse(client, envelope, message)
-                except NotAttempted as exc:
-                    held = exc
-                    results[i] = exc
-                except RedisError as exc:
-                    # The guard could not be asked: hold this and the rest back (not an attempt).
-                    held = _unavailable(exc)
-                    results[i] = held
-                except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
-                    results[i] = exc
-                    client = await _reset(client)
+            # A few items at a time, announced together before the first of them starts.
+            while group := list(islice(pending, START_GROUP)):
+                if on_start is not None and held is None:
+                    try:
+                        on_start(group)
+                    except RedisError as exc:
+                        held = _unavailable(exc)
+                for i in group:
+                    if held is None and deadline is not None and time.monotonic() > deadline:
+                        held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
+                    if held is not None:
+                        results[i] = held  # halted, rate-limited or out of time: not attempted
+                        continue
+                    envelope, message = items[i]
+                    try:
+                        if client is None or not client.is_connected:
+                            client = None
+                            client = await self._transport._connect()
+                        if guard is not None and guard.limited:
+                            await guard.admit()  # once connected: MAIL follows at once
+                        results[i] = await _converse(client, envelope, message)
+                    except NotAttempted as exc:
+                        held = exc
+                        results[i] = exc
+                    except RedisError as exc:
+                        # The guard could not be asked: hold this and the rest back.
+                        held = _unavailable(exc)
+                        results[i] = held
+                    except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+                        results[i] = exc
+                        client = await _reset(client)
             self._clients[slot] = client
 
         lanes = max(1, min(len(self._clients), len(items)))
