@@ -183,12 +183,16 @@ def run(args: argparse.Namespace) -> int:
                 "recipients": read_recipients(args.recipients),
             }
             view = _call(client, "POST", "/v1/campaigns", json=body)
+            skipped = view.get("suppressed") or []
             print(
                 f"campaign {view['id']}: {view['recipients']:,} recipients, "
-                f"{len(view['invalid'])} invalid, {view['status']}"
+                f"{len(view['invalid'])} invalid, {len(skipped)} suppressed (not charged), "
+                f"{view['status']}"
             )
             for bad in view["invalid"]:
                 print(f"  invalid: row {bad['index'] + 1} {bad['email']!r}: {bad['reason']}")
+            for one in skipped:
+                print(f"  suppressed: {one['email']!r} ({one['reason']})")
             if args.follow:
                 follow(client, view["id"])
             return 0
@@ -203,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             if view["failed_by_reason"]:
                 reasons = ", ".join(f"{k} {v:,}" for k, v in view["failed_by_reason"].items())
                 print(f"failed by reason: {reasons}")
+            if view.get("detail"):
+                print(f"note: {view['detail']}")
             return 0
         view = _call(client, "POST", f"/v1/campaigns/{args.campaign_id}/{command}")
         print(progress_line(view, None))
