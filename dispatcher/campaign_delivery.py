@@ -38,7 +38,6 @@ from dispatcher.models import (
     Provider,
     Send,
     SendStatus,
-    SuppressionReason,
     TimelineEvent,
     TimelineKind,
     User,
@@ -508,14 +507,8 @@ def settle(
                     continue
                 if reason == HARD_BOUNCE:
                     for r in rows:
-                        suppression.add(
-                            session,
-                            c.user_id,
-                            r.contact_email,
-                            SuppressionReason.HARD_BOUNCE,
-                            now,
-                            contact_id=r.contact_id,
-                            detail=detail,
+                        suppression.hard_bounced(
+                            session, c.user_id, r.contact_email, r.contact_id, detail, now
                         )
                 recorded += len(rows)
                 session.execute(

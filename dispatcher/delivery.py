@@ -27,7 +27,7 @@ from dispatcher.errors import (
     SendBusy,
 )
 from dispatcher.message import Envelope, build_message
-from dispatcher.models import AlertKind, Send, SendKind, SendStatus, SuppressionReason, User
+from dispatcher.models import AlertKind, Send, SendKind, SendStatus, User
 from dispatcher.outcomes import StepOutcome
 from dispatcher.periods import period_by_id
 from dispatcher.quota import GrantRef
@@ -217,15 +217,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         delivery = asyncio.run(rt.transport.send(envelope, message))
     except NotAttempted as exc:
         # The relay was never asked (halted, or the rate limit said wait): not an attempt.
-        _move(
-            rt,
-            send_id,
-            (SendStatus.SENDING,),
-            SendStatus.RESERVED,
-            lease_until=rt.clock.now() + reservation_hold(rt),
-            attempts=Send.attempts - 1,
-            updated_at=rt.clock.now(),
-        )
+        _back_to_reserved(rt, send_id, attempts=Send.attempts - 1)
         log.info("send held back id=%s reason=%s detail=%s", send_id, exc.reason, exc.detail)
         raise
     except DeliveryDeferred as exc:
@@ -242,16 +234,7 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
                 expect=(SendStatus.SENDING,),
                 subject=rendered.subject,
             )
-        _move(
-            rt,
-            send_id,
-            (SendStatus.SENDING,),
-            SendStatus.RESERVED,
-            lease_until=rt.clock.now() + reservation_hold(rt),
-            reason=exc.reason,
-            detail=exc.detail,
-            updated_at=rt.clock.now(),
-        )
+        _back_to_reserved(rt, send_id, reason=exc.reason, detail=exc.detail)
         log.info("send deferred id=%s reason=%s detail=%s", send_id, exc.reason, exc.detail)
         raise
     except DeliveryRejected as exc:
@@ -283,6 +266,21 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         f"{delivery.code} {delivery.reply}",
         expect=(SendStatus.SENDING,),
         subject=rendered.subject,
+    )
+
+
+def _back_to_reserved(rt: Runtime, send_id: str, **values: object) -> None:
+    """A send whose conversation did not happen or was deferred waits for its retry, its
+    credit held (for a new hold)."""
+    now = rt.clock.now()
+    _move(
+        rt,
+        send_id,
+        (SendStatus.SENDING,),
+        SendStatus.RESERVED,
+        lease_until=now + reservation_hold(rt),
+        updated_at=now,
+        **values,
     )
 
 
@@ -382,14 +380,8 @@ def _finish(
             record_outcome(session, row, now, subject)
             if reason == HARD_BOUNCE:
                 # The address does not exist: never again for this agent.
-                suppression.add(
-                    session,
-                    send.user_id,
-                    send.contact_email,
-                    SuppressionReason.HARD_BOUNCE,
-                    now,
-                    contact_id=send.contact_id,
-                    detail=detail,
+                suppression.hard_bounced(
+                    session, send.user_id, send.contact_email, send.contact_id, detail, now
                 )
             elif reason == POLICY:
                 # Content or reputation: not the address's fault, so not suppressed; ops and

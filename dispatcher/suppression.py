@@ -108,6 +108,27 @@ def add(
     )
 
 
+def hard_bounced(
+    session: Session,
+    user_id: str,
+    email: str,
+    contact_id: str | None,
+    detail: str | None,
+    now: datetime,
+) -> None:
+    """The relay said ``email`` does not exist: suppress it for the agent, in the caller's
+    transaction (the one that records the outcome)."""
+    add(
+        session,
+        user_id,
+        email,
+        SuppressionReason.HARD_BOUNCE,
+        now,
+        contact_id=contact_id,
+        detail=detail,
+    )
+
+
 def active(
     session: Session, user_id: str, emails: Iterable[str], now: datetime
 ) -> dict[str, SuppressionReason]:
