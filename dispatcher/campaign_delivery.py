@@ -16,7 +16,8 @@ from email.utils import format_datetime
 from itertools import groupby
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, insert, select, update
+from redis.exceptions import RedisError
+from sqlalchemy import ColumnElement, CursorResult, func, insert, select, update
 
 from dispatcher import alerts, keys, suppression
 from dispatcher.campaigns import OPEN_STATUSES, campaign_key, grant_of
@@ -42,6 +43,7 @@ from dispatcher.models import (
     TimelineKind,
     User,
 )
+from dispatcher.relay import unavailable
 from dispatcher.rendering import MessageTemplate, context_for
 from dispatcher.runtime import Runtime
 from dispatcher.transports.classify import HARD_BOUNCE, POLICY
@@ -191,7 +193,10 @@ async def _run_chunk(
             def mark(group: Sequence[int], batch: list[tuple[Any, str, bytes]] = ready) -> None:
                 # Before their conversations: a worker dying after this leaves them
                 # ``unknown``; one dying before it leaves them to be sent again.
-                rt.redis.sadd(started, *(batch[i][0].id for i in group))
+                try:
+                    rt.redis.sadd(started, *(batch[i][0].id for i in group))
+                except RedisError as exc:
+                    raise unavailable(exc) from None
 
             results = await bulk.send_many(
                 [(Envelope(envelope_from, (row.contact_email,)), raw) for row, _, raw in ready],
@@ -314,12 +319,13 @@ def _release(rt: Runtime, rows: list[tuple[str, str, str]]) -> None:
             )
 
 
-def _unclaim(rt: Runtime, send_ids: list[str]) -> None:
-    """Recipients the relay's guard held back go back to reserved; not an attempt."""
+def _unclaim(rt: Runtime, send_ids: list[str], *also: ColumnElement[bool]) -> None:
+    """Claimed recipients whose conversation never started (held back by the relay's guard,
+    or claimed by a worker that died first) go back to reserved; not an attempt."""
     with rt.sessions.begin() as session:
         session.execute(
             update(Send)
-            .where(Send.id.in_(send_ids), Send.status == SendStatus.SENDING)
+            .where(Send.id.in_(send_ids), Send.status == SendStatus.SENDING, *also)
             .values(
                 status=SendStatus.RESERVED,
                 lease_until=None,
@@ -384,19 +390,7 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
     complete, marks = bool(flags[0]), flags[1:]
     never = [row.id for row, m in zip(lost, marks, strict=True) if complete and not m]
     if never:
-        with rt.sessions.begin() as session:
-            session.execute(
-                update(Send)
-                .where(
-                    Send.id.in_(never), Send.status == SendStatus.SENDING, Send.lease_until < now
-                )
-                .values(
-                    status=SendStatus.RESERVED,
-                    lease_until=None,
-                    attempts=Send.attempts - 1,
-                    updated_at=now,
-                )
-            )
+        _unclaim(rt, never, Send.lease_until < now)
         log.warning(
             "campaign %s chunk %d: %d recipients of a lost worker were never started; "
             "they will be sent",
@@ -449,13 +443,13 @@ def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
     if grant is None:
         return
     with rt.sessions() as session:
-        keys = session.scalars(
+        failed = session.scalars(
             select(Send.idempotency_key).where(
                 Send.campaign_id == c.id, Send.chunk == chunk, Send.status == SendStatus.FAILED
             )
         ).all()
-    if keys:
-        rt.quota.refund_parts(grant, campaign_key(c.id), list(keys))
+    if failed:
+        rt.quota.refund_parts(grant, campaign_key(c.id), list(failed))
 
 
 def _live_lease(rt: Runtime, campaign_id: str, chunk: int) -> float | None:

@@ -28,6 +28,7 @@ from dispatcher.errors import (
 )
 from dispatcher.message import Envelope, build_message
 from dispatcher.models import AlertKind, Send, SendKind, SendStatus, User
+from dispatcher.outbox import stale_after
 from dispatcher.outcomes import StepOutcome
 from dispatcher.periods import period_by_id
 from dispatcher.quota import GrantRef
@@ -49,8 +50,7 @@ def reservation_hold(rt: Runtime) -> timedelta:
     """How long a ``reserved`` send may hold its credit without a worker moving it: twice
     what the stale-work sweep waits before enqueueing it again, so the sweep gets its turn
     first and the credit comes back only when even that did not help."""
-    s = rt.settings
-    return 2 * timedelta(seconds=s.retry_backoff_max_seconds + s.send_lease_seconds + 60)
+    return 2 * stale_after(rt)
 
 
 def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendStatus:

@@ -262,6 +262,7 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     a send caught mid-conversation is settled by its lease, so this never sends twice."""
     from dispatcher.campaigns import OPEN_STATUSES, open_chunks
     from dispatcher.campaigns import enqueue as enqueue_campaign
+    from dispatcher.sends import enqueue as enqueue_send
 
     cutoff = rt.clock.now() - stale_after(rt)
     with rt.sessions() as session:
@@ -306,11 +307,7 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
         ]
     try:
         for send_id in send_ids:
-            rt.queue.enqueue_send(send_id)
-            with rt.sessions.begin() as session:
-                session.execute(
-                    update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now())
-                )
+            enqueue_send(rt, rt.queue, send_id)  # records when, so once per stale period
         for email_id in email_ids:
             rt.queue.enqueue_system_email(email_id)
         for campaign_id in campaign_ids:

@@ -3,12 +3,13 @@ refused our credentials), and may one more message go now (the rate limit all wo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 
 from redis import Redis
+from redis.exceptions import RedisError
 
+from dispatcher import ratelimit
 from dispatcher.errors import NotAttempted
 from dispatcher.keys import PREFIX
 from dispatcher.ratelimit import LAG_MARGIN, RateLimit, RateLimited, RelayRateLimiter
@@ -18,10 +19,23 @@ log = logging.getLogger(__name__)
 #: The longest a campaign lane waits in-process for the rate limit before deferring instead.
 MAX_IN_PROCESS_WAIT = 10.0
 
+#: Seconds before a message held back because Redis could not be asked is tried again.
+UNAVAILABLE_RETRY = 5.0
+
 
 def relay_id(host: str, port: int) -> str:
     """A short, credential-free name for a relay, shared by every worker that uses it."""
-    return hashlib.sha256(f"{host.lower()}:{port}".encode()).hexdigest()[:12]
+    return ratelimit.relay_id(f"{host.lower()}:{port}")
+
+
+def unavailable(exc: RedisError) -> NotAttempted:
+    """A message held back because what decides whether it may go (Redis) could not be asked:
+    not an attempt, tried again shortly. Never a reason to leave it half-sent."""
+    return NotAttempted(
+        "guard_unavailable",
+        f"the relay guard could not be asked: {type(exc).__name__}: {exc}",
+        UNAVAILABLE_RETRY,
+    )
 
 
 class RelayGuard:
@@ -54,8 +68,12 @@ class RelayGuard:
         return self._limiter is not None
 
     def check(self) -> None:
-        """Raise :class:`NotAttempted` while sending through this relay is halted."""
-        halted = self.halted()
+        """Raise :class:`NotAttempted` while sending through this relay is halted, or when
+        Redis cannot say."""
+        try:
+            halted = self.halted()
+        except RedisError as exc:
+            raise unavailable(exc) from None
         if halted is not None:
             detail, ttl = halted
             raise NotAttempted("relay_halted", f"sending is halted: {detail}", max(ttl, 1))
@@ -74,7 +92,11 @@ class RelayGuard:
     def halt(self, detail: str) -> NotAttempted:
         """Stop every worker sending through this relay; the first caller raises the alert.
         Returns the error the caller raises for its own message (not attempted)."""
-        if self._redis.set(self._halt_key, detail, nx=True, ex=self._halt_seconds):
+        try:
+            first = self._redis.set(self._halt_key, detail, nx=True, ex=self._halt_seconds)
+        except RedisError as exc:
+            return unavailable(exc)
+        if first:
             log.error(
                 "sending halted on relay %s for %ds: %s", self.relay, self._halt_seconds, detail
             )
@@ -91,11 +113,13 @@ class RelayGuard:
 
     async def admit(self, max_wait: float = MAX_IN_PROCESS_WAIT) -> None:
         """Wait for the rate limit's permission for one message, up to ``max_wait`` seconds;
-        raise :class:`NotAttempted` when the wait would be longer."""
+        raise :class:`NotAttempted` when the wait would be longer or Redis cannot say."""
         if self._limiter is None:
             return
         try:
             await self._limiter.acquire(max_wait)
+        except RedisError as exc:
+            raise unavailable(exc) from None
         except RateLimited as exc:
             raise NotAttempted(
                 "rate_limited", f"the relay's rate limit is used up: {exc}", exc.wait

@@ -83,7 +83,7 @@ class Runtime:
         return RelayGuard(
             self.redis,
             name,
-            limit=RateLimit(per_second=s.smtp_rate_per_second, per_hour=s.smtp_rate_per_hour),
+            limit=RateLimit.from_settings(s),
             halt_seconds=s.relay_halt_seconds,
             on_halt=alert,
         )

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from itertools import islice
 
 import aiosmtplib
-from redis.exceptions import RedisError
 
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.message import Envelope
@@ -35,10 +34,6 @@ Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | Not
 
 #: Items a lane announces to ``on_start`` at once (one round trip for several messages).
 START_GROUP = 4
-
-#: Seconds before a message held back because the relay guard (Redis) could not be asked is
-#: tried again.
-GUARD_RETRY = 5.0
 
 #: Replies to AUTH that mean our credentials (or the relay's account) are refused.
 AUTH_REFUSED = (530, 534, 535, 538)
@@ -90,11 +85,7 @@ class SMTPTransport:
                 if exc.code in AUTH_REFUSED and self.guard is not None:
                     # Our credentials are refused: every message would fail the same way.
                     # Stop all workers on this relay and alert, instead of burning retries.
-                    try:
-                        halted = self.guard.halt(f"the relay refused our credentials: {detail}")
-                    except RedisError as err:
-                        raise _unavailable(err) from None
-                    raise halted from None
+                    raise self.guard.halt(f"the relay refused our credentials: {detail}") from None
                 raise DeliveryDeferred("smtp_login_refused", detail, exc.code) from None
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 client.close()
@@ -105,19 +96,13 @@ class SMTPTransport:
         """Send one message on its own connection; raises the delivery errors, or
         :class:`NotAttempted` when the relay's guard held it back."""
         if self.guard is not None:
-            try:
-                self.guard.check()
-            except RedisError as exc:
-                raise _unavailable(exc) from None
+            self.guard.check()
         client = await self._connect()
         try:
             if self.guard is not None:
                 # Admitted once connected: MAIL follows at once, so the relay sees the
                 # message within the limiter's margin of its admission.
-                try:
-                    await self.guard.admit()
-                except RedisError as exc:
-                    raise _unavailable(exc) from None
+                await self.guard.admit()
             return await _converse(client, envelope, message)
         finally:
             await _quit(client)
@@ -152,8 +137,6 @@ class SMTPBulk:
                 guard.check()
             except NotAttempted as exc:
                 held = exc
-            except RedisError as exc:
-                held = _unavailable(exc)
 
         async def lane(slot: int) -> None:
             nonlocal held
@@ -163,8 +146,8 @@ class SMTPBulk:
                 if on_start is not None and held is None:
                     try:
                         on_start(group)
-                    except RedisError as exc:
-                        held = _unavailable(exc)
+                    except NotAttempted as exc:
+                        held = exc
                 for i in group:
                     if held is None and deadline is not None and time.monotonic() > deadline:
                         held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
@@ -180,12 +163,8 @@ class SMTPBulk:
                             await guard.admit()  # once connected: MAIL follows at once
                         results[i] = await _converse(client, envelope, message)
                     except NotAttempted as exc:
-                        held = exc
+                        held = exc  # this one and the rest are held back
                         results[i] = exc
-                    except RedisError as exc:
-                        # The guard could not be asked: hold this and the rest back.
-                        held = _unavailable(exc)
-                        results[i] = held
                     except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
                         results[i] = exc
                         client = await _reset(client)
@@ -264,12 +243,6 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         log.debug("QUIT failed after the messages were handled: %s", _describe(exc))
         client.close()
-
-
-def _unavailable(exc: RedisError) -> NotAttempted:
-    return NotAttempted(
-        "guard_unavailable", f"the relay guard could not be asked: {_describe(exc)}", GUARD_RETRY
-    )
 
 
 def _describe(exc: BaseException) -> str:
