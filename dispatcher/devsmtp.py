@@ -112,9 +112,21 @@ class RecordingHandler:
         self.fault = fault
         self.messages: list[Received] = []
         self.attempts = 0
+        #: When each MAIL command was read (unix seconds): the moment the relay starts taking
+        #: a message, what a relay's own rate limit counts.
+        self.mail_at: list[float] = []
         self._lock = threading.Lock()
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        with self._lock:
+            self.mail_at.append(time.time())
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
@@ -180,6 +192,7 @@ class RecordingHandler:
         with self._lock:
             self.messages.clear()
             self.attempts = 0
+            self.mail_at.clear()
 
 
 class DevSMTPServer:

@@ -17,6 +17,7 @@ import redis
 
 from dispatcher.errors import TransientError
 from dispatcher.ratelimit import (
+    STALE_TRIES,
     TRIM_SLACK,
     RateLimit,
     RateLimited,
@@ -236,6 +237,28 @@ def test_acquire_sleeps_out_a_short_wait_then_admits(client: redis.Redis) -> Non
     stamps = rl.admitted(0, time.time() + 1)
     assert len(stamps) == 3
     assert stamps[2] - stamps[0] >= 1.0
+
+
+def test_acquire_asks_again_when_its_admission_went_stale_before_it_returned(
+    client: redis.Redis,
+) -> None:
+    # A clock that reads 0.2 s later each time: every admission is 0.2 s old when it comes
+    # back, more than half the 0.1 s margin, so each is left to count and asked again, until
+    # the call gives up and the message is deferred.
+    readings = iter(T0 + 0.2 * i for i in range(1000))
+    rl = RelayRateLimiter(
+        client, RELAY, RateLimit(per_second=10), clock=lambda: next(readings), margin=0.1
+    )
+    with pytest.raises(RateLimited) as caught:
+        asyncio.run(rl.acquire(max_wait=5.0))
+    assert caught.value.wait == 0.1
+    assert len(rl.admitted(0, T0 + 10)) == STALE_TRIES
+
+
+def test_acquire_returns_a_fresh_admission_at_once(client: redis.Redis, clock: FakeClock) -> None:
+    rl = RelayRateLimiter(client, RELAY, RateLimit(per_second=3), clock=clock, margin=0.1)
+    asyncio.run(rl.acquire(max_wait=0.0))
+    assert rl.admitted(0, T0 + 10) == [T0]
 
 
 # --------------------------------------------------------------------------- real processes
