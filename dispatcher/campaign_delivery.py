@@ -19,8 +19,8 @@ from typing import Any, cast
 from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, CursorResult, func, insert, select, update
 
-from dispatcher import alerts, keys, suppression
-from dispatcher.campaigns import OPEN_STATUSES, campaign_key, grant_of
+from dispatcher import alerts, keys, refunds, suppression
+from dispatcher.campaigns import OPEN_STATUSES
 from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
@@ -436,20 +436,16 @@ def _subjects(c: Campaign) -> Callable[[Any], str | None]:
 
 
 def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
-    """Give the credits of the chunk's failed recipients back again: once per recipient
-    however often it is called, so a refund lost to a Redis error after its outcome was
-    committed is made by the task's retry."""
-    grant = grant_of(rt, c)
-    if grant is None:
-        return
+    """Give back the credits of the chunk's failed recipients still due (a refund lost to a
+    Redis error after its outcome was committed is made by the task's retry)."""
     with rt.sessions() as session:
-        failed = session.scalars(
-            select(Send.idempotency_key).where(
-                Send.campaign_id == c.id, Send.chunk == chunk, Send.status == SendStatus.FAILED
+        due = session.scalars(
+            select(Send.id).where(
+                Send.campaign_id == c.id, Send.chunk == chunk, Send.refund_due.is_(True)
             )
         ).all()
-    if failed:
-        rt.quota.refund_parts(grant, campaign_key(c.id), list(failed))
+    if due:
+        refunds.give_back(rt, list(due))
 
 
 def _live_lease(rt: Runtime, campaign_id: str, chunk: int) -> float | None:
@@ -474,7 +470,7 @@ def settle(
     credits back for failures. Returns how many were recorded."""
     now = rt.clock.now()
     ordered = sorted(outcomes, key=lambda o: (o[1].value, o[2] or "", o[3] or "", o[5]))
-    refund_keys: list[str] = []
+    refund_ids: list[str] = []
     recorded = 0
     with rt.sessions.begin() as session:
         for (status, reason, detail, refund), group in groupby(
@@ -494,6 +490,7 @@ def settle(
                         lease_until=None,
                         finished_at=now,
                         updated_at=now,
+                        refund_due=refund,
                     )
                     .returning(Send.id, Send.contact_id, Send.idempotency_key, Send.contact_email)
                 ).all()
@@ -528,11 +525,11 @@ def settle(
                     ],
                 )
                 if refund:
-                    refund_keys += [r.idempotency_key for r in rows]
-    grant = grant_of(rt, c)
-    if refund_keys and grant is not None:
-        # After the commit: the ledger no longer counts them, so a rebuild agrees.
-        rt.quota.refund_parts(grant, campaign_key(c.id), refund_keys)
+                    refund_ids += [r.id for r in rows]
+    if refund_ids:
+        # After the commit: the ledger no longer counts them, so a rebuild agrees. Should
+        # Redis fail here, the flags set with the outcomes have the sweep make them.
+        refunds.give_back(rt, refund_ids)
     return recorded
 
 

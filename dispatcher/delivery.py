@@ -16,7 +16,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from dispatcher import alerts, notices, suppression
+from dispatcher import alerts, notices, refunds, suppression
 from dispatcher.errors import (
     DeliveryDeferred,
     DeliveryRejected,
@@ -373,6 +373,7 @@ def _finish(
             lease_until=None,
             finished_at=now,
             updated_at=now,
+            refund_due=refund is not None,
         )
         if won:
             row = session.get(Send, send.id)
@@ -403,7 +404,9 @@ def _finish(
     log.info("send %s id=%s user=%s reason=%s", status.value, send.id, send.user_id, reason)
     if refund is not None:
         # After the commit: SQL no longer counts this key, so a rebuild agrees with the refund.
+        # Should Redis fail here, the flag set with the outcome has the sweep make it.
         rt.quota.refund(refund, send.idempotency_key)
+        refunds.made(rt, [send.id])
     publish_outcome(rt, send.id)
     return status
 

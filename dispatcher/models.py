@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -184,6 +185,7 @@ class Send(Base):
         # The beat's sweeps: stuck reservations, and outcomes still to publish.
         Index("ix_sends_kind_status_lease", "kind", "status", "lease_until"),
         Index("ix_sends_published_finished", "outcome_published", "finished_at"),
+        Index("ix_sends_refund_due", "refund_due", "updated_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -217,6 +219,9 @@ class Send(Base):
     retry_at: Mapped[datetime | None] = mapped_column(index=True)
     enqueued_at: Mapped[datetime | None]  # set once the broker took the task
     outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Failed with its credit to come back, and Redis has not confirmed the refund yet (set
+    #: with the outcome, cleared once Redis gave the credit back; the beat retries the rest).
+    refund_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

@@ -11,7 +11,15 @@ from celery import Celery, Task
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import campaign_delivery, campaigns, delivery, outbox, subscriptions, system_mail
+from dispatcher import (
+    campaign_delivery,
+    campaigns,
+    delivery,
+    outbox,
+    refunds,
+    subscriptions,
+    system_mail,
+)
 from dispatcher.errors import NotFound, SendBusy, TransientError
 from dispatcher.runtime import Runtime
 from workers.app import (
@@ -150,6 +158,7 @@ def register(app: Celery) -> None:
             *outbox.recover_stale(rt),
             outbox.republish_outcomes(rt),
             campaigns.expire_reserving(rt),
+            refunds.retry_due(rt),
         ]
 
     del (

@@ -1,0 +1,121 @@
+"""A refund Redis could not take when the failure was recorded is made later by the sweep:
+the failure and the flag are one transaction, the refund happens once per key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+
+from dispatcher import campaigns, delivery, refunds
+from dispatcher.clock import FrozenClock
+from dispatcher.devsmtp import DevSMTPServer, FaultPlan, reply
+from dispatcher.errors import DeliveryDeferred
+from dispatcher.models import Send, SendStatus
+from dispatcher.ports import InlineQueue
+from dispatcher.runtime import Runtime
+from dispatcher.sends import submit_send
+from dispatcher.subscriptions import ensure_current
+from tests.conftest import free_port
+from tests.helpers import make_user, send_request
+
+RECIPIENTS = 30
+
+
+def used(rt: Runtime, user_id: str) -> int:
+    _, grant = ensure_current(rt, user_id)
+    state = rt.quota.state(grant)
+    assert state is not None, "the grant is in Redis"
+    return state[0]
+
+
+def refunds_due(rt: Runtime) -> int:
+    with rt.sessions() as session:
+        return int(session.scalar(select(func.count()).where(Send.refund_due.is_(True))) or 0)
+
+
+def start(rt: Runtime, n: int) -> str:
+    view, _chunks = campaigns.create(
+        rt,
+        campaigns.CampaignRequest(
+            user_id="agent-1",
+            provider="command_email",
+            name="open house",
+            subject="Open house, {{ first_name }}",
+            html="<p>Hi {{ first_name }}</p>",
+            recipients=[
+                campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
+                for i in range(n)
+            ],
+        ),
+    )
+    return view.id
+
+
+def test_a_cancel_whose_refund_redis_refused_is_refunded_by_the_sweep_once(
+    runtime: Runtime, make_runtime: Callable[..., Runtime], clock: FrozenClock
+) -> None:
+    make_user(runtime, "agent-1")
+    campaign_id = start(runtime, RECIPIENTS)
+    assert used(runtime, "agent-1") == RECIPIENTS
+
+    # Cancelled through a process whose Redis is unreachable: SQL records the cancellation,
+    # the refund fails after the commit.
+    cut_off = make_runtime(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisError):
+        campaigns.cancel(cut_off, campaign_id)
+    assert campaigns.view(runtime, campaign_id).status == "cancelled"
+    assert used(runtime, "agent-1") == RECIPIENTS  # Redis still holds the credits...
+    assert refunds_due(runtime) == RECIPIENTS  # ...and SQL knows they are owed
+
+    # Too early for the sweep: the request that recorded them may still be making them.
+    assert refunds.retry_due(runtime) == 0
+    clock.advance(refunds.RETRY_AFTER + timedelta(seconds=1))
+    assert refunds.retry_due(runtime) == RECIPIENTS
+    assert used(runtime, "agent-1") == 0
+    assert refunds_due(runtime) == 0
+    # Made once: another sweep and a late refund of the same keys give nothing more.
+    assert refunds.retry_due(runtime) == 0
+    with runtime.sessions() as session:
+        ids = list(session.scalars(select(Send.id).where(Send.campaign_id == campaign_id)))
+    assert refunds.give_back(runtime, ids) == 0
+    assert used(runtime, "agent-1") == 0
+
+
+def test_a_smartplan_refund_redis_refused_is_made_by_the_sweep(
+    runtime: Runtime,
+    make_runtime: Callable[..., Runtime],
+    clock: FrozenClock,
+    smtp_server: DevSMTPServer,
+) -> None:
+    make_user(runtime, "agent-1")
+    send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
+    # Reserved and deferred, then its task is lost for good...
+    smtp_server.handler.fault = FaultPlan(schedule=[reply("451 4.3.0 later")])
+    with pytest.raises(DeliveryDeferred):
+        delivery.deliver(runtime, send_id)
+    assert used(runtime, "agent-1") == 1
+    with runtime.sessions() as session:
+        lease = session.scalar(select(Send.lease_until).where(Send.id == send_id))
+    assert lease is not None
+    # ...so its reservation expires, but the Redis that should take the credit back is gone.
+    cut_off = make_runtime(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisError):
+        delivery.expire_reservation(cut_off, send_id, lease)
+    with runtime.sessions() as session:
+        send = session.get(Send, send_id)
+        assert send is not None
+        assert (send.status, send.reason, send.refund_due) == (
+            SendStatus.FAILED,
+            "reservation_expired",
+            True,
+        )
+    assert used(runtime, "agent-1") == 1
+
+    clock.advance(refunds.RETRY_AFTER + timedelta(seconds=1))
+    assert refunds.retry_due(runtime) == 1
+    assert used(runtime, "agent-1") == 0
+    assert refunds_due(runtime) == 0
