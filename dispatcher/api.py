@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
 from dispatcher import __version__, alerts, campaigns, sends, suppression, unsubscribe
-from dispatcher.campaigns import CampaignStateError, InsufficientCredits
+from dispatcher.campaigns import CampaignStateError, InsufficientCredits, RequestKeyReused
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
@@ -178,6 +178,12 @@ class CampaignIn(_In):
     recipients: list[RecipientIn]
     from_name: str | None = None
     reply_to: str | None = None
+    idempotency_key: str | None = Field(
+        default=None,
+        description="The producer's key for this request (1-128 letters, digits or _.:@-): "
+        "repeating the same request with it answers 200 with the campaign the first one "
+        "created, without sending or charging again; another request with it is refused (409).",
+    )
 
 
 class CampaignOut(BaseModel):
@@ -198,6 +204,9 @@ class CampaignOut(BaseModel):
     detail: str | None
     created_at: datetime
     finished_at: datetime | None
+    replayed: bool = Field(
+        default=False, description="True when this answers a repeat of an earlier request."
+    )
 
 
 class SuppressionIn(_In):
@@ -307,6 +316,10 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             "total": exc.total,
         }
         return JSONResponse(body, status_code=409)
+
+    @app.exception_handler(RequestKeyReused)
+    async def _key_reused(_r: Request, exc: RequestKeyReused) -> JSONResponse:
+        return _problem(409, "idempotency_key_reused", str(exc), exc.field)
 
     @app.exception_handler(CampaignStateError)
     async def _state(_r: Request, exc: CampaignStateError) -> JSONResponse:
@@ -429,7 +442,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         dependencies=auth,
         responses={404: {"model": Problem}, 409: {"model": Problem}},
     )
-    def post_campaign(body: CampaignIn) -> CampaignOut:
+    def post_campaign(body: CampaignIn, response: Response) -> CampaignOut:
         """Start a campaign. Command Email: every valid recipient's credit is reserved at once
         (a campaign larger than the balance is refused whole, 409); invalid recipients are
         listed in ``invalid``, never sent or charged. MailChimp: sent through the agent's
@@ -444,8 +457,12 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             recipients=[campaigns.Recipient(r.id, r.email, r.fields) for r in body.recipients],
             from_name=body.from_name,
             reply_to=body.reply_to,
+            idempotency_key=body.idempotency_key,
         )
-        return CampaignOut(**asdict(producer.create_campaign(req)))
+        created = producer.create_campaign(req)
+        if created.replayed:
+            response.status_code = 200
+        return CampaignOut(**asdict(created))
 
     @app.get("/v1/campaigns/{campaign_id}", response_model=CampaignOut, dependencies=auth)
     def get_campaign(campaign_id: str, user_id: str | None = None) -> CampaignOut:

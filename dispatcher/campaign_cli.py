@@ -61,6 +61,11 @@ def add_commands(commands: Any) -> None:
     send.add_argument("--provider", choices=["command_email", "mailchimp"], default="command_email")
     send.add_argument("--name", help="a name for the campaign")
     send.add_argument("--from-name", help="display name of the sender")
+    send.add_argument(
+        "--key",
+        help="idempotency key: running the same command again with it (say after a timeout) "
+        "shows the campaign the first run made instead of sending a second one",
+    )
     send.add_argument("--follow", action="store_true", help="show a live progress bar")
 
     show = sub.add_parser(
@@ -181,8 +186,11 @@ def run(args: argparse.Namespace) -> int:
                     "text": args.text.read_text(encoding="utf-8") if args.text else None,
                 },
                 "recipients": read_recipients(args.recipients),
+                "idempotency_key": args.key,
             }
             view = _call(client, "POST", "/v1/campaigns", json=body)
+            if view.get("replayed"):
+                print(f"campaign {view['id']} was made by an earlier run with this key")
             skipped = view.get("suppressed") or []
             print(
                 f"campaign {view['id']}: {view['recipients']:,} recipients, "

@@ -3,14 +3,17 @@ recipients at once, fanned out in chunks) or the agent's MailChimp account (rule
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import notices, suppression, validation
@@ -80,6 +83,9 @@ class CampaignRequest:
     from_name: str | None = None
     reply_to: str | None = None
     name: str | None = None
+    #: The producer's key for this request: repeating the request with it (say after a
+    #: timeout) answers with the campaign the first one created instead of a second campaign.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,20 @@ class CampaignView:
     detail: str | None
     created_at: datetime
     finished_at: datetime | None
+    #: True when this answers a repeated request (same idempotency key): nothing new was made.
+    replayed: bool = False
+
+
+class RequestKeyReused(DispatcherError):
+    """An idempotency key already created a campaign from a different request."""
+
+    def __init__(self, key: str, campaign_id: str) -> None:
+        super().__init__(
+            f"idempotency_key {key!r} already created campaign {campaign_id} from a different "
+            "request; use a new key for a new campaign"
+        )
+        self.field = "idempotency_key"
+        self.campaign_id = campaign_id
 
 
 def campaign_key(campaign_id: str) -> str:
@@ -167,6 +187,13 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         ),
     )
     tpl.check("message")
+    request_key = digest = None
+    if req.idempotency_key is not None:
+        request_key = validation.identifier("idempotency_key", req.idempotency_key)
+        digest = request_digest(req)
+        earlier = _replay(rt, req.user_id, request_key, digest)
+        if earlier is not None:
+            return earlier, []
     if req.from_name is not None:
         validation.header_text("from_name", req.from_name, max_len=200)
     if req.reply_to is not None:
@@ -214,31 +241,42 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
     chunks = (len(valid) + size - 1) // size
     # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
     #    meanwhile counts them as in flight: it can only under-grant).
-    with rt.sessions.begin() as session:
-        session.add(
-            Campaign(
-                id=campaign_id,
-                user_id=req.user_id,
-                provider=provider,
-                status=CampaignStatus.RESERVING if grant else CampaignStatus.RUNNING,
-                name=req.name,
-                subject=tpl.subject,
-                html=tpl.html,
-                text=tpl.text,
-                from_name=req.from_name,
-                reply_to=req.reply_to,
-                recipients=len(valid),
-                invalid=invalid,
-                suppressed=skipped,
-                chunks=chunks,
-                period=grant.period if grant else None,
-                grant_seq=grant.seq if grant else None,
-                created_at=now,
-                updated_at=now,
+    try:
+        with rt.sessions.begin() as session:
+            session.add(
+                Campaign(
+                    id=campaign_id,
+                    user_id=req.user_id,
+                    provider=provider,
+                    status=CampaignStatus.RESERVING if grant else CampaignStatus.RUNNING,
+                    name=req.name,
+                    subject=tpl.subject,
+                    html=tpl.html,
+                    text=tpl.text,
+                    from_name=req.from_name,
+                    reply_to=req.reply_to,
+                    recipients=len(valid),
+                    invalid=invalid,
+                    suppressed=skipped,
+                    chunks=chunks,
+                    period=grant.period if grant else None,
+                    grant_seq=grant.seq if grant else None,
+                    idempotency_key=request_key,
+                    request_digest=digest,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        )
-        session.flush()
-        _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+            session.flush()
+            _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+    except IntegrityError:
+        if request_key is None or digest is None:
+            raise
+        # The same key's request ran alongside this one and stored its campaign first.
+        earlier = _replay(rt, req.user_id, request_key, digest)
+        if earlier is None:
+            raise
+        return earlier, []
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:
         reservation = rt.quota.reserve(grant, campaign_key(campaign_id), len(valid))
@@ -292,6 +330,40 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
     # A MailChimp campaign is one job: MailChimp sends it whole.
     work = [0] if provider is Provider.MAILCHIMP else list(range(chunks))
     return view(rt, campaign_id), work
+
+
+def request_digest(req: CampaignRequest) -> str:
+    """A digest of everything a campaign request asks for (recipients in their order)."""
+    body = [
+        req.user_id,
+        req.provider,
+        req.subject,
+        req.html,
+        req.text,
+        req.from_name,
+        req.reply_to,
+        req.name,
+        [[r.contact_id, r.email, r.fields] for r in req.recipients],
+    ]
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | None:
+    """The campaign an earlier request with this key created, if any; raises
+    :class:`RequestKeyReused` when that request asked for something else."""
+    with rt.sessions() as session:
+        found = session.execute(
+            select(Campaign.id, Campaign.request_digest).where(
+                Campaign.user_id == user_id, Campaign.idempotency_key == key
+            )
+        ).first()
+    if found is None:
+        return None
+    if found.request_digest != digest:
+        raise RequestKeyReused(key, found.id)
+    log.info("campaign request repeated id=%s user=%s", found.id, user_id)
+    return replace(view(rt, found.id), replayed=True)
 
 
 def _insert_sends(

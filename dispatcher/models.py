@@ -329,6 +329,7 @@ class Campaign(Base):
     """One email to many contacts of one agent, through Command Email or MailChimp."""
 
     __tablename__ = "campaigns"
+    __table_args__ = (UniqueConstraint("user_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
@@ -354,6 +355,10 @@ class Campaign(Base):
     #: A wait too long for the broker's countdown: the beat sweep enqueues the chunks then.
     retry_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
+    #: The producer's key for the request that created it (unique per agent), and a digest of
+    #: that request: a repeat answers with this campaign, a different request is refused.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    request_digest: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

@@ -62,5 +62,6 @@ class Producer:
     def create_campaign(self, request: campaigns.CampaignRequest) -> campaigns.CampaignView:
         """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""
         view, chunks = campaigns.create(self.runtime, request)
-        campaigns.enqueue(self.runtime, view.id, chunks, self.queue)
+        if not view.replayed:  # a repeat: the first request handed out the work
+            campaigns.enqueue(self.runtime, view.id, chunks, self.queue)
         return view
