@@ -1,5 +1,4 @@
-"""MailChimp Marketing API v3: sync recipients to an agent's audience, then create and send one
-campaign to exactly them, retrying what MailChimp asks us to retry and never sending twice."""
+"""Async client of the MailChimp Marketing API v3 endpoints a campaign send needs."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -21,8 +19,15 @@ from urllib.parse import quote
 import httpx
 from redis import Redis
 
-from dispatcher.errors import InvalidInput, PermanentError, TransientError
 from dispatcher.limits import RedisSemaphore, SemaphoreTimeout
+from dispatcher.mailchimp.errors import (
+    FieldError,
+    MailchimpAuthFailed,
+    MailchimpRejected,
+    MailchimpUnavailable,
+    _Retry,
+)
+from dispatcher.mailchimp.values import Campaign, Member, MemberError, Segment, UpsertResult
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,197 +38,9 @@ MAX_CONNECTIONS = 10
 BATCH_SIZE = 500
 #: Largest page MailChimp returns from a collection.
 PAGE_SIZE = 1000
-#: Campaign statuses meaning the send action has been taken (a repeat would be refused).
-SENT_STATUSES = frozenset({"sending", "sent", "schedule"})
 
 _DATACENTER = re.compile(r"^[a-z]+[0-9]+$")
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One entry of the ``errors`` array of a MailChimp validation problem."""
-
-    field: str
-    message: str
-
-
-class MailchimpRejected(PermanentError):
-    """MailChimp refused the request (4xx other than 429): repeating it cannot help.
-
-    Carries MailChimp's problem document: ``status``, ``title``, ``detail``, ``errors``
-    (field-level validation messages) and ``instance`` (MailChimp's id of the failure).
-    """
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        status: int | None = None,
-        title: str = "",
-        errors: Sequence[FieldError] = (),
-        instance: str = "",
-        operation: str = "",
-        reason: str = "mailchimp_rejected",
-    ) -> None:
-        super().__init__(reason, detail, status)
-        self.status = status
-        self.title = title
-        self.errors = tuple(errors)
-        self.instance = instance
-        self.operation = operation
-        fields = "; ".join(f"{e.field}: {e.message}" for e in self.errors)
-        self.args = (f"{reason}: {detail}" + (f" ({fields})" if fields else ""),)
-
-
-class MailchimpAuthFailed(MailchimpRejected):
-    """The API key is malformed, revoked or not allowed (401/403): the agent must reconnect."""
-
-    def __init__(self, detail: str, **problem: Any) -> None:
-        super().__init__(detail, reason="mailchimp_auth_failed", **problem)
-
-
-class MailchimpUnavailable(TransientError):
-    """MailChimp was throttling, failing or unreachable through every retry; try again later.
-
-    ``retry_after`` is set when MailChimp asked for a longer pause than we wait in process.
-    """
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        status: int | None = None,
-        operation: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__("mailchimp_unavailable", detail, status)
-        self.status = status
-        self.operation = operation
-        self.retry_after = retry_after
-
-
-class _Retry(Exception):
-    """One attempt failed in a way worth repeating. ``ambiguous``: it may have taken effect."""
-
-    def __init__(
-        self, detail: str, *, status: int | None, ambiguous: bool, retry_after: float | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.status = status
-        self.ambiguous = ambiguous
-        self.retry_after = retry_after
-
-
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class Member:
-    """A recipient to put in the audience: email and optional first and last name."""
-
-    email: str
-    first_name: str | None = None
-    last_name: str | None = None
-
-    def payload(self) -> dict[str, Any]:
-        """The batch-subscribe item: new members subscribe, existing ones keep their status."""
-        item: dict[str, Any] = {"email_address": self.email, "status_if_new": "subscribed"}
-        merge = {
-            tag: value
-            for tag, value in (("FNAME", self.first_name), ("LNAME", self.last_name))
-            if value
-        }
-        if merge:
-            item["merge_fields"] = merge
-        return item
-
-
-@dataclass(frozen=True)
-class MemberError:
-    """A recipient MailChimp refused or will not mail, with its reason."""
-
-    email: str
-    error: str
-    code: str = ""
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    """What the batch subscribe calls reported."""
-
-    errors: tuple[MemberError, ...]
-    statuses: Mapping[str, str]  # lower-cased email -> status in the audience after the call
-    created: int
-    updated: int
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A static segment (MailChimp's ids of segments are integers)."""
-
-    id: int
-    name: str
-    member_count: int
-    errors: tuple[MemberError, ...] = ()  # emails MailChimp would not add to it
-
-    @classmethod
-    def of(cls, data: Mapping[str, Any]) -> Segment:
-        return cls(int(data["id"]), str(data.get("name", "")), int(data.get("member_count") or 0))
-
-
-@dataclass(frozen=True)
-class Campaign:
-    """The fields of a MailChimp campaign the dispatcher looks at."""
-
-    id: str
-    status: str
-    title: str
-    list_id: str
-    segment_id: int | None
-    emails_sent: int
-
-    @classmethod
-    def of(cls, data: Mapping[str, Any]) -> Campaign:
-        recipients = data.get("recipients") or {}
-        segment = (recipients.get("segment_opts") or {}).get("saved_segment_id")
-        return cls(
-            id=str(data["id"]),
-            status=str(data.get("status", "")),
-            title=str((data.get("settings") or {}).get("title", "")),
-            list_id=str(recipients.get("list_id", "")),
-            segment_id=int(segment) if segment is not None else None,
-            emails_sent=int(data.get("emails_sent") or 0),
-        )
-
-    @property
-    def went(self) -> bool:
-        """True once the send action was taken."""
-        return self.status in SENT_STATUSES
-
-
-@dataclass(frozen=True)
-class MailchimpOutcome:
-    """The result of :func:`send_campaign`.
-
-    ``recipients`` went into the campaign's segment (handed to MailChimp); ``errors`` are the
-    recipients that will not get the email, with MailChimp's reason. ``campaign_id`` is None
-    when no recipient was left to send to. ``already_sent``: an earlier run had sent it.
-    """
-
-    campaign_id: str | None
-    segment_id: int | None
-    status: str
-    recipients: tuple[str, ...]
-    errors: tuple[MemberError, ...]
-    already_sent: bool = False
-
-
-# --------------------------------------------------------------------------- client
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -676,106 +493,3 @@ def _retry_after(response: httpx.Response) -> float | None:
         return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
     except (TypeError, ValueError):
         return None
-
-
-# --------------------------------------------------------------------------- the whole send
-
-
-async def send_campaign(
-    client: MailchimpClient,
-    *,
-    list_id: str,
-    title: str,
-    recipients: Sequence[Member],
-    subject: str,
-    html: str,
-    text: str | None,
-    from_name: str,
-    reply_to: str,
-    segment_name: str | None = None,
-) -> MailchimpOutcome:
-    """Upsert the recipients, put the ones MailChimp will mail in a static segment, create the
-    campaign to it, set its content and send it.
-
-    ``title`` names the campaign and (by default) the segment and must be unique per campaign
-    of ours (e.g. derived from our campaign id): it is how a run repeated after a crash or a
-    redelivery finds what an earlier run made, so the campaign is created and sent at most once.
-    Raises :class:`MailchimpRejected` (never retry) or :class:`MailchimpUnavailable` (retry the
-    whole call later; it is safe).
-    """
-    members = _dedupe(recipients)
-    if not members:
-        raise InvalidInput("recipients", "a MailChimp campaign needs at least one recipient")
-    name = segment_name or title
-    log.info("mailchimp campaign %r: %d recipients for list %s", title, len(members), list_id)
-
-    upsert = await client.upsert_members(list_id, members)
-    errors = list(upsert.errors)
-    refused = {e.email.lower() for e in errors}
-    deliverable: list[str] = []
-    for m in members:
-        status = upsert.statuses.get(m.email.lower(), "subscribed")
-        if m.email.lower() in refused:
-            continue
-        if status != "subscribed":
-            errors.append(
-                MemberError(m.email, f"the contact is {status} in the MailChimp audience", status)
-            )
-            continue
-        deliverable.append(m.email)
-    log.info("mailchimp campaign %r: %d deliverable, %d not", title, len(deliverable), len(errors))
-    if not deliverable:
-        return MailchimpOutcome(None, None, "not_sent", (), tuple(errors))
-
-    existing = await client.find_campaign(list_id, title)
-    if existing is not None and existing.went:
-        log.info("mailchimp campaign %r: already sent as %s", title, existing.id)
-        return MailchimpOutcome(
-            existing.id,
-            existing.segment_id,
-            existing.status,
-            tuple(deliverable),
-            tuple(errors),
-            already_sent=True,
-        )
-    if existing is not None and existing.status != "save":
-        raise MailchimpRejected(
-            f"campaign {existing.id} is {existing.status!r} in MailChimp and cannot be sent",
-            operation="send_campaign",
-        )
-
-    segment = await client.find_segment(list_id, name)
-    if segment is None:
-        segment = await client.create_static_segment(list_id, name, deliverable)
-    elif segment.member_count != len(deliverable):
-        # An earlier run made it but may have stopped half way through adding members.
-        added = await client.add_segment_members(list_id, segment.id, deliverable)
-        segment = Segment(segment.id, name, len(deliverable) - len(added), added)
-    if segment.errors:
-        lost = {e.email.lower() for e in segment.errors}
-        errors.extend(segment.errors)
-        deliverable = [e for e in deliverable if e.lower() not in lost]
-
-    campaign = existing or await client.create_campaign(
-        list_id=list_id,
-        segment_id=segment.id,
-        title=title,
-        subject=subject,
-        from_name=from_name,
-        reply_to=reply_to,
-    )
-    await client.set_content(campaign.id, html, text)
-    status = await client.send(campaign.id)
-    return MailchimpOutcome(campaign.id, segment.id, status, tuple(deliverable), tuple(errors))
-
-
-def _dedupe(recipients: Iterable[Member]) -> list[Member]:
-    """First occurrence of each address; MailChimp compares addresses without case."""
-    seen: set[str] = set()
-    out: list[Member] = []
-    for m in recipients:
-        email = m.email.strip()
-        if email and email.lower() not in seen:
-            seen.add(email.lower())
-            out.append(replace(m, email=email))
-    return out
