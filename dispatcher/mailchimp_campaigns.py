@@ -4,15 +4,17 @@ says the email went out through MailChimp (rule R11)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, or_, select, update
 
 from dispatcher import suppression
 from dispatcher.campaign_delivery import Outcome, complete_if_done, settle
-from dispatcher.errors import RenderError
+from dispatcher.errors import NotFound, RenderError, SendBusy
 from dispatcher.mailchimp import (
     MailchimpClient,
     MailchimpOutcome,
@@ -26,6 +28,8 @@ from dispatcher.rendering import MessageTemplate, Rendered
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Our merge fields as MailChimp merge tags: MailChimp fills them per recipient.
 MERGE_TAGS = {"first_name": "*|FNAME|*", "last_name": "*|LNAME|*", "email": "*|EMAIL|*"}
@@ -47,6 +51,18 @@ def deliver_mailchimp(
     """
     if c.status is not CampaignStatus.RUNNING:
         return c.status
+    held = _claim(rt, c.id)
+    if held is None:
+        return _status(rt, c.id)
+    try:
+        return _deliver_held(rt, c, user, held, final_attempt=final_attempt)
+    finally:
+        _release(rt, c.id, held)
+
+
+def _deliver_held(
+    rt: Runtime, c: Campaign, user: User, held: list[datetime], *, final_attempt: bool
+) -> CampaignStatus:
     with rt.sessions() as session:
         rows = session.execute(
             select(Send.id, Send.contact_email, Send.merge_fields).where(
@@ -96,7 +112,7 @@ def deliver_mailchimp(
         for r in rows
     ]
     try:
-        outcome = asyncio.run(_send(rt, c, user, members, rendered))
+        outcome = asyncio.run(_holding(rt, c.id, held, _send(rt, c, user, members, rendered)))
     except MailchimpRejected as exc:
         return _fail_all(rt, c, rows, exc.reason, str(exc))
     except MailchimpUnavailable as exc:
@@ -153,6 +169,99 @@ async def _send(
             from_name=c.from_name or sender.partition("@")[0],
             reply_to=c.reply_to or sender,
         )
+
+
+# --------------------------------------------------------------------------- the job's lease
+
+
+def _lease(rt: Runtime) -> timedelta:
+    return timedelta(seconds=rt.settings.send_lease_seconds)
+
+
+def _claim(rt: Runtime, campaign_id: str) -> list[datetime] | None:
+    """Take the job's lease; a one-item list holding its expiry (renewals replace it), or
+    None when the campaign is no longer running. Raises :class:`SendBusy` while another run
+    holds the lease."""
+    now = rt.clock.now()
+    until = now + _lease(rt)
+    with rt.sessions.begin() as session:
+        won = session.execute(
+            update(Campaign)
+            .where(
+                Campaign.id == campaign_id,
+                Campaign.status == CampaignStatus.RUNNING,
+                or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+            )
+            .values(lease_until=until, updated_at=now)
+        )
+        if cast(CursorResult[Any], won).rowcount == 1:
+            return [until]
+        row = session.execute(
+            select(Campaign.status, Campaign.lease_until).where(Campaign.id == campaign_id)
+        ).one()
+    if row.status is not CampaignStatus.RUNNING or row.lease_until is None:
+        return None
+    log.info("mailchimp job id=%s is held by another run; stepping back", campaign_id)
+    raise SendBusy(campaign_id, (row.lease_until - now).total_seconds() + 1)
+
+
+def _renew(rt: Runtime, campaign_id: str, held: list[datetime]) -> bool:
+    """Extend the lease if it is still ours (fenced on its expiry); false when it was lost."""
+    now = rt.clock.now()
+    until = now + _lease(rt)
+    with rt.sessions.begin() as session:
+        kept = session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.lease_until == held[0])
+            .values(lease_until=until, updated_at=now)
+        )
+    if cast(CursorResult[Any], kept).rowcount != 1:
+        return False
+    held[0] = until
+    return True
+
+
+def _release(rt: Runtime, campaign_id: str, held: list[datetime]) -> None:
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.lease_until == held[0])
+            .values(lease_until=None)
+        )
+
+
+async def _holding(rt: Runtime, campaign_id: str, held: list[datetime], work: Awaitable[T]) -> T:
+    """Await ``work`` while renewing the lease every third of its length; should the lease
+    be lost (this run stalled past it and another took over), the work is cancelled."""
+    every = _lease(rt).total_seconds() / 3
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(every)
+            if not await asyncio.to_thread(_renew, rt, campaign_id, held):
+                return
+
+    job = asyncio.ensure_future(work)
+    keeper = asyncio.ensure_future(keep())
+    try:
+        await asyncio.wait({job, keeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        keeper.cancel()
+    if not job.done():
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        log.error("mailchimp job id=%s lost its lease mid-run; stopped", campaign_id)
+        raise SendBusy(campaign_id, every)
+    return job.result()
+
+
+def _status(rt: Runtime, campaign_id: str) -> CampaignStatus:
+    with rt.sessions() as session:
+        status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+    if status is None:
+        raise NotFound("campaign", campaign_id)
+    return status
 
 
 def _fail_all(

@@ -355,6 +355,9 @@ class Campaign(Base):
     #: A wait too long for the broker's countdown: the beat sweep enqueues the chunks then.
     retry_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
+    #: A MailChimp campaign's job: held by the run talking to MailChimp (renewed while it
+    #: runs), so a redelivered or re-enqueued job never runs alongside it.
+    lease_until: Mapped[datetime | None]
     #: The producer's key for the request that created it (unique per agent), and a digest of
     #: that request: a repeat answers with this campaign, a different request is refused.
     idempotency_key: Mapped[str | None] = mapped_column(String(128))

@@ -292,6 +292,8 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
             .where(
                 Campaign.status == CampaignStatus.RUNNING,
                 Campaign.updated_at < cutoff,
+                # A MailChimp job's run renews its lease (and updated_at) while it works.
+                or_(Campaign.lease_until.is_(None), Campaign.lease_until < rt.clock.now()),
                 or_(Campaign.retry_at.is_(None), Campaign.retry_at <= rt.clock.now()),
             )
             .limit(limit)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from dispatcher.models import TimelineEvent
+from dispatcher import campaign_delivery, campaigns
+from dispatcher.errors import SendBusy
+from dispatcher.models import Campaign, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from dispatcher.subscriptions import credits
@@ -107,3 +113,129 @@ def test_a_mailchimp_campaign_needs_a_connected_account(runtime: Runtime, api_cl
     make_user(runtime)
     r = api_client.post("/v1/campaigns", json=body(3))
     assert r.status_code == 422 and r.json()["field"] == "provider"
+
+
+def test_two_runs_of_one_mailchimp_job_at_once_send_it_once(
+    make_runtime: Any, fake: FakeMailchimp
+) -> None:
+    # A redelivered or re-enqueued job while the first run still talks to MailChimp: the
+    # second run finds the campaign leased and steps back; MailChimp gets one campaign.
+    fake.latency = 0.1
+    first, second = make_runtime(), make_runtime()
+    connect(first)
+    view, [chunk] = campaigns.create(first, campaign_request(20))
+    item = f"{view.id}:{chunk}"
+    start = threading.Barrier(2)
+
+    def run(rt: Runtime) -> str:
+        start.wait()
+        try:
+            return campaign_delivery.deliver_chunk(rt, item).value
+        except SendBusy:
+            return "busy"
+
+    with ThreadPoolExecutor(2) as pool:
+        results = sorted(pool.map(run, (first, second)))
+    [campaign] = fake.campaigns()
+    assert fake.send_actions[campaign.id] == 1
+    assert results == ["busy", "completed"]
+    # The run that stepped back, retried later, finds the work done and sends nothing more.
+    assert campaign_delivery.deliver_chunk(second, item).value == "completed"
+    assert len(fake.campaigns()) == 1 and fake.send_actions[campaign.id] == 1
+
+
+def test_a_mailchimp_job_whose_run_died_is_taken_over_once_its_lease_ran_out(
+    runtime: Runtime, fake: FakeMailchimp, clock: Any
+) -> None:
+    connect(runtime)
+    view, [chunk] = campaigns.create(runtime, campaign_request(5))
+    # A run that died holding the job: its lease stays until it runs out.
+    now = clock.now()
+    with runtime.sessions.begin() as session:
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == view.id)
+            .values(lease_until=now + timedelta(seconds=30))
+        )
+    with pytest.raises(SendBusy) as busy:
+        campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}")
+    assert 29 <= busy.value.retry_after <= 32
+    assert fake.campaigns() == []
+    clock.advance(timedelta(seconds=31))
+    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
+    [campaign] = fake.campaigns()
+    assert fake.send_actions[campaign.id] == 1
+    with runtime.sessions() as session:
+        assert session.scalar(select(Campaign.lease_until).where(Campaign.id == view.id)) is None
+
+
+def test_a_run_longer_than_its_lease_keeps_it_and_one_that_lost_it_stops(
+    make_runtime: Any, fake: FakeMailchimp, clock: Any
+) -> None:
+    # A 3-second lease renewed every (real) second, while the clock runs twice as fast.
+    fake.latency = 0.5
+    owner = make_runtime(task_time_limit=2, send_lease_seconds=3)
+    other = make_runtime(task_time_limit=2, send_lease_seconds=3)
+    connect(owner)
+    view, [chunk] = campaigns.create(owner, campaign_request(10))
+    item = f"{view.id}:{chunk}"
+    started = clock.now()
+    ticking = threading.Event()
+
+    def tick() -> None:
+        while not ticking.wait(0.25):
+            clock.advance(timedelta(seconds=0.5))
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(campaign_delivery.deliver_chunk, owner, item)
+            # Past the lease's first length on the clock, the run still holds it: renewed.
+            wait_for(lambda: clock.now() - started >= timedelta(seconds=4), what="4 s on")
+            assert not running.done()
+            with pytest.raises(SendBusy):
+                campaign_delivery.deliver_chunk(other, item)
+            assert running.result(timeout=30).value == "completed"
+    finally:
+        ticking.set()
+        ticker.join()
+    [campaign] = fake.campaigns()
+    assert fake.send_actions[campaign.id] == 1
+
+
+def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
+    make_runtime: Any, fake: FakeMailchimp, clock: Any
+) -> None:
+    # Each MailChimp call takes a second; the lease is renewed every second.
+    fake.latency = 1.0
+    rt = make_runtime(task_time_limit=2, send_lease_seconds=3)
+    connect(rt)
+    view, [chunk] = campaigns.create(rt, campaign_request(10))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(campaign_delivery.deliver_chunk, rt, f"{view.id}:{chunk}")
+        time.sleep(0.3)  # the run holds the lease and is in its first call (the audience sync)
+        # It stalls past its lease (as if): another run takes the job over.
+        with rt.sessions.begin() as session:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == view.id)
+                .values(lease_until=clock.now() + timedelta(hours=1))
+            )
+        with pytest.raises(SendBusy):
+            running.result(timeout=30)  # its next renewal finds the lease gone: it stops
+    assert fake.campaigns() == [], "the stopped run went on to create a campaign"
+    assert fake.send_actions == {} or sum(fake.send_actions.values()) == 0
+
+
+def campaign_request(n: int) -> campaigns.CampaignRequest:
+    return campaigns.CampaignRequest(
+        user_id="agent-1",
+        provider="mailchimp",
+        subject="Market update for {{ first_name }}",
+        html="<p>Hi {{ first_name }}, prices are up.</p>",
+        recipients=[
+            campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
+            for i in range(n)
+        ],
+    )

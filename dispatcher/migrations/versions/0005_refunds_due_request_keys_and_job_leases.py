@@ -1,5 +1,5 @@
-"""refunds due (a failed send's credit still to be given back in Redis) and campaign
-request keys (a repeated POST answers with the campaign it created)
+"""refunds due (a failed send's credit still to be given back in Redis), campaign request
+keys (a repeated POST answers with the campaign it created) and MailChimp job leases
 
 Revision ID: 0005
 Revises: 0004
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+import dispatcher.models
 
 revision = "0005"
 down_revision = "0004"
@@ -26,6 +28,9 @@ def upgrade() -> None:
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
         batch_op.add_column(sa.Column("idempotency_key", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("request_digest", sa.String(length=64), nullable=True))
+        batch_op.add_column(
+            sa.Column("lease_until", dispatcher.models.UTCDateTime(timezone=True), nullable=True)
+        )
         batch_op.create_unique_constraint(
             batch_op.f("uq_campaigns_user_id"), ["user_id", "idempotency_key"]
         )
@@ -34,6 +39,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("uq_campaigns_user_id"), type_="unique")
+        batch_op.drop_column("lease_until")
         batch_op.drop_column("request_digest")
         batch_op.drop_column("idempotency_key")
 
