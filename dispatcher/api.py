@@ -256,6 +256,14 @@ class Unauthorized(Exception):
     """Raised by the auth dependency; answered with 401 and a Bearer challenge."""
 
 
+class Forbidden(Exception):
+    """An operator's endpoint with no operator token configured; answered with 403."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 _BEARER = HTTPBearer(auto_error=False)
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
@@ -278,6 +286,16 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             raise Unauthorized()
 
     auth = [Depends(authorized)]
+    ops_tokens = [t.encode() for t in rt.settings.ops_tokens]
+
+    def operator(creds: BearerCredentials) -> None:
+        if not ops_tokens:
+            raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
+        given = creds.credentials.encode() if creds else b""
+        if not any([hmac.compare_digest(given, t) for t in ops_tokens]) or not given:
+            raise Unauthorized()
+
+    ops_auth = [Depends(operator)]
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_r: Request, _e: Unauthorized) -> JSONResponse:
@@ -287,6 +305,10 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             "a valid bearer token is required",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_r: Request, exc: Forbidden) -> JSONResponse:
+        return _problem(403, "forbidden", exc.detail)
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_r: Request, exc: InvalidInput) -> JSONResponse:
@@ -527,9 +549,11 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         newest first."""
         return [AlertOut(**asdict(a)) for a in alerts.recent(rt, user_id=user_id, limit=limit)]
 
-    @app.post("/v1/relay/resume", dependencies=auth)
+    @app.post("/v1/relay/resume", dependencies=ops_auth, responses={403: {"model": Problem}})
     def resume_relay() -> dict[str, bool]:
-        """Lift a halt on the SMTP relay (after the credentials were fixed)."""
+        """Lift a halt on the SMTP relay (after the credentials were fixed). Needs an
+        operator token (``OPS_TOKENS``), not a producer's; ``dispatcher relay resume`` does
+        the same from a shell."""
         return {"resumed": rt.relay.resume()}
 
     @app.post("/u/{token}", include_in_schema=True, tags=["recipients"])

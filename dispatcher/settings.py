@@ -67,6 +67,8 @@ class Settings:
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
     mailchimp_base_url: str | None = None
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: Bearer tokens of operators: only these may lift a relay halt over HTTP.
+    ops_tokens: tuple[str, ...] = field(default=(), repr=False)
     free_plan_credits: int = 5000
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
     plan_catalog: tuple[tuple[str, int, int], ...] | None = None
@@ -124,6 +126,8 @@ class Settings:
                 "SEND_LEASE_SECONDS",
                 f"must exceed TASK_TIME_LIMIT ({self.task_time_limit}s) so a live send keeps it",
             )
+        if set(self.ops_tokens) & set(self.api_tokens):
+            raise ConfigError("OPS_TOKENS", "an operator token must differ from every API token")
         if "@" not in parseaddr(self.mail_from)[1]:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -262,6 +266,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "smtp_starttls": _bool,
     "smtp_timeout": _float,
     "api_tokens": _tokens,
+    "ops_tokens": _tokens,
     "free_plan_credits": _int,
     "plan_catalog": lambda name, value: _plan_catalog(name, value),
     "renewal_sweep_seconds": _int,

@@ -57,6 +57,26 @@ def test_requests_without_a_valid_token_get_401(runtime: Runtime, queue: InlineQ
     assert queue.enqueued == []
 
 
+def test_only_an_operator_token_lifts_a_relay_halt(make_runtime: Any, queue: InlineQueue) -> None:
+    halt = "535 5.7.8 authentication failed (at login)"
+    # With no operator token configured, nobody lifts it over HTTP (the CLI still can).
+    closed = make_runtime()
+    closed.relay.halt(halt)
+    r = TestClient(create_api(closed, queue), headers=HEADERS).post("/v1/relay/resume")
+    assert r.status_code == 403 and "OPS_TOKENS" in r.json()["detail"]
+    assert closed.relay.halted() is not None
+
+    rt = make_runtime(ops_tokens=("ops-token-456",))
+    api = TestClient(create_api(rt, queue))
+    for token in ("test-token-123", "wrong-token-000"):  # a producer's token is not enough
+        r = api.post("/v1/relay/resume", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401
+    assert rt.relay.halted() is not None
+    r = api.post("/v1/relay/resume", headers={"Authorization": "Bearer ops-token-456"})
+    assert r.status_code == 200 and r.json() == {"resumed": True}
+    assert rt.relay.halted() is None
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
