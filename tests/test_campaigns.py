@@ -50,14 +50,17 @@ def to_contacts(server: DevSMTPServer) -> list[Received]:
     return [m for m in server.messages if m.rcpt_tos[0].startswith("person")]
 
 
-def settled_count(server: DevSMTPServer, quiet: float = 0.8) -> int:
-    """The number of messages once none has arrived for ``quiet`` seconds."""
-    count, since = len(server.messages), time.monotonic()
-    while time.monotonic() - since < quiet:
-        time.sleep(0.05)
-        if len(server.messages) != count:
-            count, since = len(server.messages), time.monotonic()
-    return count
+def settled_count(server: DevSMTPServer, api: Any, campaign_id: str) -> int:
+    """The number of messages once the batches handed out before a pause have finished: no
+    recipient of the campaign is ``sending`` and no task runs in the worker."""
+    from celery.worker import state
+
+    def quiet() -> bool:
+        counts = api.get(f"/v1/campaigns/{campaign_id}").json()["counts"]
+        return counts["sending"] == 0 and not state.active_requests
+
+    wait_for(quiet, what="the batches in flight finished")
+    return len(server.messages)
 
 
 def finished(api: Any, campaign_id: str) -> bool:
@@ -141,7 +144,7 @@ def test_pause_resume_cancel_never_sends_twice_and_returns_unsent_credits(
     cid = api_client.post("/v1/campaigns", json=campaign_body(1500)).json()["id"]
     wait_for(lambda: len(smtp_server.messages) >= 100, what="first messages")
     assert api_client.post(f"/v1/campaigns/{cid}/pause").json()["status"] == "paused"
-    paused_at = settled_count(smtp_server)  # batches already handed out finish
+    paused_at = settled_count(smtp_server, api_client, cid)  # batches in flight finish
     time.sleep(1.0)
     assert len(smtp_server.messages) == paused_at, "sending went on while paused"
     assert paused_at < 1500

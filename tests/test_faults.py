@@ -29,6 +29,7 @@ from dispatcher.errors import DeliveryDeferred, NotAttempted
 from dispatcher.message import Envelope
 from dispatcher.models import CampaignStatus, Send, SendStatus
 from dispatcher.ports import InlineQueue
+from dispatcher.ratelimit import RateLimit, RelayRateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
 from dispatcher.subscriptions import credits
@@ -209,9 +210,9 @@ def test_connection_dropped_after_data_is_unknown_keeps_the_credit_and_is_never_
 def test_no_reply_to_the_final_dot_within_the_timeout_is_unknown(
     make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
 ) -> None:
-    rt = make_runtime(smtp_timeout=0.5)
+    rt = make_runtime(smtp_timeout=2.0)
     send_id = one_send(rt)
-    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [slow(1.5)]})
+    smtp_server.handler.fault = FaultPlan(by_recipient={ADDRESS: [slow(4.0)]})
 
     assert delivery.deliver(rt, send_id) is SendStatus.UNKNOWN
 
@@ -364,13 +365,14 @@ def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sw
     from workers.app import create_app
     from workers.queue import CeleryTaskQueue
 
-    rt = make_runtime(smtp_rate_per_hour=1)  # the second send must wait about an hour
+    rt = make_runtime(smtp_rate_per_hour=1)  # a send must wait about an hour
     app = create_app(rt.settings, rt)
     make_user(rt)
     queue = CeleryTaskQueue(app)
+    # The hour's one message went out a moment ago (through another worker, say).
+    hourly = RelayRateLimiter(rt.redis, rt.relay.relay, RateLimit.from_settings(rt.settings))
+    assert hourly.try_acquire() == 0.0
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
-        first = submit_send(rt, queue, send_request()).send_id
-        wait_for(lambda: get_send(rt, first).status == "sent", what="first sent")
         second = submit_send(rt, queue, send_request(n=2)).send_id
 
         def parked() -> bool:
@@ -384,7 +386,7 @@ def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sw
             due = session.scalar(select(Send.retry_at).where(Send.id == second))
         assert due is not None
         assert 3000 < (due - clock.now()).total_seconds() <= 3601
-        assert len(smtp_server.messages) == 1
+        assert smtp_server.messages == []
 
         # Beat's sweep leaves it until it is due, then hands it to the broker again.
         inline = InlineQueue()
@@ -396,7 +398,7 @@ def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sw
         assert second in inline.enqueued
         with rt.sessions() as session:
             assert session.scalar(select(Send.retry_at).where(Send.id == second)) is None
-    assert used(rt) == 2
+    assert used(rt) == 1  # its credit, held while it waits
 
 
 def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
@@ -446,8 +448,8 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
         campaign_chunk_size=50,
         smtp_pool_size=4,
         smtp_rate_per_second=10,
-        task_time_limit=2,  # the chunk stops starting messages after 1 s
-        send_lease_seconds=5,
+        task_time_limit=6,  # the chunk stops starting messages after 3 s
+        send_lease_seconds=10,
     )
     make_user(rt)
     view, _ = campaigns.create(rt, campaign_request(50))
@@ -456,7 +458,7 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
     assert held.value.reason == "chunk_yield"
     after = campaigns.view(rt, view.id)
     sent = after.counts["sent"]
-    assert 5 <= sent <= 25, sent  # about one second's worth at 10/s
+    assert 1 <= sent <= 45, sent  # about three seconds' worth at 10/s, never all 50
     assert after.counts["reserved"] == 50 - sent  # the rest waits for the retry, unattempted
     assert after.counts["sending"] == after.counts["unknown"] == 0
     with rt.sessions() as session:
