@@ -37,6 +37,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.subscriptions import ensure_current
 from dispatcher.timeline import record_outcome
 from dispatcher.transports.classify import HARD_BOUNCE, POLICY
+from dispatcher.unsubscribe import smartplan_headers
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
             reply_to=send.reply_to,
             message_id=send.message_id,
             date=now,
+            extra_headers=smartplan_headers(
+                rt.settings, send.id, send.smartplan_id or "", send.user_id
+            ),
         ).as_bytes()
     except RenderError as exc:
         return _finish(

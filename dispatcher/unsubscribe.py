@@ -1,5 +1,5 @@
-"""One-click unsubscribe (RFC 8058): the bulk-sender headers on campaign mail and the signed,
-opaque token their link carries.
+"""One-click unsubscribe (RFC 8058): the bulk-sender headers on campaign and SmartPlan mail
+and the signed, opaque token their link carries.
 
 The token is the send's id and an HMAC-SHA256 tag over it, base64url-encoded: it names no
 agent, contact or address, and cannot be forged or altered without the key
@@ -88,10 +88,17 @@ class BulkHeaders:
         """The ``List-Unsubscribe`` field: the one-click HTTPS link, then the mailto; folded
         after the comma (both parts are ASCII)."""
         token = token_for(self.settings, send_id)
-        return (
-            f"List-Unsubscribe: <{self._base}{token}>,\r\n"
-            f" <{self._mailto}?subject=unsubscribe%20{token}>\r\n"
-        ).encode("ascii")
+        return (f"List-Unsubscribe: <{self.link(token)}>,\r\n <{self.mailto(token)}>\r\n").encode(
+            "ascii"
+        )
+
+    def link(self, token: str) -> str:
+        """The one-click HTTPS link for ``token``."""
+        return self._base + token
+
+    def mailto(self, token: str) -> str:
+        """The mailto alternative for ``token``."""
+        return f"{self._mailto}?subject=unsubscribe%20{token}"
 
 
 def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHeaders:
@@ -105,6 +112,21 @@ def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHead
         },
         settings=settings,
     )
+
+
+def smartplan_headers(
+    settings: Settings, send_id: str, smartplan_id: str, user_id: str
+) -> dict[str, str]:
+    """The same bulk-sender headers for one SmartPlan email (a drip plan's mail is bulk mail
+    too): ``List-Id`` names the plan under the agent, the link unsubscribes from the agent."""
+    bulk = bulk_headers(
+        settings, f"plan-{hashlib.sha256(smartplan_id.encode()).hexdigest()[:12]}", user_id
+    )
+    token = token_for(settings, send_id)
+    return {
+        "List-Unsubscribe": f"<{bulk.link(token)}>, <{bulk.mailto(token)}>",
+        **bulk.constant,
+    }
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,38 @@ def test_an_expired_entry_can_be_renewed_and_a_permanent_one_is_never_shortened(
     )
     kept = later.json()
     assert (kept["reason"], kept["expires_at"], kept["contact_id"]) == ("unsubscribe", None, "c-b")
+
+
+def smartplan_body(step: str) -> dict[str, Any]:
+    return {
+        "user_id": "agent-1",
+        "contact": {"id": "c-9", "email": "pat@example.org", "fields": {"first_name": "Pat"}},
+        "smartplan": {"plan_id": "buyers-drip", "run_id": "run-1", "step_id": step},
+        "message": {"subject": "Step {{ first_name }}", "html": "<p>New listings</p>"},
+    }
+
+
+def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_uncharged(
+    runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
+) -> None:
+    make_user(runtime)
+    first = api_client.post("/v1/sends", json=smartplan_body("step-1")).json()["id"]
+    wait_for(lambda: api_client.get(f"/v1/sends/{first}").json()["status"] == "sent")
+    [message] = smtp_server.messages
+    msg = message.parsed()
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert re.fullmatch(r"<plan-[0-9a-f]{12}\.[0-9a-f]{12}\.mail\.example\.com>", msg["List-Id"])
+    assert "mailto:unsubscribe@mail.example.com" in str(msg["List-Unsubscribe"])
+
+    path = "/u/" + one_click_url(message).rsplit("/u/", 1)[1]
+    r = api_client.post(path, content="List-Unsubscribe=One-Click", headers={"Authorization": ""})
+    assert r.status_code == 200, r.text
+    assert [s["reason"] for s in api_client.get("/v1/users/agent-1/suppressions").json()] == [
+        "unsubscribe"
+    ]
+
+    second = api_client.post("/v1/sends", json=smartplan_body("step-2")).json()["id"]
+    wait_for(lambda: api_client.get(f"/v1/sends/{second}").json()["status"] == "failed")
+    assert api_client.get(f"/v1/sends/{second}").json()["reason"] == "suppressed"
+    assert len(smtp_server.messages) == 1
+    assert credits(runtime, "agent-1").used == 1
