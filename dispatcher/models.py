@@ -221,7 +221,7 @@ class Send(Base):
     outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Failed with its credit to come back, and Redis has not confirmed the refund yet (set
     #: with the outcome, cleared once Redis gave the credit back; the beat retries the rest).
-    refund_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    refund_due: Mapped[bool] = mapped_column(Boolean, server_default=false())
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
