@@ -181,18 +181,20 @@ def deliver(rt: Runtime, send_id: str, *, final_attempt: bool = False) -> SendSt
         rendered = MessageTemplate(send.subject, send.html, send.text).render(
             context_for(send.contact_id, send.contact_email, send.merge_fields)
         )
-        message = build_message(
-            rendered,
-            from_address=from_address,
-            from_name=send.from_name,
-            to_address=send.contact_email,
-            reply_to=send.reply_to,
-            message_id=send.message_id,
-            date=now,
-            extra_headers=smartplan_headers(
-                rt.settings, send.id, send.smartplan_id or "", send.user_id
-            ),
-        ).as_bytes()
+        bulk = smartplan_headers(rt.settings, send.smartplan_id or "", send.user_id)
+        message = (
+            bulk.list_unsubscribe_field(send.id)
+            + build_message(
+                rendered,
+                from_address=from_address,
+                from_name=send.from_name,
+                to_address=send.contact_email,
+                reply_to=send.reply_to,
+                message_id=send.message_id,
+                date=now,
+                extra_headers=bulk.constant,
+            ).as_bytes()
+        )
     except RenderError as exc:
         return _finish(
             rt,

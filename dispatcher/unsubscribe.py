@@ -114,19 +114,13 @@ def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHead
     )
 
 
-def smartplan_headers(
-    settings: Settings, send_id: str, smartplan_id: str, user_id: str
-) -> dict[str, str]:
-    """The same bulk-sender headers for one SmartPlan email (a drip plan's mail is bulk mail
-    too): ``List-Id`` names the plan under the agent, the link unsubscribes from the agent."""
-    bulk = bulk_headers(
-        settings, f"plan-{hashlib.sha256(smartplan_id.encode()).hexdigest()[:12]}", user_id
-    )
-    token = token_for(settings, send_id)
-    return {
-        "List-Unsubscribe": f"<{bulk.link(token)}>, <{bulk.mailto(token)}>",
-        **bulk.constant,
-    }
+def smartplan_headers(settings: Settings, smartplan_id: str, user_id: str) -> BulkHeaders:
+    """The same bulk-sender headers for a SmartPlan's mail (a drip plan's mail is bulk mail
+    too): ``List-Id`` names the plan under the agent, the link unsubscribes from the agent.
+    The ``List-Unsubscribe`` field goes in as the bytes :meth:`BulkHeaders.list_unsubscribe_field`
+    makes: the email package would fold its long link into encoded words no provider reads."""
+    plan = hashlib.sha256(smartplan_id.encode()).hexdigest()[:12]
+    return bulk_headers(settings, f"plan-{plan}", user_id)
 
 
 @dataclass(frozen=True)
