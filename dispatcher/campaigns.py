@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, delete, func, insert, select, update
+from sqlalchemy import CursorResult, Table, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -479,11 +479,18 @@ def _transition(
             raise NotFound("campaign", campaign_id)
         result = session.execute(
             update(Campaign)
-            .where(Campaign.id == campaign_id, Campaign.status.in_(allowed))
+            .where(
+                Campaign.id == campaign_id,
+                Campaign.status.in_(allowed),
+                # Not while a MailChimp job talks to MailChimp: it may be sending right now.
+                or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+            )
             .values(status=to, updated_at=now, finished_at=now if to.terminal else None)
         )
         if cast(CursorResult[Any], result).rowcount != 1:
             session.refresh(c)
+            if c.status in allowed and c.lease_until is not None:
+                action += " while its MailChimp job runs (try again once it has finished)"
             raise CampaignStateError(campaign_id, c.status.value, action)
         session.refresh(c)
         session.expunge(c)

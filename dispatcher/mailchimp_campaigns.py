@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import suppression
 from dispatcher.campaign_delivery import Outcome, complete_if_done, settle
@@ -51,17 +52,19 @@ def deliver_mailchimp(
     """
     if c.status is not CampaignStatus.RUNNING:
         return c.status
-    held = _claim(rt, c.id)
-    if held is None:
+    lease = JobLease.claim(rt, c.id)
+    if lease is None:
         return _status(rt, c.id)
+    # Attempts are counted in SQL: waiting for a lease or for Redis uses none of them.
+    final = final_attempt or lease.attempt > rt.settings.send_max_retries
     try:
-        return _deliver_held(rt, c, user, held, final_attempt=final_attempt)
+        return _deliver_held(rt, c, user, lease, final_attempt=final)
     finally:
-        _release(rt, c.id, held)
+        lease.release()
 
 
 def _deliver_held(
-    rt: Runtime, c: Campaign, user: User, held: list[datetime], *, final_attempt: bool
+    rt: Runtime, c: Campaign, user: User, lease: JobLease, *, final_attempt: bool
 ) -> CampaignStatus:
     with rt.sessions() as session:
         rows = session.execute(
@@ -112,13 +115,16 @@ def _deliver_held(
         for r in rows
     ]
     try:
-        outcome = asyncio.run(_holding(rt, c.id, held, _send(rt, c, user, members, rendered)))
+        outcome = asyncio.run(lease.hold_during(_send(rt, c, user, members, rendered)))
     except MailchimpRejected as exc:
+        lease.confirm()
         return _fail_all(rt, c, rows, exc.reason, str(exc))
     except MailchimpUnavailable as exc:
         if final_attempt:
+            lease.confirm()
             return _fail_all(rt, c, rows, exc.reason, f"gave up after retries: {exc}")
         raise
+    lease.confirm()
     refused = {e.email.lower(): e.error for e in outcome.errors}
     detail = f"sent through MailChimp (campaign {outcome.campaign_id})"
     outcomes: list[Outcome] = [
@@ -174,86 +180,114 @@ async def _send(
 # --------------------------------------------------------------------------- the job's lease
 
 
-def _lease(rt: Runtime) -> timedelta:
-    return timedelta(seconds=rt.settings.send_lease_seconds)
+class JobLease:
+    """A MailChimp job's hold on its campaign (``campaigns.lease_until``), fenced on the
+    expiry this run wrote: only the run holding it talks to MailChimp or records outcomes.
+    Each claim counts one attempt of the job (``campaigns.attempts``)."""
 
+    def __init__(self, rt: Runtime, campaign_id: str, until: datetime, attempt: int) -> None:
+        self.rt = rt
+        self.campaign_id = campaign_id
+        self.until = until
+        self.attempt = attempt
 
-def _claim(rt: Runtime, campaign_id: str) -> list[datetime] | None:
-    """Take the job's lease; a one-item list holding its expiry (renewals replace it), or
-    None when the campaign is no longer running. Raises :class:`SendBusy` while another run
-    holds the lease."""
-    now = rt.clock.now()
-    until = now + _lease(rt)
-    with rt.sessions.begin() as session:
-        won = session.execute(
-            update(Campaign)
-            .where(
-                Campaign.id == campaign_id,
-                Campaign.status == CampaignStatus.RUNNING,
-                or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+    @property
+    def length(self) -> timedelta:
+        return timedelta(seconds=self.rt.settings.send_lease_seconds)
+
+    @classmethod
+    def claim(cls, rt: Runtime, campaign_id: str) -> JobLease | None:
+        """Take the lease; None when the campaign is no longer running. Raises
+        :class:`SendBusy` while another run holds it."""
+        now = rt.clock.now()
+        until = now + timedelta(seconds=rt.settings.send_lease_seconds)
+        with rt.sessions.begin() as session:
+            won = session.execute(
+                update(Campaign)
+                .where(
+                    Campaign.id == campaign_id,
+                    Campaign.status == CampaignStatus.RUNNING,
+                    or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+                )
+                .values(lease_until=until, updated_at=now, attempts=Campaign.attempts + 1)
+                .returning(Campaign.attempts)
+            ).scalar()
+            if won is not None:
+                return cls(rt, campaign_id, until, int(won))
+            row = session.execute(
+                select(Campaign.status, Campaign.lease_until).where(Campaign.id == campaign_id)
+            ).one()
+        if row.status is not CampaignStatus.RUNNING or row.lease_until is None:
+            return None
+        log.info("mailchimp job id=%s is held by another run; stepping back", campaign_id)
+        raise SendBusy(campaign_id, (row.lease_until - now).total_seconds() + 1)
+
+    def renew(self) -> bool:
+        """Extend the lease if it is still ours; false when another run took it over."""
+        now = self.rt.clock.now()
+        until = now + self.length
+        with self.rt.sessions.begin() as session:
+            kept = session.execute(
+                update(Campaign)
+                .where(Campaign.id == self.campaign_id, Campaign.lease_until == self.until)
+                .values(lease_until=until, updated_at=now)
             )
-            .values(lease_until=until, updated_at=now)
-        )
-        if cast(CursorResult[Any], won).rowcount == 1:
-            return [until]
-        row = session.execute(
-            select(Campaign.status, Campaign.lease_until).where(Campaign.id == campaign_id)
-        ).one()
-    if row.status is not CampaignStatus.RUNNING or row.lease_until is None:
-        return None
-    log.info("mailchimp job id=%s is held by another run; stepping back", campaign_id)
-    raise SendBusy(campaign_id, (row.lease_until - now).total_seconds() + 1)
+        if cast(CursorResult[Any], kept).rowcount != 1:
+            return False
+        self.until = until
+        return True
 
+    def confirm(self) -> None:
+        """Before recording outcomes: raise :class:`SendBusy` unless the lease is still ours
+        (a run that stalled past it must leave the recording to the run that took over)."""
+        if not self.renew():
+            log.error("mailchimp job id=%s lost its lease; not recording", self.campaign_id)
+            raise SendBusy(self.campaign_id, self.length.total_seconds() / 3)
 
-def _renew(rt: Runtime, campaign_id: str, held: list[datetime]) -> bool:
-    """Extend the lease if it is still ours (fenced on its expiry); false when it was lost."""
-    now = rt.clock.now()
-    until = now + _lease(rt)
-    with rt.sessions.begin() as session:
-        kept = session.execute(
-            update(Campaign)
-            .where(Campaign.id == campaign_id, Campaign.lease_until == held[0])
-            .values(lease_until=until, updated_at=now)
-        )
-    if cast(CursorResult[Any], kept).rowcount != 1:
-        return False
-    held[0] = until
-    return True
+    def release(self) -> None:
+        with self.rt.sessions.begin() as session:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == self.campaign_id, Campaign.lease_until == self.until)
+                .values(lease_until=None)
+            )
 
+    async def hold_during(self, work: Awaitable[T]) -> T:
+        """Await ``work`` while renewing the lease every third of its length. A renewal the
+        database could not make is tried again at the next tick; once the lease is lost (or
+        ran out unrenewed) the work is cancelled and :class:`SendBusy` raised."""
+        every = self.length.total_seconds() / 3
 
-def _release(rt: Runtime, campaign_id: str, held: list[datetime]) -> None:
-    with rt.sessions.begin() as session:
-        session.execute(
-            update(Campaign)
-            .where(Campaign.id == campaign_id, Campaign.lease_until == held[0])
-            .values(lease_until=None)
-        )
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    if not await asyncio.to_thread(self.renew):
+                        return
+                except SQLAlchemyError as exc:
+                    log.warning(
+                        "mailchimp job id=%s lease not renewed (%s); trying again",
+                        self.campaign_id,
+                        exc,
+                    )
+                    if self.rt.clock.now() >= self.until:
+                        return
 
-
-async def _holding(rt: Runtime, campaign_id: str, held: list[datetime], work: Awaitable[T]) -> T:
-    """Await ``work`` while renewing the lease every third of its length; should the lease
-    be lost (this run stalled past it and another took over), the work is cancelled."""
-    every = _lease(rt).total_seconds() / 3
-
-    async def keep() -> None:
-        while True:
-            await asyncio.sleep(every)
-            if not await asyncio.to_thread(_renew, rt, campaign_id, held):
-                return
-
-    job = asyncio.ensure_future(work)
-    keeper = asyncio.ensure_future(keep())
-    try:
-        await asyncio.wait({job, keeper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        keeper.cancel()
-    if not job.done():
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
-        log.error("mailchimp job id=%s lost its lease mid-run; stopped", campaign_id)
-        raise SendBusy(campaign_id, every)
-    return job.result()
+        job = asyncio.ensure_future(work)
+        keeper = asyncio.ensure_future(keep())
+        try:
+            await asyncio.wait({job, keeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            log.error("mailchimp job id=%s lost its lease mid-run; stopped", self.campaign_id)
+            raise SendBusy(self.campaign_id, every)
+        return job.result()
 
 
 def _status(rt: Runtime, campaign_id: str) -> CampaignStatus:

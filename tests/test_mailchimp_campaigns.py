@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from dispatcher import campaign_delivery, campaigns
 from dispatcher.errors import SendBusy
+from dispatcher.mailchimp import MailchimpUnavailable
 from dispatcher.models import Campaign, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -239,3 +240,54 @@ def campaign_request(n: int) -> campaigns.CampaignRequest:
             for i in range(n)
         ],
     )
+
+
+def test_a_mailchimp_job_counts_its_own_runs_and_waits_for_a_lease_cost_none(
+    runtime: Runtime, fake: FakeMailchimp, clock: Any
+) -> None:
+    # MailChimp's audience endpoint answers 503 to every run: the job gives up after
+    # SEND_MAX_RETRIES retries (3 here), counted in SQL, whatever Celery's count says.
+    connect(runtime)
+    view, [chunk] = campaigns.create(runtime, campaign_request(3))
+    item = f"{view.id}:{chunk}"
+    fake.inject(BATCH_SUBSCRIBE, *[Fault.error(503)] * 40)
+    for run in range(1, 4):
+        with pytest.raises(MailchimpUnavailable):
+            campaign_delivery.deliver_chunk(runtime, item)
+        # Meanwhile a redelivered copy finds the job held: it steps back, costing no run.
+        with runtime.sessions.begin() as session:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == view.id)
+                .values(lease_until=clock.now() + timedelta(seconds=5))
+            )
+        with pytest.raises(SendBusy):
+            campaign_delivery.deliver_chunk(runtime, item)
+        clock.advance(timedelta(seconds=6))
+        with runtime.sessions() as session:
+            assert session.scalar(select(Campaign.attempts).where(Campaign.id == view.id)) == run
+    # The fourth run is the last: it fails every recipient with the reason.
+    assert campaign_delivery.deliver_chunk(runtime, item).value == "failed"
+    after = campaigns.view(runtime, view.id)
+    assert after.counts["failed"] == 3 and "gave up after retries" in (after.detail or "")
+    assert fake.campaigns() == []
+
+
+def test_a_mailchimp_campaign_is_not_cancelled_while_its_job_talks_to_mailchimp(
+    runtime: Runtime, clock: Any
+) -> None:
+    connect(runtime)
+    view, _ = campaigns.create(runtime, campaign_request(3))
+    with runtime.sessions.begin() as session:
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == view.id)
+            .values(lease_until=clock.now() + timedelta(seconds=30))
+        )
+    with pytest.raises(campaigns.CampaignStateError, match="MailChimp job runs"):
+        campaigns.cancel(runtime, view.id)
+    assert campaigns.view(runtime, view.id).status == "running"
+    clock.advance(timedelta(seconds=31))  # the job ended (or died and its lease ran out)
+    cancelled = campaigns.cancel(runtime, view.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.failed_by_reason == {"campaign_cancelled": 3}

@@ -51,21 +51,19 @@ def _deliver(
     deliver: Deliver,
     item_id: str,
     *,
-    task_budget: bool = False,
     park: Park | None = None,
 ) -> str:
     """Run one delivery use case; retry what may succeed later, never what cannot.
 
-    Sends, system emails and campaign recipients count their own SMTP attempts against
-    ``SEND_MAX_RETRIES`` (a wait for a lease or for Redis must not use that budget up);
-    ``task_budget`` makes the task's retries the budget instead (MailChimp jobs).
+    Sends, system emails, campaign recipients and MailChimp jobs count their own attempts
+    against ``SEND_MAX_RETRIES`` in SQL (a wait for a lease or for Redis must not use that
+    budget up); the task's retries only pace the backoff.
     """
     rt: Runtime = runtime_of(task.app)
     settings = rt.settings
     retries: int = task.request.retries
-    final = task_budget and retries >= settings.send_max_retries
     try:
-        return deliver(rt, item_id, final_attempt=final).value
+        return deliver(rt, item_id).value
     except NotFound as exc:
         # Nothing to deliver (the row is gone): retrying cannot help.
         log.error("%s dropped: %s", task.name, exc)
@@ -141,9 +139,7 @@ def register(app: Celery) -> None:
         name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False, max_retries=max_retries
     )
     def send_campaign_chunk(self: Task, item: str) -> str:
-        return _deliver(
-            self, campaign_delivery.deliver_chunk, item, task_budget=True, park=_park_chunk
-        )
+        return _deliver(self, campaign_delivery.deliver_chunk, item, park=_park_chunk)
 
     @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def renew_due(self: Task) -> int:
