@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
 from dispatcher import __version__, alerts, campaigns, sends, suppression, unsubscribe
-from dispatcher.campaigns import CampaignStateError, InsufficientCredits, RequestKeyReused
+from dispatcher.campaigns import (
+    CampaignStateError,
+    InsufficientCredits,
+    RequestInProgress,
+    RequestKeyReused,
+)
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
@@ -342,6 +347,10 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     @app.exception_handler(RequestKeyReused)
     async def _key_reused(_r: Request, exc: RequestKeyReused) -> JSONResponse:
         return _problem(409, "idempotency_key_reused", str(exc), exc.field)
+
+    @app.exception_handler(RequestInProgress)
+    async def _in_progress(_r: Request, exc: RequestInProgress) -> JSONResponse:
+        return _problem(409, "request_in_progress", str(exc), headers={"Retry-After": "2"})
 
     @app.exception_handler(CampaignStateError)
     async def _state(_r: Request, exc: CampaignStateError) -> JSONResponse:

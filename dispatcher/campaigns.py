@@ -121,6 +121,17 @@ class RequestKeyReused(DispatcherError):
         self.campaign_id = campaign_id
 
 
+class RequestInProgress(DispatcherError):
+    """The request with this idempotency key is still being accepted; repeat it shortly."""
+
+    def __init__(self, key: str, campaign_id: str) -> None:
+        super().__init__(
+            f"the request with idempotency_key {key!r} (campaign {campaign_id}) is still being "
+            "accepted; repeat it in a few seconds"
+        )
+        self.campaign_id = campaign_id
+
+
 def campaign_key(campaign_id: str) -> str:
     """The idempotency key of a campaign's bulk credit reservation."""
     return f"campaign|{campaign_id}"
@@ -187,13 +198,9 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         ),
     )
     tpl.check("message")
-    request_key = digest = None
+    request_key = None
     if req.idempotency_key is not None:
         request_key = validation.identifier("idempotency_key", req.idempotency_key)
-        digest = request_digest(req)
-        earlier = _replay(rt, req.user_id, request_key, digest)
-        if earlier is not None:
-            return earlier, []
     if req.from_name is not None:
         validation.header_text("from_name", req.from_name, max_len=200)
     if req.reply_to is not None:
@@ -203,6 +210,13 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
     valid, invalid = _check_recipients(rt, req.recipients)
     if not valid:
         raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
+    digest = None
+    if request_key is not None:
+        # Of the request as validated: a contact id sent as 5 or "5" is the same request.
+        digest = request_digest(req, tpl, valid, invalid)
+        earlier = _replay(rt, req.user_id, request_key, digest)
+        if earlier is not None:
+            return earlier, []
     now = rt.clock.now()
     with rt.sessions() as session:
         user = session.get(User, req.user_id)
@@ -275,7 +289,8 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
         # The same key's request ran alongside this one and stored its campaign first.
         earlier = _replay(rt, req.user_id, request_key, digest)
         if earlier is None:
-            raise
+            # ...and has removed it since (refused for credits): this request goes ahead.
+            return create(rt, req)
         return earlier, []
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:
@@ -308,13 +323,19 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
                 )
         if cast(CursorResult[Any], started).rowcount != 1:
             # The sweep gave up on this campaign (this request took far too long): it was
-            # failed and its recipients settled; this reservation goes back too.
-            # Part by part: the sweep may have given some back already; never twice.
-            rt.quota.refund_parts(
-                grant,
-                campaign_key(campaign_id),
-                [recipient_key(campaign_id, r.contact_id) for r in valid],
-            )
+            # failed and its recipients settled; this reservation goes back too, part by
+            # part (the sweep may have given some back already; never twice), flagged first
+            # so that a Redis error here leaves the refunds to the refund sweep.
+            from dispatcher import refunds
+
+            with rt.sessions.begin() as session:
+                owed = session.scalars(
+                    update(Send)
+                    .where(Send.campaign_id == campaign_id, Send.status == SendStatus.FAILED)
+                    .values(refund_due=True)
+                    .returning(Send.id)
+                ).all()
+            refunds.give_back(rt, list(owed))
             raise CampaignStateError(campaign_id, CampaignStatus.FAILED.value, "start")
     log.info(
         "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
@@ -332,18 +353,20 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
     return view(rt, campaign_id), work
 
 
-def request_digest(req: CampaignRequest) -> str:
-    """A digest of everything a campaign request asks for (recipients in their order)."""
+def request_digest(
+    req: CampaignRequest,
+    tpl: MessageTemplate,
+    valid: Sequence[Recipient],
+    invalid: Sequence[dict[str, Any]],
+) -> str:
+    """A digest of everything a validated campaign request asks for (recipients in order)."""
     body = [
         req.user_id,
         req.provider,
-        req.subject,
-        req.html,
-        req.text,
-        req.from_name,
-        req.reply_to,
-        req.name,
-        [[r.contact_id, r.email, r.fields] for r in req.recipients],
+        [tpl.subject, tpl.html, tpl.text],
+        [req.from_name, req.reply_to, req.name],
+        [[r.contact_id, r.email, r.fields] for r in valid],
+        list(invalid),
     ]
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -354,7 +377,7 @@ def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | 
     :class:`RequestKeyReused` when that request asked for something else."""
     with rt.sessions() as session:
         found = session.execute(
-            select(Campaign.id, Campaign.request_digest).where(
+            select(Campaign.id, Campaign.request_digest, Campaign.status).where(
                 Campaign.user_id == user_id, Campaign.idempotency_key == key
             )
         ).first()
@@ -362,6 +385,9 @@ def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | 
         return None
     if found.request_digest != digest:
         raise RequestKeyReused(key, found.id)
+    if found.status is CampaignStatus.RESERVING:
+        # The first request is still taking its credits (and may yet be refused).
+        raise RequestInProgress(key, found.id)
     log.info("campaign request repeated id=%s user=%s", found.id, user_id)
     return replace(view(rt, found.id), replayed=True)
 

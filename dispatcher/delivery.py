@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
@@ -411,8 +412,12 @@ def _finish(
     if refund is not None:
         # After the commit: SQL no longer counts this key, so a rebuild agrees with the refund.
         # Should Redis fail here, the flag set with the outcome has the sweep make it.
-        rt.quota.refund(refund, send.idempotency_key)
-        refunds.made(rt, [send.id])
+        try:
+            rt.quota.refund(refund, send.idempotency_key)
+        except RedisError as exc:
+            log.warning("refund of send %s left to the refund sweep: %s", send.id, exc)
+        else:
+            refunds.made(rt, [send.id])
     publish_outcome(rt, send.id)
     return status
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 from itertools import groupby
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
 from dispatcher.campaigns import campaign_key, grant_of
@@ -41,8 +42,9 @@ _COLUMNS = (
 
 def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
     """Give back the credits of those of ``send_ids`` whose refund is due, and clear their
-    flags; returns how many credits came back. Redis errors pass through (the flags stay
-    set, so the sweep makes the refunds later)."""
+    flags; returns how many credits came back. A Redis error is logged, not raised: the
+    outcomes are recorded and the flags stay set, so the refund sweep makes the refunds (a
+    cancel answered 500 for a cancellation that took effect would help nobody)."""
     rows: list[Any] = []
     with rt.sessions() as session:
         for start in range(0, len(send_ids), _BATCH):
@@ -51,7 +53,16 @@ def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
                     Send.id.in_(send_ids[start : start + _BATCH]), Send.refund_due.is_(True)
                 )
             ).all()
-    return _make(rt, rows)
+    try:
+        return _make(rt, rows)
+    except RedisError as exc:
+        log.warning(
+            "refunds of %d sends left to the refund sweep: %s: %s",
+            len(rows),
+            type(exc).__name__,
+            exc,
+        )
+        return 0
 
 
 def retry_due(rt: Runtime, limit: int = 1000) -> int:

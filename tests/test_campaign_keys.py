@@ -4,13 +4,14 @@ answers with the first campaign: one campaign, one email per recipient, one cred
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dispatcher import campaigns
 from dispatcher.devsmtp import DevSMTPServer
@@ -114,6 +115,44 @@ def test_racing_repeats_make_one_campaign_and_take_its_credits_once(make_runtime
 
 
 def create_at(start: threading.Barrier, request: campaigns.CampaignRequest, rt: Runtime) -> str:
-    """Create the campaign as soon as every racer is ready; its id."""
+    """Create the campaign as soon as every racer is ready, repeating the request while the
+    first one is still being accepted (as a client told 409 request_in_progress does); its id."""
     start.wait()
-    return campaigns.create(rt, request)[0].id
+    while True:
+        try:
+            return campaigns.create(rt, request)[0].id
+        except campaigns.RequestInProgress:
+            time.sleep(0.05)
+
+
+def test_a_repeat_while_the_first_request_reserves_is_told_to_come_back(
+    runtime: Runtime, api_client: Any
+) -> None:
+    make_user(runtime)
+    first = api_client.post("/v1/campaigns", json=body("crm-blast-9")).json()
+    # As if the first request were still between storing its campaign and taking the credits.
+    with runtime.sessions.begin() as session:
+        session.execute(
+            update(Campaign).where(Campaign.id == first["id"]).values(status="reserving")
+        )
+    r = api_client.post("/v1/campaigns", json=body("crm-blast-9"))
+    assert r.status_code == 409 and r.json()["code"] == "request_in_progress"
+    assert r.headers["Retry-After"] == "2" and first["id"] in r.json()["detail"]
+
+
+def test_contact_ids_sent_as_numbers_or_strings_are_the_same_request(runtime: Runtime) -> None:
+    make_user(runtime)
+
+    def request(contact_id: Any) -> campaigns.CampaignRequest:
+        return campaigns.CampaignRequest(
+            user_id="agent-1",
+            provider="command_email",
+            subject="Hi",
+            html="<p>Hi</p>",
+            recipients=[campaigns.Recipient(contact_id, "pat@example.org", {})],
+            idempotency_key="crm-blast-num",
+        )
+
+    made, chunks = campaigns.create(runtime, request(5))
+    again, none = campaigns.create(runtime, request("5"))
+    assert again.id == made.id and again.replayed and chunks and not none

@@ -139,6 +139,41 @@ def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits
     assert credits(runtime, "agent-1").used == 0
 
 
+def test_a_request_the_sweep_gave_up_on_gives_its_reservation_back_once(
+    runtime: Runtime, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import func, select
+
+    from dispatcher import notices
+    from dispatcher.models import Send
+    from dispatcher.subscriptions import credits
+
+    make_user(runtime)
+    real = notices.after_reservation
+
+    def slow_request(*args: object, **kwargs: object) -> None:
+        # The request stalls after reserving, long enough for the sweep to give up on it.
+        clock.advance(campaigns.RESERVING_GRACE + timedelta(seconds=1))
+        assert campaigns.expire_reserving(runtime) == 1
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(notices, "after_reservation", slow_request)
+    request = campaigns.CampaignRequest(
+        user_id="agent-1",
+        provider="command_email",
+        subject="s",
+        html="<p>h</p>",
+        recipients=[campaigns.Recipient(f"c{i}", f"p{i}@example.org") for i in range(40)],
+    )
+    with pytest.raises(campaigns.CampaignStateError):
+        campaigns.create(runtime, request)
+    assert credits(runtime, "agent-1").used == 0
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count()).where(Send.refund_due.is_(True))) == 0
+    runtime.redis.flushall()  # and the SQL ledger agrees
+    assert credits(runtime, "agent-1").used == 0
+
+
 def test_step_outcomes_lost_with_redis_are_published_again(
     runtime: Runtime, smtp_server: DevSMTPServer, clock: FrozenClock
 ) -> None:
