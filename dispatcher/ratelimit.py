@@ -235,6 +235,7 @@ class RelayRateLimiter:
                 raise RateLimited(self.relay, wait)
             # Sleeping exactly until the entry leaves its window: no polling in between.
             await asyncio.sleep(wait)
+            stale = 0  # stale admissions count only in a row
 
     def admitted(self, since: float, until: float) -> list[float]:
         """Admission times in ``[since, until)``, oldest first (the log reaches back the longest
