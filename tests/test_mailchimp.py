@@ -42,7 +42,23 @@ from tests.fake_mailchimp import (
     Fault,
 )
 
-FAST: dict[str, Any] = dict(timeout=0.3, max_retries=4, backoff_base=0.01, backoff_cap=0.05)
+# The timeout is generous so that an ordinary request is never timed out (and retried, which
+# would change the request counts asserted below) because the test process paused, e.g. for a
+# garbage collection on a busy machine; the fake server runs in this process and pauses with it.
+FAST: dict[str, Any] = dict(timeout=2.0, max_retries=4, backoff_base=0.01, backoff_cap=0.05)
+# Where MailChimp answers late on purpose, the client gives up sooner to keep those tests quick.
+# A pause there can only add a timeout to some other request, and that is exactly the case the
+# tests exercise: whatever timed out is looked up before it is repeated, or is safe to repeat.
+GIVES_UP: dict[str, Any] = dict(timeout=0.3)
+LATE = 0.6  # seconds the late answers take: well past GIVES_UP's timeout
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never became true"
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -254,10 +270,10 @@ def test_a_create_that_timed_out_is_found_instead_of_repeated(
     fake: FakeMailchimp, make_client: Callable[..., MailchimpClient]
 ) -> None:
     # MailChimp creates the segment and the campaign but answers after the client gave up.
-    fake.inject(CREATE_SEGMENT, Fault.late(0.6))
-    fake.inject(CREATE_CAMPAIGN, Fault.late(0.6))
+    fake.inject(CREATE_SEGMENT, Fault.late(LATE))
+    fake.inject(CREATE_CAMPAIGN, Fault.late(LATE))
 
-    outcome = send(make_client)
+    outcome = send(make_client, client=GIVES_UP)
 
     assert fake.count(CREATE_SEGMENT) == 1 and fake.count(CREATE_CAMPAIGN) == 1
     [segment] = fake.segments()
@@ -281,9 +297,9 @@ def test_a_create_that_failed_after_taking_effect_is_found_instead_of_repeated(
 def test_a_send_that_timed_out_is_checked_instead_of_repeated(
     fake: FakeMailchimp, make_client: Callable[..., MailchimpClient]
 ) -> None:
-    fake.inject(SEND, Fault.late(0.6))
+    fake.inject(SEND, Fault.late(LATE))
 
-    outcome = send(make_client)
+    outcome = send(make_client, client=GIVES_UP)
 
     [sent] = fake.campaigns()
     assert fake.count(SEND) == 1 and fake.send_actions == {sent.id: 1}
@@ -306,10 +322,14 @@ def test_a_send_still_in_flight_when_repeated_goes_out_once(
 ) -> None:
     # The first send is still being processed when the client, having timed out, checks (the
     # campaign is not sending yet) and sends again: MailChimp takes only one of them.
-    fake.inject(SEND, Fault.slow(0.5))
+    fake.inject(SEND, Fault.slow(LATE))
 
-    send(make_client)
-    time.sleep(0.4)  # let the slow first send finish on the server
+    send(make_client, client=GIVES_UP)
+
+    def all_answered() -> bool:  # the slow first send, too, has been handled by the server
+        return all(c.status for c in list(fake.calls) if c.route == SEND)
+
+    wait_until(all_answered)
 
     [sent] = fake.campaigns()
     assert fake.send_actions == {sent.id: 1}
@@ -423,7 +443,8 @@ def test_forty_concurrent_requests_from_four_clients_keep_ten_in_flight(
     make_client: Callable[..., MailchimpClient],
     redis_client: redis.Redis,
 ) -> None:
-    fake.latency = 0.05
+    # Long enough that all 10 slot holders are at the server at once, even after a pause.
+    fake.latency = 0.3
     stop, seen = threading.Event(), set[str]()
     watcher = threading.Thread(target=_watch_keys, args=(redis_client, stop, seen))
     watcher.start()
@@ -454,8 +475,9 @@ def test_forty_concurrent_requests_from_four_clients_keep_ten_in_flight(
 
 
 def test_the_fake_answers_429_beyond_ten_simultaneous_requests(fake: FakeMailchimp) -> None:
-    # Control: without our limit, MailChimp's would bite.
-    fake.latency = 0.2
+    # Control: without our limit, MailChimp's would bite. The first 10 are still being
+    # answered when the other 10 arrive, even if the test process pauses in between.
+    fake.latency = 1.0
 
     async def go() -> list[httpx.Response]:
         auth = httpx.BasicAuth("any", DEFAULT_KEY)
@@ -503,7 +525,8 @@ def test_two_processes_share_the_ten_connection_limit(
     # Two worker processes start 20 requests each at the same moment. Each alone stays within
     # 10 connections; only the limit in Redis keeps the two together within 10 (the control
     # run, with process-local limits only, shows that they really overlap).
-    fake.latency = 0.1
+    # Each process needs two rounds of 0.5 s, so the two overlap even if one starts late.
+    fake.latency = 0.5
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     workers = [
@@ -530,9 +553,9 @@ def test_logs_hold_neither_the_key_nor_the_message(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake.inject(SEND, Fault.error(503))
-    fake.inject(CREATE_CAMPAIGN, Fault.late(0.6))
+    fake.inject(CREATE_CAMPAIGN, Fault.late(LATE))
     with caplog.at_level(logging.DEBUG):
-        send(make_client)
+        send(make_client, client=GIVES_UP)
     assert "mailchimp" in caplog.text
     for secret in (DEFAULT_KEY, DEFAULT_KEY.split("-")[0], "home value report is ready"):
         assert secret not in caplog.text
@@ -575,11 +598,25 @@ def test_a_crashed_holders_slot_comes_back_when_its_lease_runs_out(
 
 
 def test_a_held_slot_is_renewed_past_its_lease(redis_client: redis.Redis) -> None:
-    sem = RedisSemaphore(redis_client, "renew", 1, lease_seconds=0.2)
+    # The lease runs on this clock, so a pause of the test process cannot make it run out. The
+    # holder renews on real time (every third of the lease), which must still come well within
+    # one lease: a holder renewing less often would lose its slot.
+    clock = [1_000.0]
+    lease = 3.0
+    sem = RedisSemaphore(redis_client, "renew", 1, lease_seconds=lease, now=lambda: clock[0])
+
+    def expiry(token: str) -> float:
+        return float(redis_client.zscore(sem.key, token) or 0) / 1000
 
     async def go() -> bool:
-        async with sem.slot():
-            await asyncio.sleep(0.5)
+        async with sem.slot() as token:
+            held = time.monotonic()
+            first_expiry = expiry(token)
+            clock[0] += 0.8 * lease  # most of the lease is gone
+            while expiry(token) <= first_expiry:  # until the holder renews it
+                assert time.monotonic() - held < lease, "the lease was not renewed in time"
+                await asyncio.sleep(0.01)
+            clock[0] = first_expiry + 0.2 * lease  # past where the first lease ran out
             return sem.try_acquire("intruder")
 
     assert asyncio.run(go()) is False
