@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,7 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DIR / "outbox",
         help="folder for the .eml files (default: %(default)s)",
     )
+    inbound = commands.add_parser(
+        "serve-unsubscribe",
+        help="run the SMTP server that takes unsubscribe requests by mail",
+        description=(
+            "The server behind the List-Unsubscribe mailto (UNSUBSCRIBE_MAILTO, else "
+            "unsubscribe@ the MAIL_FROM domain): it takes mail for that address only, checks "
+            "the token in the subject and suppresses the contact for the agent, like the "
+            "one-click POST. Point the mailbox's MX at it. Runs until Ctrl-C."
+        ),
+    )
+    inbound.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    inbound.add_argument(
+        "--port", type=_port, default=2526, metavar="PORT", help="port (default: %(default)s)"
+    )
     return parser
+
+
+def _serve_unsubscribe(args: argparse.Namespace) -> int:
+    """``dispatcher serve-unsubscribe``."""
+    from dispatcher import inbound
+
+    rt = _runtime()
+    controller = inbound.start(rt, args.host, args.port)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    finally:
+        controller.stop()
+        rt.close()
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -404,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "db": _db_upgrade,
         "serve-smtp": _serve_smtp,
+        "serve-unsubscribe": _serve_unsubscribe,
         "credits": _credits,
         "subscription": _subscription,
         "plans": _plans,

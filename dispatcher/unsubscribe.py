@@ -72,6 +72,25 @@ def send_id_of(settings: Settings, token: str) -> str:
     return str(uuid.UUID(bytes=raw))
 
 
+def mailbox(settings: Settings) -> str:
+    """The address of the ``List-Unsubscribe`` mailto (``UNSUBSCRIBE_MAILTO``, else
+    ``unsubscribe@`` the Message-ID domain); ``dispatcher serve-unsubscribe`` receives it."""
+    return settings.unsubscribe_mailto or f"unsubscribe@{settings.message_id_domain}"
+
+
+def token_in(subject: str, body: str = "") -> str | None:
+    """The token of an unsubscribe request by mail: ``unsubscribe <token>`` in the subject
+    the mailto link sets (or, failing that, in the body), else None."""
+    for text in (subject, body):
+        found = _REQUEST.search(text)
+        if found:
+            return found[1]
+    return None
+
+
+_REQUEST = re.compile(r"\bunsubscribe\s+([A-Za-z0-9_-]{40,64})\b", re.IGNORECASE)
+
+
 class BulkHeaders:
     """What a campaign's copies carry: the constant headers once, the link per recipient."""
 
@@ -80,9 +99,7 @@ class BulkHeaders:
         self.settings = settings
         # Worked out once per campaign: this runs for every recipient of 100,000.
         self._base = settings.public_base_url.rstrip("/") + "/u/"
-        self._mailto = "mailto:" + (
-            settings.unsubscribe_mailto or f"unsubscribe@{settings.message_id_domain}"
-        )
+        self._mailto = "mailto:" + mailbox(settings)
 
     def list_unsubscribe_field(self, send_id: str) -> bytes:
         """The ``List-Unsubscribe`` field: the one-click HTTPS link, then the mailto; folded

@@ -3,17 +3,26 @@ HTTP API -> broker -> real Celery worker -> real SMTP server, then the recipient
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
+import urllib.parse
 from datetime import timedelta
+from email.message import EmailMessage
 from typing import Any
 
-from dispatcher import suppression, unsubscribe
+import aiosmtplib
+import pytest
+
+from dispatcher import delivery, inbound, suppression, unsubscribe
 from dispatcher.clock import FrozenClock
 from dispatcher.devsmtp import DevSMTPServer, Received
+from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
+from dispatcher.sends import submit_send
 from dispatcher.subscriptions import credits
-from tests.helpers import make_user, wait_for
+from tests.conftest import free_port
+from tests.helpers import make_user, send_request, wait_for
 
 AUTH = {"Authorization": "Bearer test-token-123"}
 
@@ -240,5 +249,65 @@ def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_u
     second = api_client.post("/v1/sends", json=smartplan_body("step-2")).json()["id"]
     wait_for(lambda: api_client.get(f"/v1/sends/{second}").json()["status"] == "failed")
     assert api_client.get(f"/v1/sends/{second}").json()["reason"] == "suppressed"
+    assert len(smtp_server.messages) == 1
+    assert credits(runtime, "agent-1").used == 1
+
+
+def mailto_of(message: Received) -> tuple[str, str]:
+    """(address, subject) of the raw List-Unsubscribe mailto."""
+    found = re.search(rb" <mailto:([^?>]+)\?subject=([^>]+)>\r\n", message.data)
+    assert found, message.data[:800]
+    return found[1].decode(), urllib.parse.unquote(found[2].decode())
+
+
+def test_an_unsubscribe_by_mail_suppresses_the_contact_and_a_forged_one_is_refused(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    make_user(runtime)
+    send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
+    assert delivery.deliver(runtime, send_id).value == "sent"
+    address, subject = mailto_of(smtp_server.messages[0])
+    assert address == "unsubscribe@mail.example.com" and subject.startswith("unsubscribe ")
+
+    port = free_port()
+    server = inbound.start(runtime, "127.0.0.1", port)
+    try:
+
+        async def mail(to: str, subject: str) -> None:
+            message = EmailMessage()
+            message["From"] = "contact1@example.org"
+            message["To"] = to
+            message["Subject"] = subject
+            message.set_content("sent from my phone")
+            await aiosmtplib.send(message, hostname="127.0.0.1", port=port, timeout=10)
+
+        # Mail for anyone else, or with a forged or altered token, is refused and changes nothing.
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+            asyncio.run(mail("postmaster@mail.example.com", subject))
+        token = subject.split()[1]
+        altered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+        for bad in ("unsubscribe me please", f"unsubscribe {altered}"):
+            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                asyncio.run(mail(address, bad))
+            assert refused.value.code == 550
+        with runtime.sessions() as session:
+            assert (
+                suppression.reason_for(
+                    session, "agent-1", "contact1@example.org", runtime.clock.now()
+                )
+                is None
+            )
+
+        asyncio.run(mail(address, subject))  # what the mail client sends: 250
+    finally:
+        server.stop()
+    with runtime.sessions() as session:
+        reason = suppression.reason_for(
+            session, "agent-1", "contact1@example.org", runtime.clock.now()
+        )
+    assert reason is not None and "unsubscribe" in reason
+    # The plan's next email to the contact is not sent and costs nothing.
+    second = submit_send(runtime, InlineQueue(), send_request(step_id="step-2")).send_id
+    assert delivery.deliver(runtime, second).value == "failed"
     assert len(smtp_server.messages) == 1
     assert credits(runtime, "agent-1").used == 1
