@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 
+from dispatcher.campaigns import CampaignRequest, Recipient
 from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, User
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest
@@ -35,6 +36,21 @@ def send_request(user_id: str = "agent-1", n: int = 1, **overrides: Any) -> Send
     )
     values.update(overrides)
     return SendRequest(**values)
+
+
+def campaign_request(n: int, provider: str = "command_email", **overrides: Any) -> CampaignRequest:
+    """A campaign of agent-1 to contacts c0..c{n-1} (person{i}@example.org, first_name P{i})."""
+    values: dict[str, Any] = dict(
+        user_id="agent-1",
+        provider=provider,
+        subject="Open house, {{ first_name }}",
+        html="<p>Hi {{ first_name }}</p>",
+        recipients=[
+            Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"}) for i in range(n)
+        ],
+    )
+    values.update(overrides)
+    return CampaignRequest(**values)
 
 
 def seed_used_credits(rt: Runtime, user_id: str, count: int) -> None:

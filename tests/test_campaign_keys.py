@@ -18,7 +18,7 @@ from dispatcher.devsmtp import DevSMTPServer
 from dispatcher.models import Campaign
 from dispatcher.runtime import Runtime
 from dispatcher.subscriptions import credits
-from tests.helpers import make_user, wait_for
+from tests.helpers import campaign_request, make_user, wait_for
 
 N = 40
 
@@ -93,17 +93,7 @@ def test_racing_repeats_make_one_campaign_and_take_its_credits_once(make_runtime
     racers = 8
     runtimes: list[Runtime] = [make_runtime() for _ in range(racers)]
     make_user(runtimes[0])
-    request = campaigns.CampaignRequest(
-        user_id="agent-1",
-        provider="command_email",
-        subject="Open house, {{ first_name }}",
-        html="<p>Hi {{ first_name }}</p>",
-        recipients=[
-            campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
-            for i in range(N)
-        ],
-        idempotency_key="crm-blast-race",
-    )
+    request = campaign_request(N)
     for round_ in range(3):
         keyed = replace(request, idempotency_key=f"crm-blast-race-{round_}")
         start = threading.Barrier(racers)

@@ -34,7 +34,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
 from dispatcher.subscriptions import credits
 from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
-from tests.helpers import make_user, send_request, timeline_rows
+from tests.helpers import campaign_request, make_user, send_request, timeline_rows
 
 ADDRESS = "contact1@example.org"
 
@@ -341,19 +341,6 @@ def test_a_send_stuck_in_reserved_past_its_hold_gets_its_credit_back_fenced(
     # A late redelivery of its task finds it settled and sends nothing.
     assert delivery.deliver(runtime, other) is SendStatus.FAILED
     assert len(smtp_server.messages) == 1
-
-
-def campaign_request(n: int) -> campaigns.CampaignRequest:
-    return campaigns.CampaignRequest(
-        user_id="agent-1",
-        provider="command_email",
-        subject="Open house, {{ first_name }}",
-        html="<p>Hi {{ first_name }}</p>",
-        recipients=[
-            campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
-            for i in range(n)
-        ],
-    )
 
 
 def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sweep(

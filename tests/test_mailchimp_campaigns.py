@@ -28,7 +28,7 @@ from tests.fake_mailchimp import (
     FakeMailchimp,
     Fault,
 )
-from tests.helpers import make_user, wait_for
+from tests.helpers import campaign_request, make_user, wait_for
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_two_runs_of_one_mailchimp_job_at_once_send_it_once(
     fake.latency = 0.1
     first, second = make_runtime(), make_runtime()
     connect(first)
-    view, [chunk] = campaigns.create(first, campaign_request(20))
+    view, [chunk] = campaigns.create(first, campaign_request(20, "mailchimp"))
     item = f"{view.id}:{chunk}"
     start = threading.Barrier(2)
 
@@ -149,7 +149,7 @@ def test_a_mailchimp_job_whose_run_died_is_taken_over_once_its_lease_ran_out(
     runtime: Runtime, fake: FakeMailchimp, clock: Any
 ) -> None:
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(5))
+    view, [chunk] = campaigns.create(runtime, campaign_request(5, "mailchimp"))
     # A run that died holding the job: its lease stays until it runs out.
     now = clock.now()
     with runtime.sessions.begin() as session:
@@ -178,7 +178,7 @@ def test_a_run_longer_than_its_lease_keeps_it_and_one_that_lost_it_stops(
     owner = make_runtime(task_time_limit=2, send_lease_seconds=3)
     other = make_runtime(task_time_limit=2, send_lease_seconds=3)
     connect(owner)
-    view, [chunk] = campaigns.create(owner, campaign_request(10))
+    view, [chunk] = campaigns.create(owner, campaign_request(10, "mailchimp"))
     item = f"{view.id}:{chunk}"
     started = clock.now()
     ticking = threading.Event()
@@ -212,7 +212,7 @@ def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
     fake.latency = 1.0
     rt = make_runtime(task_time_limit=2, send_lease_seconds=3)
     connect(rt)
-    view, [chunk] = campaigns.create(rt, campaign_request(10))
+    view, [chunk] = campaigns.create(rt, campaign_request(10, "mailchimp"))
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(campaign_delivery.deliver_chunk, rt, f"{view.id}:{chunk}")
         time.sleep(0.3)  # the run holds the lease and is in its first call (the audience sync)
@@ -229,26 +229,13 @@ def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
     assert fake.send_actions == {} or sum(fake.send_actions.values()) == 0
 
 
-def campaign_request(n: int) -> campaigns.CampaignRequest:
-    return campaigns.CampaignRequest(
-        user_id="agent-1",
-        provider="mailchimp",
-        subject="Market update for {{ first_name }}",
-        html="<p>Hi {{ first_name }}, prices are up.</p>",
-        recipients=[
-            campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
-            for i in range(n)
-        ],
-    )
-
-
 def test_a_mailchimp_job_counts_its_own_runs_and_waits_for_a_lease_cost_none(
     runtime: Runtime, fake: FakeMailchimp, clock: Any
 ) -> None:
     # MailChimp's audience endpoint answers 503 to every run: the job gives up after
     # SEND_MAX_RETRIES retries (3 here), counted in SQL, whatever Celery's count says.
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(3))
+    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
     item = f"{view.id}:{chunk}"
     fake.inject(BATCH_SUBSCRIBE, *[Fault.error(503)] * 40)
     for run in range(1, 4):
@@ -277,7 +264,7 @@ def test_a_mailchimp_campaign_is_not_cancelled_while_its_job_talks_to_mailchimp(
     runtime: Runtime, clock: Any
 ) -> None:
     connect(runtime)
-    view, _ = campaigns.create(runtime, campaign_request(3))
+    view, _ = campaigns.create(runtime, campaign_request(3, "mailchimp"))
     with runtime.sessions.begin() as session:
         session.execute(
             update(Campaign)

@@ -14,7 +14,7 @@ from dispatcher.ports import InlineQueue, OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.subscriptions import change
-from tests.helpers import make_user, send_request
+from tests.helpers import campaign_request, make_user, send_request
 
 
 def test_work_stored_without_a_broker_is_enqueued_once_by_the_sweep(
@@ -107,13 +107,7 @@ def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits
         raise _ProcessDied()
 
     monkeypatch.setattr(target, name, die)
-    request = campaigns.CampaignRequest(
-        user_id="agent-1",
-        provider="command_email",
-        subject="s",
-        html="<p>h</p>",
-        recipients=[campaigns.Recipient(f"c{i}", f"p{i}@example.org") for i in range(40)],
-    )
+    request = campaign_request(40)
     with pytest.raises(_ProcessDied):
         campaigns.create(runtime, request)
     monkeypatch.undo()
@@ -158,13 +152,7 @@ def test_a_request_the_sweep_gave_up_on_gives_its_reservation_back_once(
         real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(notices, "after_reservation", slow_request)
-    request = campaigns.CampaignRequest(
-        user_id="agent-1",
-        provider="command_email",
-        subject="s",
-        html="<p>h</p>",
-        recipients=[campaigns.Recipient(f"c{i}", f"p{i}@example.org") for i in range(40)],
-    )
+    request = campaign_request(40)
     with pytest.raises(campaigns.CampaignStateError):
         campaigns.create(runtime, request)
     assert credits(runtime, "agent-1").used == 0

@@ -20,7 +20,7 @@ from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.subscriptions import ensure_current
 from tests.conftest import free_port
-from tests.helpers import make_user, send_request
+from tests.helpers import campaign_request, make_user, send_request
 
 RECIPIENTS = 30
 
@@ -38,20 +38,7 @@ def refunds_due(rt: Runtime) -> int:
 
 
 def start(rt: Runtime, n: int) -> str:
-    view, _chunks = campaigns.create(
-        rt,
-        campaigns.CampaignRequest(
-            user_id="agent-1",
-            provider="command_email",
-            name="open house",
-            subject="Open house, {{ first_name }}",
-            html="<p>Hi {{ first_name }}</p>",
-            recipients=[
-                campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
-                for i in range(n)
-            ],
-        ),
-    )
+    view, _chunks = campaigns.create(rt, campaign_request(n))
     return view.id
 
 
