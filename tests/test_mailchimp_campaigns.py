@@ -152,12 +152,7 @@ def test_a_mailchimp_job_whose_run_died_is_taken_over_once_its_lease_ran_out(
     view, [chunk] = campaigns.create(runtime, campaign_request(5, "mailchimp"))
     # A run that died holding the job: its lease stays until it runs out.
     now = clock.now()
-    with runtime.sessions.begin() as session:
-        session.execute(
-            update(Campaign)
-            .where(Campaign.id == view.id)
-            .values(lease_until=now + timedelta(seconds=30))
-        )
+    hold_lease(runtime, view.id, now + timedelta(seconds=30))
     with pytest.raises(SendBusy) as busy:
         campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}")
     assert 29 <= busy.value.retry_after <= 32
@@ -217,12 +212,7 @@ def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
         running = pool.submit(campaign_delivery.deliver_chunk, rt, f"{view.id}:{chunk}")
         time.sleep(0.3)  # the run holds the lease and is in its first call (the audience sync)
         # It stalls past its lease (as if): another run takes the job over.
-        with rt.sessions.begin() as session:
-            session.execute(
-                update(Campaign)
-                .where(Campaign.id == view.id)
-                .values(lease_until=clock.now() + timedelta(hours=1))
-            )
+        hold_lease(rt, view.id, clock.now() + timedelta(hours=1))
         with pytest.raises(SendBusy):
             running.result(timeout=30)  # its next renewal finds the lease gone: it stops
     assert fake.campaigns() == [], "the stopped run went on to create a campaign"
@@ -242,12 +232,7 @@ def test_a_mailchimp_job_counts_its_own_runs_and_waits_for_a_lease_cost_none(
         with pytest.raises(MailchimpUnavailable):
             campaign_delivery.deliver_chunk(runtime, item)
         # Meanwhile a redelivered copy finds the job held: it steps back, costing no run.
-        with runtime.sessions.begin() as session:
-            session.execute(
-                update(Campaign)
-                .where(Campaign.id == view.id)
-                .values(lease_until=clock.now() + timedelta(seconds=5))
-            )
+        hold_lease(runtime, view.id, clock.now() + timedelta(seconds=5))
         with pytest.raises(SendBusy):
             campaign_delivery.deliver_chunk(runtime, item)
         clock.advance(timedelta(seconds=6))
@@ -265,12 +250,7 @@ def test_a_mailchimp_campaign_is_not_cancelled_while_its_job_talks_to_mailchimp(
 ) -> None:
     connect(runtime)
     view, _ = campaigns.create(runtime, campaign_request(3, "mailchimp"))
-    with runtime.sessions.begin() as session:
-        session.execute(
-            update(Campaign)
-            .where(Campaign.id == view.id)
-            .values(lease_until=clock.now() + timedelta(seconds=30))
-        )
+    hold_lease(runtime, view.id, clock.now() + timedelta(seconds=30))
     with pytest.raises(campaigns.CampaignStateError, match="MailChimp job runs"):
         campaigns.cancel(runtime, view.id)
     assert campaigns.view(runtime, view.id).status == "running"
@@ -278,3 +258,11 @@ def test_a_mailchimp_campaign_is_not_cancelled_while_its_job_talks_to_mailchimp(
     cancelled = campaigns.cancel(runtime, view.id)
     assert cancelled.status == "cancelled"
     assert cancelled.failed_by_reason == {"campaign_cancelled": 3}
+
+
+def hold_lease(rt: Runtime, campaign_id: str, until: Any) -> None:
+    """Stand in for another run holding the campaign's job until ``until``."""
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign).where(Campaign.id == campaign_id).values(lease_until=until)
+        )
