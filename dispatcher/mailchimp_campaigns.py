@@ -127,15 +127,21 @@ def _deliver_held(
     lease.confirm()
     refused = {e.email.lower(): e.error for e in outcome.errors}
     detail = f"sent through MailChimp (campaign {outcome.campaign_id})"
+
+    def refusal(error: str) -> tuple[SendStatus, str, str]:
+        if outcome.already_sent:
+            # An earlier run sent the campaign; the audience has changed since (say the
+            # contact unsubscribed in MailChimp): whether it reached this contact is not known.
+            return (
+                SendStatus.UNKNOWN,
+                "ambiguous_delivery",
+                f"the campaign had gone out through MailChimp before this contact was found "
+                f"refused ({error}); it may have been sent",
+            )
+        return SendStatus.FAILED, "mailchimp_refused", error
+
     outcomes: list[Outcome] = [
-        (
-            r.id,
-            SendStatus.FAILED,
-            "mailchimp_refused",
-            refused[r.contact_email.lower()],
-            rendered.subject,
-            False,
-        )
+        (r.id, *refusal(refused[r.contact_email.lower()]), rendered.subject, False)
         if r.contact_email.lower() in refused
         else (r.id, SendStatus.SENT, None, detail, rendered.subject, False)
         for r in rows

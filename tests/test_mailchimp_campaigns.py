@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -266,3 +267,30 @@ def hold_lease(rt: Runtime, campaign_id: str, until: Any) -> None:
         session.execute(
             update(Campaign).where(Campaign.id == campaign_id).values(lease_until=until)
         )
+
+
+def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
+    runtime: Runtime, fake: FakeMailchimp
+) -> None:
+    from dispatcher.mailchimp import Member
+    from dispatcher.mailchimp_campaigns import _send, render_for_mailchimp
+    from dispatcher.models import User
+
+    connect(runtime)
+    view, [chunk] = campaigns.create(runtime, campaign_request(4, "mailchimp"))
+    # An earlier run got the campaign sent, then died before it recorded anything...
+    with runtime.sessions() as session:
+        c, user = session.get(Campaign, view.id), session.get(User, "agent-1")
+        assert c is not None and user is not None
+        session.expunge_all()
+    members = [Member(f"person{i}@example.org", f"P{i}", None) for i in range(4)]
+    asyncio.run(_send(runtime, c, user, members, render_for_mailchimp(c)))
+    [campaign] = fake.campaigns()
+    assert fake.send_actions[campaign.id] == 1
+    # ...and one contact unsubscribed in MailChimp before the job ran again.
+    fake.add_member("person3@example.org", status="unsubscribed")
+
+    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
+    after = campaigns.view(runtime, view.id)
+    assert (after.counts["sent"], after.counts["unknown"], after.counts["failed"]) == (3, 1, 0)
+    assert len(fake.campaigns()) == 1 and fake.send_actions[campaign.id] == 1

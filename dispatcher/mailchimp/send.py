@@ -57,9 +57,9 @@ async def send_campaign(
             continue
         deliverable.append(m.email)
     log.info("mailchimp campaign %r: %d deliverable, %d not", title, len(deliverable), len(errors))
-    if not deliverable:
-        return MailchimpOutcome(None, None, "not_sent", (), tuple(errors))
 
+    # Before anything else: an earlier run may have sent it already (then the audience as it
+    # is now need not be the audience it went to).
     existing = await client.find_campaign(list_id, title)
     if existing is not None and existing.went:
         log.info("mailchimp campaign %r: already sent as %s", title, existing.id)
@@ -71,6 +71,8 @@ async def send_campaign(
             tuple(errors),
             already_sent=True,
         )
+    if not deliverable:
+        return MailchimpOutcome(None, None, "not_sent", (), tuple(errors))
     if existing is not None and existing.status != "save":
         raise MailchimpRejected(
             f"campaign {existing.id} is {existing.status!r} in MailChimp and cannot be sent",
