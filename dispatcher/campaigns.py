@@ -178,7 +178,9 @@ def _check_recipients(
     return valid, invalid
 
 
-def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
+def create(
+    rt: Runtime, req: CampaignRequest, *, _repeated: bool = False
+) -> tuple[CampaignView, list[int]]:
     """Validate, store and (for Command Email) reserve credits for a campaign, all or nothing.
 
     Returns the campaign and the chunks to enqueue. Invalid recipients are reported, never sent
@@ -288,9 +290,11 @@ def create(rt: Runtime, req: CampaignRequest) -> tuple[CampaignView, list[int]]:
             raise
         # The same key's request ran alongside this one and stored its campaign first.
         earlier = _replay(rt, req.user_id, request_key, digest)
+        if earlier is None and not _repeated:
+            # ...and has removed it since (refused for credits): this request goes ahead, once.
+            return create(rt, req, _repeated=True)
         if earlier is None:
-            # ...and has removed it since (refused for credits): this request goes ahead.
-            return create(rt, req)
+            raise
         return earlier, []
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:

@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
             "The server behind the List-Unsubscribe mailto (UNSUBSCRIBE_MAILTO, else "
             "unsubscribe@ the MAIL_FROM domain): it takes mail for that address only, checks "
             "the token in the subject and suppresses the contact for the agent, like the "
-            "one-click POST. Point the mailbox's MX at it. Runs until Ctrl-C."
+            "one-click POST. It refuses mail for any other address, so give the mailbox a "
+            "domain of its own (UNSUBSCRIBE_MAILTO=unsubscribe@unsub.example.com) and point "
+            "that domain's MX at it (port 25, forwarded to PORT). Runs until Ctrl-C."
         ),
     )
     inbound.add_argument(
@@ -253,12 +255,14 @@ def _serve_unsubscribe(args: argparse.Namespace) -> int:
     from dispatcher import inbound
 
     rt = _runtime()
-    controller = inbound.start(rt, args.host, args.port)
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+        controller = inbound.start(rt, args.host, args.port)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+        finally:
+            controller.stop()
     finally:
-        controller.stop()
         rt.close()
     return 0
 

@@ -20,7 +20,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from dispatcher import unsubscribe
-from dispatcher.errors import InvalidInput
+from dispatcher.errors import ConfigError, InvalidInput
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ class UnsubscribeHandler:
         log.info("unsubscribed by mail user=%s contact=%s", done.user_id, done.contact_id)
         return "250 2.0.0 unsubscribed"
 
+    async def handle_exception(self, error: Exception) -> str:
+        """Anything but a bad request (the database away, a bug): a temporary failure, so the
+        sender's server tries again; the details go to our log, never to the peer."""
+        log.error("unsubscribe mail not processed", exc_info=error)
+        return "451 4.3.0 temporary failure, try again later"
+
 
 def _text_of(message: Message) -> str:
     """The plain-text body, if there is one (a fallback place for the token)."""
@@ -72,7 +78,8 @@ def _text_of(message: Message) -> str:
 
 
 def start(rt: Runtime, host: str = "127.0.0.1", port: int = 2526) -> Controller:
-    """Start the server in its own thread; ``stop()`` the controller when done."""
+    """Start the server in its own thread; ``stop()`` the controller when done. Raises
+    :class:`~dispatcher.errors.ConfigError` when the address cannot be listened on."""
     controller = Controller(
         UnsubscribeHandler(rt),
         hostname=host,
@@ -80,6 +87,9 @@ def start(rt: Runtime, host: str = "127.0.0.1", port: int = 2526) -> Controller:
         ready_timeout=10,
         data_size_limit=MAX_MESSAGE_BYTES,
     )
-    controller.start()
+    try:
+        controller.start()
+    except OSError as exc:
+        raise ConfigError("--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
     log.info("unsubscribe mailbox %s served on %s:%d", unsubscribe.mailbox(rt.settings), host, port)
     return controller

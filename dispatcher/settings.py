@@ -167,6 +167,15 @@ class Settings:
             raise ConfigError("UNSUBSCRIBE_SECRET", "must be at least 16 characters")
         if self.unsubscribe_mailto is not None and "@" not in self.unsubscribe_mailto:
             raise ConfigError("UNSUBSCRIBE_MAILTO", "must be an email address")
+        for name, value in (
+            ("PUBLIC_BASE_URL", self.public_base_url),
+            ("UNSUBSCRIBE_MAILTO", self.unsubscribe_mailto),
+        ):
+            # Both go into the List-Unsubscribe header as they are: ASCII, no spaces.
+            if value is not None and (not value.isascii() or any(c.isspace() for c in value)):
+                raise ConfigError(
+                    name, "must be ASCII without spaces (write an IDN domain as xn--...)"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 

@@ -80,3 +80,18 @@ def test_every_setting_is_a_known_variable_and_documented() -> None:
         name = f.name.upper()
         assert name in KNOWN_VARIABLES, f"{name} would stop start-up when set in .env"
         assert f"`{name}`" in readme, f"{name} is not in the README's settings"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PUBLIC_BASE_URL", "https://bücher.example/unsub"),
+        ("PUBLIC_BASE_URL", "https://example.com/u nsub"),
+        ("UNSUBSCRIBE_MAILTO", "unsubscribe@bücher.example"),
+        ("UNSUBSCRIBE_MAILTO", "unsub\r\nBcc: x@y.org@example.com"),
+    ],
+)
+def test_unsubscribe_addresses_must_fit_a_header_as_they_are(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings(unsubscribe_secret="s" * 16, **{name.lower(): value})
+    assert caught.value.variable == name

@@ -311,3 +311,27 @@ def test_an_unsubscribe_by_mail_suppresses_the_contact_and_a_forged_one_is_refus
     assert delivery.deliver(runtime, second).value == "failed"
     assert len(smtp_server.messages) == 1
     assert credits(runtime, "agent-1").used == 1
+
+
+def test_an_unsubscribe_by_mail_the_database_cannot_take_is_deferred_without_details(
+    runtime: Runtime, make_runtime: Any, smtp_server: DevSMTPServer, tmp_path: Any
+) -> None:
+    make_user(runtime)
+    send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
+    assert delivery.deliver(runtime, send_id).value == "sent"
+    address, subject = mailto_of(smtp_server.messages[0])
+    # A server whose database is away: the sender's server must try again later (4xx), and
+    # learn nothing about our insides.
+    away = make_runtime(database_url=f"sqlite:///{tmp_path}/missing/dispatcher.db")
+    port = free_port()
+    server = inbound.start(away, "127.0.0.1", port)
+    try:
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "c@example.org", address, subject
+        message.set_content("please")
+        with pytest.raises(aiosmtplib.SMTPDataError) as deferred:
+            asyncio.run(aiosmtplib.send(message, hostname="127.0.0.1", port=port, timeout=10))
+    finally:
+        server.stop()
+    assert deferred.value.code == 451
+    assert "SQL" not in deferred.value.message and "sqlite" not in deferred.value.message.lower()
