@@ -41,6 +41,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("postgresql+psycopg://"):
+        # A server that stopped answering must not hold a worker (or a lease renewal) for
+        # the kernel's minutes-long TCP timeout.
+        kwargs.setdefault("connect_args", {"connect_timeout": 10})
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

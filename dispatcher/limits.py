@@ -182,8 +182,9 @@ class RedisSemaphore:
             yield token
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # asyncio.wait, not a suppressed await: a cancellation of this task arriving
+            # right now must go on propagating, not be taken for the keeper's own.
+            await asyncio.wait({keeper})
             await asyncio.shield(self.arelease(token))
 
     async def _keep(self, token: str) -> None:

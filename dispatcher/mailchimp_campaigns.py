@@ -235,7 +235,12 @@ class JobLease:
         with self.rt.sessions.begin() as session:
             kept = session.execute(
                 update(Campaign)
-                .where(Campaign.id == self.campaign_id, Campaign.lease_until == self.until)
+                .where(
+                    Campaign.id == self.campaign_id,
+                    Campaign.lease_until == self.until,
+                    # A campaign cancelled meanwhile (its lease had run out) is not renewed.
+                    Campaign.status == CampaignStatus.RUNNING,
+                )
                 .values(lease_until=until, updated_at=now)
             )
         if cast(CursorResult[Any], kept).rowcount != 1:
@@ -260,24 +265,32 @@ class JobLease:
 
     async def hold_during(self, work: Awaitable[T]) -> T:
         """Await ``work`` while renewing the lease every third of its length. A renewal the
-        database could not make is tried again at the next tick; once the lease is lost (or
-        ran out unrenewed) the work is cancelled and :class:`SendBusy` raised."""
+        database could not make is tried again at the next tick; once the lease is lost, or
+        a renewal does not come back while a third of the lease is still left, the work is
+        cancelled and :class:`SendBusy` raised (a run that cannot prove it holds the lease
+        must stop before another run may take it)."""
         every = self.length.total_seconds() / 3
 
         async def keep() -> None:
             while True:
                 await asyncio.sleep(every)
+                budget = (self.until - self.rt.clock.now()).total_seconds() - every
+                if budget <= 0:
+                    return  # renewals kept failing: a third of the lease is all that is left
                 try:
-                    if not await asyncio.to_thread(self.renew):
-                        return
+                    renewed = await asyncio.wait_for(asyncio.to_thread(self.renew), budget)
+                except TimeoutError:
+                    log.error("mailchimp job id=%s lease renewal hung", self.campaign_id)
+                    return
                 except SQLAlchemyError as exc:
                     log.warning(
                         "mailchimp job id=%s lease not renewed (%s); trying again",
                         self.campaign_id,
                         exc,
                     )
-                    if self.rt.clock.now() >= self.until:
-                        return
+                    continue
+                if not renewed:
+                    return
 
         job = asyncio.ensure_future(work)
         keeper = asyncio.ensure_future(keep())
@@ -285,8 +298,7 @@ class JobLease:
             await asyncio.wait({job, keeper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await asyncio.wait({keeper})  # a cancellation of this task still propagates
         if not job.done():
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
