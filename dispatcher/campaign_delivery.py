@@ -436,8 +436,9 @@ def _subjects(c: Campaign) -> Callable[[Any], str | None]:
 
 
 def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
-    """Give back the credits of the chunk's failed recipients still due (a refund lost to a
-    Redis error after its outcome was committed is made by the task's retry)."""
+    """Give back the credits of the chunk's failed recipients still due: a refund lost to a
+    Redis error after its outcome was committed is made here by the chunk's next run, or by
+    the refund sweep, whichever comes first."""
     with rt.sessions() as session:
         due = session.scalars(
             select(Send.id).where(

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
+from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,6 +18,7 @@ from dispatcher import suppression
 from dispatcher.campaign_delivery import Outcome, complete_if_done, settle
 from dispatcher.errors import NotFound, RenderError, SendBusy
 from dispatcher.mailchimp import (
+    SLOT_WAIT,
     MailchimpClient,
     MailchimpOutcome,
     MailchimpRejected,
@@ -59,6 +61,13 @@ def deliver_mailchimp(
     final = final_attempt or lease.attempt > rt.settings.send_max_retries
     try:
         return _deliver_held(rt, c, user, lease, final_attempt=final)
+    except (RedisError, SQLAlchemyError):
+        lease.give_back_attempt()  # our own infrastructure failed, not MailChimp
+        raise
+    except MailchimpUnavailable as exc:
+        if exc.operation == SLOT_WAIT:
+            lease.give_back_attempt()  # it waited for one of the agent's connections only
+        raise
     finally:
         lease.release()
 
@@ -120,7 +129,7 @@ def _deliver_held(
         lease.confirm()
         return _fail_all(rt, c, rows, exc.reason, str(exc))
     except MailchimpUnavailable as exc:
-        if final_attempt:
+        if final_attempt and exc.operation != SLOT_WAIT:
             lease.confirm()
             return _fail_all(rt, c, rows, exc.reason, f"gave up after retries: {exc}")
         raise
@@ -254,6 +263,18 @@ class JobLease:
         if not self.renew():
             log.error("mailchimp job id=%s lost its lease; not recording", self.campaign_id)
             raise SendBusy(self.campaign_id, self.length.total_seconds() / 3)
+
+    def give_back_attempt(self) -> None:
+        """Uncount this run (it never got an answer from MailChimp); best effort."""
+        try:
+            with self.rt.sessions.begin() as session:
+                session.execute(
+                    update(Campaign)
+                    .where(Campaign.id == self.campaign_id, Campaign.lease_until == self.until)
+                    .values(attempts=Campaign.attempts - 1)
+                )
+        except SQLAlchemyError as exc:
+            log.warning("mailchimp job id=%s attempt not given back: %s", self.campaign_id, exc)
 
     def release(self) -> None:
         with self.rt.sessions.begin() as session:

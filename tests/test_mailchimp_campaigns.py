@@ -294,3 +294,24 @@ def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
     after = campaigns.view(runtime, view.id)
     assert (after.counts["sent"], after.counts["unknown"], after.counts["failed"]) == (3, 1, 0)
     assert len(fake.campaigns()) == 1 and fake.send_actions[campaign.id] == 1
+
+
+def test_a_run_our_redis_failed_is_not_counted_as_an_attempt(
+    runtime: Runtime, make_runtime: Any, fake: FakeMailchimp
+) -> None:
+    from redis.exceptions import RedisError
+
+    from tests.conftest import free_port
+
+    connect(runtime)
+    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    cut_off = make_runtime(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(RedisError):  # the connection slots live in Redis
+        campaign_delivery.deliver_chunk(cut_off, f"{view.id}:{chunk}")
+    with runtime.sessions() as session:
+        row = session.execute(
+            select(Campaign.attempts, Campaign.lease_until).where(Campaign.id == view.id)
+        ).one()
+    assert (row.attempts, row.lease_until) == (0, None)
+    assert fake.calls == []
+    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"

@@ -32,6 +32,8 @@ from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: ``MailchimpUnavailable.operation`` when no connection slot came free in time.
+SLOT_WAIT = "connection_slot"
 #: MailChimp answers 429 beyond this many simultaneous connections per API key.
 MAX_CONNECTIONS = 10
 #: The API's maximum of members per batch subscribe and of emails per segment update.
@@ -415,7 +417,8 @@ class MailchimpClient:
             async with self._slot():
                 response = await self._http.request(method, path, json=body, params=params)
         except SemaphoreTimeout as exc:
-            raise MailchimpUnavailable(str(exc)) from None
+            # Nothing reached MailChimp: the agent's connections were all busy.
+            raise MailchimpUnavailable(str(exc), operation=SLOT_WAIT) from None
         except httpx.TimeoutException as exc:
             # Connect and pool timeouts happen before anything was sent.
             unsent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
