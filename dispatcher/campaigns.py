@@ -559,7 +559,14 @@ def resume(
 
 def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
     """Stop for good: recipients not yet handed out fail as cancelled and their credits come
-    back; those in flight finish."""
+    back; those in flight finish. A MailChimp campaign MailChimp was already asked to send
+    cannot be cancelled (it may have gone out; its job records what happened)."""
+    with rt.sessions() as session:
+        asked = session.scalar(select(Campaign.send_attempted_at).where(Campaign.id == campaign_id))
+    if asked is not None:
+        raise CampaignStateError(
+            campaign_id, "sending through MailChimp", "cancel (MailChimp may have sent it)"
+        )
     c = _transition(
         rt,
         campaign_id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -88,20 +88,13 @@ def _deliver_held(
         )
     if blocked:
         skipped = [r for r in rows if suppression.normalize(r.contact_email) in blocked]
+        skip = lease.failure(
+            suppression.SUPPRESSED, "the address is on the agent's suppression list; not sent"
+        )
         settle(
             rt,
             c,
-            [
-                (
-                    r.id,
-                    SendStatus.FAILED,
-                    suppression.SUPPRESSED,
-                    "the address is on the agent's suppression list; not sent",
-                    None,
-                    False,
-                )
-                for r in skipped
-            ],
+            [(r.id, *skip, None, False) for r in skipped],
             expect=(SendStatus.QUEUED,),
         )
         rows = [r for r in rows if suppression.normalize(r.contact_email) not in blocked]
@@ -109,12 +102,17 @@ def _deliver_held(
         return complete_if_done(rt, c.id)
     if not (user.mailchimp_api_key and user.mailchimp_list_id):
         return _fail_all(
-            rt, c, rows, "mailchimp_not_connected", "the agent has no connected MailChimp account"
+            rt,
+            c,
+            lease,
+            rows,
+            "mailchimp_not_connected",
+            "the agent has no connected MailChimp account",
         )
     try:
         rendered = render_for_mailchimp(c)
     except RenderError as exc:
-        return _fail_all(rt, c, rows, exc.reason, exc.detail)
+        return _fail_all(rt, c, lease, rows, exc.reason, exc.detail)
     members = [
         Member(
             r.contact_email,
@@ -124,14 +122,14 @@ def _deliver_held(
         for r in rows
     ]
     try:
-        outcome = asyncio.run(lease.hold_during(_send(rt, c, user, members, rendered)))
+        outcome = asyncio.run(lease.hold_during(_send(rt, c, user, members, rendered, lease)))
     except MailchimpRejected as exc:
         lease.confirm()
-        return _fail_all(rt, c, rows, exc.reason, str(exc))
+        return _fail_all(rt, c, lease, rows, exc.reason, str(exc))
     except MailchimpUnavailable as exc:
         if final_attempt and exc.operation != SLOT_WAIT:
             lease.confirm()
-            return _fail_all(rt, c, rows, exc.reason, f"gave up after retries: {exc}")
+            return _fail_all(rt, c, lease, rows, exc.reason, f"gave up after retries: {exc}")
         raise
     lease.confirm()
     refused = {e.email.lower(): e.error for e in outcome.errors}
@@ -172,7 +170,12 @@ def _deliver_held(
 
 
 async def _send(
-    rt: Runtime, c: Campaign, user: User, members: list[Member], rendered: Rendered
+    rt: Runtime,
+    c: Campaign,
+    user: User,
+    members: list[Member],
+    rendered: Rendered,
+    lease: JobLease | None = None,
 ) -> MailchimpOutcome:
     assert user.mailchimp_api_key and user.mailchimp_list_id
     sender = user.sender_address or rt.settings.mail_from_address
@@ -189,7 +192,15 @@ async def _send(
             text=rendered.text,
             from_name=c.from_name or sender.partition("@")[0],
             reply_to=c.reply_to or sender,
+            before_send=None if lease is None else _marking(lease),
         )
+
+
+def _marking(lease: JobLease) -> Callable[[], Awaitable[None]]:
+    async def mark() -> None:
+        await asyncio.to_thread(lease.sending)
+
+    return mark
 
 
 # --------------------------------------------------------------------------- the job's lease
@@ -200,11 +211,15 @@ class JobLease:
     expiry this run wrote: only the run holding it talks to MailChimp or records outcomes.
     Each claim counts one attempt of the job (``campaigns.attempts``)."""
 
-    def __init__(self, rt: Runtime, campaign_id: str, until: datetime, attempt: int) -> None:
+    def __init__(
+        self, rt: Runtime, campaign_id: str, until: datetime, attempt: int, may_have_gone: bool
+    ) -> None:
         self.rt = rt
         self.campaign_id = campaign_id
         self.until = until
         self.attempt = attempt
+        #: A run (this or an earlier one) asked MailChimp to send: a failure is ambiguous.
+        self.may_have_gone = may_have_gone
 
     @property
     def length(self) -> timedelta:
@@ -225,10 +240,10 @@ class JobLease:
                     or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
                 )
                 .values(lease_until=until, updated_at=now, attempts=Campaign.attempts + 1)
-                .returning(Campaign.attempts)
-            ).scalar()
+                .returning(Campaign.attempts, Campaign.send_attempted_at)
+            ).first()
             if won is not None:
-                return cls(rt, campaign_id, until, int(won))
+                return cls(rt, campaign_id, until, int(won[0]), won[1] is not None)
             row = session.execute(
                 select(Campaign.status, Campaign.lease_until).where(Campaign.id == campaign_id)
             ).one()
@@ -263,6 +278,28 @@ class JobLease:
         if not self.renew():
             log.error("mailchimp job id=%s lost its lease; not recording", self.campaign_id)
             raise SendBusy(self.campaign_id, self.length.total_seconds() / 3)
+
+    def sending(self) -> None:
+        """Record that MailChimp is being asked to send (from now on a failure is ambiguous)."""
+        self.may_have_gone = True
+        with self.rt.sessions.begin() as session:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == self.campaign_id, Campaign.send_attempted_at.is_(None))
+                .values(send_attempted_at=self.rt.clock.now())
+            )
+
+    def failure(self, reason: str, detail: str) -> tuple[SendStatus, str, str]:
+        """The outcome of a recipient this run could not send: failed, or ``unknown`` once a
+        send was asked for (the campaign may have reached them)."""
+        if self.may_have_gone:
+            return (
+                SendStatus.UNKNOWN,
+                "ambiguous_delivery",
+                f"{detail}; MailChimp had been asked to send the campaign before, so it may "
+                "have reached this contact",
+            )
+        return SendStatus.FAILED, reason, detail
 
     def give_back_attempt(self) -> None:
         """Uncount this run (it never got an answer from MailChimp); best effort."""
@@ -338,15 +375,10 @@ def _status(rt: Runtime, campaign_id: str) -> CampaignStatus:
 
 
 def _fail_all(
-    rt: Runtime, c: Campaign, rows: Sequence[Any], reason: str, detail: str
+    rt: Runtime, c: Campaign, lease: JobLease, rows: Sequence[Any], reason: str, detail: str
 ) -> CampaignStatus:
-    ids = [r.id for r in rows]
-    settle(
-        rt,
-        c,
-        [(i, SendStatus.FAILED, reason, detail, None, False) for i in ids],
-        expect=(SendStatus.QUEUED,),
-    )
+    outcome = lease.failure(reason, detail)
+    settle(rt, c, [(r.id, *outcome, None, False) for r in rows], expect=(SendStatus.QUEUED,))
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         session.execute(

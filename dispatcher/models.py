@@ -358,6 +358,8 @@ class Campaign(Base):
     #: A MailChimp campaign's job: held by the run talking to MailChimp (renewed while it
     #: runs), so a redelivered or re-enqueued job never runs alongside it.
     lease_until: Mapped[datetime | None]
+    #: When a MailChimp job first asked MailChimp to send: from then on a failure is ambiguous.
+    send_attempted_at: Mapped[datetime | None]
     #: Runs of a MailChimp campaign's job (each claim of the lease): its retry budget.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The producer's key for the request that created it (unique per agent), and a digest of

@@ -315,3 +315,31 @@ def test_a_run_our_redis_failed_is_not_counted_as_an_attempt(
     assert (row.attempts, row.lease_until) == (0, None)
     assert fake.calls == []
     assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # 20 s of client backoff
+def test_once_mailchimp_was_asked_to_send_a_failure_is_unknown_and_no_cancel_is_taken(
+    runtime: Runtime, fake: FakeMailchimp
+) -> None:
+    # The send action never gets a clear answer: MailChimp may or may not have sent it.
+    connect(runtime)
+    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    item = f"{view.id}:{chunk}"
+    fake.inject(SEND, *[Fault.error(503)] * 100)
+    with pytest.raises(MailchimpUnavailable):
+        campaign_delivery.deliver_chunk(runtime, item)
+    # It may have gone out: a cancel would write "cancelled before this email was sent".
+    with pytest.raises(campaigns.CampaignStateError, match="MailChimp may have sent it"):
+        campaigns.cancel(runtime, view.id)
+    # The runs go on until the budget (3 retries) is spent; then nobody is recorded failed.
+    for _ in range(2):
+        with pytest.raises(MailchimpUnavailable):
+            campaign_delivery.deliver_chunk(runtime, item)
+    assert campaign_delivery.deliver_chunk(runtime, item).value == "failed"
+    after = campaigns.view(runtime, view.id)
+    assert (after.counts["unknown"], after.counts["failed"]) == (3, 0)
+    with runtime.sessions() as session:
+        details = session.scalars(
+            select(TimelineEvent.detail).where(TimelineEvent.user_id == "agent-1")
+        ).all()
+    assert len(details) == 3 and all("may have reached" in (d or "") for d in details)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 
 from dispatcher.errors import InvalidInput
@@ -26,6 +26,7 @@ async def send_campaign(
     from_name: str,
     reply_to: str,
     segment_name: str | None = None,
+    before_send: Callable[[], Awaitable[None]] | None = None,
 ) -> MailchimpOutcome:
     """Upsert the recipients, put the ones MailChimp will mail in a static segment, create the
     campaign to it, set its content and send it.
@@ -33,8 +34,9 @@ async def send_campaign(
     ``title`` names the campaign and (by default) the segment and must be unique per campaign
     of ours (e.g. derived from our campaign id): it is how a run repeated after a crash or a
     redelivery finds what an earlier run made, so the campaign is created and sent at most once.
-    Raises :class:`MailchimpRejected` (never retry) or :class:`MailchimpUnavailable` (retry the
-    whole call later; it is safe).
+    ``before_send`` is awaited just before the send action is asked for. Raises
+    :class:`MailchimpRejected` (never retry) or :class:`MailchimpUnavailable` (retry the whole
+    call later; it is safe).
     """
     members = _dedupe(recipients)
     if not members:
@@ -100,6 +102,8 @@ async def send_campaign(
         reply_to=reply_to,
     )
     await client.set_content(campaign.id, html, text)
+    if before_send is not None:
+        await before_send()  # e.g. record that from now on the campaign may have gone out
     status = await client.send(campaign.id)
     return MailchimpOutcome(campaign.id, segment.id, status, tuple(deliverable), tuple(errors))
 

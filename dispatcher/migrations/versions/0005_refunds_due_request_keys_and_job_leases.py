@@ -32,6 +32,11 @@ def upgrade() -> None:
             sa.Column("lease_until", dispatcher.models.UTCDateTime(timezone=True), nullable=True)
         )
         batch_op.add_column(sa.Column("attempts", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(
+            sa.Column(
+                "send_attempted_at", dispatcher.models.UTCDateTime(timezone=True), nullable=True
+            )
+        )
         batch_op.create_unique_constraint(
             batch_op.f("uq_campaigns_user_id"), ["user_id", "idempotency_key"]
         )
@@ -40,6 +45,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("uq_campaigns_user_id"), type_="unique")
+        batch_op.drop_column("send_attempted_at")
         batch_op.drop_column("attempts")
         batch_op.drop_column("lease_until")
         batch_op.drop_column("request_digest")
