@@ -512,14 +512,18 @@ def _transition(
             .where(
                 Campaign.id == campaign_id,
                 Campaign.status.in_(allowed),
-                # Not while a MailChimp job talks to MailChimp: it may be sending right now.
+                # Not while a MailChimp job talks to MailChimp: it may be sending right now;
+                # nor once MailChimp was asked to send: it may have gone out.
                 or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+                Campaign.send_attempted_at.is_(None),
             )
             .values(status=to, updated_at=now, finished_at=now if to.terminal else None)
         )
         if cast(CursorResult[Any], result).rowcount != 1:
             session.refresh(c)
-            if c.status in allowed and c.lease_until is not None:
+            if c.status in allowed and c.send_attempted_at is not None:
+                action += " (MailChimp may have sent it)"
+            elif c.status in allowed and c.lease_until is not None:
                 action += " while its MailChimp job runs (try again once it has finished)"
             raise CampaignStateError(campaign_id, c.status.value, action)
         session.refresh(c)
@@ -561,12 +565,6 @@ def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaig
     """Stop for good: recipients not yet handed out fail as cancelled and their credits come
     back; those in flight finish. A MailChimp campaign MailChimp was already asked to send
     cannot be cancelled (it may have gone out; its job records what happened)."""
-    with rt.sessions() as session:
-        asked = session.scalar(select(Campaign.send_attempted_at).where(Campaign.id == campaign_id))
-    if asked is not None:
-        raise CampaignStateError(
-            campaign_id, "sending through MailChimp", "cancel (MailChimp may have sent it)"
-        )
     c = _transition(
         rt,
         campaign_id,

@@ -41,10 +41,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    if url.startswith("postgresql+psycopg://"):
+    if url.startswith("postgresql+psycopg://") and "connect_timeout=" not in url:
         # A server that stopped answering must not hold a worker (or a lease renewal) for
-        # the kernel's minutes-long TCP timeout.
-        kwargs.setdefault("connect_args", {"connect_timeout": 10})
+        # the kernel's minutes-long TCP timeout (a connect_timeout in the URL wins).
+        kwargs["connect_args"] = {"connect_timeout": 10, **kwargs.get("connect_args", {})}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -184,8 +184,10 @@ class RedisSemaphore:
             keeper.cancel()
             # asyncio.wait, not a suppressed await: a cancellation of this task arriving
             # right now must go on propagating, not be taken for the keeper's own.
-            await asyncio.wait({keeper})
-            await asyncio.shield(self.arelease(token))
+            try:
+                await asyncio.wait({keeper})
+            finally:
+                await asyncio.shield(self.arelease(token))
 
     async def _keep(self, token: str) -> None:
         """Renew the lease every third of its life until cancelled."""

@@ -328,15 +328,20 @@ class JobLease:
         cancelled and :class:`SendBusy` raised (a run that cannot prove it holds the lease
         must stop before another run may take it)."""
         every = self.length.total_seconds() / 3
+        margin = min(every, 5.0)  # stop this long before the lease would run out
 
         async def keep() -> None:
+            pause = every
             while True:
-                await asyncio.sleep(every)
-                budget = (self.until - self.rt.clock.now()).total_seconds() - every
+                await asyncio.sleep(pause)
+                budget = (self.until - self.rt.clock.now()).total_seconds() - margin
                 if budget <= 0:
-                    return  # renewals kept failing: a third of the lease is all that is left
+                    return  # renewals kept failing: the lease is about to run out
                 try:
-                    renewed = await asyncio.wait_for(asyncio.to_thread(self.renew), budget)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the
+                    # cancellation that ends this keeper.
+                    async with asyncio.timeout(budget):
+                        renewed = await asyncio.to_thread(self.renew)
                 except TimeoutError:
                     log.error("mailchimp job id=%s lease renewal hung", self.campaign_id)
                     return
@@ -346,9 +351,11 @@ class JobLease:
                         self.campaign_id,
                         exc,
                     )
+                    pause = min(every, margin)
                     continue
                 if not renewed:
                     return
+                pause = every
 
         job = asyncio.ensure_future(work)
         keeper = asyncio.ensure_future(keep())
