@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from email import message_from_bytes
-from email.message import Message
+from email.message import EmailMessage
 from email.policy import default
 from typing import Any
 
@@ -67,9 +67,9 @@ class UnsubscribeHandler:
         return "451 4.3.0 temporary failure, try again later"
 
 
-def _text_of(message: Message) -> str:
+def _text_of(message: EmailMessage) -> str:
     """The plain-text body, if there is one (a fallback place for the token)."""
-    part = message.get_body(preferencelist=("plain",)) if hasattr(message, "get_body") else None
+    part = message.get_body(preferencelist=("plain",))
     if part is None:
         return ""
     with contextlib.suppress(LookupError, UnicodeDecodeError):

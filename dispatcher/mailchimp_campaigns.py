@@ -206,6 +206,11 @@ def _marking(lease: JobLease) -> Callable[[], Awaitable[None]]:
 # --------------------------------------------------------------------------- the job's lease
 
 
+def _lease_length(rt: Runtime) -> timedelta:
+    """How long a MailChimp job's lease lasts unrenewed (``SEND_LEASE_SECONDS``)."""
+    return timedelta(seconds=rt.settings.send_lease_seconds)
+
+
 class JobLease:
     """A MailChimp job's hold on its campaign (``campaigns.lease_until``), fenced on the
     expiry this run wrote: only the run holding it talks to MailChimp or records outcomes.
@@ -223,14 +228,14 @@ class JobLease:
 
     @property
     def length(self) -> timedelta:
-        return timedelta(seconds=self.rt.settings.send_lease_seconds)
+        return _lease_length(self.rt)
 
     @classmethod
     def claim(cls, rt: Runtime, campaign_id: str) -> JobLease | None:
         """Take the lease; None when the campaign is no longer running. Raises
         :class:`SendBusy` while another run holds it."""
         now = rt.clock.now()
-        until = now + timedelta(seconds=rt.settings.send_lease_seconds)
+        until = now + _lease_length(rt)
         with rt.sessions.begin() as session:
             won = session.execute(
                 update(Campaign)

@@ -138,12 +138,7 @@ def test_campaign_survives_random_sigkills(
                 stack.workers.start()
                 plan.pop(0)
                 last_kill = progress.elapsed()
-            if progress.elapsed() > PHASE_LIMIT:
-                raise AssertionError(
-                    f"campaign not completed after {PHASE_LIMIT:.0f}s: {view}; "
-                    f"open chunks {campaigns.open_chunks(stack.rt, cid)}; "
-                    f"beat recovered {stack.beat.recovered}" + stack.workers.logs()
-                )
+            _check_time_left(stack, progress, cid, view)
             time.sleep(0.1)
         stack.workers.stop_all()
         result = crashkit.audit(stack.rt, cid, USER, smtp_server)
@@ -222,12 +217,7 @@ def test_redis_restart_mid_campaign_completes_from_sql(
                 progress.log(view, _received(smtp_server), f"recovered={stack.beat.recovered}")
                 stack.workers.check_none_died()
                 stack.beat.tick()
-                if progress.elapsed() > PHASE_LIMIT:
-                    raise AssertionError(
-                        f"campaign not completed after {PHASE_LIMIT:.0f}s: {view}; "
-                        f"open chunks {campaigns.open_chunks(stack.rt, cid)}; "
-                        f"beat recovered {stack.beat.recovered}" + stack.workers.logs()
-                    )
+                _check_time_left(stack, progress, cid, view)
                 time.sleep(0.1)
             stack.workers.stop_all()
             result = crashkit.audit(stack.rt, cid, USER, smtp_server)
@@ -250,3 +240,15 @@ def test_redis_restart_mid_campaign_completes_from_sql(
         seconds,
         f"done at crash {at_crash.done}, beat recovered {stack.beat.recovered}",
     )
+
+
+def _check_time_left(
+    stack: crashkit.Stack, progress: crashkit.Progress, cid: str, view: campaigns.CampaignView
+) -> None:
+    """Fail, saying where the campaign stands, once a phase ran past PHASE_LIMIT."""
+    if progress.elapsed() > PHASE_LIMIT:
+        raise AssertionError(
+            f"campaign not completed after {PHASE_LIMIT:.0f}s: {view}; "
+            f"open chunks {campaigns.open_chunks(stack.rt, cid)}; "
+            f"beat recovered {stack.beat.recovered}" + stack.workers.logs()
+        )
