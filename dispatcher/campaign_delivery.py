@@ -69,7 +69,7 @@ _KIND = {
 Outcome = tuple[str, SendStatus, str | None, str | None, str | None, bool]
 
 
-def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> CampaignStatus:
+def deliver_chunk(rt: Runtime, item: str) -> CampaignStatus:
     """Send the open recipients of chunk ``"<campaign id>:<chunk>"``; returns the campaign's
     status afterwards.
 
@@ -89,7 +89,7 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     if c.provider is Provider.MAILCHIMP:
         from dispatcher.mailchimp_campaigns import deliver_mailchimp
 
-        return deliver_mailchimp(rt, c, user, final_attempt=final_attempt)
+        return deliver_mailchimp(rt, c, user)
     if c.status is not CampaignStatus.RUNNING:
         return c.status
     _settle_lost(rt, c, chunk)
@@ -97,7 +97,7 @@ def deliver_chunk(rt: Runtime, item: str, *, final_attempt: bool = False) -> Cam
     sender = user.sender_address
     if sender is None:
         raise RenderError("the user has no platform or communications email to send from")
-    # Command Email recipients count their own attempts; ``final_attempt`` is MailChimp's.
+    # Command Email recipients count their own attempts (MailChimp jobs count their runs).
     deferred, held = asyncio.run(_run_chunk(rt, c, chunk, sender))
     now_status = _status(rt, campaign_id)
     if now_status is not CampaignStatus.RUNNING and now_status is not None:

@@ -44,9 +44,7 @@ def render_for_mailchimp(c: Campaign) -> Rendered:
     return MessageTemplate(c.subject, c.html, c.text).render(context)
 
 
-def deliver_mailchimp(
-    rt: Runtime, c: Campaign, user: User, *, final_attempt: bool = False
-) -> CampaignStatus:
+def deliver_mailchimp(rt: Runtime, c: Campaign, user: User) -> CampaignStatus:
     """Sync the recipients to the agent's audience and send the campaign there, once.
 
     Retried on MailChimp 429/5xx/timeouts (the client is safe to repeat: it finds a campaign
@@ -57,10 +55,8 @@ def deliver_mailchimp(
     lease = JobLease.claim(rt, c.id)
     if lease is None:
         return _status(rt, c.id)
-    # Attempts are counted in SQL: waiting for a lease or for Redis uses none of them.
-    final = final_attempt or lease.attempt > rt.settings.send_max_retries
     try:
-        return _deliver_held(rt, c, user, lease, final_attempt=final)
+        return _deliver_held(rt, c, user, lease)
     except (RedisError, SQLAlchemyError):
         lease.give_back_attempt()  # our own infrastructure failed, not MailChimp
         raise
@@ -72,9 +68,7 @@ def deliver_mailchimp(
         lease.release()
 
 
-def _deliver_held(
-    rt: Runtime, c: Campaign, user: User, lease: JobLease, *, final_attempt: bool
-) -> CampaignStatus:
+def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> CampaignStatus:
     with rt.sessions() as session:
         rows = session.execute(
             select(Send.id, Send.contact_email, Send.merge_fields).where(
@@ -127,7 +121,9 @@ def _deliver_held(
         lease.confirm()
         return _fail_all(rt, c, lease, rows, exc.reason, str(exc))
     except MailchimpUnavailable as exc:
-        if final_attempt and exc.operation != SLOT_WAIT:
+        # Attempts are counted in SQL: waiting for a lease or for Redis uses none of them.
+        last = lease.attempt > rt.settings.send_max_retries
+        if last and exc.operation != SLOT_WAIT:
             lease.confirm()
             return _fail_all(rt, c, lease, rows, exc.reason, f"gave up after retries: {exc}")
         raise
