@@ -20,6 +20,33 @@ class SystemClock:
         return datetime.now(UTC)
 
 
+class OffsetClock:
+    """Wall-clock time moved by a fixed offset (``CLOCK_OFFSET_SECONDS``).
+
+    Every process given the same offset reads the same "now", so a test (or a rehearsal of a
+    month end) can run real worker processes and commands in another period, with leases and
+    timeouts still moving as they do in production.
+    """
+
+    def __init__(self, offset: timedelta) -> None:
+        self.offset = offset
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    @classmethod
+    def reading(cls, when: datetime) -> OffsetClock:
+        """A clock that reads ``when`` now and moves on from there."""
+        return cls(when - datetime.now(UTC))
+
+
+def clock_for(offset_seconds: float) -> Clock:
+    """The process's clock: the wall clock, shifted when an offset is configured."""
+    if offset_seconds == 0:
+        return SystemClock()
+    return OffsetClock(timedelta(seconds=offset_seconds))
+
+
 class FrozenClock:
     """A clock that only moves when told to; thread-safe, for tests and simulations."""
 

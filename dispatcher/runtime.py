@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import db
-from dispatcher.clock import Clock, SystemClock
+from dispatcher.clock import Clock, clock_for
 from dispatcher.ledger import snapshot_source
 from dispatcher.outcomes import OutcomeStream
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
@@ -37,7 +37,7 @@ class Runtime:
         gateway: PaymentGateway | None = None,
     ) -> None:
         self.settings = settings
-        self.clock: Clock = clock or SystemClock()
+        self.clock: Clock = clock or clock_for(settings.clock_offset_seconds)
         self._transport = transport
         #: Where follow-up work (notices, receipts) is enqueued; workers/ sets the Celery one.
         self.queue: TaskQueue = queue or OutboxOnly()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -47,6 +48,7 @@ KNOWN_VARIABLES = (
     "UNSUBSCRIBE_SECRET",
     "UNSUBSCRIBE_MAILTO",
     "RELAY_HALT_SECONDS",
+    "CLOCK_OFFSET_SECONDS",
 )
 
 
@@ -98,6 +100,9 @@ class Settings:
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
     relay_halt_seconds: int = 900
+    #: Seconds added to the wall clock by every process built from these settings: tests and
+    #: rehearsals (a month end, a renewal) run real processes in another period. 0 in production.
+    clock_offset_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self._check()
@@ -176,6 +181,8 @@ class Settings:
                 raise ConfigError(
                     name, "must be ASCII without spaces (write an IDN domain as xn--...)"
                 )
+        if not math.isfinite(self.clock_offset_seconds):
+            raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
@@ -293,4 +300,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "smtp_rate_per_second": _int,
     "smtp_rate_per_hour": _int,
     "relay_halt_seconds": _int,
+    "clock_offset_seconds": _float,
 }

@@ -202,8 +202,14 @@ def clock() -> FrozenClock:
 
 
 @pytest.fixture
-def settings(redis_url: str, database_url: str, smtp_server: DevSMTPServer) -> Settings:
+def settings(
+    redis_url: str, database_url: str, smtp_server: DevSMTPServer, clock: FrozenClock
+) -> Settings:
+    """The test's settings. Every runtime built from them without a clock of its own (a
+    forked child, a worker process, a CLI command) reads the test's clock: the same offset
+    from the wall clock, so they all land in the test's period whatever today's date is."""
     return Settings(
+        clock_offset_seconds=(clock.now() - datetime.now(UTC)).total_seconds(),
         redis_url=redis_url,
         database_url=database_url,
         smtp_host="127.0.0.1",

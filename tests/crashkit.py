@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +34,7 @@ from dispatcher.processes import HOST, Child, free_port
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from dispatcher.subscriptions import credits, ensure_current
+from tests.helpers import worker_env
 from workers.app import CAMPAIGN, SWEEP_OUTBOX_TASK, create_app
 
 TERMINAL = (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
@@ -58,31 +59,6 @@ def crash_settings(settings: Settings, **changes: Any) -> Settings:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment of a worker process reading exactly ``settings`` (``Settings.from_env``
-    reads one variable per field, named as the field in capitals)."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in _setting_names()}
-    for f in fields(Settings):
-        value = getattr(settings, f.name)
-        if value is None:
-            continue
-        if f.name == "plan_catalog":
-            raise NotImplementedError("crash tests use the built-in plan catalog")
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, tuple):
-            text = ",".join(str(v) for v in value)
-        else:
-            text = str(value)
-        env[f.name.upper()] = text
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _setting_names() -> set[str]:
-    return {f.name.upper() for f in fields(Settings)}
 
 
 # --------------------------------------------------------------------------- workers

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -13,6 +15,7 @@ from dispatcher.campaigns import CampaignRequest, Recipient
 from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, User
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest
+from dispatcher.settings import Settings
 from dispatcher.users import upsert_user
 
 
@@ -115,3 +118,33 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """The variables that make ``Settings.from_env`` read exactly ``settings`` (one variable
+    per field, named as the field in capitals), the test's clock offset included."""
+    env: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            continue
+        if f.name == "plan_catalog":
+            raise NotImplementedError("processes started by tests use the built-in catalog")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        env[f.name.upper()] = text
+    return env
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The whole environment of a process started by a test: this one's, with every setting
+    replaced by ``settings`` (so it reads the test's databases and the test's clock)."""
+    names = {f.name.upper() for f in fields(Settings)}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env.update(settings_environ(settings))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

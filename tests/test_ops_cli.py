@@ -11,14 +11,14 @@ from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.subscriptions import credits
-from tests.helpers import make_user, send_request
+from tests.helpers import make_user, send_request, settings_environ
 
 
 @pytest.fixture
 def env(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    monkeypatch.setenv("DATABASE_URL", runtime.settings.database_url)
-    monkeypatch.setenv("REDIS_URL", runtime.settings.redis_url)
-    monkeypatch.setenv("SMTP_PORT", str(runtime.settings.smtp_port))
+    # The commands read the test's settings from the environment, its clock included.
+    for name, value in settings_environ(runtime.settings).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(runtime.settings.templates_dir)  # no stray .env file
     make_user(runtime, "agent-1", timezone="America/Denver")
     return runtime
