@@ -18,9 +18,9 @@ run: install ## Run the API, workers, Redis and a .eml SMTP server locally
 	$(BIN)/dispatcher run
 
 lint: install ## ruff and mypy --strict on the packages
-	$(BIN)/ruff check dispatcher workers tests
-	$(BIN)/ruff format --check dispatcher workers tests
-	$(BIN)/mypy dispatcher workers
+	$(BIN)/ruff check dispatcher workers devstack tests
+	$(BIN)/ruff format --check dispatcher workers devstack tests
+	$(BIN)/mypy dispatcher workers devstack
 
 pytest: install ## The test suite only
 	$(BIN)/pytest

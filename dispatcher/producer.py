@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher import campaigns, notices, plans, sends, subscriptions, timeline, users
-from dispatcher.notices import NotificationView
+from dispatcher import sends, users
+from dispatcher.campaigns import service as campaigns
+from dispatcher.credits import notices, plans, subscriptions
+from dispatcher.credits.notices import NotificationView
+from dispatcher.credits.subscriptions import ChangeResult, CreditsView
+from dispatcher.delivery import timeline
+from dispatcher.delivery.timeline import EventView
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest, SendView, SubmitResult
-from dispatcher.subscriptions import ChangeResult, CreditsView
-from dispatcher.timeline import EventView
 from dispatcher.users import UserView
 
 

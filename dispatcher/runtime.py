@@ -11,15 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import db
 from dispatcher.clock import Clock, clock_for
-from dispatcher.ledger import snapshot_source
-from dispatcher.outcomes import OutcomeStream
+from dispatcher.credits.ledger import snapshot_source
+from dispatcher.credits.quota import QuotaLedger
+from dispatcher.delivery.outcomes import OutcomeStream
+from dispatcher.delivery.ratelimit import RateLimit
+from dispatcher.delivery.relay import RelayGuard, relay_id
+from dispatcher.delivery.transports.base import Transport
+from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
-from dispatcher.quota import QuotaLedger
-from dispatcher.ratelimit import RateLimit
-from dispatcher.relay import RelayGuard, relay_id
 from dispatcher.settings import Settings
-from dispatcher.transports.base import Transport
-from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
 
 log = logging.getLogger(__name__)
 

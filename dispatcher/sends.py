@@ -13,13 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import validation
+from dispatcher.delivery.message import message_id_for
+from dispatcher.delivery.rendering import MessageTemplate, check_merge_fields
+from dispatcher.delivery.templates import load_template
 from dispatcher.errors import InvalidInput, NotFound
-from dispatcher.message import message_id_for
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.ports import DeferredToOutbox, TaskQueue
-from dispatcher.rendering import MessageTemplate, check_merge_fields
 from dispatcher.runtime import Runtime
-from dispatcher.templates import load_template
 
 log = logging.getLogger(__name__)
 

@@ -273,7 +273,7 @@ def _tokens(name: str, value: str) -> tuple[str, ...]:
 
 
 def _plan_catalog(name: str, value: str) -> tuple[tuple[str, int, int], ...]:
-    from dispatcher.plans import parse_catalog
+    from dispatcher.credits.plans import parse_catalog
 
     return parse_catalog(name, value)
 

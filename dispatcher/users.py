@@ -7,12 +7,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dispatcher import plans, validation
+from dispatcher import validation
+from dispatcher.credits import plans
+from dispatcher.credits.periods import period_by_id, zone
+from dispatcher.credits.subscriptions import roll_forward
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import User
-from dispatcher.periods import period_by_id, zone
 from dispatcher.runtime import Runtime
-from dispatcher.subscriptions import roll_forward
 
 _UNSET: Any = object()
 

@@ -18,9 +18,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from devstack.devsmtp import DevSMTPServer
 from dispatcher import db
 from dispatcher.clock import FrozenClock
-from dispatcher.devsmtp import DevSMTPServer
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -253,7 +253,7 @@ def fake_ledger() -> Iterator[Callable[[int], Any]]:
     """QuotaLedger factories over fakeredis, for fast unit tests of the Lua logic only."""
     import fakeredis
 
-    from dispatcher.quota import LedgerSnapshot, QuotaLedger
+    from dispatcher.credits.quota import LedgerSnapshot, QuotaLedger
 
     client = fakeredis.FakeRedis()
 
@@ -295,7 +295,7 @@ def api_client(runtime: Runtime, celery_app: Any) -> Iterator[Any]:
     """The HTTP API wired to the Celery queue, as `workers.web` wires it."""
     from fastapi.testclient import TestClient
 
-    from dispatcher.api import create_api
+    from dispatcher.api.app import create_api
     from workers.queue import CeleryTaskQueue
 
     app = create_api(runtime, CeleryTaskQueue(celery_app))

@@ -25,15 +25,16 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
-from dispatcher import campaigns, outbox
-from dispatcher.devsmtp import Action, DevSMTPServer, Received, slow
-from dispatcher.ledger import snapshot
+from devstack.devsmtp import Action, DevSMTPServer, Received, slow
+from devstack.processes import HOST, Child, free_port
+from dispatcher import recovery as outbox
+from dispatcher.campaigns import service as campaigns
+from dispatcher.credits.ledger import snapshot
+from dispatcher.credits.subscriptions import credits, ensure_current
 from dispatcher.models import Send, SendStatus, TimelineEvent
 from dispatcher.ports import TaskQueue
-from dispatcher.processes import HOST, Child, free_port
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import credits, ensure_current
 from tests.helpers import worker_env
 from workers.app import CAMPAIGN, SWEEP_OUTBOX_TASK, create_app
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from dispatcher.api import create_api
+from dispatcher.api.app import create_api
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from tests.helpers import statuses

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import uvicorn
 
-from dispatcher.api import create_api
-from dispatcher.cli import main
-from dispatcher.devsmtp import DevSMTPServer
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.api.app import create_api
+from dispatcher.cli.main import main
 from dispatcher.runtime import Runtime
 from tests.conftest import free_port
 from tests.helpers import make_user, wait_for

@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from dispatcher import campaigns
-from dispatcher.devsmtp import DevSMTPServer
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.campaigns import service as campaigns
+from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign
 from dispatcher.runtime import Runtime
-from dispatcher.subscriptions import credits
 from tests.helpers import campaign_request, make_user, wait_for
 
 N = 40

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher.devsmtp import DevSMTPServer, Received
+from devstack.devsmtp import DevSMTPServer, Received
+from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign, Send, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import credits
 from tests.helpers import make_user, seed_used_credits, wait_for
 from workers.app import CAMPAIGN, SEND_CAMPAIGN_CHUNK_TASK
 

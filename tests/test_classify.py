@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dispatcher.delivery.transports.classify import classify, enhanced_code
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected
-from dispatcher.transports.classify import classify, enhanced_code
 
 
 @pytest.mark.parametrize(

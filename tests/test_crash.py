@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import campaigns
-from dispatcher.devsmtp import DevSMTPServer
-from dispatcher.ledger import snapshot
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.campaigns import service as campaigns
+from dispatcher.credits.ledger import snapshot
+from dispatcher.credits.subscriptions import credits, ensure_current
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import credits, ensure_current
 from tests import crashkit
 from tests.helpers import make_user
 from workers.app import CAMPAIGN

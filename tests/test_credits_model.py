@@ -14,16 +14,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from sqlalchemy import delete, select
 
-from dispatcher import delivery
 from dispatcher.clock import FrozenClock
+from dispatcher.credits.periods import period_at
+from dispatcher.credits.subscriptions import change, credits, next_period_id, renew_due
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery.transports.memory import MemoryTransport
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Base, Notification, Order
-from dispatcher.periods import period_at
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import change, credits, next_period_id, renew_due
-from dispatcher.transports.memory import MemoryTransport
 from tests.helpers import make_user, send_request
 
 FREE = 10

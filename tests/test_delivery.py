@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher import delivery
-from dispatcher.devsmtp import DROP, DevSMTPServer
+from devstack.devsmtp import DROP, DevSMTPServer
+from dispatcher.credits.subscriptions import credits, ensure_current
+from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
-from dispatcher.subscriptions import credits, ensure_current
 from tests.helpers import make_user, seed_used_credits, send_request, statuses, timeline_rows
 
 

@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dispatcher import alerts, campaigns, delivery, outbox, suppression
-from dispatcher.campaign_delivery import deliver_chunk
-from dispatcher.devsmtp import (
+from devstack.devsmtp import (
     DROP_AFTER_DATA,
     DROP_BEFORE_DATA,
     DevSMTPServer,
@@ -25,15 +23,21 @@ from dispatcher.devsmtp import (
     reply,
     slow,
 )
+from dispatcher import alerts
+from dispatcher import recovery as outbox
+from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns.chunks import deliver_chunk
+from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery import suppression
+from dispatcher.delivery.message import Envelope
+from dispatcher.delivery.ratelimit import RateLimit, RelayRateLimiter
+from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
 from dispatcher.errors import DeliveryDeferred, NotAttempted
-from dispatcher.message import Envelope
 from dispatcher.models import CampaignStatus, Send, SendStatus
 from dispatcher.ports import InlineQueue
-from dispatcher.ratelimit import RateLimit, RelayRateLimiter
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
-from dispatcher.subscriptions import credits
-from dispatcher.transports.smtp import SMTPConfig, SMTPTransport
 from tests.helpers import campaign_request, make_user, send_request, timeline_rows
 
 ADDRESS = "contact1@example.org"
@@ -395,8 +399,8 @@ def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from dispatcher.ratelimit import RateLimit
-    from dispatcher.relay import RelayGuard
+    from dispatcher.delivery.ratelimit import RateLimit
+    from dispatcher.delivery.relay import RelayGuard
     from tests.conftest import free_port
 
     # Nothing listens there: every call to the guard fails at once.
@@ -461,9 +465,9 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
 def test_a_system_email_held_back_by_a_halted_relay_is_queued_not_lost(
     runtime: Runtime, smtp_server: DevSMTPServer
 ) -> None:
-    from dispatcher import system_mail
+    from dispatcher.credits.subscriptions import change
+    from dispatcher.delivery import system_mail
     from dispatcher.models import SystemEmail
-    from dispatcher.subscriptions import change
 
     make_user(runtime)
     change(runtime, "agent-1", "upgrade", "10k")  # a receipt to send

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.processes import free_port
+from devstack.processes import free_port
 
 DISPATCHER = [sys.executable, "-m", "dispatcher.cli"]
 

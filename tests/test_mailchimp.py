@@ -14,9 +14,8 @@ import httpx
 import pytest
 import redis
 
-from dispatcher.errors import PermanentError, TransientError
-from dispatcher.limits import RedisSemaphore, SemaphoreTimeout
-from dispatcher.mailchimp import (
+from dispatcher.campaigns.limits import RedisSemaphore, SemaphoreTimeout
+from dispatcher.campaigns.mailchimp import (
     MailchimpAuthFailed,
     MailchimpClient,
     MailchimpRejected,
@@ -27,6 +26,7 @@ from dispatcher.mailchimp import (
     mailchimp_semaphore,
     send_campaign,
 )
+from dispatcher.errors import PermanentError, TransientError
 from tests.fake_mailchimp import (
     BATCH_SUBSCRIBE,
     CREATE_CAMPAIGN,

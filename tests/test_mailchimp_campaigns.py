@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from dispatcher import campaign_delivery, campaigns
+from dispatcher.campaigns import chunks as campaign_delivery
+from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns.mailchimp import MailchimpUnavailable
+from dispatcher.credits.subscriptions import credits
 from dispatcher.errors import SendBusy
-from dispatcher.mailchimp import MailchimpUnavailable
 from dispatcher.models import Campaign, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import credits
 from tests.fake_mailchimp import (
     BATCH_SUBSCRIBE,
     CREATE_CAMPAIGN,
@@ -272,8 +273,8 @@ def hold_lease(rt: Runtime, campaign_id: str, until: Any) -> None:
 def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
     runtime: Runtime, fake: FakeMailchimp
 ) -> None:
-    from dispatcher.mailchimp import Member
-    from dispatcher.mailchimp_campaigns import _send, render_for_mailchimp
+    from dispatcher.campaigns.mailchimp import Member
+    from dispatcher.campaigns.mailchimp_job import _send, render_for_mailchimp
     from dispatcher.models import User
 
     connect(runtime)

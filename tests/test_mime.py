@@ -7,7 +7,7 @@ from email.policy import default
 
 import pytest
 
-from dispatcher.mime import BulkMessage
+from dispatcher.delivery.mime import BulkMessage
 
 NAME = "Jöhanna Müller-Lüdenscheidt Immobilien Beratung GmbH & Co"
 

@@ -13,15 +13,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from dispatcher import delivery, subscriptions
 from dispatcher.clock import FrozenClock
+from dispatcher.credits import subscriptions
+from dispatcher.credits.subscriptions import change, credits, orders
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery.transports.memory import MemoryTransport
 from dispatcher.models import Send
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import change, credits, orders
-from dispatcher.transports.memory import MemoryTransport
 from tests.helpers import make_user, send_request, worker_env
 
 USER = "agent-den"

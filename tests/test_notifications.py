@@ -12,16 +12,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from dispatcher import delivery, system_mail
-from dispatcher.api import create_api
-from dispatcher.devsmtp import DevSMTPServer
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.api.app import create_api
+from dispatcher.credits.subscriptions import change, credits
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery import system_mail
+from dispatcher.delivery.transports.memory import MemoryTransport
 from dispatcher.models import Notification, SystemEmail
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import change, credits
-from dispatcher.transports.memory import MemoryTransport
 from tests.helpers import make_user, seed_used_credits, send_request
 
 

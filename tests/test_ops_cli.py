@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher import delivery, keys
-from dispatcher.cli import main
+from dispatcher import keys
+from dispatcher.cli.main import main
+from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery import smartplan as delivery
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import credits
 from tests.helpers import make_user, send_request, settings_environ
 
 

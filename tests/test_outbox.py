@@ -6,14 +6,16 @@ from datetime import timedelta
 
 import pytest
 
-from dispatcher import campaigns, delivery, outbox
+from devstack.devsmtp import DevSMTPServer
+from dispatcher import recovery as outbox
+from dispatcher.campaigns import service as campaigns
 from dispatcher.clock import FrozenClock
-from dispatcher.devsmtp import DevSMTPServer
+from dispatcher.credits.subscriptions import change
+from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred
 from dispatcher.ports import InlineQueue, OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import change
 from tests.helpers import campaign_request, make_user, send_request
 
 
@@ -94,8 +96,8 @@ class _ProcessDied(BaseException):
 def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits_return(
     runtime: Runtime, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch, dies: str
 ) -> None:
-    from dispatcher import notices
-    from dispatcher.subscriptions import credits
+    from dispatcher.credits import notices
+    from dispatcher.credits.subscriptions import credits
 
     make_user(runtime)
     if dies == "before_reserving":
@@ -138,9 +140,9 @@ def test_a_request_the_sweep_gave_up_on_gives_its_reservation_back_once(
 ) -> None:
     from sqlalchemy import func, select
 
-    from dispatcher import notices
+    from dispatcher.credits import notices
+    from dispatcher.credits.subscriptions import credits
     from dispatcher.models import Send
-    from dispatcher.subscriptions import credits
 
     make_user(runtime)
     real = notices.after_reservation
@@ -165,7 +167,7 @@ def test_a_request_the_sweep_gave_up_on_gives_its_reservation_back_once(
 def test_step_outcomes_lost_with_redis_are_published_again(
     runtime: Runtime, smtp_server: DevSMTPServer, clock: FrozenClock
 ) -> None:
-    from dispatcher.outcomes import OutcomeStream
+    from dispatcher.delivery.outcomes import OutcomeStream
 
     make_user(runtime)
     ids = [submit_send(runtime, InlineQueue(), send_request(n=n)).send_id for n in range(3)]

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from dispatcher.periods import period_at
-from dispatcher.quota import GrantRef, LedgerSnapshot, QuotaLedger
+from dispatcher.credits.periods import period_at
+from dispatcher.credits.quota import GrantRef, LedgerSnapshot, QuotaLedger
 
 PERIOD = period_at(datetime(2026, 11, 10, tzinfo=UTC), "UTC")
 PROCESSES = 8

@@ -15,8 +15,7 @@ import fakeredis
 import pytest
 import redis
 
-from dispatcher.errors import TransientError
-from dispatcher.ratelimit import (
+from dispatcher.delivery.ratelimit import (
     STALE_TRIES,
     TRIM_SLACK,
     RateLimit,
@@ -24,6 +23,7 @@ from dispatcher.ratelimit import (
     RelayRateLimiter,
     relay_id,
 )
+from dispatcher.errors import TransientError
 
 RELAY = "smtp.example.com:587"
 # Unix seconds near T0 are doubles with about 2.4e-7 s between neighbours.

@@ -10,15 +10,17 @@ import pytest
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
-from dispatcher import campaigns, delivery, refunds
+from devstack.devsmtp import DevSMTPServer, FaultPlan, reply
+from dispatcher.campaigns import service as campaigns
 from dispatcher.clock import FrozenClock
-from dispatcher.devsmtp import DevSMTPServer, FaultPlan, reply
+from dispatcher.credits import refunds
+from dispatcher.credits.subscriptions import ensure_current
+from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred
 from dispatcher.models import Send, SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import ensure_current
 from tests.conftest import free_port
 from tests.helpers import campaign_request, make_user, send_request
 

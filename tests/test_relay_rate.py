@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.devsmtp import DevSMTPServer
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.delivery.ratelimit import LAG_MARGIN, RateLimit, RelayRateLimiter
+from dispatcher.delivery.relay import relay_id
 from dispatcher.models import CampaignStatus
-from dispatcher.ratelimit import LAG_MARGIN, RateLimit, RelayRateLimiter
-from dispatcher.relay import relay_id
 from dispatcher.settings import Settings
 from tests.crashkit import Stack, crash_settings, start_campaign
 from tests.helpers import make_user, wait_for
@@ -105,7 +105,7 @@ def test_n_per_second_holds_exactly_across_four_worker_processes(
 
         def done() -> bool:
             stack.workers.check_none_died()
-            from dispatcher.campaigns import view
+            from dispatcher.campaigns.service import view
 
             return view(stack.rt, campaign_id).status == CampaignStatus.COMPLETED.value
 

@@ -8,9 +8,9 @@ from email.policy import default
 
 import pytest
 
+from dispatcher.delivery.message import build_message, message_id_for
+from dispatcher.delivery.rendering import MessageTemplate, context_for, html_to_text
 from dispatcher.errors import InvalidInput, RenderError
-from dispatcher.message import build_message, message_id_for
-from dispatcher.rendering import MessageTemplate, context_for, html_to_text
 
 CTX = context_for("c-1", "pat@example.org", {"first_name": "Pat", "city": "Austin"})
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from celery.signals import task_retry
 
-from dispatcher.devsmtp import DevSMTPServer
-from dispatcher.outcomes import OutcomeStream
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery.outcomes import OutcomeStream
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import credits
 from tests.helpers import (
     make_user,
     seed_used_credits,
@@ -237,7 +237,7 @@ def test_a_send_the_broker_did_not_take_is_enqueued_when_the_request_is_repeated
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from dispatcher.api import create_api
+    from dispatcher.api.app import create_api
     from tests.conftest import free_port
     from workers.app import create_app
     from workers.queue import CeleryTaskQueue

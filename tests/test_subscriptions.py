@@ -10,16 +10,18 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from dispatcher import delivery, subscriptions, system_mail
-from dispatcher.api import create_api
+from devstack.devsmtp import DevSMTPServer
+from dispatcher.api.app import create_api
 from dispatcher.clock import FrozenClock
-from dispatcher.devsmtp import DevSMTPServer
+from dispatcher.credits import subscriptions
+from dispatcher.credits.subscriptions import change, credits, ensure_current, orders, renew_due
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery import system_mail
+from dispatcher.delivery.transports.memory import MemoryTransport
 from dispatcher.models import Order, SystemEmail
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import change, credits, ensure_current, orders, renew_due
-from dispatcher.transports.memory import MemoryTransport
 from tests.helpers import make_user, seed_used_credits, send_request
 
 NZ_LAST_MINUTE = datetime(2026, 11, 30, 10, 59, tzinfo=UTC)  # 23:59 on Nov 30 in Auckland

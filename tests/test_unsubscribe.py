@@ -14,13 +14,14 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from dispatcher import delivery, inbound, suppression, unsubscribe
+from devstack.devsmtp import DevSMTPServer, Received
 from dispatcher.clock import FrozenClock
-from dispatcher.devsmtp import DevSMTPServer, Received
+from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery import inbound, suppression, unsubscribe
+from dispatcher.delivery import smartplan as delivery
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from dispatcher.subscriptions import credits
 from tests.conftest import free_port
 from tests.helpers import make_user, send_request, wait_for
 

@@ -11,15 +11,12 @@ from celery import Celery, Task
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import (
-    campaign_delivery,
-    campaigns,
-    delivery,
-    outbox,
-    refunds,
-    subscriptions,
-    system_mail,
-)
+from dispatcher import recovery as outbox
+from dispatcher.campaigns import chunks as campaign_delivery
+from dispatcher.campaigns import service as campaigns
+from dispatcher.credits import refunds, subscriptions
+from dispatcher.delivery import smartplan as delivery
+from dispatcher.delivery import system_mail
 from dispatcher.errors import NotFound, SendBusy, TransientError
 from dispatcher.runtime import Runtime
 from workers.app import (

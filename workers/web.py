@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from dispatcher.api import create_api
+from dispatcher.api.app import create_api
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from workers.app import create_app as create_celery

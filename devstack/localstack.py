@@ -1,0 +1,377 @@
+"""The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API and worker.
+
+The API and the Celery worker run as child processes (the core never imports Celery); they get
+their configuration through the environment variables :meth:`Settings.from_env` reads. Redis is
+``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process fakeredis TCP
+server (see :mod:`devstack.localredis`). Everything the stack starts is stopped when it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from devstack.devsmtp import DevSMTPServer
+from devstack.localredis import PrivateRedisServer, RedisChoice, RedisHandle, choose_redis
+from devstack.processes import (
+    HOST,
+    Child,
+    Say,
+    StackError,
+    Stopped,
+    StopSignal,
+    port_in_use,
+)
+from dispatcher import db
+from dispatcher.db import redact
+from dispatcher.settings import Settings
+
+STACK_FILE = "stack.json"
+TOKEN_FILE = "api-token"
+QUEUES = "smartplan,campaign,system"
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What a running stack tells its clients (``dispatcher demo``), saved as ``stack.json``."""
+
+    api_url: str
+    token: str
+    database_url: str
+    redis_url: str
+    redis_kind: str
+    smtp_host: str
+    smtp_port: int
+    outbox: str
+    logs: str
+    free_plan_credits: int
+    pid: int
+    children: dict[str, int] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> Path:
+        """Write ``stack.json`` readable by the owner only (it holds the API token)."""
+        path = directory / STACK_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> StackInfo:
+        """Read ``stack.json`` of the stack running in ``directory``."""
+        path = directory / STACK_FILE
+        try:
+            raw: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StackError(
+                f"no {path}: start the stack first with `dispatcher run --dir {directory}`"
+            ) from None
+        except ValueError as exc:
+            raise StackError(f"{path} is not valid JSON ({exc})") from None
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise StackError(f"{path} is from another version of dispatcher ({exc})") from None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``dispatcher run`` was asked for."""
+
+    directory: Path
+    api_port: int = 8000
+    smtp_port: int = 2525
+    redis: RedisChoice = RedisChoice.AUTO
+    database_url: str | None = None
+    echo_children: bool = False
+    ready_timeout: float = 90.0
+
+
+def _configured(base: Settings, name: str) -> str | None:
+    """The value of a variable the user set (environment or .env), else None."""
+    value = os.environ.get(name.upper(), "").strip()
+    if value:
+        return value
+    ours, default = getattr(base, name), getattr(Settings(), name)
+    if ours != default:
+        return ",".join(ours) if isinstance(ours, tuple) else str(ours)
+    return None
+
+
+def _token(base: Settings, directory: Path) -> tuple[str, str, bool]:
+    """(API_TOKENS value for the children, token for clients, whether it was generated here)."""
+    configured = _configured(base, "api_tokens")
+    if configured:
+        return configured, base.api_tokens[0], False
+    path = directory / TOKEN_FILE
+    if path.is_file():
+        token = path.read_text().strip()
+        if len(token) >= 8:
+            return token, token, True
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, token, True
+
+
+def _api_healthy(url: str) -> bool:
+    """True when the API's /healthz answers 200 (Redis and the database reachable)."""
+    try:
+        return httpx.get(url + "/healthz", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _worker_ready(line: str) -> bool:
+    """True for Celery's "celery@host ready." line, printed once the worker consumes."""
+    return line.rstrip().endswith(" ready.")
+
+
+def worker_command(name: str) -> list[str]:
+    """The Celery worker of the local stack: every queue, threads, one node alone."""
+    return [
+        *(sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", QUEUES, "-n", name),
+        *("--pool", "threads", "--concurrency", "4", "--loglevel", "INFO"),
+        # One worker alone: no neighbours to synchronise (mingle) or gossip with.
+        *("--without-mingle", "--without-gossip"),
+    ]
+
+
+def api_command(port: int) -> list[str]:
+    """The HTTP API of the local stack, on loopback."""
+    return [
+        *(sys.executable, "-m", "uvicorn", "--factory", "workers.web:create_app"),
+        *("--host", HOST, "--port", str(port)),
+    ]
+
+
+def child_environment(base: Settings, **values: str) -> dict[str, str]:
+    """This process's environment with the stack's settings; validated like a child will."""
+    env = dict(os.environ)
+    env.update(
+        SMTP_USERNAME="",
+        SMTP_PASSWORD="",
+        SMTP_STARTTLS="false",
+        FREE_PLAN_CREDITS=str(base.free_plan_credits),
+        MAIL_FROM=base.mail_from,
+        PYTHONUNBUFFERED="1",
+        **values,
+    )
+    Settings.from_env(env)  # a bad value stops us here, not in a child's log
+    return env
+
+
+class LocalStack:
+    """Database, Redis, SMTP, worker and API for one run directory, started and stopped in order."""
+
+    def __init__(self, options: RunOptions, say: Say, stop: threading.Event) -> None:
+        self.options = options
+        self.say = say
+        self.stop_event = stop
+        self.directory = options.directory.expanduser().resolve()
+        self.logs = self.directory / "logs"
+        self.outbox = self.directory / "outbox"
+        self.children: list[Child] = []
+        self.redis: RedisHandle | None = None
+        self.smtp: DevSMTPServer | None = None
+
+    def start(self, base: Settings) -> StackInfo:
+        """Start everything and wait until the API is healthy and the worker consumes."""
+        opts, say = self.options, self.say
+        for folder in (self.directory, self.logs, self.outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+        for flag, port in (("--api-port", opts.api_port), ("--smtp-port", opts.smtp_port)):
+            if port_in_use(port):
+                raise StackError(f"port {port} is in use on {HOST}; choose another with {flag}")
+
+        database_url = (
+            opts.database_url
+            or _configured(base, "database_url")
+            or f"sqlite:///{self.directory / 'dispatcher.db'}"
+        )
+        engine = db.make_engine(database_url)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
+        say(f"database   {redact(database_url)} (migrated)")
+
+        self.redis = choose_redis(
+            opts.redis, _configured(base, "redis_url"), self.directory, self.logs / "redis.log", say
+        )
+        say(f"redis      {redact(self.redis.url)}: {self.redis.description}")
+
+        # Started before the worker, so no send ever finds the relay missing.
+        self.smtp = DevSMTPServer(HOST, opts.smtp_port, folder=self.outbox)
+        self.smtp.start()
+        say(f"smtp       {HOST}:{self.smtp.port}, writing every accepted message to {self.outbox}/")
+
+        tokens, token, generated = _token(base, self.directory)
+        env = child_environment(
+            base,
+            REDIS_URL=self.redis.url,
+            DATABASE_URL=database_url,
+            SMTP_HOST=HOST,
+            SMTP_PORT=str(self.smtp.port),
+            API_TOKENS=tokens,
+        )
+        echo = sys.stdout if opts.echo_children else None
+        worker = Child(
+            "worker",
+            worker_command(f"local-{opts.api_port}@%h"),
+            env,
+            self.logs / "worker.log",
+            echo=echo,
+            ready_marker=_worker_ready,
+        )
+        api = Child("api", api_command(opts.api_port), env, self.logs / "api.log", echo=echo)
+        for child in (worker, api):
+            child.start()
+            self.children.append(child)
+        api_url = f"http://{HOST}:{opts.api_port}"
+        self._wait(lambda: _api_healthy(api_url), f"the API at {api_url}/healthz")
+        self._wait(worker.ready.is_set, "the Celery worker")
+
+        pids = {c.name: c.pid for c in self.children}
+        if isinstance(self.redis, PrivateRedisServer):
+            pids["redis"] = self.redis.child.pid
+        info = StackInfo(
+            api_url=api_url,
+            token=token,
+            database_url=database_url,
+            redis_url=self.redis.url,
+            redis_kind=self.redis.description,
+            smtp_host=HOST,
+            smtp_port=self.smtp.port,
+            outbox=str(self.outbox),
+            logs=str(self.logs),
+            free_plan_credits=base.free_plan_credits,
+            pid=os.getpid(),
+            children=pids,
+        )
+        info.save(self.directory)
+        say(_banner(opts, info, generated))
+        return info
+
+    def _wait(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait for ``condition``; a stop signal, a dead child or the timeout ends it."""
+        timeout = self.options.ready_timeout
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.stop_event.is_set():
+                raise Stopped("interrupted while starting")
+            for child in self.children:
+                if not child.alive():
+                    raise StackError(
+                        f"{child.name} exited with code {child.returncode()} while waiting for "
+                        f"{what}; see {child.log_path}"
+                    )
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
+            self.stop_event.wait(0.2)
+
+    def supervise(self) -> int:
+        """Wait for a stop signal (0); a child or Redis that dies stops the stack (1)."""
+        while not self.stop_event.wait(0.5):
+            for child in self.children:
+                if not child.alive():
+                    self.say(
+                        f"{child.name} exited with code {child.returncode()}; stopping the stack "
+                        f"(see {child.log_path})"
+                    )
+                    return 1
+            if self.redis is not None and not self.redis.alive():
+                self.say(f"Redis ({self.redis.description}) stopped; stopping the stack")
+                return 1
+        self.say("stopping: API, worker, Redis, SMTP")
+        return 0
+
+    def stop(self) -> None:
+        """Stop what was started, newest first; safe after a partial start."""
+        (self.directory / STACK_FILE).unlink(missing_ok=True)
+        started = bool(self.children) or self.redis is not None
+        for child in reversed(self.children):
+            child.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.smtp is not None:
+            self.smtp.stop()
+        if started:
+            self.say("stopped")
+
+
+def run(options: RunOptions, out: TextIO = sys.stdout) -> int:
+    """Bring the local stack up and keep it in the foreground until a stop signal; exit code.
+
+    Raises :class:`StackError` (after stopping whatever had started) when it cannot start.
+    """
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    base = Settings.from_env()
+    stopper = StopSignal()
+    with stopper.installed() as stop:
+        stack = LocalStack(options, say, stop)
+        try:
+            stack.start(base)
+            say("ready")
+            return stack.supervise()
+        except Stopped:
+            say("stopping (interrupted while starting)")
+            return 130
+        finally:
+            stack.stop()
+
+
+def _self_command() -> str:
+    """How the person at the console invoked us (``.venv/bin/dispatcher``), for copy-paste."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0 if Path(argv0).name == "dispatcher" else "dispatcher"
+
+
+def _banner(options: RunOptions, info: StackInfo, generated: bool) -> str:
+    """What to tell a newcomer once the stack is up: where things are and what to try."""
+    api_url = info.api_url
+    shown = info.token if generated else "(from API_TOKENS, not shown)"
+    bearer = info.token if generated else "$TOKEN"
+    logs = ", ".join(sorted(p.name for p in Path(info.logs).glob("*.log")))
+    where = "" if options.echo_children else "   (--echo shows them here too)"
+    auth = f'-H "Authorization: Bearer {bearer}" -H "content-type: application/json"'
+    send = (
+        '{"user_id": "agent-1", "contact": {"id": "c-1", "email": "pat@example.org"}, '
+        '"smartplan": {"plan_id": "p", "run_id": "r1", "step_id": "s1"}, '
+        '"message": {"subject": "Hello", "html": "<p>Hi Pat</p>"}}'
+    )
+    return "\n".join(
+        [
+            "",
+            "Command Email dispatcher: local stack",
+            f"  API      {api_url}   (OpenAPI: {api_url}/docs)",
+            f"  token    {shown}",
+            f"  outbox   {info.outbox}/   (every email the SMTP server accepts, as .eml)",
+            f"  logs     {info.logs}/ ({logs}){where}",
+            "",
+            "Try it from another terminal:",
+            f"  {_self_command()} demo --dir {options.directory}",
+            f"  curl -s -X PUT {api_url}/v1/users/agent-1 {auth} \\",
+            '    -d \'{"platform_email": "jo@kw.example.com"}\'',
+            f"  curl -s -X POST {api_url}/v1/sends {auth} \\",
+            f"    -d '{send}'",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+    )

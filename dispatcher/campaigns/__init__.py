@@ -1,0 +1,1 @@
+"""Campaigns: create, reserve and control; Command Email chunks; the MailChimp job."""

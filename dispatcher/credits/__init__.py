@@ -1,0 +1,1 @@
+"""Credits: periods, plans, grants and the Redis ledger, subscriptions, orders, notices, refunds."""

@@ -1,0 +1,155 @@
+"""Usage notifications (R5): in-app and by email, each threshold at most once per grant."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from dispatcher import recovery as outbox
+from dispatcher.credits import plans
+from dispatcher.credits.periods import period_by_id
+from dispatcher.credits.quota import THRESHOLDS, GrantRef, Reservation
+from dispatcher.credits.subscriptions import plan_label
+from dispatcher.delivery import system_mail
+from dispatcher.errors import NotFound
+from dispatcher.models import Grant, Notification, SystemEmailKind, User
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    id: int
+    threshold: int
+    title: str
+    body: str
+    created_at: datetime
+    read_at: datetime | None
+
+
+def reached(used: int, total: int) -> int:
+    """The highest threshold that ``used`` of ``total`` has reached, else 0."""
+    return max((t for t in THRESHOLDS if total > 0 and used * 100 >= t * total), default=0)
+
+
+def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) -> int | None:
+    """Notify the threshold this reservation reached first, unless it was already notified.
+
+    Redis says which threshold a reservation crossed (atomically, so two racing reservations
+    crossing 95% and 100% each get their own); the grant's SQL row, locked, decides whether
+    that notification exists already, so a redelivered task or a Redis that forgot its
+    counters cannot notify twice. A replayed reservation (its task was redelivered) notifies
+    the highest threshold now reached if nothing at or above it was notified. Returns the
+    threshold notified, if any.
+    """
+    if not reservation.granted:
+        return None
+    threshold = reservation.threshold
+    if reservation.replay:
+        threshold = reached(reservation.used, reservation.total) or None
+    if not threshold:
+        return None
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        row = session.scalar(
+            select(Grant)
+            .where(
+                Grant.user_id == grant.user_id, Grant.period == grant.period, Grant.seq == grant.seq
+            )
+            .with_for_update()
+        )
+        if row is None:
+            raise NotFound("grant", f"{grant.user_id}:{grant.period}:{grant.seq}")
+        if reservation.replay and row.notified >= threshold:
+            return None
+        exists = session.scalar(
+            select(Notification.id).where(
+                Notification.grant_id == row.id, Notification.threshold == threshold
+            )
+        )
+        if exists is not None:
+            return None
+        row.notified = max(row.notified, threshold)
+        user = session.get(User, grant.user_id)
+        assert user is not None
+        plan = plans.plan(rt.settings, row.plan)
+        period = period_by_id(grant.period, user.timezone)
+        if threshold >= 100:
+            title = "Limit reached: sends are now failing"
+            body = (
+                f"You have used all {row.total:,} Command Email sends of this month. "
+                "SmartPlan and campaign emails through Command Email now fail until your "
+                "next period starts or you upgrade."
+            )
+        else:
+            title = f"You have used {threshold}% of your Command Email sends"
+            body = (
+                f"{reservation.used:,} of {row.total:,} sends used this month. "
+                "Upgrade your Command Email subscription for more."
+            )
+        note = Notification(
+            user_id=user.id,
+            grant_id=row.id,
+            threshold=threshold,
+            title=title,
+            body=body,
+            created_at=now,
+        )
+        session.add(note)
+        session.flush()
+        email = system_mail.queue_email(
+            session,
+            rt.settings,
+            user,
+            SystemEmailKind.USAGE_NOTICE,
+            "usage_notice",
+            {
+                "threshold": threshold,
+                "used": reservation.used,
+                "total": row.total,
+                "plan_label": plan_label(plan),
+                # The period's last day (its end is the exclusive first of the next month).
+                "period_end": (period.end - timedelta(days=1)).strftime("%B %d, %Y"),
+            },
+            now,
+            notification_id=note.id,
+        )
+        email_id = email.id if email else None
+    log.info(
+        "usage notification user=%s grant=%s:%d threshold=%d",
+        grant.user_id,
+        grant.period,
+        grant.seq,
+        threshold,
+    )
+    if email_id:
+        outbox.enqueue_system_emails(rt, [email_id])
+    return threshold
+
+
+def notifications(rt: Runtime, user_id: str, limit: int = 100) -> list[NotificationView]:
+    """A user's in-app notifications, newest first."""
+    with rt.sessions() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("user", user_id)
+        rows = session.scalars(
+            select(Notification)
+            .where(Notification.user_id == user_id)
+            .order_by(Notification.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            NotificationView(
+                id=n.id,
+                threshold=n.threshold,
+                title=n.title,
+                body=n.body,
+                created_at=n.created_at,
+                read_at=n.read_at,
+            )
+            for n in rows
+        ]

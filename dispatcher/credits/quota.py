@@ -1,0 +1,187 @@
+"""The quota ledger in Redis: atomic, idempotent credit reservations per user and period."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import resources
+from typing import Any
+
+from redis import Redis
+from redis.commands.core import Script
+
+from dispatcher import keys
+from dispatcher.credits.periods import Period
+
+log = logging.getLogger(__name__)
+
+#: Usage thresholds (percent of the grant) that are reported once each per grant.
+THRESHOLDS = (80, 85, 90, 95, 100)
+
+#: Grants outlive their period by this much so late retries still find their reservation.
+GRANT_GRACE = timedelta(days=35)
+
+
+@dataclass(frozen=True)
+class GrantRef:
+    """Which grant a reservation draws on: a user's ``seq``-th grant of a period."""
+
+    user_id: str
+    period: str  # YYYY-MM in the user's zone
+    seq: int
+    expire_at: int  # unix seconds: the period's end plus a grace for late retries
+
+    @classmethod
+    def of(cls, user_id: str, period: Period, seq: int) -> GrantRef:
+        return cls(user_id, period.id, seq, int((period.end_utc + GRANT_GRACE).timestamp()))
+
+    @property
+    def keys(self) -> list[str]:
+        return [
+            keys.grant(self.user_id, self.period, self.seq),
+            keys.reservations(self.user_id, self.period, self.seq),
+        ]
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """What the SQL ledger says about one grant: the truth Redis is rebuilt from (I5)."""
+
+    total: int
+    charged_keys: Sequence[str]  # idempotency keys whose credit is taken (one credit each)
+    notified: int = 0  # highest threshold already notified
+    in_flight: int = 0  # claimed by a worker, not yet known to be granted
+
+    @property
+    def used(self) -> int:
+        return len(self.charged_keys) + self.in_flight
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer to one reservation; a replay of the same key gets the first answer."""
+
+    granted: bool
+    replay: bool
+    used: int
+    total: int
+    threshold: int | None  # highest threshold this reservation reached first
+
+    @property
+    def remaining(self) -> int:
+        return max(self.total - self.used, 0)
+
+
+SnapshotSource = Callable[[GrantRef], LedgerSnapshot]
+
+
+def _load(name: str) -> str:
+    return resources.files("dispatcher").joinpath("lua", name).read_text()
+
+
+class QuotaLedger:
+    """Credits per user and period, taken by Lua scripts that check and reserve in one step.
+
+    ``snapshot`` reads the SQL ledger; it is called only when a grant is missing from Redis
+    (first use in a period, or Redis lost its data).
+    """
+
+    def __init__(self, redis: Redis, snapshot: SnapshotSource) -> None:
+        self._redis = redis
+        self._snapshot = snapshot
+        self._reserve: Script = redis.register_script(_load("reserve.lua"))
+        self._refund: Script = redis.register_script(_load("refund.lua"))
+        self._rebuild: Script = redis.register_script(_load("rebuild.lua"))
+        self._refund_parts: Script = redis.register_script(_load("refund_parts.lua"))
+
+    def reserve(self, grant: GrantRef, key: str, credits: int = 1) -> Reservation:
+        """Take ``credits`` for ``key`` from ``grant``, all or nothing."""
+        if credits < 1:
+            raise ValueError("credits must be at least 1")
+        for _ in range(3):
+            code, used, total, threshold = self._call(
+                self._reserve, grant.keys, [key, credits, grant.expire_at]
+            )
+            if code != -1:
+                return Reservation(
+                    granted=code in (1, 2),
+                    replay=code in (2, 3, 4),
+                    used=used,
+                    total=total,
+                    threshold=threshold or None,
+                )
+            self.rebuild(grant)
+        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
+
+    def refund(self, grant: GrantRef, key: str, credits: int = 1) -> bool:
+        """Give back the credits reserved for ``key``; true when something came back."""
+        result = self._call(self._refund, grant.keys, [key, credits])
+        # -1: the grant is gone; the next reservation rebuilds it from SQL, which no longer
+        # counts this key, so the credit comes back there.
+        return bool(result == 1)
+
+    def refund_parts(self, grant: GrantRef, bulk_key: str, part_keys: Sequence[str]) -> int:
+        """Give back one credit for each part of a bulk reservation, once per part; returns
+        how many came back (0 when the grant is gone: a rebuild no longer counts them)."""
+        back = 0
+        for start in range(0, len(part_keys), 1000):
+            result = int(
+                self._call(
+                    self._refund_parts, grant.keys, [bulk_key, *part_keys[start : start + 1000]]
+                )
+            )
+            back += max(result, 0)
+        return back
+
+    def rebuild(self, grant: GrantRef) -> bool:
+        """Recreate the grant from the SQL ledger unless it exists; true when rebuilt."""
+        snap = self._snapshot(grant)
+        rebuilt = bool(
+            self._call(
+                self._rebuild,
+                grant.keys,
+                [snap.total, snap.used, snap.notified, grant.expire_at, *snap.charged_keys],
+            )
+        )
+        if rebuilt:
+            log.info(
+                "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d notified=%d",
+                grant.user_id,
+                grant.period,
+                grant.seq,
+                snap.total,
+                snap.used,
+                snap.notified,
+            )
+        return rebuilt
+
+    def ensure(self, grant: GrantRef) -> None:
+        """Make sure the grant exists in Redis, rebuilding it from SQL when missing."""
+        if not self._redis.exists(grant.keys[0]):
+            self.rebuild(grant)
+
+    def balance(self, grant: GrantRef) -> tuple[int, int]:
+        """(used, total) of the grant, rebuilding it first when missing."""
+        for _ in range(3):
+            used, total = self._redis.hmget(grant.keys[0], ["used", "total"])
+            if used is not None and total is not None:
+                return int(used), int(total)
+            self.rebuild(grant)
+        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
+
+    def state(self, grant: GrantRef) -> tuple[int, int, int] | None:
+        """(used, total, notified) as Redis holds them, or None when the grant is missing."""
+        used, total, notified = self._redis.hmget(grant.keys[0], ["used", "total", "notified"])
+        if used is None or total is None:
+            return None
+        return int(used), int(total), int(notified or 0)
+
+    def drop(self, grant: GrantRef) -> None:
+        """Forget the grant in Redis; the next use rebuilds it from SQL."""
+        self._redis.delete(*grant.keys)
+
+    @staticmethod
+    def _call(script: Script, keys_: list[str], args: list[Any]) -> Any:
+        return script(keys=keys_, args=args)

@@ -1,0 +1,139 @@
+"""Credits of failed sends given back: durable although Redis is a second store.
+
+The transaction that records a failure whose credit comes back also sets ``sends.refund_due``.
+Right after the commit the credit is given back in Redis and the flag cleared; when Redis
+fails at that moment (or the process dies), the beat's sweep finds the flag and gives the
+credit back then. Refunds are once per idempotency key in Redis, so making one twice is
+harmless, and a grant Redis lost is rebuilt from SQL, which no longer counts the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from itertools import groupby
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import select, update
+
+from dispatcher.campaigns.service import campaign_key, grant_of
+from dispatcher.credits.periods import period_by_id
+from dispatcher.credits.quota import GrantRef
+from dispatcher.models import Campaign, Send, User
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: The sweep leaves a refund this long to the request that recorded the failure.
+RETRY_AFTER = timedelta(seconds=30)
+
+_BATCH = 500
+_COLUMNS = (
+    Send.id,
+    Send.idempotency_key,
+    Send.campaign_id,
+    Send.user_id,
+    Send.period,
+    Send.grant_seq,
+)
+
+
+def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
+    """Give back the credits of those of ``send_ids`` whose refund is due, and clear their
+    flags; returns how many credits came back. A Redis error is logged, not raised: the
+    outcomes are recorded and the flags stay set, so the refund sweep makes the refunds (a
+    cancel answered 500 for a cancellation that took effect would help nobody)."""
+    rows: list[Any] = []
+    with rt.sessions() as session:
+        for start in range(0, len(send_ids), _BATCH):
+            rows += session.execute(
+                select(*_COLUMNS).where(
+                    Send.id.in_(send_ids[start : start + _BATCH]), Send.refund_due.is_(True)
+                )
+            ).all()
+    try:
+        return _make(rt, rows)
+    except RedisError as exc:
+        log.warning(
+            "refunds of %d sends left to the refund sweep: %s: %s",
+            len(rows),
+            type(exc).__name__,
+            exc,
+        )
+        return 0
+
+
+def retry_due(rt: Runtime, limit: int = 1000) -> int:
+    """The sweep: give back credits whose refund is due since before :data:`RETRY_AFTER`
+    (Redis failed, or the process died, right after the failure was recorded). Returns how
+    many sends were settled."""
+    cutoff = rt.clock.now() - RETRY_AFTER
+    with rt.sessions() as session:
+        rows = list(
+            session.execute(
+                select(*_COLUMNS)
+                .where(Send.refund_due.is_(True), Send.updated_at < cutoff)
+                .order_by(Send.updated_at)
+                .limit(limit)
+            ).all()
+        )
+    if not rows:
+        return 0
+    back = _make(rt, rows)
+    log.warning("refunds left over after failures made: sends=%d credits_back=%d", len(rows), back)
+    return len(rows)
+
+
+def _make(rt: Runtime, rows: Iterable[Any]) -> int:
+    """Refund ``rows`` grant by grant (a campaign's part by part), clearing each group's flags
+    once Redis took it."""
+    back = 0
+
+    def grant_key(r: Any) -> tuple[str, str, str, int]:
+        return (r.campaign_id or "", r.user_id, r.period or "", r.grant_seq or 0)
+
+    for (campaign_id, user_id, _period, _seq), group in groupby(
+        sorted(rows, key=grant_key), key=grant_key
+    ):
+        items = list(group)
+        keys = [r.idempotency_key for r in items]
+        if campaign_id:
+            back += _campaign(rt, campaign_id, keys)
+        else:
+            grant = _grant(rt, user_id, items[0].period, items[0].grant_seq)
+            if grant is not None:
+                back += sum(rt.quota.refund(grant, key) for key in keys)
+        made(rt, [r.id for r in items])
+    return back
+
+
+def _campaign(rt: Runtime, campaign_id: str, keys: list[str]) -> int:
+    with rt.sessions() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is not None:
+            session.expunge(c)
+    grant = None if c is None else grant_of(rt, c)
+    if grant is None:
+        return 0  # nothing was reserved for it (a MailChimp campaign, or it never started)
+    return rt.quota.refund_parts(grant, campaign_key(campaign_id), keys)
+
+
+def _grant(rt: Runtime, user_id: str, period: str | None, seq: int | None) -> GrantRef | None:
+    if period is None or seq is None:
+        return None  # the credit was never taken
+    with rt.sessions() as session:
+        tz = session.scalar(select(User.timezone).where(User.id == user_id)) or "UTC"
+    return GrantRef.of(user_id, period_by_id(period, tz), seq)
+
+
+def made(rt: Runtime, send_ids: Sequence[str]) -> None:
+    """Clear the flags of refunds Redis has taken."""
+    with rt.sessions.begin() as session:
+        for start in range(0, len(send_ids), _BATCH):
+            session.execute(
+                update(Send)
+                .where(Send.id.in_(send_ids[start : start + _BATCH]))
+                .values(refund_due=False)
+            )

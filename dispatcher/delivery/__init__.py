@@ -1,0 +1,2 @@
+"""Delivery: the send lifecycle, rendering, MIME, transports, relay guard, suppression and
+unsubscribe."""

@@ -1,0 +1,52 @@
+"""The transport interface every member of the family implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dispatcher.delivery.message import Envelope
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message the server accepted, with its reply, and the recipients it refused at RCPT
+    while accepting others (address -> (code, reply))."""
+
+    code: int
+    reply: str
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Sends one message.
+
+    Raises :class:`~dispatcher.errors.DeliveryDeferred` (retry later),
+    :class:`~dispatcher.errors.DeliveryRejected` (permanent) or
+    :class:`~dispatcher.errors.DeliveryUnknown` (may have been accepted: never resend).
+    """
+
+    async def send(self, envelope: Envelope, message: bytes) -> Delivery: ...
+
+    def bulk(self) -> BulkSender:
+        """A sender for many messages in a row, reusing connections where it can."""
+        ...
+
+
+class BulkSender(Protocol):
+    """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
+    delivery error, returned, not raised. Items not started by ``deadline`` (a
+    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``on_start(group)`` is
+    called before the conversations of a few items begin (at least once for every item that
+    is attempted); when it raises a Redis error those and the rest are not attempted."""
+
+    async def send_many(
+        self,
+        items: Sequence[tuple[Envelope, bytes]],
+        deadline: float | None = None,
+        on_start: Callable[[Sequence[int]], None] | None = None,
+    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,253 @@
+"""SMTP transport over aiosmtplib, with outcomes classified by where the conversation broke."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+import aiosmtplib
+
+from dispatcher.delivery.message import Envelope
+from dispatcher.delivery.relay import RelayGuard
+from dispatcher.delivery.transports.base import Delivery
+from dispatcher.delivery.transports.classify import classify
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = False
+    timeout: float = 30.0
+
+
+Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
+
+#: Items a lane announces to ``on_start`` at once (one round trip for several messages).
+START_GROUP = 4
+
+#: Replies to AUTH that mean our credentials (or the relay's account) are refused.
+AUTH_REFUSED = (530, 534, 535, 538)
+
+
+class SMTPTransport:
+    """SMTP with the conversation driven step by step.
+
+    Driving MAIL, RCPT and DATA ourselves tells a failure before the message was handed over
+    (retry is safe) from one after the final dot (the server may have it: ``unknown``).
+    :meth:`send` uses one connection per message; :meth:`send_many` reuses ``pool_size``
+    connections across many messages.
+    """
+
+    def __init__(
+        self, config: SMTPConfig, pool_size: int = 8, guard: RelayGuard | None = None
+    ) -> None:
+        self.config = config
+        self.pool_size = pool_size
+        self.guard = guard
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        cfg = self.config
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            start_tls=cfg.starttls,
+            use_tls=False,
+            validate_certs=True,
+        )
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPResponseException as exc:
+            # A refusal at greeting is about the relay, not this message: retry with backoff.
+            client.close()
+            raise DeliveryDeferred(
+                "smtp_connect_refused", f"{exc.code} {exc.message} (at connect)", exc.code
+            ) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+        if cfg.username and cfg.password:
+            try:
+                await client.login(cfg.username, cfg.password)
+            except aiosmtplib.SMTPResponseException as exc:
+                client.close()
+                detail = f"{exc.code} {exc.message} (at login)"
+                if exc.code in AUTH_REFUSED and self.guard is not None:
+                    # Our credentials are refused: every message would fail the same way.
+                    # Stop all workers on this relay and alert, instead of burning retries.
+                    raise self.guard.halt(f"the relay refused our credentials: {detail}") from None
+                raise DeliveryDeferred("smtp_login_refused", detail, exc.code) from None
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                client.close()
+                raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+        return client
+
+    async def send(self, envelope: Envelope, message: bytes) -> Delivery:
+        """Send one message on its own connection; raises the delivery errors, or
+        :class:`NotAttempted` when the relay's guard held it back."""
+        if self.guard is not None:
+            self.guard.check()
+        client = await self._connect()
+        try:
+            if self.guard is not None:
+                # Admitted once connected: MAIL follows at once, so the relay sees the
+                # message within the limiter's margin of its admission.
+                await self.guard.admit()
+            return await _converse(client, envelope, message)
+        finally:
+            await _quit(client)
+
+    def bulk(self) -> SMTPBulk:
+        """A sender that keeps up to ``pool_size`` connections open across batches."""
+        return SMTPBulk(self)
+
+
+class SMTPBulk:
+    """Reused SMTP connections for a run of batches; close it when done."""
+
+    def __init__(self, transport: SMTPTransport) -> None:
+        self._transport = transport
+        self._clients: list[aiosmtplib.SMTP | None] = [None] * transport.pool_size
+
+    async def send_many(
+        self,
+        items: Sequence[tuple[Envelope, bytes]],
+        deadline: float | None = None,
+        on_start: Callable[[Sequence[int]], None] | None = None,
+    ) -> list[Outcome]:
+        """Send every message over the pooled connections; one outcome per item, in order
+        (delivery errors are returned, not raised). Items not started by ``deadline`` (a
+        ``time.monotonic()`` reading) are returned as :class:`NotAttempted`."""
+        results: list[Outcome | None] = [None] * len(items)
+        pending = iter(range(len(items)))
+        guard = self._transport.guard
+        held: NotAttempted | None = None
+        if guard is not None:
+            try:
+                guard.check()
+            except NotAttempted as exc:
+                held = exc
+
+        async def lane(slot: int) -> None:
+            nonlocal held
+            client = self._clients[slot]
+            # A few items at a time, announced together before the first of them starts.
+            while group := list(islice(pending, START_GROUP)):
+                if on_start is not None and held is None:
+                    try:
+                        on_start(group)
+                    except NotAttempted as exc:
+                        held = exc
+                for i in group:
+                    if held is None and deadline is not None and time.monotonic() > deadline:
+                        held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
+                    if held is not None:
+                        results[i] = held  # halted, rate-limited or out of time: not attempted
+                        continue
+                    envelope, message = items[i]
+                    try:
+                        if client is None or not client.is_connected:
+                            client = None
+                            client = await self._transport._connect()
+                        if guard is not None and guard.limited:
+                            await guard.admit()  # once connected: MAIL follows at once
+                        results[i] = await _converse(client, envelope, message)
+                    except NotAttempted as exc:
+                        held = exc  # this one and the rest are held back
+                        results[i] = exc
+                    except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+                        results[i] = exc
+                        client = await _reset(client)
+            self._clients[slot] = client
+
+        lanes = max(1, min(len(self._clients), len(items)))
+        await asyncio.gather(*(lane(slot) for slot in range(lanes)))
+        done = [r for r in results if r is not None]
+        assert len(done) == len(items), "every item has an outcome"
+        return done
+
+    async def close(self) -> None:
+        for client in self._clients:
+            if client is not None:
+                await _quit(client)
+        self._clients = [None] * len(self._clients)
+
+
+async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes) -> Delivery:
+    """One message on an open connection, outcomes classified by where it broke.
+
+    Recipients are offered one by one and each reply is read: refused ones are reported in
+    :attr:`Delivery.refused` while the message still goes to the accepted ones; only when
+    every recipient is refused does the refusal become the message's outcome.
+    """
+    refused: dict[str, tuple[int, str]] = {}
+    try:
+        await client.mail(envelope.mail_from)
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _classify(exc, "mail") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+    try:
+        for rcpt in envelope.recipients:
+            try:
+                reply = await client.rcpt(rcpt)
+            except aiosmtplib.SMTPResponseException as exc:
+                refused[rcpt] = (exc.code, exc.message)
+                continue
+            if reply.code not in (250, 251):
+                refused[rcpt] = (reply.code, reply.message)
+        if len(refused) == len(envelope.recipients):
+            code, text = refused[envelope.recipients[0]]
+            raise classify(code, text, "rcpt")
+    except aiosmtplib.SMTPResponseException as exc:
+        raise _classify(exc, "rcpt") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+    try:
+        response = await client.data(message)
+    except aiosmtplib.SMTPResponseException as exc:
+        # The server answered the final dot (or DATA itself) with a refusal.
+        raise _classify(exc, "data") from None
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        # The bytes may have reached the server; resending risks a duplicate.
+        raise DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}") from None
+    return Delivery(response.code, response.message, refused)
+
+
+async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
+    """After a failed message: RSET to reuse the connection, or drop it."""
+    if client is None or not client.is_connected:
+        return None
+    try:
+        await client.rset()
+        return client
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
+        client.close()
+        return None
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        if client.is_connected:
+            await client.quit()
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        log.debug("QUIT failed after the messages were handled: %s", _describe(exc))
+        client.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _classify(exc: aiosmtplib.SMTPResponseException, stage: str) -> Exception:
+    return classify(exc.code, exc.message, stage)
