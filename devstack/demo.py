@@ -25,8 +25,8 @@ from devstack.localstack import StackInfo
 from devstack.processes import StackError
 from dispatcher import db
 from dispatcher.delivery.message import message_id_for
-from dispatcher.delivery.smartplan import QUOTA_EXHAUSTED
 from dispatcher.models import Send, SendKind, SendStatus, User
+from dispatcher.reasons import Reason
 from dispatcher.sends import SendRequest
 
 CREDITS_LEFT = 3
@@ -273,15 +273,15 @@ class Demo:
                 )
                 if e.get("detail"):
                     self.say(f"      {e['detail']}")
-            timelines_ok &= any(e["reason"] == QUOTA_EXHAUSTED for e in events)
+            timelines_ok &= any(e["reason"] == Reason.QUOTA_EXHAUSTED for e in events)
 
         sent = [o for o in outcomes if o.status == SendStatus.SENT.value]
-        exhausted = [o for o in failed if o.reason == QUOTA_EXHAUSTED]
+        exhausted = [o for o in failed if o.reason == Reason.QUOTA_EXHAUSTED]
         problems: list[str] = []
         if len(sent) != CREDITS_LEFT:
             problems.append(f"{len(sent)} sent, expected {CREDITS_LEFT}")
         if len(exhausted) != len(outcomes) - CREDITS_LEFT or len(failed) != len(exhausted):
-            problems.append(f"{len(exhausted)} failed with {QUOTA_EXHAUSTED}, expected 2")
+            problems.append(f"{len(exhausted)} failed with {Reason.QUOTA_EXHAUSTED}, expected 2")
         if len(recipients) != CREDITS_LEFT:
             problems.append(f"{len(recipients)} emails to contacts, expected {CREDITS_LEFT}")
         if not notices or notice_mail != len(notices):
@@ -289,14 +289,14 @@ class Demo:
         if sorted(recipients) != sorted(o.email for o in sent):
             problems.append("the .eml recipients are not the sent contacts")
         if not timelines_ok:
-            problems.append(f"a failed contact's timeline has no {QUOTA_EXHAUSTED} event")
+            problems.append(f"a failed contact's timeline has no {Reason.QUOTA_EXHAUSTED} event")
         self.say()
         if problems:
             self.say("UNEXPECTED: " + "; ".join(problems))
             return 1
         self.say(
             f"as expected: {CREDITS_LEFT} sent (in the outbox), "
-            f"{len(exhausted)} failed with {QUOTA_EXHAUSTED} (on the contacts' timelines, "
+            f"{len(exhausted)} failed with {Reason.QUOTA_EXHAUSTED} (on the contacts' timelines, "
             "never retried)"
         )
         return 0

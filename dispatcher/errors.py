@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dispatcher.reasons import Reason
+
 
 class DispatcherError(Exception):
     """Root of every error the dispatcher raises on purpose."""
@@ -35,13 +37,23 @@ class NotFound(DispatcherError, LookupError):
 
 
 class TransientError(DispatcherError):
-    """Something that may succeed if tried again later (SMTP 4xx, timeouts, connect errors)."""
+    """Something that may succeed if tried again later (SMTP 4xx, timeouts, connect errors).
 
-    def __init__(self, reason: str, detail: str = "", code: int | None = None) -> None:
+    ``retry_after`` (seconds), when set, is the earliest a retry may come: a server that said
+    when to come back, a lease that runs out, a rate limit's window."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.code = code
+        self.retry_after = retry_after
 
 
 class PermanentError(DispatcherError):
@@ -58,7 +70,7 @@ class RenderError(PermanentError):
     """A user-authored template failed to compile or render (syntax, sandbox violation)."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__("render_error", detail)
+        super().__init__(Reason.RENDER_ERROR, detail)
 
 
 class DeliveryRejected(PermanentError):
@@ -74,7 +86,7 @@ class DeliveryUnknown(DispatcherError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"unknown: {detail}")
-        self.reason = "ambiguous_delivery"
+        self.reason = Reason.AMBIGUOUS_DELIVERY
         self.detail = detail
 
 
@@ -94,15 +106,18 @@ class QueueUnavailable(TransientError):
     enqueues it again."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__("queue_unavailable", detail)
+        super().__init__(Reason.QUEUE_UNAVAILABLE, detail)
 
 
 class SendBusy(TransientError):
     """Another worker holds the send's lease; look again once the lease has run out."""
 
     def __init__(self, send_id: str, retry_after: float) -> None:
-        super().__init__("send_busy", f"send {send_id} is being delivered by another worker")
-        self.retry_after = retry_after
+        super().__init__(
+            Reason.SEND_BUSY,
+            f"send {send_id} is being delivered by another worker",
+            retry_after=retry_after,
+        )
 
 
 class NotAttempted(TransientError):
@@ -110,5 +125,5 @@ class NotAttempted(TransientError):
     no SMTP attempt is counted, and the item is tried again after ``retry_after`` seconds."""
 
     def __init__(self, reason: str, detail: str, retry_after: float) -> None:
-        super().__init__(reason, detail)
-        self.retry_after = retry_after
+        super().__init__(reason, detail, retry_after=retry_after)
+        self.retry_after: float = retry_after

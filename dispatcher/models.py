@@ -137,6 +137,7 @@ class SuppressionReason(enum.StrEnum):
 class AlertKind(enum.StrEnum):
     POLICY_REJECTED = "policy_rejected"  # the relay refused content or reputation: campaign paused
     SMTP_AUTH_FAILED = "smtp_auth_failed"  # the relay refused our credentials: sending stopped
+    INTERNAL_ERROR = "internal_error"  # an item kept failing for an unforeseen cause: gave up
 
 
 class TimelineKind(enum.StrEnum):

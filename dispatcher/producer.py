@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dispatcher import sends, users
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.credits import notices, plans, subscriptions
 from dispatcher.credits.notices import NotificationView
 from dispatcher.credits.subscriptions import ChangeResult, CreditsView
@@ -62,9 +62,9 @@ class Producer:
     def notifications(self, user_id: str, limit: int = 100) -> list[NotificationView]:
         return notices.notifications(self.runtime, user_id, limit)
 
-    def create_campaign(self, request: campaigns.CampaignRequest) -> campaigns.CampaignView:
+    def create_campaign(self, request: create.CampaignRequest) -> control.CampaignView:
         """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""
-        view, chunks = campaigns.create(self.runtime, request)
+        view, chunks = create.create(self.runtime, request)
         if not view.replayed:  # a repeat: the first request handed out the work
-            campaigns.enqueue(self.runtime, view.id, chunks, self.queue)
+            control.enqueue(self.runtime, view.id, chunks, self.queue)
         return view

@@ -10,33 +10,26 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from dispatcher.campaigns.control import enqueue as enqueue_campaign
+from dispatcher.campaigns.control import open_chunks
+from dispatcher.delivery.lifecycle import (
+    OPEN_STATUSES,
+    publish_outcome,
+    reservation_hold,
+    stale_after,
+)
+from dispatcher.delivery.smartplan import expire_reservation
+from dispatcher.delivery.system_mail import enqueue_system_emails
 from dispatcher.errors import QueueUnavailable
 from dispatcher.models import Campaign, CampaignStatus, Send, SendKind, SendStatus, SystemEmail
 from dispatcher.ports import DeferredToOutbox
 from dispatcher.runtime import Runtime
+from dispatcher.sends import enqueue as enqueue_send
 
 log = logging.getLogger(__name__)
 
 #: Rows younger than this are left to the request that created them.
 SWEEP_GRACE = timedelta(seconds=60)
-
-
-def enqueue_system_emails(rt: Runtime, email_ids: Iterable[str]) -> None:
-    """Enqueue committed system emails; one the broker refuses waits for the sweep."""
-    for email_id in email_ids:
-        try:
-            rt.queue.enqueue_system_email(email_id)
-        except DeferredToOutbox:
-            continue
-        except QueueUnavailable as exc:
-            log.warning("system email %s left for the outbox sweep: %s", email_id, exc.detail)
-            continue
-        with rt.sessions.begin() as session:
-            session.execute(
-                update(SystemEmail)
-                .where(SystemEmail.id == email_id)
-                .values(enqueued_at=rt.clock.now())
-            )
 
 
 def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
@@ -46,11 +39,6 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     Returns how many of each were enqueued. Work enqueued twice is harmless: delivery is
     idempotent.
     """
-    # Imported here: these modules build on this one.
-    from dispatcher.campaigns.service import enqueue as enqueue_campaign
-    from dispatcher.campaigns.service import open_chunks
-    from dispatcher.sends import enqueue as enqueue_send
-
     cutoff = rt.clock.now() - SWEEP_GRACE
     with rt.sessions() as session:
         # Campaign recipients belong to their campaign's chunks (or MailChimp job), not here.
@@ -109,8 +97,6 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
 def park_send(rt: Runtime, send_id: str, seconds: float) -> None:
     """Store a wait too long for the broker's countdown; :func:`sweep` enqueues the send again
     when it is due. Its credit stays held until then (the hold is extended to cover it)."""
-    from dispatcher.delivery.smartplan import reservation_hold
-
     due = rt.clock.now() + timedelta(seconds=seconds)
     with rt.sessions.begin() as session:
         session.execute(
@@ -165,8 +151,6 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
     published (a crash between the two), and, when Redis lost its data (its epoch marker is
     gone), every outcome of the last :data:`REPUBLISH_WINDOW` again. Consumers dedupe on
     ``send_id`` (delivery is at least once). Returns how many were published."""
-    from dispatcher.delivery.smartplan import publish_outcome
-
     now = rt.clock.now()
     terminal = (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
     epoch = f"{rt.settings.outcome_stream}:epoch"
@@ -207,10 +191,8 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
 def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
     """Give back the credits of SmartPlan sends stuck in ``reserved`` past their hold, that
     even the stale-work sweep's new task did not move (see
-    :func:`dispatcher.delivery.expire_reservation`, fenced on the lease); returns how many.
-    Run it before :func:`recover_stale` in a sweep."""
-    from dispatcher.delivery.smartplan import expire_reservation
-
+    :func:`dispatcher.delivery.smartplan.expire_reservation`, fenced on the lease); returns how
+    many. Run it before :func:`recover_stale` in a sweep."""
     now = rt.clock.now()
     with rt.sessions() as session:
         stuck = session.execute(
@@ -248,22 +230,11 @@ def _stranded(session: Session, model: Any, open_: Any, cutoff: datetime, limit:
     )
 
 
-def stale_after(rt: Runtime) -> timedelta:
-    """How long open work may sit untouched before it is taken for lost: longer than the
-    longest retry countdown plus a lease, so live work is never mistaken for lost work."""
-    s = rt.settings
-    return timedelta(seconds=s.retry_backoff_max_seconds + s.send_lease_seconds + 60)
-
-
 def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     """Enqueue again open work whose task message was lost (Redis, the broker, lost its data):
     SmartPlan sends and system emails not finished and untouched for :func:`stale_after`, and
     running campaigns none of whose recipients moved for as long. Delivery is idempotent, and
     a send caught mid-conversation is settled by its lease, so this never sends twice."""
-    from dispatcher.campaigns.service import OPEN_STATUSES, open_chunks
-    from dispatcher.campaigns.service import enqueue as enqueue_campaign
-    from dispatcher.sends import enqueue as enqueue_send
-
     cutoff = rt.clock.now() - stale_after(rt)
     with rt.sessions() as session:
         send_ids = list(

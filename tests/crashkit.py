@@ -28,9 +28,10 @@ from sqlalchemy import func, select
 from devstack.devsmtp import Action, DevSMTPServer, Received, slow
 from devstack.processes import HOST, Child, free_port
 from dispatcher import recovery as outbox
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.credits.ledger import snapshot
 from dispatcher.credits.subscriptions import credits, ensure_current
+from dispatcher.delivery import lifecycle
 from dispatcher.models import Send, SendStatus, TimelineEvent
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
@@ -237,7 +238,7 @@ class Beat:
     very task beat schedules (``dispatcher.sweep_outbox``: outbox sweep, recovery of work whose
     task message was lost, expiries) in this process, through its own Celery app.
 
-    ``outbox.stale_after`` adds a fixed 60 s margin, sized for production, to the bound its
+    ``lifecycle.stale_after`` adds a fixed 60 s margin, sized for production, to the bound its
     docstring names (longer than the longest retry countdown plus a lease, so live work is never
     taken for lost); here it is that bound alone, so lost work is found within seconds.
     """
@@ -310,21 +311,21 @@ class Stack:
 
 def start_campaign(rt: Runtime, user_id: str, n: int) -> str:
     """Create a Command Email campaign of ``n`` recipients and hand its chunks to the broker."""
-    view, chunks = campaigns.create(
+    view, chunks = create.create(
         rt,
-        campaigns.CampaignRequest(
+        create.CampaignRequest(
             user_id=user_id,
             provider="command_email",
             name="crash test",
             subject="Open house this weekend, {{ first_name }}",
             html="<h1>Open house</h1><p>Hi {{ first_name }}, come by!</p>",
             recipients=[
-                campaigns.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
+                create.Recipient(f"c{i}", f"person{i}@example.org", {"first_name": f"P{i}"})
                 for i in range(n)
             ],
         ),
     )
-    campaigns.enqueue(rt, view.id, chunks)
+    control.enqueue(rt, view.id, chunks)
     return view.id
 
 
@@ -343,7 +344,7 @@ def open_and_leased(rt: Runtime, campaign_id: str) -> tuple[int, int]:
     with rt.sessions() as session:
         rows = session.execute(
             select(Send.status, func.count())
-            .where(Send.campaign_id == campaign_id, Send.status.in_(campaigns.OPEN_STATUSES))
+            .where(Send.campaign_id == campaign_id, Send.status.in_(lifecycle.OPEN_STATUSES))
             .group_by(Send.status)
         ).all()
     by = {s: n for s, n in rows}
@@ -361,7 +362,7 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def log(self, view: campaigns.CampaignView, received: int, extra: str = "") -> None:
+    def log(self, view: control.CampaignView, received: int, extra: str = "") -> None:
         if time.monotonic() < self._next:
             return
         self._next = time.monotonic() + self.every

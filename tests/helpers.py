@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select
 
-from dispatcher.campaigns.service import CampaignRequest, Recipient
+from dispatcher.campaigns.create import CampaignRequest, Recipient
 from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, User
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest

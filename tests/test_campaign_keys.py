@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from devstack.devsmtp import DevSMTPServer
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import create
 from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign
 from dispatcher.runtime import Runtime
@@ -104,14 +104,14 @@ def test_racing_repeats_make_one_campaign_and_take_its_credits_once(make_runtime
     assert credits(runtimes[0], "agent-1").used == 3 * N
 
 
-def create_at(start: threading.Barrier, request: campaigns.CampaignRequest, rt: Runtime) -> str:
+def create_at(start: threading.Barrier, request: create.CampaignRequest, rt: Runtime) -> str:
     """Create the campaign as soon as every racer is ready, repeating the request while the
     first one is still being accepted (as a client told 409 request_in_progress does); its id."""
     start.wait()
     while True:
         try:
-            return campaigns.create(rt, request)[0].id
-        except campaigns.RequestInProgress:
+            return create.create(rt, request)[0].id
+        except create.RequestInProgress:
             time.sleep(0.05)
 
 
@@ -133,16 +133,16 @@ def test_a_repeat_while_the_first_request_reserves_is_told_to_come_back(
 def test_contact_ids_sent_as_numbers_or_strings_are_the_same_request(runtime: Runtime) -> None:
     make_user(runtime)
 
-    def request(contact_id: Any) -> campaigns.CampaignRequest:
-        return campaigns.CampaignRequest(
+    def request(contact_id: Any) -> create.CampaignRequest:
+        return create.CampaignRequest(
             user_id="agent-1",
             provider="command_email",
             subject="Hi",
             html="<p>Hi</p>",
-            recipients=[campaigns.Recipient(contact_id, "pat@example.org", {})],
+            recipients=[create.Recipient(contact_id, "pat@example.org", {})],
             idempotency_key="crm-blast-num",
         )
 
-    made, chunks = campaigns.create(runtime, request(5))
-    again, none = campaigns.create(runtime, request("5"))
+    made, chunks = create.create(runtime, request(5))
+    again, none = create.create(runtime, request("5"))
     assert again.id == made.id and again.replayed and chunks and not none

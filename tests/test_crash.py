@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from devstack.devsmtp import DevSMTPServer
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.credits.ledger import snapshot
 from dispatcher.credits.subscriptions import credits, ensure_current
 from dispatcher.settings import Settings
@@ -120,7 +120,7 @@ def test_campaign_survives_random_sigkills(
         last_kill = 0.0
         progress = crashkit.Progress()
         while True:
-            view = campaigns.view(stack.rt, cid)
+            view = control.view(stack.rt, cid)
             progress.log(view, _received(smtp_server), f"kills={len(kills)}")
             if view.status != "running":
                 break
@@ -178,7 +178,7 @@ def test_redis_restart_mid_campaign_completes_from_sql(
             make_user(stack.rt, USER)
             cid = crashkit.start_campaign(stack.rt, USER, RECIPIENTS)
             progress = crashkit.Progress()
-            while (view := campaigns.view(stack.rt, cid)).progress < 0.3:
+            while (view := control.view(stack.rt, cid)).progress < 0.3:
                 progress.log(view, _received(smtp_server))
                 stack.workers.check_none_died()
                 stack.beat.tick()
@@ -192,7 +192,7 @@ def test_redis_restart_mid_campaign_completes_from_sql(
             assert server.kill() == -signal.SIGKILL
             time.sleep(0.3)  # down long enough for every worker to lose its connection
             server.start()
-            at_crash = campaigns.view(stack.rt, cid)
+            at_crash = control.view(stack.rt, cid)
             recovered_before = stack.beat.recovered
             print(
                 f"  redis killed and restarted at {at_crash.done} done, "
@@ -209,11 +209,11 @@ def test_redis_restart_mid_campaign_completes_from_sql(
                 ledger = snapshot(session, ref)
             assert (rebuilt.used, rebuilt.total) == (ledger.used, GRANT), (rebuilt, ledger.used)
             assert rebuilt.used == RECIPIENTS - at_crash.counts["failed"]
-            with pytest.raises(campaigns.InsufficientCredits) as refused:
+            with pytest.raises(create.InsufficientCredits) as refused:
                 crashkit.start_campaign(stack.rt, USER, rebuilt.remaining + 1)
             assert refused.value.remaining == rebuilt.remaining == GRANT - RECIPIENTS
             # And beat finds the chunks whose tasks were lost and the campaign completes
-            while (view := campaigns.view(stack.rt, cid)).status == "running":
+            while (view := control.view(stack.rt, cid)).status == "running":
                 progress.log(view, _received(smtp_server), f"recovered={stack.beat.recovered}")
                 stack.workers.check_none_died()
                 stack.beat.tick()
@@ -243,12 +243,12 @@ def test_redis_restart_mid_campaign_completes_from_sql(
 
 
 def _check_time_left(
-    stack: crashkit.Stack, progress: crashkit.Progress, cid: str, view: campaigns.CampaignView
+    stack: crashkit.Stack, progress: crashkit.Progress, cid: str, view: control.CampaignView
 ) -> None:
     """Fail, saying where the campaign stands, once a phase ran past PHASE_LIMIT."""
     if progress.elapsed() > PHASE_LIMIT:
         raise AssertionError(
             f"campaign not completed after {PHASE_LIMIT:.0f}s: {view}; "
-            f"open chunks {campaigns.open_chunks(stack.rt, cid)}; "
+            f"open chunks {control.open_chunks(stack.rt, cid)}; "
             f"beat recovered {stack.beat.recovered}" + stack.workers.logs()
         )

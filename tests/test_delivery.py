@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from devstack.devsmtp import DROP, DevSMTPServer
@@ -116,12 +118,13 @@ def test_deferral_is_raised_for_retry_keeping_the_credit_then_sent(
 
 
 def test_deferral_on_the_final_attempt_fails_and_returns_the_credit(
-    runtime: Runtime, smtp_server: DevSMTPServer
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
 ) -> None:
+    runtime = make_runtime(send_max_retries=0)  # the first attempt is the last
     make_user(runtime)
     smtp_server.handler.fault = lambda stage, _r: "421 4.7.0 busy" if stage == "data" else None
     send_id = submit_send(runtime, InlineQueue(), send_request()).send_id
-    assert delivery.deliver(runtime, send_id, final_attempt=True) is SendStatus.FAILED
+    assert delivery.deliver(runtime, send_id) is SendStatus.FAILED
     assert get_send(runtime, send_id).reason == "retries_exhausted"
     assert credits_used(runtime) == 0
 

@@ -25,11 +25,11 @@ from devstack.devsmtp import (
 )
 from dispatcher import alerts
 from dispatcher import recovery as outbox
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.campaigns.chunks import deliver_chunk
 from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery import lifecycle, suppression
 from dispatcher.delivery import smartplan as delivery
-from dispatcher.delivery import suppression
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.ratelimit import RateLimit, RelayRateLimiter
 from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
@@ -135,10 +135,10 @@ def test_554_policy_refusal_in_a_campaign_pauses_it_and_alerts(
     smtp_server.handler.fault = FaultPlan(
         schedule=[None] * 3 + [reply("554 5.7.1 refused for policy reasons", stage="data")]
     )
-    view, _ = campaigns.create(rt, campaign_request(120))  # chunks of 50
+    view, _ = create.create(rt, campaign_request(120))  # chunks of 50
     assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
 
-    after = campaigns.view(rt, view.id)
+    after = control.view(rt, view.id)
     assert after.status == "paused" and "policy" in (after.detail or "")
     assert after.failed_by_reason == {"policy_rejected": 1}
     sent = after.counts["sent"]
@@ -161,9 +161,9 @@ def test_a_policy_refusal_in_the_last_batch_still_completes_the_campaign(
     smtp_server.handler.fault = FaultPlan(
         schedule=[None, None, reply("554 5.7.1 refused for policy reasons", stage="data")]
     )
-    view, _ = campaigns.create(rt, campaign_request(10))
+    view, _ = create.create(rt, campaign_request(10))
     assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.COMPLETED
-    after = campaigns.view(rt, view.id)
+    after = control.view(rt, view.id)
     assert (after.counts["sent"], after.failed_by_reason) == (9, {"policy_rejected": 1})
     [alert] = alerts.recent(rt)
     assert alert.kind == "policy_rejected"
@@ -180,14 +180,14 @@ def test_recipients_deferred_beside_a_policy_refusal_are_kept_for_the_resume(
             "person2@example.org": [reply("554 5.7.1 policy", stage="data")],
         }
     )
-    view, _ = campaigns.create(rt, campaign_request(60))
+    view, _ = create.create(rt, campaign_request(60))
     assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
-    after = campaigns.view(rt, view.id)
+    after = control.view(rt, view.id)
     assert after.counts["sending"] == 0  # nobody left behind a lease
-    campaigns.resume(rt, view.id, queue=InlineQueue())
+    control.resume(rt, view.id, queue=InlineQueue())
     for chunk in (0, 1):
         deliver_chunk(rt, f"{view.id}:{chunk}")
-    done = campaigns.view(rt, view.id)
+    done = control.view(rt, view.id)
     assert (done.status, done.counts["sent"], done.failed_by_reason) == (
         "completed",
         59,
@@ -310,7 +310,7 @@ def test_a_send_stuck_in_reserved_past_its_hold_gets_its_credit_back_fenced(
     assert used(runtime) == 1
 
     # Within the hold the sweeper leaves it alone.
-    clock.advance(timedelta(seconds=delivery.reservation_hold(runtime).total_seconds() - 1))
+    clock.advance(timedelta(seconds=lifecycle.reservation_hold(runtime).total_seconds() - 1))
     assert outbox.expire_reservations(runtime) == 0
 
     # A worker picks it up at the last moment: it renews the hold, so a sweeper that read the
@@ -333,11 +333,11 @@ def test_a_send_stuck_in_reserved_past_its_hold_gets_its_credit_back_fenced(
     # Past the hold but never enqueued again since: it may only be late, so it is left alone;
     # the stale-work sweep enqueues it again instead.
     runtime.queue = InlineQueue()
-    clock.advance(timedelta(seconds=delivery.reservation_hold(runtime).total_seconds() + 1))
+    clock.advance(timedelta(seconds=lifecycle.reservation_hold(runtime).total_seconds() + 1))
     assert outbox.expire_reservations(runtime) == 0
     assert outbox.recover_stale(runtime)[0] == 1
     # That task too was lost: a whole stale period later, the credit comes back.
-    clock.advance(outbox.stale_after(runtime) + timedelta(seconds=1))
+    clock.advance(lifecycle.stale_after(runtime) + timedelta(seconds=1))
     assert outbox.expire_reservations(runtime) == 1
     view = get_send(runtime, other)
     assert (view.status, view.reason) == ("failed", "reservation_expired")
@@ -424,10 +424,10 @@ def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
     assert smtp_server.messages == [] and events(rt) == []
 
     rt2 = make_runtime(campaign_chunk_size=50, transport=transport)
-    view2, _ = campaigns.create(rt2, campaign_request(5))
+    view2, _ = create.create(rt2, campaign_request(5))
     with pytest.raises(NotAttempted):
         deliver_chunk(rt2, f"{view2.id}:0")
-    after = campaigns.view(rt2, view2.id)
+    after = control.view(rt2, view2.id)
     assert after.counts["reserved"] == 5 and after.counts["unknown"] == 0
     assert smtp_server.messages == []
 
@@ -443,11 +443,11 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
         send_lease_seconds=10,
     )
     make_user(rt)
-    view, _ = campaigns.create(rt, campaign_request(50))
+    view, _ = create.create(rt, campaign_request(50))
     with pytest.raises(NotAttempted) as held:
         deliver_chunk(rt, f"{view.id}:0")
     assert held.value.reason == "chunk_yield"
-    after = campaigns.view(rt, view.id)
+    after = control.view(rt, view.id)
     sent = after.counts["sent"]
     assert 1 <= sent <= 45, sent  # about three seconds' worth at 10/s, never all 50
     assert after.counts["reserved"] == 50 - sent  # the rest waits for the retry, unattempted

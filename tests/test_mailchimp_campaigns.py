@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from dispatcher.campaigns import chunks as campaign_delivery
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
+from dispatcher.campaigns import run as campaign_run
 from dispatcher.campaigns.mailchimp import MailchimpUnavailable
 from dispatcher.credits.subscriptions import credits
 from dispatcher.errors import SendBusy
@@ -126,14 +126,14 @@ def test_two_runs_of_one_mailchimp_job_at_once_send_it_once(
     fake.latency = 0.1
     first, second = make_runtime(), make_runtime()
     connect(first)
-    view, [chunk] = campaigns.create(first, campaign_request(20, "mailchimp"))
+    view, [chunk] = create.create(first, campaign_request(20, "mailchimp"))
     item = f"{view.id}:{chunk}"
     start = threading.Barrier(2)
 
     def run(rt: Runtime) -> str:
         start.wait()
         try:
-            return campaign_delivery.deliver_chunk(rt, item).value
+            return campaign_run.deliver(rt, item).value
         except SendBusy:
             return "busy"
 
@@ -143,7 +143,7 @@ def test_two_runs_of_one_mailchimp_job_at_once_send_it_once(
     assert fake.send_actions[campaign.id] == 1
     assert results == ["busy", "completed"]
     # The run that stepped back, retried later, finds the work done and sends nothing more.
-    assert campaign_delivery.deliver_chunk(second, item).value == "completed"
+    assert campaign_run.deliver(second, item).value == "completed"
     assert len(fake.campaigns()) == 1 and fake.send_actions[campaign.id] == 1
 
 
@@ -151,16 +151,16 @@ def test_a_mailchimp_job_whose_run_died_is_taken_over_once_its_lease_ran_out(
     runtime: Runtime, fake: FakeMailchimp, clock: Any
 ) -> None:
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(5, "mailchimp"))
+    view, [chunk] = create.create(runtime, campaign_request(5, "mailchimp"))
     # A run that died holding the job: its lease stays until it runs out.
     now = clock.now()
     hold_lease(runtime, view.id, now + timedelta(seconds=30))
     with pytest.raises(SendBusy) as busy:
-        campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}")
+        campaign_run.deliver(runtime, f"{view.id}:{chunk}")
     assert 29 <= busy.value.retry_after <= 32
     assert fake.campaigns() == []
     clock.advance(timedelta(seconds=31))
-    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
+    assert campaign_run.deliver(runtime, f"{view.id}:{chunk}").value == "completed"
     [campaign] = fake.campaigns()
     assert fake.send_actions[campaign.id] == 1
     with runtime.sessions() as session:
@@ -175,7 +175,7 @@ def test_a_run_longer_than_its_lease_keeps_it_and_one_that_lost_it_stops(
     owner = make_runtime(task_time_limit=2, send_lease_seconds=3)
     other = make_runtime(task_time_limit=2, send_lease_seconds=3)
     connect(owner)
-    view, [chunk] = campaigns.create(owner, campaign_request(10, "mailchimp"))
+    view, [chunk] = create.create(owner, campaign_request(10, "mailchimp"))
     item = f"{view.id}:{chunk}"
     started = clock.now()
     ticking = threading.Event()
@@ -188,12 +188,12 @@ def test_a_run_longer_than_its_lease_keeps_it_and_one_that_lost_it_stops(
     ticker.start()
     try:
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(campaign_delivery.deliver_chunk, owner, item)
+            running = pool.submit(campaign_run.deliver, owner, item)
             # Past the lease's first length on the clock, the run still holds it: renewed.
             wait_for(lambda: clock.now() - started >= timedelta(seconds=3.5), what="3.5 s on")
             assert not running.done()
             with pytest.raises(SendBusy):
-                campaign_delivery.deliver_chunk(other, item)
+                campaign_run.deliver(other, item)
             assert running.result(timeout=30).value == "completed"
     finally:
         ticking.set()
@@ -209,9 +209,9 @@ def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
     fake.latency = 1.0
     rt = make_runtime(task_time_limit=2, send_lease_seconds=3)
     connect(rt)
-    view, [chunk] = campaigns.create(rt, campaign_request(10, "mailchimp"))
+    view, [chunk] = create.create(rt, campaign_request(10, "mailchimp"))
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(campaign_delivery.deliver_chunk, rt, f"{view.id}:{chunk}")
+        running = pool.submit(campaign_run.deliver, rt, f"{view.id}:{chunk}")
         time.sleep(0.3)  # the run holds the lease and is in its first call (the audience sync)
         # It stalls past its lease (as if): another run takes the job over.
         hold_lease(rt, view.id, clock.now() + timedelta(hours=1))
@@ -227,22 +227,22 @@ def test_a_mailchimp_job_counts_its_own_runs_and_waits_for_a_lease_cost_none(
     # MailChimp's audience endpoint answers 503 to every run: the job gives up after
     # SEND_MAX_RETRIES retries (3 here), counted in SQL, whatever Celery's count says.
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    view, [chunk] = create.create(runtime, campaign_request(3, "mailchimp"))
     item = f"{view.id}:{chunk}"
     fake.inject(BATCH_SUBSCRIBE, *[Fault.error(503)] * 40)
     for run in range(1, 4):
         with pytest.raises(MailchimpUnavailable):
-            campaign_delivery.deliver_chunk(runtime, item)
+            campaign_run.deliver(runtime, item)
         # Meanwhile a redelivered copy finds the job held: it steps back, costing no run.
         hold_lease(runtime, view.id, clock.now() + timedelta(seconds=5))
         with pytest.raises(SendBusy):
-            campaign_delivery.deliver_chunk(runtime, item)
+            campaign_run.deliver(runtime, item)
         clock.advance(timedelta(seconds=6))
         with runtime.sessions() as session:
             assert session.scalar(select(Campaign.attempts).where(Campaign.id == view.id)) == run
     # The fourth run is the last: it fails every recipient with the reason.
-    assert campaign_delivery.deliver_chunk(runtime, item).value == "failed"
-    after = campaigns.view(runtime, view.id)
+    assert campaign_run.deliver(runtime, item).value == "failed"
+    after = control.view(runtime, view.id)
     assert after.counts["failed"] == 3 and "gave up after retries" in (after.detail or "")
     assert fake.campaigns() == []
 
@@ -251,13 +251,13 @@ def test_a_mailchimp_campaign_is_not_cancelled_while_its_job_talks_to_mailchimp(
     runtime: Runtime, clock: Any
 ) -> None:
     connect(runtime)
-    view, _ = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    view, _ = create.create(runtime, campaign_request(3, "mailchimp"))
     hold_lease(runtime, view.id, clock.now() + timedelta(seconds=30))
-    with pytest.raises(campaigns.CampaignStateError, match="MailChimp job runs"):
-        campaigns.cancel(runtime, view.id)
-    assert campaigns.view(runtime, view.id).status == "running"
+    with pytest.raises(control.CampaignStateError, match="MailChimp job runs"):
+        control.cancel(runtime, view.id)
+    assert control.view(runtime, view.id).status == "running"
     clock.advance(timedelta(seconds=31))  # the job ended (or died and its lease ran out)
-    cancelled = campaigns.cancel(runtime, view.id)
+    cancelled = control.cancel(runtime, view.id)
     assert cancelled.status == "cancelled"
     assert cancelled.failed_by_reason == {"campaign_cancelled": 3}
 
@@ -278,7 +278,7 @@ def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
     from dispatcher.models import User
 
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(4, "mailchimp"))
+    view, [chunk] = create.create(runtime, campaign_request(4, "mailchimp"))
     # An earlier run got the campaign sent, then died before it recorded anything...
     with runtime.sessions() as session:
         c, user = session.get(Campaign, view.id), session.get(User, "agent-1")
@@ -291,8 +291,8 @@ def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
     # ...and one contact unsubscribed in MailChimp before the job ran again.
     fake.add_member("person3@example.org", status="unsubscribed")
 
-    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
-    after = campaigns.view(runtime, view.id)
+    assert campaign_run.deliver(runtime, f"{view.id}:{chunk}").value == "completed"
+    after = control.view(runtime, view.id)
     assert (after.counts["sent"], after.counts["unknown"], after.counts["failed"]) == (3, 1, 0)
     assert len(fake.campaigns()) == 1 and fake.send_actions[campaign.id] == 1
 
@@ -305,17 +305,17 @@ def test_a_run_our_redis_failed_is_not_counted_as_an_attempt(
     from tests.conftest import free_port
 
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    view, [chunk] = create.create(runtime, campaign_request(3, "mailchimp"))
     cut_off = make_runtime(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisError):  # the connection slots live in Redis
-        campaign_delivery.deliver_chunk(cut_off, f"{view.id}:{chunk}")
+        campaign_run.deliver(cut_off, f"{view.id}:{chunk}")
     with runtime.sessions() as session:
         row = session.execute(
             select(Campaign.attempts, Campaign.lease_until).where(Campaign.id == view.id)
         ).one()
     assert (row.attempts, row.lease_until) == (0, None)
     assert fake.calls == []
-    assert campaign_delivery.deliver_chunk(runtime, f"{view.id}:{chunk}").value == "completed"
+    assert campaign_run.deliver(runtime, f"{view.id}:{chunk}").value == "completed"
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # 20 s of client backoff
@@ -324,20 +324,20 @@ def test_once_mailchimp_was_asked_to_send_a_failure_is_unknown_and_no_cancel_is_
 ) -> None:
     # The send action never gets a clear answer: MailChimp may or may not have sent it.
     connect(runtime)
-    view, [chunk] = campaigns.create(runtime, campaign_request(3, "mailchimp"))
+    view, [chunk] = create.create(runtime, campaign_request(3, "mailchimp"))
     item = f"{view.id}:{chunk}"
     fake.inject(SEND, *[Fault.error(503)] * 100)
     with pytest.raises(MailchimpUnavailable):
-        campaign_delivery.deliver_chunk(runtime, item)
+        campaign_run.deliver(runtime, item)
     # It may have gone out: a cancel would write "cancelled before this email was sent".
-    with pytest.raises(campaigns.CampaignStateError, match="MailChimp may have sent it"):
-        campaigns.cancel(runtime, view.id)
+    with pytest.raises(control.CampaignStateError, match="MailChimp may have sent it"):
+        control.cancel(runtime, view.id)
     # The runs go on until the budget (3 retries) is spent; then nobody is recorded failed.
     for _ in range(2):
         with pytest.raises(MailchimpUnavailable):
-            campaign_delivery.deliver_chunk(runtime, item)
-    assert campaign_delivery.deliver_chunk(runtime, item).value == "failed"
-    after = campaigns.view(runtime, view.id)
+            campaign_run.deliver(runtime, item)
+    assert campaign_run.deliver(runtime, item).value == "failed"
+    after = control.view(runtime, view.id)
     assert (after.counts["unknown"], after.counts["failed"]) == (3, 0)
     with runtime.sessions() as session:
         details = session.scalars(

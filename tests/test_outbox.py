@@ -8,9 +8,10 @@ import pytest
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher import recovery as outbox
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.clock import FrozenClock
 from dispatcher.credits.subscriptions import change
+from dispatcher.delivery import lifecycle
 from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred
 from dispatcher.ports import InlineQueue, OutboxOnly
@@ -26,27 +27,27 @@ def test_work_stored_without_a_broker_is_enqueued_once_by_the_sweep(
     make_user(runtime, mailchimp_api_key="k-us6", mailchimp_list_id="list1")
     runtime.queue = OutboxOnly()
     change(runtime, "agent-1", "upgrade", "10k")  # a receipt email
-    c, _ = campaigns.create(
+    c, _ = create.create(
         runtime,
-        campaigns.CampaignRequest(
+        create.CampaignRequest(
             user_id="agent-1",
             provider="command_email",
             subject="s",
             html="<p>h</p>",
-            recipients=[campaigns.Recipient(f"c{i}", f"p{i}@example.org") for i in range(3)],
+            recipients=[create.Recipient(f"c{i}", f"p{i}@example.org") for i in range(3)],
         ),
     )
-    campaigns.enqueue(runtime, c.id, [0])
+    control.enqueue(runtime, c.id, [0])
     # A MailChimp campaign's recipients wait as queued sends for their campaign's job: the
     # sweep enqueues the campaign, never the recipients as sends of their own.
-    mc, _ = campaigns.create(
+    mc, _ = create.create(
         runtime,
-        campaigns.CampaignRequest(
+        create.CampaignRequest(
             user_id="agent-1",
             provider="mailchimp",
             subject="s",
             html="<p>h</p>",
-            recipients=[campaigns.Recipient(f"m{i}", f"m{i}@example.org") for i in range(3)],
+            recipients=[create.Recipient(f"m{i}", f"m{i}@example.org") for i in range(3)],
         ),
     )
     submit_send(runtime, runtime.queue, send_request())
@@ -79,7 +80,7 @@ def test_work_whose_task_message_was_lost_is_enqueued_again_once_stale(
     queue.enqueued.clear()
     # When the broker loses that message, nothing happens while a retry could still come
     assert outbox.recover_stale(runtime) == (0, 0, 0)
-    clock.advance(outbox.stale_after(runtime) + timedelta(seconds=1))
+    clock.advance(lifecycle.stale_after(runtime) + timedelta(seconds=1))
     # Then once stale it is enqueued again, and delivering it sends one message
     assert outbox.recover_stale(runtime) == (1, 0, 0)
     assert queue.enqueued == [send_id]
@@ -111,15 +112,15 @@ def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits
     monkeypatch.setattr(target, name, die)
     request = campaign_request(40)
     with pytest.raises(_ProcessDied):
-        campaigns.create(runtime, request)
+        create.create(runtime, request)
     monkeypatch.undo()
     # Held meanwhile when the process got as far as reserving them.
     assert credits(runtime, "agent-1").used == (40 if dies == "after_reserving" else 0)
 
-    assert campaigns.expire_reserving(runtime) == 0  # the request may still be alive
-    clock.advance(campaigns.RESERVING_GRACE + timedelta(seconds=1))
-    assert campaigns.expire_reserving(runtime) == 1
-    assert campaigns.expire_reserving(runtime) == 0
+    assert control.expire_reserving(runtime) == 0  # the request may still be alive
+    clock.advance(control.RESERVING_GRACE + timedelta(seconds=1))
+    assert control.expire_reserving(runtime) == 1
+    assert control.expire_reserving(runtime) == 0
 
     with runtime.sessions() as session:
         from sqlalchemy import select
@@ -127,7 +128,7 @@ def test_a_campaign_whose_request_died_while_reserving_is_failed_and_its_credits
         from dispatcher.models import Campaign
 
         c = session.scalars(select(Campaign)).one()
-    view = campaigns.view(runtime, c.id)
+    view = control.view(runtime, c.id)
     assert view.status == "failed"
     assert view.failed_by_reason == {"campaign_not_started": 40}
     assert credits(runtime, "agent-1").used == 0
@@ -149,14 +150,14 @@ def test_a_request_the_sweep_gave_up_on_gives_its_reservation_back_once(
 
     def slow_request(*args: object, **kwargs: object) -> None:
         # The request stalls after reserving, long enough for the sweep to give up on it.
-        clock.advance(campaigns.RESERVING_GRACE + timedelta(seconds=1))
-        assert campaigns.expire_reserving(runtime) == 1
+        clock.advance(control.RESERVING_GRACE + timedelta(seconds=1))
+        assert control.expire_reserving(runtime) == 1
         real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(notices, "after_reservation", slow_request)
     request = campaign_request(40)
-    with pytest.raises(campaigns.CampaignStateError):
-        campaigns.create(runtime, request)
+    with pytest.raises(control.CampaignStateError):
+        create.create(runtime, request)
     assert credits(runtime, "agent-1").used == 0
     with runtime.sessions() as session:
         assert session.scalar(select(func.count()).where(Send.refund_due.is_(True))) == 0

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
 from devstack.devsmtp import DevSMTPServer, FaultPlan, reply
-from dispatcher.campaigns import service as campaigns
+from dispatcher.campaigns import control, create
 from dispatcher.clock import FrozenClock
 from dispatcher.credits import refunds
 from dispatcher.credits.subscriptions import ensure_current
@@ -40,7 +40,7 @@ def refunds_due(rt: Runtime) -> int:
 
 
 def start(rt: Runtime, n: int) -> str:
-    view, _chunks = campaigns.create(rt, campaign_request(n))
+    view, _chunks = create.create(rt, campaign_request(n))
     return view.id
 
 
@@ -54,10 +54,8 @@ def test_a_cancel_whose_refund_redis_refused_is_refunded_by_the_sweep_once(
     # Cancelled through a process whose Redis is unreachable: SQL records the cancellation
     # and the cancel is answered; the refund after the commit fails and is left to the sweep.
     cut_off = make_runtime(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    assert campaigns.cancel(cut_off, campaign_id).status == "cancelled"
-    assert campaigns.view(runtime, campaign_id).failed_by_reason == {
-        "campaign_cancelled": RECIPIENTS
-    }
+    assert control.cancel(cut_off, campaign_id).status == "cancelled"
+    assert control.view(runtime, campaign_id).failed_by_reason == {"campaign_cancelled": RECIPIENTS}
     assert used(runtime, "agent-1") == RECIPIENTS  # Redis still holds the credits...
     assert refunds_due(runtime) == RECIPIENTS  # ...and SQL knows they are owed
 

@@ -105,7 +105,7 @@ def test_n_per_second_holds_exactly_across_four_worker_processes(
 
         def done() -> bool:
             stack.workers.check_none_died()
-            from dispatcher.campaigns.service import view
+            from dispatcher.campaigns.control import view
 
             return view(stack.rt, campaign_id).status == CampaignStatus.COMPLETED.value
 

@@ -14,18 +14,19 @@ from kombu.entity import Queue
 from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-
-#: Queue names; each has its own worker pool so SmartPlan sends never wait behind a campaign.
-SMARTPLAN = "smartplan"
-CAMPAIGN = "campaign"
-SYSTEM = "system"
-QUEUES = (SMARTPLAN, CAMPAIGN, SYSTEM)
-
-SEND_SMARTPLAN_TASK = "dispatcher.send_smartplan"
-SEND_SYSTEM_EMAIL_TASK = "dispatcher.send_system_email"
-SEND_CAMPAIGN_CHUNK_TASK = "dispatcher.send_campaign_chunk"
-RENEW_DUE_TASK = "dispatcher.renew_due"
-SWEEP_OUTBOX_TASK = "dispatcher.sweep_outbox"
+from workers import tasks
+from workers.names import (
+    CAMPAIGN,
+    QUEUES,
+    RENEW_DUE_TASK,
+    SEND_CAMPAIGN_CHUNK_TASK,
+    SEND_SMARTPLAN_TASK,
+    SEND_SYSTEM_EMAIL_TASK,
+    SMARTPLAN,
+    SWEEP_OUTBOX_TASK,
+    SYSTEM,
+)
+from workers.queue import CeleryTaskQueue
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
@@ -75,22 +76,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         broker_pool_limit=10,
     )
     rt = runtime or Runtime(settings)
-    app.dispatcher_runtime = rt
     if isinstance(rt.queue, OutboxOnly):
         # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
-        from workers.queue import CeleryTaskQueue
-
         rt.queue = CeleryTaskQueue(app)
-    from workers import tasks
-
-    tasks.register(app)
+    tasks.register(app, rt)
     return app
-
-
-def runtime_of(app: Celery) -> Runtime:
-    """The dispatcher runtime attached to ``app``."""
-    rt: Runtime = app.dispatcher_runtime
-    return rt
 
 
 _default: Celery | None = None

@@ -7,7 +7,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from dispatcher.errors import QueueUnavailable
-from workers.app import (
+from workers.names import (
     CAMPAIGN,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,

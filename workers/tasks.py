@@ -1,4 +1,20 @@
-"""Thin tasks: ids in, one use case called, errors mapped to retry or no retry."""
+"""Thin tasks: ids in, one use case called, and the one place exceptions become retry or not.
+
+The error tree is the retry contract (``dispatcher.errors``):
+
+- :class:`~dispatcher.errors.NotFound`: nothing to deliver; dropped.
+- :class:`~dispatcher.errors.PermanentError` escaping a use case: never retried; the item is
+  settled at once with the error's reason.
+- :class:`~dispatcher.errors.SendBusy`: another delivery holds the lease; looked at again when
+  the lease runs out.
+- :class:`~dispatcher.errors.TransientError`: retried with capped exponential backoff and
+  jitter, never sooner than its ``retry_after``; a wait longer than any countdown is parked
+  in SQL for the beat's sweep.
+- Redis, the database or the network unreachable: nothing was decided, so retried until back.
+- Anything else is unforeseen: retried up to ``SEND_MAX_RETRIES`` times, then the item is
+  settled as ``internal_error`` (credit back, timeline event, step outcome, alert): a poison
+  message never loops.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +27,29 @@ from celery import Celery, Task
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import recovery as outbox
-from dispatcher.campaigns import chunks as campaign_delivery
-from dispatcher.campaigns import service as campaigns
+from dispatcher import recovery
+from dispatcher.campaigns import control, run
 from dispatcher.credits import refunds, subscriptions
-from dispatcher.delivery import smartplan as delivery
-from dispatcher.delivery import system_mail
-from dispatcher.errors import NotFound, SendBusy, TransientError
+from dispatcher.delivery import smartplan, system_mail
+from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError
+from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
-from workers.app import (
+from workers.names import (
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SWEEP_OUTBOX_TASK,
-    runtime_of,
 )
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[..., StrEnum]  # a use case returning the item's status
+Deliver = Callable[[Runtime, str], StrEnum]  # a use case returning the item's status
+GiveUp = Callable[[Runtime, str, str, str], StrEnum]  # settle an item that cannot go on
 Park = Callable[[Runtime, str, float], None]  # store a long wait for the beat sweep
 
-
-def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
-    outbox.park_campaign(rt, item.rpartition(":")[0], seconds)
+#: Errors of our own infrastructure: nothing was decided, every step is idempotent.
+INFRASTRUCTURE = (RedisError, SQLAlchemyError, OSError)
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -43,114 +57,121 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
+def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
+    recovery.park_campaign(rt, run.parse(item)[0], seconds)
+
+
 def _deliver(
     task: Task,
+    rt: Runtime,
     deliver: Deliver,
+    give_up: GiveUp,
     item_id: str,
+    failures: int,
     *,
     park: Park | None = None,
 ) -> str:
-    """Run one delivery use case; retry what may succeed later, never what cannot.
+    """Run one delivery use case and map what it raises to retry or not (see the module).
 
-    Sends, system emails, campaign recipients and MailChimp jobs count their own attempts
-    against ``SEND_MAX_RETRIES`` in SQL (a wait for a lease or for Redis must not use that
-    budget up); the task's retries only pace the backoff.
+    Sends, system emails, campaign recipients and MailChimp jobs count their own SMTP or API
+    attempts in SQL; ``failures`` counts this item's unforeseen errors only.
     """
-    rt: Runtime = runtime_of(task.app)
-    settings = rt.settings
-    retries: int = task.request.retries
+    s = rt.settings
+    countdown = backoff(task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
     try:
         return deliver(rt, item_id).value
     except NotFound as exc:
-        # Nothing to deliver (the row is gone): retrying cannot help.
         log.error("%s dropped: %s", task.name, exc)
         return "missing"
+    except PermanentError as exc:
+        log.warning("%s %s failed for good: %s", task.name, item_id, exc)
+        return _settle(task, rt, give_up, item_id, exc.reason, str(exc), failures)
     except SendBusy as exc:
         # Another delivery holds the lease; look again when it has run out.
         raise task.retry(countdown=exc.retry_after, max_retries=None) from None
-    except (RedisError, SQLAlchemyError, OSError) as exc:
-        # Redis or the database is unreachable: nothing was decided, so try again until it is
-        # back (every step is idempotent; a send caught mid-conversation is settled by its lease).
-        countdown = backoff(
-            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
-        )
+    except TransientError as exc:
+        asked = exc.retry_after
+        if asked is not None and asked > s.retry_backoff_max_seconds and park is not None:
+            # Longer than any countdown may be (the broker would redeliver it): store the wait
+            # in SQL; the beat sweep enqueues the item when it is due.
+            park(rt, item_id, asked)
+            log.info("%s %s parked for %.0fs: %s", task.name, item_id, asked, exc)
+            return "parked"
+        if asked is not None:
+            # A server or lease that said when to come back is not asked sooner.
+            countdown = min(max(countdown, asked), s.retry_backoff_max_seconds)
+        log.info("%s %s retry in %.1fs: %s", task.name, item_id, countdown, exc)
+        raise task.retry(countdown=countdown, max_retries=None) from None
+    except INFRASTRUCTURE as exc:
         log.warning(
             "%s %s: infrastructure error, retry in %.1fs: %s: %s",
-            task.name,
-            item_id,
-            countdown,
-            type(exc).__name__,
-            exc,
+            *(task.name, item_id, countdown, type(exc).__name__, exc),
         )
-        raise task.retry(countdown=countdown, max_retries=None) from None
-    except TransientError as exc:
-        countdown = backoff(
-            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
-        )
-        # A server that said when to come back (MailChimp's Retry-After) is not asked sooner.
-        asked = getattr(exc, "retry_after", None)
-        if isinstance(asked, int | float):
-            if asked > settings.retry_backoff_max_seconds and park is not None:
-                # Longer than any countdown may be (the broker would redeliver it): store the
-                # wait in SQL; the beat sweep enqueues the item when it is due.
-                park(rt, item_id, asked)
-                log.info("%s %s parked for %.0fs: %s", task.name, item_id, asked, exc)
-                return "parked"
-            countdown = min(max(countdown, asked), settings.retry_backoff_max_seconds)
-        log.info("%s %s retry %d in %.1fs: %s", task.name, item_id, retries + 1, countdown, exc)
         raise task.retry(countdown=countdown, max_retries=None) from None
     except Exception as exc:
-        # Anything unforeseen (a bug, the soft time limit): retry rather than ack and strand
-        # the item; leases and compare-and-set statuses make the retry safe.
-        countdown = backoff(
-            retries, settings.retry_backoff_seconds, settings.retry_backoff_max_seconds
-        )
+        detail = f"{type(exc).__name__}: {exc}"
+        if failures >= s.send_max_retries:
+            log.exception(
+                "%s %s failed unexpectedly %d times; giving up", task.name, item_id, failures + 1
+            )
+            return _settle(task, rt, give_up, item_id, Reason.INTERNAL_ERROR, detail, failures)
         log.exception("%s %s failed unexpectedly; retry in %.1fs", task.name, item_id, countdown)
-        raise task.retry(countdown=countdown, exc=exc, max_retries=None) from None
+        raise task.retry(
+            countdown=countdown, kwargs={"failures": failures + 1}, exc=exc, max_retries=None
+        ) from None
 
 
-def register(app: Celery) -> None:
-    """Define the dispatcher's tasks on ``app``."""
-    max_retries = runtime_of(app).settings.send_max_retries
+def _settle(
+    task: Task, rt: Runtime, give_up: GiveUp, item_id: str, reason: str, detail: str, failures: int
+) -> str:
+    """Settle an item that cannot go on; should our infrastructure fail meanwhile, try again."""
+    try:
+        return give_up(rt, item_id, reason, detail).value
+    except INFRASTRUCTURE as exc:
+        log.warning("%s %s: could not settle yet: %s", task.name, item_id, exc)
+        raise task.retry(
+            countdown=rt.settings.retry_backoff_seconds,
+            kwargs={"failures": failures},
+            max_retries=None,
+        ) from None
+
+
+def register(app: Celery, rt: Runtime) -> None:
+    """Define the dispatcher's tasks on ``app``, running use cases against ``rt``."""
     task = app.task  # shared=False: each app keeps its own tasks (tests build several apps)
 
-    @task(
-        name=SEND_SMARTPLAN_TASK,
-        bind=True,
-        shared=False,  # type: ignore[untyped-decorator]
-        max_retries=max_retries,
-    )
-    def send_smartplan(self: Task, send_id: str) -> str:
-        return _deliver(self, delivery.deliver, send_id, park=outbox.park_send)
+    @task(name=SEND_SMARTPLAN_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def send_smartplan(self: Task, send_id: str, failures: int = 0) -> str:
+        return _deliver(
+            self,
+            rt,
+            smartplan.deliver,
+            smartplan.give_up,
+            send_id,
+            failures,
+            park=recovery.park_send,
+        )
 
-    @task(
-        name=SEND_SYSTEM_EMAIL_TASK,
-        bind=True,
-        shared=False,  # type: ignore[untyped-decorator]
-        max_retries=max_retries,
-    )
-    def send_system_email(self: Task, email_id: str) -> str:
-        return _deliver(self, system_mail.deliver, email_id)
+    @task(name=SEND_SYSTEM_EMAIL_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def send_system_email(self: Task, email_id: str, failures: int = 0) -> str:
+        return _deliver(self, rt, system_mail.deliver, system_mail.give_up, email_id, failures)
 
-    @task(  # type: ignore[untyped-decorator]
-        name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False, max_retries=max_retries
-    )
-    def send_campaign_chunk(self: Task, item: str) -> str:
-        return _deliver(self, campaign_delivery.deliver_chunk, item, park=_park_chunk)
+    @task(name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def send_campaign_chunk(self: Task, item: str, failures: int = 0) -> str:
+        return _deliver(self, rt, run.deliver, run.give_up, item, failures, park=_park_chunk)
 
-    @task(name=RENEW_DUE_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
-    def renew_due(self: Task) -> int:
-        return subscriptions.renew_due(runtime_of(self.app))
+    @task(name=RENEW_DUE_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def renew_due() -> int:
+        return subscriptions.renew_due(rt)
 
-    @task(name=SWEEP_OUTBOX_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
-    def sweep_outbox(self: Task) -> list[int]:
-        rt = runtime_of(self.app)
+    @task(name=SWEEP_OUTBOX_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def sweep_outbox() -> list[int]:
         return [
-            *outbox.sweep(rt),
-            outbox.expire_reservations(rt),  # before recover_stale: see its docstring
-            *outbox.recover_stale(rt),
-            outbox.republish_outcomes(rt),
-            campaigns.expire_reserving(rt),
+            *recovery.sweep(rt),
+            recovery.expire_reservations(rt),  # before recover_stale: see its docstring
+            *recovery.recover_stale(rt),
+            recovery.republish_outcomes(rt),
+            control.expire_reserving(rt),
             refunds.retry_due(rt),
         ]
 

@@ -16,13 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
 from dispatcher import __version__, alerts, sends
-from dispatcher.campaigns import service as campaigns
-from dispatcher.campaigns.service import (
-    CampaignStateError,
-    InsufficientCredits,
-    RequestInProgress,
-    RequestKeyReused,
-)
+from dispatcher.campaigns import control, create
+from dispatcher.campaigns.control import CampaignStateError
+from dispatcher.campaigns.create import InsufficientCredits, RequestInProgress, RequestKeyReused
 from dispatcher.delivery import suppression, unsubscribe
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
@@ -480,14 +476,14 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         (a campaign larger than the balance is refused whole, 409); invalid recipients are
         listed in ``invalid``, never sent or charged. MailChimp: sent through the agent's
         account, no credits."""
-        req = campaigns.CampaignRequest(
+        req = create.CampaignRequest(
             user_id=body.user_id,
             provider=body.provider,
             name=body.name,
             subject=body.message.subject,
             html=body.message.html,
             text=body.message.text,
-            recipients=[campaigns.Recipient(r.id, r.email, r.fields) for r in body.recipients],
+            recipients=[create.Recipient(r.id, r.email, r.fields) for r in body.recipients],
             from_name=body.from_name,
             reply_to=body.reply_to,
             idempotency_key=body.idempotency_key,
@@ -500,18 +496,18 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     @app.get("/v1/campaigns/{campaign_id}", response_model=CampaignOut, dependencies=auth)
     def get_campaign(campaign_id: str, user_id: str | None = None) -> CampaignOut:
         """Status, counts by outcome and progress."""
-        return CampaignOut(**asdict(campaigns.view(rt, campaign_id, user_id)))
+        return CampaignOut(**asdict(control.view(rt, campaign_id, user_id)))
 
     @app.post("/v1/campaigns/{campaign_id}/{action}", response_model=CampaignOut, dependencies=auth)
     def campaign_action(campaign_id: str, action: str, user_id: str | None = None) -> CampaignOut:
         """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
         ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""
         if action == "pause":
-            result = campaigns.pause(rt, campaign_id, user_id)
+            result = control.pause(rt, campaign_id, user_id)
         elif action == "resume":
-            result = campaigns.resume(rt, campaign_id, user_id, queue)
+            result = control.resume(rt, campaign_id, user_id, queue)
         elif action == "cancel":
-            result = campaigns.cancel(rt, campaign_id, user_id)
+            result = control.cancel(rt, campaign_id, user_id)
         else:
             raise NotFound("campaign action", action)
         return CampaignOut(**asdict(result))

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher.campaigns.chunks import Outcome, complete_if_done, settle
+from dispatcher.campaigns.control import complete_if_done
 from dispatcher.campaigns.mailchimp import (
     SLOT_WAIT,
     MailchimpClient,
@@ -24,15 +24,19 @@ from dispatcher.campaigns.mailchimp import (
     Member,
     send_campaign,
 )
-from dispatcher.delivery import suppression
+from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered
 from dispatcher.errors import NotFound, RenderError, SendBusy
 from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, User
+from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_QUEUED = (SendStatus.QUEUED,)
 
 #: Our merge fields as MailChimp merge tags: MailChimp fills them per recipient.
 MERGE_TAGS = {"first_name": "*|FNAME|*", "last_name": "*|LNAME|*", "email": "*|EMAIL|*"}
@@ -83,14 +87,9 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
     if blocked:
         skipped = [r for r in rows if suppression.normalize(r.contact_email) in blocked]
         skip = lease.failure(
-            suppression.SUPPRESSED, "the address is on the agent's suppression list; not sent"
+            Reason.SUPPRESSED, "the address is on the agent's suppression list; not sent"
         )
-        settle(
-            rt,
-            c,
-            [(r.id, *skip, None, False) for r in skipped],
-            expect=(SendStatus.QUEUED,),
-        )
+        lifecycle.settle(rt, [Outcome(r.id, *skip) for r in skipped], _QUEUED, campaign=c)
         rows = [r for r in rows if suppression.normalize(r.contact_email) not in blocked]
     if not rows:
         return complete_if_done(rt, c.id)
@@ -100,7 +99,7 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
             c,
             lease,
             rows,
-            "mailchimp_not_connected",
+            Reason.MAILCHIMP_NOT_CONNECTED,
             "the agent has no connected MailChimp account",
         )
     try:
@@ -137,19 +136,19 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
             # contact unsubscribed in MailChimp): whether it reached this contact is not known.
             return (
                 SendStatus.UNKNOWN,
-                "ambiguous_delivery",
+                Reason.AMBIGUOUS_DELIVERY,
                 f"the campaign had gone out through MailChimp before this contact was found "
                 f"refused ({error}); it may have been sent",
             )
-        return SendStatus.FAILED, "mailchimp_refused", error
+        return SendStatus.FAILED, Reason.MAILCHIMP_REFUSED, error
 
-    outcomes: list[Outcome] = [
-        (r.id, *refusal(refused[r.contact_email.lower()]), rendered.subject, False)
+    outcomes = [
+        Outcome(r.id, *refusal(refused[r.contact_email.lower()]), rendered.subject)
         if r.contact_email.lower() in refused
-        else (r.id, SendStatus.SENT, None, detail, rendered.subject, False)
+        else Outcome(r.id, SendStatus.SENT, None, detail, rendered.subject)
         for r in rows
     ]
-    settle(rt, c, outcomes, expect=(SendStatus.QUEUED,))
+    lifecycle.settle(rt, outcomes, _QUEUED, campaign=c)
     with rt.sessions.begin() as session:
         session.execute(
             update(Campaign)
@@ -296,7 +295,7 @@ class JobLease:
         if self.may_have_gone:
             return (
                 SendStatus.UNKNOWN,
-                "ambiguous_delivery",
+                Reason.AMBIGUOUS_DELIVERY,
                 f"{detail}; MailChimp had been asked to send the campaign before, so it may "
                 "have reached this contact",
             )
@@ -386,7 +385,7 @@ def _fail_all(
     rt: Runtime, c: Campaign, lease: JobLease, rows: Sequence[Any], reason: str, detail: str
 ) -> CampaignStatus:
     outcome = lease.failure(reason, detail)
-    settle(rt, c, [(r.id, *outcome, None, False) for r in rows], expect=(SendStatus.QUEUED,))
+    lifecycle.settle(rt, [Outcome(r.id, *outcome) for r in rows], _QUEUED, campaign=c)
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         session.execute(

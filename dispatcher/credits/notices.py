@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from dispatcher import recovery as outbox
 from dispatcher.credits import plans
 from dispatcher.credits.periods import period_by_id
 from dispatcher.credits.quota import THRESHOLDS, GrantRef, Reservation
@@ -127,7 +126,7 @@ def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) ->
         threshold,
     )
     if email_id:
-        outbox.enqueue_system_emails(rt, [email_id])
+        system_mail.enqueue_system_emails(rt, [email_id])
     return threshold
 
 

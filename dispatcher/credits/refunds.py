@@ -18,10 +18,8 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
 
-from dispatcher.campaigns.service import campaign_key, grant_of
-from dispatcher.credits.periods import period_by_id
-from dispatcher.credits.quota import GrantRef
-from dispatcher.models import Campaign, Send, User
+from dispatcher.credits.grants import campaign_key, grant_of
+from dispatcher.models import Campaign, Send
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -102,7 +100,7 @@ def _make(rt: Runtime, rows: Iterable[Any]) -> int:
         if campaign_id:
             back += _campaign(rt, campaign_id, keys)
         else:
-            grant = _grant(rt, user_id, items[0].period, items[0].grant_seq)
+            grant = grant_of(rt.sessions, user_id, items[0].period, items[0].grant_seq)
             if grant is not None:
                 back += sum(rt.quota.refund(grant, key) for key in keys)
         made(rt, [r.id for r in items])
@@ -114,18 +112,10 @@ def _campaign(rt: Runtime, campaign_id: str, keys: list[str]) -> int:
         c = session.get(Campaign, campaign_id)
         if c is not None:
             session.expunge(c)
-    grant = None if c is None else grant_of(rt, c)
+    grant = None if c is None else grant_of(rt.sessions, c.user_id, c.period, c.grant_seq)
     if grant is None:
         return 0  # nothing was reserved for it (a MailChimp campaign, or it never started)
     return rt.quota.refund_parts(grant, campaign_key(campaign_id), keys)
-
-
-def _grant(rt: Runtime, user_id: str, period: str | None, seq: int | None) -> GrantRef | None:
-    if period is None or seq is None:
-        return None  # the credit was never taken
-    with rt.sessions() as session:
-        tz = session.scalar(select(User.timezone).where(User.id == user_id)) or "UTC"
-    return GrantRef.of(user_id, period_by_id(period, tz), seq)
 
 
 def made(rt: Runtime, send_ids: Sequence[str]) -> None:

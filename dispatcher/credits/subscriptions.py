@@ -12,7 +12,6 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dispatcher import recovery as outbox
 from dispatcher.credits import plans
 from dispatcher.credits.periods import Period, period_at, period_by_id
 from dispatcher.credits.quota import THRESHOLDS, GrantRef
@@ -258,7 +257,7 @@ def ensure_current(rt: Runtime, user_id: str) -> tuple[User, GrantRef]:
         emails = roll_forward(session, rt.settings, rt.gateway, user, now)
         session.flush()
         session.expunge(user)
-    outbox.enqueue_system_emails(rt, emails)
+    system_mail.enqueue_system_emails(rt, emails)
     return user, grant_ref(user)
 
 
@@ -337,7 +336,7 @@ def change(rt: Runtime, user_id: str, action: str, plan_name: str | None = None)
         result.plan,
         result.pending_plan,
     )
-    outbox.enqueue_system_emails(rt, emails)
+    system_mail.enqueue_system_emails(rt, emails)
     return result
 
 

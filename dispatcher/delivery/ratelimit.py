@@ -17,6 +17,7 @@ from redis.commands.core import Script
 
 from dispatcher import keys
 from dispatcher.errors import TransientError
+from dispatcher.reasons import Reason
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
@@ -111,14 +112,11 @@ class RateLimited(TransientError):
     so deferring the message by ``wait`` seconds is safe."""
 
     def __init__(self, relay: str, wait: float) -> None:
-        super().__init__("rate_limited", f"relay {relay} admits more in {wait:.3f}s")
+        super().__init__(
+            Reason.RATE_LIMITED, f"relay {relay} admits more in {wait:.3f}s", retry_after=wait
+        )
         self.relay = relay  # the relay's id (a hash), never its host
         self.wait = wait
-
-    @property
-    def retry_after(self) -> float:
-        """The same wait under the name :class:`~dispatcher.errors.SendBusy` uses."""
-        return self.wait
 
 
 def _load(name: str) -> str:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import datetime, timedelta
+from collections.abc import Iterable
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import CursorResult, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from dispatcher.delivery import lifecycle
+from dispatcher.delivery.lifecycle import finish_system_email
 from dispatcher.delivery.message import Envelope, build_message, message_id_for
 from dispatcher.delivery.rendering import Rendered
 from dispatcher.errors import (
@@ -23,9 +26,12 @@ from dispatcher.errors import (
     DeliveryUnknown,
     NotAttempted,
     NotFound,
+    QueueUnavailable,
     SendBusy,
 )
 from dispatcher.models import SendStatus, SystemEmail, SystemEmailKind, User
+from dispatcher.ports import DeferredToOutbox
+from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -70,7 +76,7 @@ def queue_email(
     """Store a rendered system email for ``user`` (in the caller's transaction).
 
     Returns None when the user has no address to write to. Enqueue the id after the commit
-    (:func:`dispatcher.outbox.enqueue_system_emails`).
+    (:func:`enqueue_system_emails`).
     """
     to = user.billing_address
     if to is None:
@@ -97,7 +103,7 @@ def queue_email(
     return email
 
 
-def deliver(rt: Runtime, email_id: str, *, final_attempt: bool = False) -> SendStatus:
+def deliver(rt: Runtime, email_id: str) -> SendStatus:
     """Send one system email; same lease and outcome rules as a user's send, without credits.
 
     Raises :class:`DeliveryDeferred` for a retry and :class:`SendBusy` while another worker
@@ -115,16 +121,8 @@ def deliver(rt: Runtime, email_id: str, *, final_attempt: bool = False) -> SendS
         assert email.lease_until is not None
         if email.lease_until > now:
             raise SendBusy(email_id, (email.lease_until - now).total_seconds() + 1)
-        return _finish(rt, email_id, SendStatus.UNKNOWN, "worker_lost_during_smtp", None)
-    lease = now + timedelta(seconds=rt.settings.send_lease_seconds)
-    if not _cas(
-        rt,
-        email_id,
-        SendStatus.QUEUED,
-        status=SendStatus.SENDING,
-        lease_until=lease,
-        attempts=SystemEmail.attempts + 1,
-    ):
+        return finish_system_email(rt, email_id, SendStatus.UNKNOWN, Reason.WORKER_LOST, None)
+    if not lifecycle.start_system_email(rt, email_id):
         raise SendBusy(email_id, 1.0)
     message = build_message(
         Rendered(email.subject, email.html, email.text),
@@ -140,57 +138,46 @@ def deliver(rt: Runtime, email_id: str, *, final_attempt: bool = False) -> SendS
         delivery = asyncio.run(rt.transport.send(envelope, message))
     except NotAttempted:
         # Held back by the relay's guard (halted, rate-limited): not an attempt.
-        _cas(
-            rt,
-            email_id,
-            SendStatus.SENDING,
-            status=SendStatus.QUEUED,
-            lease_until=None,
-            attempts=SystemEmail.attempts - 1,
-        )
+        lifecycle.system_email_back(rt, email_id, attempted=False)
         raise
     except DeliveryDeferred as exc:
-        if final_attempt or email.attempts + 1 > rt.settings.send_max_retries:
-            return _finish(rt, email_id, SendStatus.FAILED, "retries_exhausted", exc.detail)
-        _cas(
-            rt,
-            email_id,
-            SendStatus.SENDING,
-            status=SendStatus.QUEUED,
-            lease_until=None,
-            reason=exc.reason,
-            detail=exc.detail,
+        if email.attempts + 1 > rt.settings.send_max_retries:
+            return finish_system_email(
+                rt, email_id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, exc.detail
+            )
+        lifecycle.system_email_back(
+            rt, email_id, attempted=True, reason=exc.reason, detail=exc.detail
         )
         raise
     except DeliveryRejected as exc:
-        return _finish(rt, email_id, SendStatus.FAILED, exc.reason, exc.detail)
+        return finish_system_email(rt, email_id, SendStatus.FAILED, exc.reason, exc.detail)
     except DeliveryUnknown as exc:
-        return _finish(rt, email_id, SendStatus.UNKNOWN, exc.reason, exc.detail)
-    return _finish(rt, email_id, SendStatus.SENT, None, f"{delivery.code} {delivery.reply}")
+        return finish_system_email(rt, email_id, SendStatus.UNKNOWN, exc.reason, exc.detail)
+    detail = f"{delivery.code} {delivery.reply}"
+    return finish_system_email(rt, email_id, SendStatus.SENT, None, detail)
 
 
-def _cas(rt: Runtime, email_id: str, expect: SendStatus, **values: object) -> bool:
-    with rt.sessions.begin() as session:
-        result = session.execute(
-            update(SystemEmail)
-            .where(SystemEmail.id == email_id, SystemEmail.status == expect)
-            .values(**values)
-        )
-        return cast(CursorResult[Any], result).rowcount == 1
+def give_up(rt: Runtime, email_id: str, reason: str, detail: str) -> SendStatus:
+    """A system email that cannot go on (a permanent error, or unforeseen errors
+    ``SEND_MAX_RETRIES`` times) fails terminally; ``unknown`` when caught mid-conversation."""
+    why = f"handling kept failing: {detail}" if reason == Reason.INTERNAL_ERROR else detail
+    finish_system_email(rt, email_id, SendStatus.FAILED, reason, why, (SendStatus.QUEUED,))
+    return finish_system_email(rt, email_id, SendStatus.UNKNOWN, reason, why)
 
 
-def _finish(
-    rt: Runtime, email_id: str, status: SendStatus, reason: str | None, detail: str | None
-) -> SendStatus:
-    _cas(
-        rt,
-        email_id,
-        SendStatus.SENDING,
-        status=status,
-        reason=reason,
-        detail=detail,
-        lease_until=None,
-        finished_at=rt.clock.now(),
-    )
-    log.info("system email %s id=%s reason=%s", status.value, email_id, reason)
-    return status
+def enqueue_system_emails(rt: Runtime, email_ids: Iterable[str]) -> None:
+    """Enqueue committed system emails; one the broker refuses waits for the outbox sweep."""
+    for email_id in email_ids:
+        try:
+            rt.queue.enqueue_system_email(email_id)
+        except DeferredToOutbox:
+            continue
+        except QueueUnavailable as exc:
+            log.warning("system email %s left for the outbox sweep: %s", email_id, exc.detail)
+            continue
+        with rt.sessions.begin() as session:
+            session.execute(
+                update(SystemEmail)
+                .where(SystemEmail.id == email_id)
+                .values(enqueued_at=rt.clock.now())
+            )

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, TimelineKind
 
-_KIND = {
+#: The timeline event of each terminal status.
+KIND_OF = {
     SendStatus.SENT: TimelineKind.EMAIL_SENT,
     SendStatus.FAILED: TimelineKind.EMAIL_FAILED,
     SendStatus.UNKNOWN: TimelineKind.EMAIL_UNKNOWN,
@@ -31,8 +32,9 @@ class EventView:
     occurred_at: datetime
 
 
-def source_of(send: Send) -> dict[str, Any]:
-    """Which SmartPlan step or campaign an email belongs to."""
+def source_of(send: Any) -> dict[str, Any]:
+    """Which SmartPlan step or campaign an email (a :class:`Send` or a row of its columns)
+    belongs to."""
     if send.kind is SendKind.SMARTPLAN:
         return {
             "type": "smartplan",
@@ -51,7 +53,7 @@ def record_outcome(
         user_id=send.user_id,
         contact_id=send.contact_id,
         send_id=send.id,
-        kind=_KIND[send.status],
+        kind=KIND_OF[send.status],
         status=send.status,
         reason=send.reason,
         detail=send.detail,

@@ -1,0 +1,329 @@
+"""A campaign's life after it was accepted: its view, pause, resume and cancel, its chunks
+handed to the workers, its completion, and the sweep of campaigns whose request died."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, func, or_, select, update
+
+from dispatcher.delivery import lifecycle
+from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
+from dispatcher.errors import DispatcherError, NotFound, QueueUnavailable
+from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendStatus
+from dispatcher.ports import DeferredToOutbox, TaskQueue
+from dispatcher.reasons import Reason
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class CampaignStateError(DispatcherError):
+    """The campaign cannot go from its status to the one asked for."""
+
+    def __init__(self, campaign_id: str, status: str, action: str) -> None:
+        super().__init__(f"campaign {campaign_id} is {status}; it cannot {action}")
+        self.status = status
+        self.action = action
+
+
+@dataclass(frozen=True)
+class CampaignView:
+    id: str
+    user_id: str
+    provider: str
+    status: str
+    name: str | None
+    recipients: int
+    invalid: list[dict[str, Any]]
+    suppressed: list[dict[str, Any]]
+    counts: dict[str, int]
+    failed_by_reason: dict[str, int]
+    done: int
+    progress: float  # share of valid recipients with a terminal outcome, 0..1
+    detail: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    #: True when this answers a repeated request (same idempotency key): nothing new was made.
+    replayed: bool = False
+
+
+def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Status, counts by outcome and progress of a campaign."""
+    with rt.sessions() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is None or (user_id is not None and c.user_id != user_id):
+            raise NotFound("campaign", campaign_id)
+        rows = session.execute(
+            select(Send.status, Send.reason, func.count())
+            .where(Send.campaign_id == campaign_id)
+            .group_by(Send.status, Send.reason)
+        ).all()
+    counts = {s.value: 0 for s in SendStatus}
+    failed: dict[str, int] = {}
+    for status, reason, n in rows:
+        counts[status.value] += n
+        if status is SendStatus.FAILED:
+            failed[reason or "unknown"] = failed.get(reason or "unknown", 0) + n
+    done = counts["sent"] + counts["failed"] + counts["unknown"]
+    return CampaignView(
+        id=c.id,
+        user_id=c.user_id,
+        provider=c.provider.value,
+        status=c.status.value,
+        name=c.name,
+        recipients=c.recipients,
+        invalid=list(c.invalid),
+        suppressed=list(c.suppressed or []),
+        counts=counts,
+        failed_by_reason=failed,
+        done=done,
+        progress=round(done / c.recipients, 4) if c.recipients else 1.0,
+        detail=c.detail,
+        created_at=c.created_at,
+        finished_at=c.finished_at,
+    )
+
+
+def enqueue(
+    rt: Runtime, campaign_id: str, chunks: Sequence[int], queue: TaskQueue | None = None
+) -> None:
+    """Hand a campaign's chunks (or its MailChimp job) to the workers, after the commit."""
+    try:
+        for chunk in chunks:
+            (queue or rt.queue).enqueue_campaign_chunk(campaign_id, chunk)
+    except DeferredToOutbox:
+        return  # the outbox sweep enqueues it
+    except QueueUnavailable as exc:
+        log.warning("campaign %s left for the outbox sweep: %s", campaign_id, exc.detail)
+        return
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign).where(Campaign.id == campaign_id).values(enqueued_at=rt.clock.now())
+        )
+
+
+def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:
+    """The work items of a campaign still to do: its chunks with recipients left to send, or
+    for a MailChimp campaign its one job (MailChimp sends it whole; enqueueing it once per
+    chunk would run the whole campaign that many times)."""
+    with rt.sessions() as session:
+        provider = session.scalar(select(Campaign.provider).where(Campaign.id == campaign_id))
+        if provider is Provider.MAILCHIMP:
+            has_open = session.scalar(
+                select(Send.id)
+                .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+                .limit(1)
+            )
+            return [0] if has_open is not None else []
+        found = session.scalars(
+            select(Send.chunk)
+            .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+            .distinct()
+        ).all()
+    return sorted(c for c in found if c is not None)
+
+
+def _transition(
+    rt: Runtime,
+    campaign_id: str,
+    allowed: tuple[CampaignStatus, ...],
+    to: CampaignStatus,
+    action: str,
+    user_id: str | None,
+) -> Campaign:
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        c = session.get(Campaign, campaign_id)
+        if c is None or (user_id is not None and c.user_id != user_id):
+            raise NotFound("campaign", campaign_id)
+        result = session.execute(
+            update(Campaign)
+            .where(
+                Campaign.id == campaign_id,
+                Campaign.status.in_(allowed),
+                # Not while a MailChimp job talks to MailChimp: it may be sending right now;
+                # nor once MailChimp was asked to send: it may have gone out.
+                or_(Campaign.lease_until.is_(None), Campaign.lease_until <= now),
+                Campaign.send_attempted_at.is_(None),
+            )
+            .values(status=to, updated_at=now, finished_at=now if to.terminal else None)
+        )
+        if cast(CursorResult[Any], result).rowcount != 1:
+            session.refresh(c)
+            if c.status in allowed and c.send_attempted_at is not None:
+                action += " (MailChimp may have sent it)"
+            elif c.status in allowed and c.lease_until is not None:
+                action += " while its MailChimp job runs (try again once it has finished)"
+            raise CampaignStateError(campaign_id, c.status.value, action)
+        session.refresh(c)
+        session.expunge(c)
+        return c
+
+
+def pause(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Stop handing out recipients; those in flight finish. Nothing is sent twice on resume."""
+    current = view(rt, campaign_id, user_id)
+    if current.provider == Provider.MAILCHIMP.value:
+        raise CampaignStateError(campaign_id, current.status, "pause (MailChimp sends it whole)")
+    _transition(rt, campaign_id, (CampaignStatus.RUNNING,), CampaignStatus.PAUSED, "pause", user_id)
+    log.info("campaign paused id=%s", campaign_id)
+    return view(rt, campaign_id)
+
+
+def resume(
+    rt: Runtime, campaign_id: str, user_id: str | None = None, queue: TaskQueue | None = None
+) -> CampaignView:
+    """Hand out the recipients not yet sent again."""
+    _transition(
+        rt, campaign_id, (CampaignStatus.PAUSED,), CampaignStatus.RUNNING, "resume", user_id
+    )
+    chunks = open_chunks(rt, campaign_id)
+    with rt.sessions.begin() as session:  # until the broker takes them, the sweep will
+        session.execute(update(Campaign).where(Campaign.id == campaign_id).values(enqueued_at=None))
+    enqueue(rt, campaign_id, chunks, queue)
+    log.info("campaign resumed id=%s chunks=%d", campaign_id, len(chunks))
+    if not chunks:
+        # Nothing was left open (paused after its last batch): it is done.
+        complete_if_done(rt, campaign_id)
+    return view(rt, campaign_id)
+
+
+def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
+    """Stop for good: recipients not yet handed out fail as cancelled and their credits come
+    back; those in flight finish. A MailChimp campaign MailChimp was already asked to send
+    cannot be cancelled (it may have gone out; its job records what happened)."""
+    c = _transition(
+        rt,
+        campaign_id,
+        (CampaignStatus.RUNNING, CampaignStatus.PAUSED),
+        CampaignStatus.CANCELLED,
+        "cancel",
+        user_id,
+    )
+    with rt.sessions.begin() as session:
+        ids = list(
+            session.scalars(
+                select(Send.id).where(
+                    Send.campaign_id == campaign_id,
+                    Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
+                )
+            ).all()
+        )
+    detail = "the campaign was cancelled before this email was sent"
+    lifecycle.settle(
+        rt,
+        [
+            Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_CANCELLED, detail, refund=True)
+            for i in ids
+        ],
+        (SendStatus.QUEUED, SendStatus.RESERVED),
+        campaign=c,
+    )
+    log.info("campaign cancelled id=%s unsent=%d", campaign_id, len(ids))
+    return view(rt, campaign_id)
+
+
+#: A campaign still ``reserving`` after this long lost the request that created it.
+RESERVING_GRACE = timedelta(minutes=10)
+
+
+def expire_reserving(rt: Runtime, limit: int = 100) -> int:
+    """Fail campaigns whose creating request died between storing the recipients and starting
+    (still ``reserving`` after :data:`RESERVING_GRACE`): their recipients fail as
+    ``campaign_not_started`` and any credits reserved for them come back. Fenced: the request
+    starts the campaign only with a compare-and-set from ``reserving``, so exactly one wins.
+    Failed campaigns that still have open recipients (this sweep died between the two steps)
+    are settled too. Returns how many campaigns were failed."""
+    now = rt.clock.now()
+    cutoff = now - RESERVING_GRACE
+    with rt.sessions() as session:
+        stuck = session.scalars(
+            select(Campaign.id)
+            .where(Campaign.status == CampaignStatus.RESERVING, Campaign.updated_at < cutoff)
+            .limit(limit)
+        ).all()
+    failed = 0
+    for campaign_id in stuck:
+        with rt.sessions.begin() as session:
+            won = session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+                .values(
+                    status=CampaignStatus.FAILED,
+                    detail="the request that created this campaign did not finish; "
+                    "nothing was sent and no credit is kept",
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+        if cast(CursorResult[Any], won).rowcount == 1:
+            failed += 1
+    with rt.sessions() as session:
+        unsettled = session.scalars(
+            select(Campaign)
+            .where(
+                Campaign.status == CampaignStatus.FAILED,
+                Campaign.provider == Provider.COMMAND_EMAIL,
+                select(Send.id)
+                .where(Send.campaign_id == Campaign.id, Send.status.in_(OPEN_STATUSES))
+                .exists(),
+            )
+            .limit(limit)
+        ).all()
+        session.expunge_all()
+    for c in unsettled:
+        _settle_not_started(rt, c)
+    return failed
+
+
+def _settle_not_started(rt: Runtime, c: Campaign) -> None:
+    with rt.sessions() as session:
+        ids = list(
+            session.scalars(
+                select(Send.id).where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
+            ).all()
+        )
+    detail = "the campaign could not be started; nothing was sent"
+    lifecycle.settle(
+        rt,
+        [
+            Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_NOT_STARTED, detail, refund=True)
+            for i in ids
+        ],
+        OPEN_STATUSES,
+        campaign=c,
+    )
+    log.warning("campaign %s never started: failed, %d recipients settled", c.id, len(ids))
+
+
+def complete_if_done(rt: Runtime, campaign_id: str) -> CampaignStatus:
+    """Mark a running campaign completed once no recipient is left open."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        open_left = session.scalar(
+            select(func.count())
+            .select_from(Send)
+            .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+        )
+        if not open_left:
+            result = session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
+                .values(status=CampaignStatus.COMPLETED, finished_at=now, updated_at=now)
+            )
+            if cast(CursorResult[Any], result).rowcount == 1:
+                log.info("campaign completed id=%s", campaign_id)
+        status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+    assert status is not None
+    return status
+
+
+def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
+    """The campaign's status now (None when it is gone)."""
+    with rt.sessions() as session:
+        return session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))

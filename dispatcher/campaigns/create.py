@@ -1,0 +1,435 @@
+"""Accepting a campaign: validate every recipient, store the campaign and its recipients, and
+(for Command Email) reserve the credits of all of them in one step, all or nothing (rule R11)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Table, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dispatcher import validation
+from dispatcher.campaigns.control import CampaignStateError, CampaignView, view
+from dispatcher.credits import notices, refunds
+from dispatcher.credits.grants import campaign_key
+from dispatcher.credits.quota import GrantRef
+from dispatcher.credits.subscriptions import ensure_current
+from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery.message import message_id_for
+from dispatcher.delivery.rendering import MessageTemplate, check_merge_fields
+from dispatcher.errors import DispatcherError, InvalidInput, NotFound
+from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendKind, SendStatus, User
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SEND_TABLE = cast(Table, Send.__table__)
+
+
+class InsufficientCredits(DispatcherError):
+    """A Command Email campaign needs more credits than the user has: refused whole."""
+
+    def __init__(self, needed: int, remaining: int, total: int) -> None:
+        super().__init__(
+            f"the campaign needs {needed:,} credits but only {remaining:,} of {total:,} remain "
+            "this month; nothing was sent or charged"
+        )
+        self.needed = needed
+        self.remaining = remaining
+        self.total = total
+
+
+@dataclass(frozen=True)
+class Recipient:
+    contact_id: str
+    email: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CampaignRequest:
+    user_id: str
+    provider: str
+    subject: str
+    html: str
+    recipients: Sequence[Recipient]
+    text: str | None = None
+    from_name: str | None = None
+    reply_to: str | None = None
+    name: str | None = None
+    #: The producer's key for this request: repeating the request with it (say after a
+    #: timeout) answers with the campaign the first one created instead of a second campaign.
+    idempotency_key: str | None = None
+
+
+class RequestKeyReused(DispatcherError):
+    """An idempotency key already created a campaign from a different request."""
+
+    def __init__(self, key: str, campaign_id: str) -> None:
+        super().__init__(
+            f"idempotency_key {key!r} already created campaign {campaign_id} from a different "
+            "request; use a new key for a new campaign"
+        )
+        self.field = "idempotency_key"
+        self.campaign_id = campaign_id
+
+
+class RequestInProgress(DispatcherError):
+    """The request with this idempotency key is still being accepted; repeat it shortly."""
+
+    def __init__(self, key: str, campaign_id: str) -> None:
+        super().__init__(
+            f"the request with idempotency_key {key!r} (campaign {campaign_id}) is still being "
+            "accepted; repeat it in a few seconds"
+        )
+        self.campaign_id = campaign_id
+
+
+def recipient_key(campaign_id: str, contact_id: str) -> str:
+    """The idempotency key of one recipient's send: campaign + contact."""
+    return f"campaign|{len(campaign_id)}:{campaign_id}|{len(contact_id)}:{contact_id}"
+
+
+def _check_recipients(
+    rt: Runtime, recipients: Sequence[Recipient]
+) -> tuple[list[Recipient], list[dict[str, Any]]]:
+    """Split recipients into valid ones and a report of the invalid ones (never charged)."""
+    if not recipients:
+        raise InvalidInput("recipients", "must list at least one contact")
+    limit = rt.settings.max_campaign_recipients
+    if len(recipients) > limit:
+        raise InvalidInput("recipients", f"lists {len(recipients):,}; the limit is {limit:,}")
+    valid: list[Recipient] = []
+    invalid: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(recipients):
+        where = f"recipients[{i}]"
+        try:
+            contact_id = validation.identifier(f"{where}.id", r.contact_id)
+            email = validation.address(f"{where}.email", r.email)
+            fields = check_merge_fields(f"{where}.fields", r.fields)
+            if contact_id in seen:
+                raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")
+        except InvalidInput as exc:
+            invalid.append(
+                {
+                    "index": i,
+                    "contact_id": str(r.contact_id)[:128],
+                    "email": str(r.email)[:254],
+                    "field": exc.field,
+                    "reason": exc.problem,
+                }
+            )
+            continue
+        seen.add(contact_id)
+        valid.append(Recipient(contact_id, email, fields))
+    return valid, invalid
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A campaign request as validated: nothing about it is stored yet."""
+
+    provider: Provider
+    template: MessageTemplate
+    valid: list[Recipient]
+    invalid: list[dict[str, Any]]
+    request_key: str | None
+    digest: str | None
+
+
+def create(
+    rt: Runtime, req: CampaignRequest, *, _repeated: bool = False
+) -> tuple[CampaignView, list[int]]:
+    """Validate, store and (for Command Email) reserve credits for a campaign, all or nothing.
+
+    Returns the campaign and the chunks to enqueue. Invalid recipients are reported, never sent
+    and never charged; a Command Email campaign larger than the balance raises
+    :class:`InsufficientCredits` and leaves nothing behind.
+    """
+    checked = _check(rt, req)
+    if checked.request_key is not None and checked.digest is not None:
+        earlier = _replay(rt, req.user_id, checked.request_key, checked.digest)
+        if earlier is not None:
+            return earlier, []
+    valid, skipped = _drop_suppressed(rt, req, checked)
+    grant: GrantRef | None = None
+    if checked.provider is Provider.COMMAND_EMAIL:
+        _, grant = ensure_current(rt, req.user_id)
+        rt.quota.ensure(grant)
+    campaign_id = str(uuid.uuid4())
+    # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
+    #    meanwhile counts them as in flight: it can only under-grant).
+    try:
+        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant)
+    except IntegrityError:
+        if checked.request_key is None or checked.digest is None:
+            raise
+        # The same key's request ran alongside this one and stored its campaign first.
+        earlier = _replay(rt, req.user_id, checked.request_key, checked.digest)
+        if earlier is None and not _repeated:
+            # ...and has removed it since (refused for credits): this request goes ahead, once.
+            return create(rt, req, _repeated=True)
+        if earlier is None:
+            raise
+        return earlier, []
+    # 2. Reserve every valid recipient's credit in one atomic step.
+    if grant is not None:
+        _reserve_all(rt, campaign_id, grant, len(valid))
+    log.info(
+        "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
+        "chunks=%d",
+        campaign_id,
+        req.user_id,
+        checked.provider.value,
+        len(valid),
+        len(checked.invalid),
+        len(skipped),
+        chunks,
+    )
+    # A MailChimp campaign is one job: MailChimp sends it whole.
+    work = [0] if checked.provider is Provider.MAILCHIMP else list(range(chunks))
+    return view(rt, campaign_id), work
+
+
+def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
+    """Validate everything a request asks for; raises :class:`InvalidInput` naming the field."""
+    try:
+        provider = Provider(req.provider)
+    except ValueError:
+        raise InvalidInput("provider", "must be command_email or mailchimp") from None
+    limit = rt.settings.max_message_bytes
+    tpl = MessageTemplate(
+        subject=validation.header_text("message.subject", req.subject),
+        html=validation.body("message.html", req.html, max_bytes=limit) or "",
+        text=validation.body("message.text", req.text, max_bytes=limit, required=False),
+    )
+    tpl.check("message")
+    request_key = None
+    if req.idempotency_key is not None:
+        request_key = validation.identifier("idempotency_key", req.idempotency_key)
+    if req.from_name is not None:
+        validation.header_text("from_name", req.from_name, max_len=200)
+    if req.reply_to is not None:
+        validation.address("reply_to", req.reply_to)
+    if req.name is not None:
+        validation.header_text("name", req.name, max_len=200)
+    valid, invalid = _check_recipients(rt, req.recipients)
+    if not valid:
+        raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
+    # Of the request as validated: a contact id sent as 5 or "5" is the same request.
+    digest = None if request_key is None else request_digest(req, tpl, valid, invalid)
+    return _Checked(provider, tpl, valid, invalid, request_key, digest)
+
+
+def _drop_suppressed(
+    rt: Runtime, req: CampaignRequest, checked: _Checked
+) -> tuple[list[Recipient], list[dict[str, Any]]]:
+    """The recipients left once the agent's suppression list is applied (checked before any
+    credit is reserved: reported, never charged), and a report of those left out."""
+    with rt.sessions() as session:
+        user = session.get(User, req.user_id)
+        if user is None:
+            raise NotFound("user", req.user_id)
+        emails = (r.email for r in checked.valid)
+        blocked = suppression.active(session, req.user_id, emails, rt.clock.now())
+        if checked.provider is Provider.MAILCHIMP and not (
+            user.mailchimp_api_key and user.mailchimp_list_id
+        ):
+            raise InvalidInput(
+                "provider",
+                "the user has no connected MailChimp account "
+                "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
+            )
+    if not blocked:
+        return checked.valid, []
+    kept: list[Recipient] = []
+    skipped: list[dict[str, Any]] = []
+    for r in checked.valid:
+        why = blocked.get(suppression.normalize(r.email))
+        if why is None:
+            kept.append(r)
+        else:
+            skipped.append({"contact_id": r.contact_id, "email": r.email, "reason": why.value})
+    if not kept:
+        raise InvalidInput(
+            "recipients", f"all {len(skipped)} valid recipients are on the suppression list"
+        )
+    return kept, skipped
+
+
+def _store(
+    rt: Runtime,
+    req: CampaignRequest,
+    checked: _Checked,
+    campaign_id: str,
+    valid: list[Recipient],
+    skipped: list[dict[str, Any]],
+    grant: GrantRef | None,
+) -> int:
+    """Store the campaign and its recipients in one transaction; how many chunks it has."""
+    now = rt.clock.now()
+    size = rt.settings.campaign_chunk_size
+    chunks = (len(valid) + size - 1) // size
+    tpl = checked.template
+    with rt.sessions.begin() as session:
+        session.add(
+            Campaign(
+                id=campaign_id,
+                user_id=req.user_id,
+                provider=checked.provider,
+                status=CampaignStatus.RESERVING if grant else CampaignStatus.RUNNING,
+                name=req.name,
+                subject=tpl.subject,
+                html=tpl.html,
+                text=tpl.text,
+                from_name=req.from_name,
+                reply_to=req.reply_to,
+                recipients=len(valid),
+                invalid=checked.invalid,
+                suppressed=skipped,
+                chunks=chunks,
+                period=grant.period if grant else None,
+                grant_seq=grant.seq if grant else None,
+                idempotency_key=checked.request_key,
+                request_digest=checked.digest,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.flush()
+        _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+    return chunks
+
+
+def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> None:
+    """Reserve the credits of every recipient in one step and start the campaign, or leave
+    nothing behind and raise :class:`InsufficientCredits`."""
+    now = rt.clock.now()
+    reservation = rt.quota.reserve(grant, campaign_key(campaign_id), size)
+    if not reservation.granted:
+        with rt.sessions.begin() as session:
+            # Leave nothing behind, unless the sweep already failed and settled it (this
+            # request took far too long): then its rows are history with timeline events.
+            still_ours = session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+                .values(updated_at=now)
+            )
+            if cast(CursorResult[Any], still_ours).rowcount == 1:
+                session.execute(delete(Send).where(Send.campaign_id == campaign_id))
+                session.execute(delete(Campaign).where(Campaign.id == campaign_id))
+        raise InsufficientCredits(size, reservation.remaining, reservation.total)
+    notices.after_reservation(rt, grant, reservation)
+    with rt.sessions.begin() as session:
+        started = session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+            .values(status=CampaignStatus.RUNNING, updated_at=now)
+        )
+        if cast(CursorResult[Any], started).rowcount == 1:
+            lifecycle.start_all_reserved(session, campaign_id, now)
+            return
+    # The sweep gave up on this campaign (this request took far too long): it was failed and
+    # its recipients settled; this reservation goes back too, part by part (the sweep may
+    # have given some back already; never twice), flagged first so that a Redis error here
+    # leaves the refunds to the refund sweep.
+    with rt.sessions.begin() as session:
+        owed = session.scalars(
+            update(Send)
+            .where(Send.campaign_id == campaign_id, Send.status == SendStatus.FAILED)
+            .values(refund_due=True)
+            .returning(Send.id)
+        ).all()
+    refunds.give_back(rt, list(owed))
+    raise CampaignStateError(campaign_id, CampaignStatus.FAILED.value, "start")
+
+
+def request_digest(
+    req: CampaignRequest,
+    tpl: MessageTemplate,
+    valid: Sequence[Recipient],
+    invalid: Sequence[dict[str, Any]],
+) -> str:
+    """A digest of everything a validated campaign request asks for (recipients in order)."""
+    body = [
+        req.user_id,
+        req.provider,
+        [tpl.subject, tpl.html, tpl.text],
+        [req.from_name, req.reply_to, req.name],
+        [[r.contact_id, r.email, r.fields] for r in valid],
+        list(invalid),
+    ]
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | None:
+    """The campaign an earlier request with this key created, if any; raises
+    :class:`RequestKeyReused` when that request asked for something else."""
+    with rt.sessions() as session:
+        found = session.execute(
+            select(Campaign.id, Campaign.request_digest, Campaign.status).where(
+                Campaign.user_id == user_id, Campaign.idempotency_key == key
+            )
+        ).first()
+    if found is None:
+        return None
+    if found.request_digest != digest:
+        raise RequestKeyReused(key, found.id)
+    if found.status is CampaignStatus.RESERVING:
+        # The first request is still taking its credits (and may yet be refused).
+        raise RequestInProgress(key, found.id)
+    log.info("campaign request repeated id=%s user=%s", found.id, user_id)
+    return replace(view(rt, found.id), replayed=True)
+
+
+def _insert_sends(
+    session: Session,
+    rt: Runtime,
+    campaign_id: str,
+    user_id: str,
+    valid: list[Recipient],
+    grant: GrantRef | None,
+    size: int,
+    now: datetime,
+) -> None:
+    domain = rt.settings.message_id_domain
+    rows = []
+    for i, r in enumerate(valid):
+        key = recipient_key(campaign_id, r.contact_id)
+        rows.append(
+            {
+                "id": str(uuid.uuid4()),
+                "idempotency_key": key,
+                "kind": SendKind.CAMPAIGN,
+                "user_id": user_id,
+                "contact_id": r.contact_id,
+                "contact_email": r.email,
+                "merge_fields": r.fields,
+                "campaign_id": campaign_id,
+                "chunk": i // size,
+                # The message lives on the campaign row, not on 100,000 send rows.
+                "subject": "",
+                "html": "",
+                "status": SendStatus.QUEUED,
+                "period": grant.period if grant else None,
+                "grant_seq": grant.seq if grant else None,
+                "message_id": message_id_for(key, domain),
+                "attempts": 0,
+                "outcome_published": True,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    for start in range(0, len(rows), 2000):
+        # Core executemany: the ORM bulk path costs several times the INSERT itself.
+        session.connection().execute(insert(SEND_TABLE), rows[start : start + 2000])

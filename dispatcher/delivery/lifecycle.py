@@ -1,0 +1,525 @@
+"""The send lifecycle: every status change of a send or system email is made here, and only here.
+
+::
+
+    queued --claim grant--> queued (grant recorded) --reserve--> reserved --start--> sending
+      |                                                         ^    |                 |
+      |                                                         +----|---- back <------+
+      +--------------------- finish ----------------------------+----+---- finish <----+
+                       sent | failed (reason) | unknown (reason)
+
+Every change is a compare-and-set on the status (and, where a sweeper acts, on the lease it
+read: the fence), so a redelivered task, a duplicate or a sweep never moves a send twice.
+:func:`settle` records terminal outcomes in batches, whichever driver calls it (a SmartPlan
+step, a campaign's chunk, its MailChimp job, a cancel, a sweep): status, timeline events, the
+suppression of a hard-bounced address and the alert of a policy refusal in one transaction,
+then the credits of failures back and, for SmartPlan steps, the outcome on the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, insert, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import alerts
+from dispatcher.credits import refunds
+from dispatcher.credits.quota import GrantRef
+from dispatcher.delivery import suppression
+from dispatcher.delivery.outcomes import StepOutcome
+from dispatcher.delivery.timeline import KIND_OF, source_of
+from dispatcher.models import (
+    AlertKind,
+    Campaign,
+    Send,
+    SendKind,
+    SendStatus,
+    SystemEmail,
+    TimelineEvent,
+)
+from dispatcher.reasons import Reason
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Statuses of work not finished yet.
+OPEN_STATUSES = (SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING)
+
+_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The terminal outcome of one send, as a driver decided it."""
+
+    send_id: str
+    status: SendStatus
+    #: A :class:`~dispatcher.reasons.Reason` (errors carry theirs as ``reason``).
+    reason: str | None = None
+    detail: str | None = None
+    #: The rendered subject the timeline shows (None: the stored one).
+    subject: str | None = None
+    #: Give the credit back (if one was taken).
+    refund: bool = False
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def stale_after(rt: Runtime) -> timedelta:
+    """How long open work may sit untouched before it is taken for lost: longer than the
+    longest retry countdown plus a lease, so live work is never mistaken for lost work."""
+    s = rt.settings
+    return timedelta(seconds=s.retry_backoff_max_seconds + s.send_lease_seconds + 60)
+
+
+def reservation_hold(rt: Runtime) -> timedelta:
+    """How long a ``reserved`` send may hold its credit without a worker moving it: twice
+    what the stale-work sweep waits before enqueueing it again, so the sweep gets its turn
+    first and the credit comes back only when even that did not help."""
+    return 2 * stale_after(rt)
+
+
+def conversation_lease(rt: Runtime, now: datetime) -> datetime:
+    """Until when a worker that starts an SMTP conversation holds the send."""
+    return now + timedelta(seconds=rt.settings.send_lease_seconds)
+
+
+# --------------------------------------------------------------------------- one send
+
+
+def _cas(
+    session: Session,
+    model: Any,
+    ids: Sequence[str],
+    expect: Iterable[SendStatus],
+    lease_seen: datetime | None = None,
+    **values: object,
+) -> int:
+    """Compare-and-set on the rows' status (and, with ``lease_seen``, on the lease read by the
+    caller); how many rows moved."""
+    query = update(model).where(model.id.in_(list(ids)), model.status.in_(tuple(expect)))
+    if lease_seen is not None:
+        query = query.where(model.lease_until == lease_seen)
+    return cast(CursorResult[Any], session.execute(query.values(**values))).rowcount
+
+
+def claim_grant(rt: Runtime, send_id: str, grant: GrantRef) -> bool:
+    """Record the grant a queued send will be charged to, before Redis is asked: should Redis
+    lose its data before the send is reserved, the rebuild counts it (never an overspend).
+    False when a concurrent delivery recorded one first."""
+    with rt.sessions.begin() as session:
+        moved = session.execute(
+            update(Send)
+            .where(Send.id == send_id, Send.status == SendStatus.QUEUED, Send.period.is_(None))
+            .values(period=grant.period, grant_seq=grant.seq)
+        )
+        return cast(CursorResult[Any], moved).rowcount == 1
+
+
+def reserve(rt: Runtime, send_id: str) -> bool:
+    """The send's credit is taken: ``reserved``, held for :func:`reservation_hold`."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        return (
+            _cas(
+                session,
+                Send,
+                [send_id],
+                (SendStatus.QUEUED, SendStatus.RESERVED),
+                status=SendStatus.RESERVED,
+                lease_until=now + reservation_hold(rt),
+                retry_at=None,
+                updated_at=now,
+            )
+            == 1
+        )
+
+
+def start(rt: Runtime, send_id: str) -> bool:
+    """A worker starts the SMTP conversation: ``sending`` under its lease, one more attempt."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        return (
+            _cas(
+                session,
+                Send,
+                [send_id],
+                (SendStatus.RESERVED,),
+                status=SendStatus.SENDING,
+                lease_until=conversation_lease(rt, now),
+                attempts=Send.attempts + 1,
+                updated_at=now,
+            )
+            == 1
+        )
+
+
+def back_to_reserved(
+    rt: Runtime,
+    send_id: str,
+    *,
+    attempted: bool,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> None:
+    """A send whose conversation was deferred (``attempted``) or never happened (held back by
+    the relay's guard: not an attempt) waits for its retry, its credit held anew."""
+    now = rt.clock.now()
+    values: dict[str, object] = {"lease_until": now + reservation_hold(rt), "updated_at": now}
+    if not attempted:
+        values["attempts"] = Send.attempts - 1
+    if reason is not None:
+        values.update(reason=reason, detail=detail)
+    with rt.sessions.begin() as session:
+        _cas(
+            session,
+            Send,
+            [send_id],
+            (SendStatus.SENDING,),
+            None,
+            status=SendStatus.RESERVED,
+            **values,
+        )
+
+
+# --------------------------------------------------------------------------- many sends
+
+
+def claim_batch(rt: Runtime, campaign_id: str, chunk: int, limit: int) -> Sequence[Any]:
+    """Take the lease of up to ``limit`` reserved recipients of a campaign's chunk, atomically
+    (``sending``, one more attempt each); their rows."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        ids = (
+            select(Send.id)
+            .where(
+                Send.campaign_id == campaign_id,
+                Send.chunk == chunk,
+                Send.status == SendStatus.RESERVED,
+            )
+            .limit(limit)
+            .scalar_subquery()
+        )
+        return session.execute(
+            update(Send)
+            .where(Send.id.in_(ids), Send.status == SendStatus.RESERVED)
+            .values(
+                status=SendStatus.SENDING,
+                lease_until=conversation_lease(rt, now),
+                attempts=Send.attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                Send.id,
+                Send.contact_id,
+                Send.contact_email,
+                Send.merge_fields,
+                Send.message_id,
+                Send.attempts,
+            )
+        ).all()
+
+
+def release(rt: Runtime, deferred: Sequence[tuple[str, str, str]]) -> None:
+    """Deferred recipients ``(send id, reason, detail)`` go back to reserved (credit kept)
+    for their chunk's retry."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        for send_id, reason, detail in deferred:
+            _cas(
+                session,
+                Send,
+                [send_id],
+                (SendStatus.SENDING,),
+                status=SendStatus.RESERVED,
+                lease_until=None,
+                reason=reason,
+                detail=detail,
+                updated_at=now,
+            )
+
+
+def unclaim(rt: Runtime, send_ids: Sequence[str], *also: ColumnElement[bool]) -> None:
+    """Claimed recipients whose conversation never started (held back by the relay's guard,
+    or claimed by a worker that died first) go back to reserved; not an attempt."""
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Send)
+            .where(Send.id.in_(list(send_ids)), Send.status == SendStatus.SENDING, *also)
+            .values(
+                status=SendStatus.RESERVED,
+                lease_until=None,
+                attempts=Send.attempts - 1,
+                updated_at=rt.clock.now(),
+            )
+        )
+
+
+def start_all_reserved(session: Session, campaign_id: str, now: datetime) -> None:
+    """A campaign's bulk reservation succeeded: its queued recipients are ``reserved``."""
+    session.execute(
+        update(Send)
+        .where(Send.campaign_id == campaign_id, Send.status == SendStatus.QUEUED)
+        .values(status=SendStatus.RESERVED, updated_at=now)
+    )
+
+
+# --------------------------------------------------------------------------- finishing
+
+
+def settle(
+    rt: Runtime,
+    outcomes: Iterable[Outcome],
+    expect: tuple[SendStatus, ...],
+    *,
+    campaign: Campaign | None = None,
+    lease_seen: datetime | None = None,
+) -> list[str]:
+    """Record terminal outcomes (compare-and-set from ``expect``) with their timeline events,
+    in batches and one transaction; then the credits of failures back and, for SmartPlan
+    steps, their outcomes on the stream. Returns the ids this call settled (those another
+    delivery settled first are left as they are)."""
+    now = rt.clock.now()
+    ordered = sorted(
+        outcomes, key=lambda o: (o.status.value, o.reason or "", o.detail or "", o.refund)
+    )
+    settled: list[str] = []
+    refund_ids: list[str] = []
+    smartplan_ids: list[str] = []
+    with rt.sessions.begin() as session:
+        for (status, reason, detail, refund), group in groupby(
+            ordered, key=lambda o: (o.status, o.reason, o.detail, o.refund)
+        ):
+            items = list(group)
+            subjects = {o.send_id: o.subject for o in items}
+            for start_at in range(0, len(items), _BATCH):
+                ids = [o.send_id for o in items[start_at : start_at + _BATCH]]
+                rows = _settle_rows(
+                    session,
+                    ids,
+                    expect,
+                    lease_seen,
+                    status=status,
+                    reason=None if reason is None else str(reason),
+                    detail=detail,
+                    lease_until=None,
+                    finished_at=now,
+                    updated_at=now,
+                    refund_due=refund,
+                )
+                if not rows:
+                    continue
+                _record(session, rows, subjects, campaign, now)
+                settled += [r.id for r in rows]
+                if refund:
+                    refund_ids += [r.id for r in rows]
+                smartplan_ids += [r.id for r in rows if r.kind is SendKind.SMARTPLAN]
+    for o in ordered:
+        if o.send_id in settled and campaign is None:
+            log.info("send %s id=%s reason=%s", o.status.value, o.send_id, o.reason)
+    if refund_ids:
+        # After the commit: the ledger no longer counts them, so a rebuild agrees. Should
+        # Redis fail here, the flags set with the outcomes have the sweep make them.
+        refunds.give_back(rt, refund_ids)
+    for send_id in smartplan_ids:
+        publish_outcome(rt, send_id)
+    return settled
+
+
+def _settle_rows(
+    session: Session,
+    ids: list[str],
+    expect: tuple[SendStatus, ...],
+    lease_seen: datetime | None,
+    **values: object,
+) -> list[Any]:
+    """The compare-and-set of :func:`settle`; the rows it moved."""
+    query = update(Send).where(Send.id.in_(ids), Send.status.in_(expect))
+    if lease_seen is not None:
+        query = query.where(Send.lease_until == lease_seen)
+    return list(session.execute(query.values(**values).returning(*_SETTLED)).all())
+
+
+#: What the consequences of a settled send need to know of it.
+_SETTLED = (
+    Send.id,
+    Send.kind,
+    Send.user_id,
+    Send.contact_id,
+    Send.contact_email,
+    Send.subject,
+    Send.status,
+    Send.reason,
+    Send.detail,
+    Send.smartplan_id,
+    Send.run_id,
+    Send.step_id,
+    Send.campaign_id,
+)
+
+
+def _record(
+    session: Session,
+    rows: list[Any],
+    subjects: dict[str, str | None],
+    campaign: Campaign | None,
+    now: datetime,
+) -> None:
+    """The consequences of settled rows in their transaction: timeline events, a hard-bounced
+    address suppressed, a SmartPlan policy refusal alerted."""
+    source = None
+    if campaign is not None:
+        source = {
+            "type": "campaign",
+            "campaign_id": campaign.id,
+            "provider": campaign.provider.value,
+        }
+    session.execute(
+        insert(TimelineEvent),
+        [
+            {
+                "user_id": r.user_id,
+                "contact_id": r.contact_id,
+                "send_id": r.id,
+                "kind": KIND_OF[r.status],
+                "status": r.status,
+                "reason": r.reason,
+                "detail": r.detail,
+                "subject": subjects.get(r.id) or (campaign.subject if campaign else r.subject),
+                "source": source or source_of(r),
+                "occurred_at": now,
+            }
+            for r in rows
+        ],
+    )
+    for r in rows:
+        if r.reason == Reason.HARD_BOUNCE:
+            # The address does not exist: never again for this agent.
+            suppression.hard_bounced(
+                session, r.user_id, r.contact_email, r.contact_id, r.detail, now
+            )
+        elif r.reason == Reason.POLICY_REJECTED and r.kind is SendKind.SMARTPLAN:
+            # Content or reputation: not the address's fault, so not suppressed; ops and the
+            # agent must look (one alert an hour per agent, not one per send). A campaign
+            # pauses instead, with an alert of its own.
+            alerts.record(
+                session,
+                AlertKind.POLICY_REJECTED,
+                f"the relay refused a SmartPlan email on policy grounds: {r.detail}",
+                now,
+                user_id=r.user_id,
+                quiet_for=timedelta(hours=1),
+            )
+
+
+def finish(
+    rt: Runtime,
+    outcome: Outcome,
+    expect: tuple[SendStatus, ...],
+    *,
+    lease_seen: datetime | None = None,
+) -> bool:
+    """Settle one send (see :func:`settle`); whether this call settled it."""
+    return bool(settle(rt, [outcome], expect, lease_seen=lease_seen))
+
+
+def publish_outcome(rt: Runtime, send_id: str) -> None:
+    """Publish a SmartPlan send's terminal outcome once it is recorded (at least once)."""
+    with rt.sessions() as session:
+        send = session.get(Send, send_id)
+        if send is None or send.kind is not SendKind.SMARTPLAN or send.outcome_published:
+            return
+        if not send.status.terminal:
+            return
+        outcome = StepOutcome(
+            send_id=send.id,
+            user_id=send.user_id,
+            smartplan_id=send.smartplan_id or "",
+            run_id=send.run_id or "",
+            step_id=send.step_id or "",
+            contact_id=send.contact_id,
+            status=send.status.value,
+            reason=send.reason,
+        )
+    rt.outcomes.publish(outcome)
+    with rt.sessions.begin() as session:
+        session.execute(update(Send).where(Send.id == send_id).values(outcome_published=True))
+
+
+# --------------------------------------------------------------------------- system emails
+
+
+def start_system_email(rt: Runtime, email_id: str) -> bool:
+    """A worker starts a system email's conversation: ``sending`` under its lease."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        return (
+            _cas(
+                session,
+                SystemEmail,
+                [email_id],
+                (SendStatus.QUEUED,),
+                status=SendStatus.SENDING,
+                lease_until=conversation_lease(rt, now),
+                attempts=SystemEmail.attempts + 1,
+            )
+            == 1
+        )
+
+
+def system_email_back(
+    rt: Runtime,
+    email_id: str,
+    *,
+    attempted: bool,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> None:
+    """A system email deferred (``attempted``) or held back waits for its retry, queued."""
+    values: dict[str, object] = {"lease_until": None}
+    if not attempted:
+        values["attempts"] = SystemEmail.attempts - 1
+    if reason is not None:
+        values.update(reason=reason, detail=detail)
+    with rt.sessions.begin() as session:
+        _cas(
+            session,
+            SystemEmail,
+            [email_id],
+            (SendStatus.SENDING,),
+            None,
+            status=SendStatus.QUEUED,
+            **values,
+        )
+
+
+def finish_system_email(
+    rt: Runtime,
+    email_id: str,
+    status: SendStatus,
+    reason: str | None,
+    detail: str | None,
+    expect: tuple[SendStatus, ...] = (SendStatus.SENDING,),
+) -> SendStatus:
+    """Record a system email's terminal outcome (no credit, no timeline: it is ours)."""
+    with rt.sessions.begin() as session:
+        _cas(
+            session,
+            SystemEmail,
+            [email_id],
+            expect,
+            status=status,
+            reason=None if reason is None else str(reason),
+            detail=detail,
+            lease_until=None,
+            finished_at=rt.clock.now(),
+        )
+    log.info("system email %s id=%s reason=%s", status.value, email_id, reason)
+    return status
