@@ -12,6 +12,9 @@ from typing import Any
 
 from dispatcher.errors import ConfigError
 
+#: The plan every user starts on; PLAN_CATALOG lists the paid plans and may not name it.
+FREE_PLAN = "free"
+
 #: Variables this project reads; anything else in a .env file is a typo and stops the process.
 KNOWN_VARIABLES = (
     "REDIS_URL",
@@ -272,10 +275,32 @@ def _tokens(name: str, value: str) -> tuple[str, ...]:
     return tokens
 
 
-def _plan_catalog(name: str, value: str) -> tuple[tuple[str, int, int], ...]:
-    from dispatcher.credits.plans import parse_catalog
-
-    return parse_catalog(name, value)
+def parse_catalog(variable: str, value: str) -> tuple[tuple[str, int, int], ...]:
+    """``name:credits:price,...`` with the price in dollars and cents, e.g. ``10k:10000:15.00``."""
+    out: list[tuple[str, int, int]] = []
+    for item in (i.strip() for i in value.split(",") if i.strip()):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ConfigError(variable, f"{item!r} is not name:credits:price")
+        name, credits, price = (p.strip() for p in parts)
+        if not name or name == FREE_PLAN or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(variable, f"{name!r} is not a valid paid plan name")
+        try:
+            credits_n = int(credits)
+            dollars, _, cents = price.partition(".")
+            price_cents = int(dollars) * 100 + int((cents + "00")[:2] or 0)
+        except ValueError:
+            raise ConfigError(
+                variable, f"{item!r}: credits must be whole, price like 15.00"
+            ) from None
+        if credits_n <= 0 or price_cents <= 0:
+            raise ConfigError(variable, f"{item!r}: credits and price must be positive")
+        if name in (n for n, _, _ in out):
+            raise ConfigError(variable, f"plan {name!r} is listed twice")
+        out.append((name, credits_n, price_cents))
+    if not out:
+        raise ConfigError(variable, "lists no plan")
+    return tuple(out)
 
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
@@ -285,7 +310,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "api_tokens": _tokens,
     "ops_tokens": _tokens,
     "free_plan_credits": _int,
-    "plan_catalog": lambda name, value: _plan_catalog(name, value),
+    "plan_catalog": parse_catalog,
     "renewal_sweep_seconds": _int,
     "smtp_pool_size": _int,
     "campaign_chunk_size": _int,
