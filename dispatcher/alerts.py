@@ -5,14 +5,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.clock import Clock
 from dispatcher.models import Alert, AlertKind
-from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+class AlertStore(Protocol):
+    """What alerts need of a process: its sessions and its clock (a Runtime has both). Alerts
+    do not import the Runtime, which raises them (a refused relay login halts and alerts)."""
+
+    @property
+    def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def clock(self) -> Clock: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ def record(
 
 
 def raise_alert(
-    rt: Runtime,
+    rt: AlertStore,
     kind: AlertKind,
     detail: str,
     *,
@@ -99,7 +111,7 @@ def raise_alert(
         )
 
 
-def recent(rt: Runtime, *, user_id: str | None = None, limit: int = 100) -> list[AlertView]:
+def recent(rt: AlertStore, *, user_id: str | None = None, limit: int = 100) -> list[AlertView]:
     """The newest alerts, optionally of one user's work only."""
     with rt.sessions() as session:
         query = select(Alert).order_by(Alert.id.desc()).limit(limit)

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import db
+from dispatcher.alerts import raise_alert
 from dispatcher.clock import Clock, clock_for
 from dispatcher.credits.ledger import snapshot_source
 from dispatcher.credits.quota import QuotaLedger
@@ -18,6 +19,7 @@ from dispatcher.delivery.ratelimit import RateLimit
 from dispatcher.delivery.relay import RelayGuard, relay_id
 from dispatcher.delivery.transports.base import Transport
 from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
+from dispatcher.models import AlertKind
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
 from dispatcher.settings import Settings
 
@@ -75,9 +77,6 @@ class Runtime:
         name = relay_id(s.smtp_host, s.smtp_port)
 
         def alert(detail: str) -> None:
-            from dispatcher.alerts import raise_alert
-            from dispatcher.models import AlertKind
-
             raise_alert(self, AlertKind.SMTP_AUTH_FAILED, detail, relay=name)
 
         return RelayGuard(

@@ -1,80 +1,119 @@
-"""Typed settings read from the environment (and an optional .env file), built in one place."""
+"""Typed settings read from the environment (and an optional .env file), built in one place.
+
+pydantic-settings finds each field's variable (``SMTP_PORT`` for ``smtp_port``; an empty value
+is unset) and pydantic parses it; the rules between settings and the .env reader are ours.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from dispatcher.errors import ConfigError
 
-#: Variables this project reads; anything else in a .env file is a typo and stops the process.
-KNOWN_VARIABLES = (
-    "REDIS_URL",
-    "DATABASE_URL",
-    "SMTP_HOST",
-    "SMTP_PORT",
-    "SMTP_USERNAME",
-    "SMTP_PASSWORD",
-    "SMTP_STARTTLS",
-    "SMTP_TIMEOUT",
-    "MAIL_FROM",
-    "MAILCHIMP_BASE_URL",
-    "API_TOKENS",
-    "OPS_TOKENS",
-    "FREE_PLAN_CREDITS",
-    "PLAN_CATALOG",
-    "SMTP_POOL_SIZE",
-    "CAMPAIGN_CHUNK_SIZE",
-    "MAX_CAMPAIGN_RECIPIENTS",
-    "RENEWAL_SWEEP_SECONDS",
-    "MAX_MESSAGE_BYTES",
-    "SEND_MAX_RETRIES",
-    "SEND_LEASE_SECONDS",
-    "RETRY_BACKOFF_SECONDS",
-    "RETRY_BACKOFF_MAX_SECONDS",
-    "TASK_TIME_LIMIT",
-    "VISIBILITY_TIMEOUT",
-    "OUTCOME_STREAM",
-    "TEMPLATES_DIR",
-    "LOG_LEVEL",
-    "SMTP_RATE_PER_SECOND",
-    "SMTP_RATE_PER_HOUR",
-    "PUBLIC_BASE_URL",
-    "UNSUBSCRIBE_SECRET",
-    "UNSUBSCRIBE_MAILTO",
-    "RELAY_HALT_SECONDS",
-    "CLOCK_OFFSET_SECONDS",
-)
+#: The plan every user starts on; PLAN_CATALOG lists the paid plans and may not name it.
+FREE_PLAN = "free"
 
 
-@dataclass(frozen=True)
-class Settings:
+def parse_catalog(variable: str, value: str) -> tuple[tuple[str, int, int], ...]:
+    """``name:credits:price,...`` with the price in dollars and cents, e.g. ``10k:10000:15.00``."""
+    out: list[tuple[str, int, int]] = []
+    for item in (i.strip() for i in value.split(",") if i.strip()):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ConfigError(variable, f"{item!r} is not name:credits:price")
+        name, credits, price = (p.strip() for p in parts)
+        if not name or name == FREE_PLAN or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(variable, f"{name!r} is not a valid paid plan name")
+        try:
+            credits_n = int(credits)
+            dollars, _, cents = price.partition(".")
+            price_cents = int(dollars) * 100 + int((cents + "00")[:2] or 0)
+        except ValueError:
+            raise ConfigError(
+                variable, f"{item!r}: credits must be whole, price like 15.00"
+            ) from None
+        if credits_n <= 0 or price_cents <= 0:
+            raise ConfigError(variable, f"{item!r}: credits and price must be positive")
+        if name in (n for n, _, _ in out):
+            raise ConfigError(variable, f"plan {name!r} is listed twice")
+        out.append((name, credits_n, price_cents))
+    if not out:
+        raise ConfigError(variable, "lists no plan")
+    return tuple(out)
+
+
+def _tokens_text(value: Any, info: ValidationInfo) -> Any:
+    """A variable's ``a,b,c``; every token at least 8 characters. Tuples from code pass as
+    they are."""
+    if not isinstance(value, str):
+        return value
+    tokens = tuple(t.strip() for t in value.split(",") if t.strip())
+    if any(len(t) < 8 for t in tokens):
+        raise ConfigError(str(info.field_name).upper(), "every token must be at least 8 characters")
+    return tokens
+
+
+def _catalog_text(value: Any, info: ValidationInfo) -> Any:
+    return parse_catalog(str(info.field_name).upper(), value) if isinstance(value, str) else value
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+#: Comma-separated in a variable (pydantic-settings would read a JSON list otherwise).
+Tokens = Annotated[tuple[str, ...], BeforeValidator(_tokens_text)]
+Catalog = Annotated[tuple[tuple[str, int, int], ...] | None, BeforeValidator(_catalog_text)]
+#: true/false, yes/no, on/off, 1/0 (any case, spaces around ignored).
+Flag = Annotated[bool, BeforeValidator(_stripped)]
+
+
+class Settings(BaseSettings):
     """Everything the dispatcher needs to know about its environment.
 
     Build with :meth:`from_env`; tests build it directly or with :meth:`with_overrides`.
+    Built directly, it reads its arguments only, never the environment. Any invalid value
+    raises :class:`ConfigError` naming the variable.
     """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", enable_decoding=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "sqlite:///dispatcher.db"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_username: str | None = None
-    smtp_password: str | None = field(default=None, repr=False)
-    smtp_starttls: bool = False
+    smtp_password: str | None = Field(default=None, repr=False)
+    smtp_starttls: Flag = False
     smtp_timeout: float = 30.0
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
     mailchimp_base_url: str | None = None
-    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    api_tokens: Tokens = Field(default=(), repr=False)
     #: Bearer tokens of operators: only these may lift a relay halt over HTTP.
-    ops_tokens: tuple[str, ...] = field(default=(), repr=False)
+    ops_tokens: Tokens = Field(default=(), repr=False)
     free_plan_credits: int = 5000
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
-    plan_catalog: tuple[tuple[str, int, int], ...] | None = None
+    plan_catalog: Catalog = None
     renewal_sweep_seconds: int = 300
     smtp_pool_size: int = 8  # SMTP connections one campaign chunk reuses
     campaign_chunk_size: int = 500  # recipients per campaign task
@@ -95,7 +134,7 @@ class Settings:
     #: Where recipients reach the one-click unsubscribe endpoint (HTTPS in production).
     public_base_url: str = "http://127.0.0.1:8000"
     #: Key that signs unsubscribe tokens; None uses a development key and says so in the log.
-    unsubscribe_secret: str | None = field(default=None, repr=False)
+    unsubscribe_secret: str | None = Field(default=None, repr=False)
     #: The mailto: address in List-Unsubscribe; default unsubscribe@ the MAIL_FROM domain.
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
@@ -104,8 +143,32 @@ class Settings:
     #: rehearsals (a month end, a renewal) run real processes in another period. 0 in production.
     clock_offset_seconds: float = 0.0
 
-    def __post_init__(self) -> None:
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the arguments: the environment is read by from_env, which is given it.
+        return (init_settings,)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_variable(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Settings]
+    ) -> Settings:
+        try:
+            return handler(data)
+        except ValidationError as error:
+            raise _config_error(error) from None
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
         self._check()
+        return self
 
     def _check(self) -> None:
         if self.free_plan_credits < 0:
@@ -198,7 +261,7 @@ class Settings:
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
+        return type(self)(**{**dict(self), **changes})
 
     @classmethod
     def from_env(
@@ -213,16 +276,35 @@ class Settings:
         if env_file is not None and Path(env_file).is_file():
             values.update(_read_env_file(Path(env_file)))
         values.update(os.environ if environ is None else environ)
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f.name.upper()
-            if name not in values or values[name] == "":
-                continue
-            kwargs[f.name] = _PARSERS.get(f.name, _text)(name, values[name])
-        return cls(**kwargs)
+        return cls(**_Variables(cls, values)())
+
+
+#: Variables this project reads; anything else in a .env file is a typo and stops the process.
+KNOWN_VARIABLES = tuple(name.upper() for name in Settings.model_fields)
+
+
+class _Variables(EnvSettingsSource):
+    """pydantic-settings' environment source over given variables instead of ``os.environ``.
+
+    Names are upper case (``smtp_port`` is not ``SMTP_PORT``) and an empty value is unset, so
+    an empty variable in the environment hides the .env file's value.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], variables: Mapping[str, str]) -> None:
+        self._variables = {k: v for k, v in variables.items() if k == k.upper() and v != ""}
+        super().__init__(settings_cls, case_sensitive=False, env_ignore_empty=True)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._variables.items()}
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
+    """The .env file, read strictly.
+
+    Kept by hand rather than pydantic-settings' dotenv source, which would skip a line with
+    no ``=`` and an unknown variable with an empty value (both stop start-up here), and would
+    expand ``${...}`` inside values (a password may contain it).
+    """
     out: dict[str, str] = {}
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.strip()
@@ -238,67 +320,23 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def _text(_name: str, value: str) -> str:
-    return value
-
-
-def _int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(name, f"{value!r} is not a whole number") from None
-
-
-def _float(name: str, value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(name, f"{value!r} is not a number") from None
-
-
-def _bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(name, f"{value!r} is not true/false")
-
-
-def _tokens(name: str, value: str) -> tuple[str, ...]:
-    tokens = tuple(t.strip() for t in value.split(",") if t.strip())
-    if any(len(t) < 8 for t in tokens):
-        raise ConfigError(name, "every token must be at least 8 characters")
-    return tokens
-
-
-def _plan_catalog(name: str, value: str) -> tuple[tuple[str, int, int], ...]:
-    from dispatcher.credits.plans import parse_catalog
-
-    return parse_catalog(name, value)
-
-
-_PARSERS: dict[str, Callable[[str, str], Any]] = {
-    "smtp_port": _int,
-    "smtp_starttls": _bool,
-    "smtp_timeout": _float,
-    "api_tokens": _tokens,
-    "ops_tokens": _tokens,
-    "free_plan_credits": _int,
-    "plan_catalog": lambda name, value: _plan_catalog(name, value),
-    "renewal_sweep_seconds": _int,
-    "smtp_pool_size": _int,
-    "campaign_chunk_size": _int,
-    "max_campaign_recipients": _int,
-    "max_message_bytes": _int,
-    "send_max_retries": _int,
-    "send_lease_seconds": _int,
-    "retry_backoff_seconds": _float,
-    "retry_backoff_max_seconds": _float,
-    "task_time_limit": _int,
-    "visibility_timeout": _int,
-    "smtp_rate_per_second": _int,
-    "smtp_rate_per_hour": _int,
-    "relay_halt_seconds": _int,
-    "clock_offset_seconds": _float,
+#: Our words for pydantic's parsing errors, after the value.
+_PROBLEMS = {
+    "int_parsing": "is not a whole number",
+    "int_from_float": "is not a whole number",
+    "float_parsing": "is not a number",
+    "bool_parsing": "is not true/false",
 }
+_NOT_A_SETTING = "extra_forbidden"
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    """The first problem pydantic found, as a :class:`ConfigError` naming the variable."""
+    first = error.errors(include_url=False)[0]
+    variable = str(first["loc"][0]).upper() if first["loc"] else "SETTINGS"
+    if first["type"] == _NOT_A_SETTING:
+        return ConfigError(variable, "is not a setting")
+    problem = _PROBLEMS.get(first["type"])
+    if problem is None:
+        return ConfigError(variable, first["msg"])
+    return ConfigError(variable, f"{first['input']!r} {problem}")

@@ -6,7 +6,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import func, insert, select
@@ -124,11 +123,11 @@ def settings_environ(settings: Settings) -> dict[str, str]:
     """The variables that make ``Settings.from_env`` read exactly ``settings`` (one variable
     per field, named as the field in capitals), the test's clock offset included."""
     env: dict[str, str] = {}
-    for f in fields(Settings):
-        value = getattr(settings, f.name)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
         if value is None:
             continue
-        if f.name == "plan_catalog":
+        if name == "plan_catalog":
             raise NotImplementedError("processes started by tests use the built-in catalog")
         if isinstance(value, bool):
             text = "true" if value else "false"
@@ -136,14 +135,14 @@ def settings_environ(settings: Settings) -> dict[str, str]:
             text = ",".join(str(v) for v in value)
         else:
             text = str(value)
-        env[f.name.upper()] = text
+        env[name.upper()] = text
     return env
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The whole environment of a process started by a test: this one's, with every setting
     replaced by ``settings`` (so it reads the test's databases and the test's clock)."""
-    names = {f.name.upper() for f in fields(Settings)}
+    names = {name.upper() for name in Settings.model_fields}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names}
     env.update(settings_environ(settings))
     env["PYTHONUNBUFFERED"] = "1"

@@ -22,7 +22,7 @@ import pytest
 
 from devstack.processes import free_port
 
-DISPATCHER = [sys.executable, "-m", "dispatcher.cli"]
+DISPATCHER = [sys.executable, "-m", "devstack"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

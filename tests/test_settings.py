@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.errors import ConfigError
-from dispatcher.settings import Settings
+from dispatcher.settings import KNOWN_VARIABLES, Settings
 
 
 def test_defaults_and_parsing() -> None:
@@ -70,14 +70,9 @@ def test_env_file_is_read_under_the_environment_and_unknown_names_stop(tmp_path:
 
 
 def test_every_setting_is_a_known_variable_and_documented() -> None:
-    from dataclasses import fields
-    from pathlib import Path
-
-    from dispatcher.settings import KNOWN_VARIABLES
-
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for f in fields(Settings):
-        name = f.name.upper()
+    for field in Settings.model_fields:
+        name = field.upper()
         assert name in KNOWN_VARIABLES, f"{name} would stop start-up when set in .env"
         assert f"`{name}`" in readme, f"{name} is not in the README's settings"
 

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from dispatcher.cli.common import Commands
 from dispatcher.errors import DispatcherError
 
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -22,7 +23,7 @@ class CampaignCommandError(DispatcherError):
     """The API refused the request or could not be reached."""
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Commands) -> None:
     """Register ``dispatcher campaign ...`` on the CLI's subparsers."""
     campaign = commands.add_parser(
         "campaign",
@@ -41,8 +42,28 @@ def add_commands(commands: Any) -> None:
         default=Path(".dispatcher"),
         help="local stack folder with stack.json (default: %(default)s)",
     )
+    campaign.set_defaults(handler=run)
     sub = campaign.add_subparsers(dest="campaign_command", required=True, metavar="COMMAND")
+    _add_send(sub)
+    show = sub.add_parser(
+        "show",
+        help="status and counts of a campaign",
+        description="Print a campaign's status, counts and progress.",
+    )
+    show.add_argument("campaign_id", metavar="ID")
+    show.add_argument(
+        "--follow", action="store_true", help="keep a live progress bar until the campaign finishes"
+    )
+    for action, text in (
+        ("pause", "stop handing out recipients (in-flight ones finish)"),
+        ("resume", "hand out the remaining recipients again"),
+        ("cancel", "stop for good; unsent recipients' credits come back"),
+    ):
+        p = sub.add_parser(action, help=text, description=text.capitalize() + ".")
+        p.add_argument("campaign_id", metavar="ID")
 
+
+def _add_send(sub: Commands) -> None:
     send = sub.add_parser(
         "send",
         help="start a campaign from a CSV of recipients",
@@ -67,23 +88,6 @@ def add_commands(commands: Any) -> None:
         "shows the campaign the first run made instead of sending a second one",
     )
     send.add_argument("--follow", action="store_true", help="show a live progress bar")
-
-    show = sub.add_parser(
-        "show",
-        help="status and counts of a campaign",
-        description="Print a campaign's status, counts and progress.",
-    )
-    show.add_argument("campaign_id", metavar="ID")
-    show.add_argument(
-        "--follow", action="store_true", help="keep a live progress bar until the campaign finishes"
-    )
-    for action, text in (
-        ("pause", "stop handing out recipients (in-flight ones finish)"),
-        ("resume", "hand out the remaining recipients again"),
-        ("cancel", "stop for good; unsent recipients' credits come back"),
-    ):
-        p = sub.add_parser(action, help=text, description=text.capitalize() + ".")
-        p.add_argument("campaign_id", metavar="ID")
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime
-from typing import Any
 
+from dispatcher.alerts import recent
+from dispatcher.cli.common import Commands, runtime
+from dispatcher.delivery import suppression
 from dispatcher.errors import InvalidInput
 from dispatcher.runtime import Runtime
 
@@ -20,7 +22,7 @@ def _when(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Commands) -> None:
     """Add the commands to the ``dispatcher`` parser's subcommands."""
     sup = commands.add_parser(
         "suppression",
@@ -47,6 +49,7 @@ def add_commands(commands: Any) -> None:
     remove = sup_commands.add_parser("remove", help="take an address off a user's list")
     remove.add_argument("user_id", metavar="USER")
     remove.add_argument("email", metavar="EMAIL")
+    sup.set_defaults(handler=_command)
 
     alerts = commands.add_parser(
         "alerts",
@@ -60,6 +63,7 @@ def add_commands(commands: Any) -> None:
     )
     alerts.add_argument("--user", dest="user_id", metavar="USER", help="only this user's")
     alerts.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    alerts.set_defaults(handler=_command)
 
     relay = commands.add_parser(
         "relay",
@@ -70,6 +74,16 @@ def add_commands(commands: Any) -> None:
         ),
     )
     relay.add_argument("relay_command", choices=["status", "resume"])
+    relay.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """The handler of :data:`COMMANDS`: :func:`run` with a Runtime from the environment."""
+    rt = runtime()
+    try:
+        return run(args, rt)
+    finally:
+        rt.close()
 
 
 def run(args: argparse.Namespace, rt: Runtime) -> int:
@@ -77,8 +91,6 @@ def run(args: argparse.Namespace, rt: Runtime) -> int:
     if args.command == "suppression":
         return _suppression(args, rt)
     if args.command == "alerts":
-        from dispatcher.alerts import recent
-
         for a in recent(rt, user_id=args.user_id, limit=args.limit):
             where = " ".join(
                 f"{k}={v}"
@@ -106,8 +118,6 @@ def run(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def _suppression(args: argparse.Namespace, rt: Runtime) -> int:
-    from dispatcher.delivery import suppression
-
     if args.suppression_command == "list":
         rows = suppression.listing(rt, args.user_id)
         for v in rows:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dispatcher.errors import ConfigError, InvalidInput
-from dispatcher.settings import Settings
+from dispatcher.errors import InvalidInput
+from dispatcher.settings import FREE_PLAN, Settings
 
-FREE = "free"
+FREE = FREE_PLAN
 
 #: Paid tiers when PLAN_CATALOG does not replace them: (name, monthly credits, price in cents).
 DEFAULT_PAID_PLANS: tuple[tuple[str, int, int], ...] = (
@@ -42,31 +42,3 @@ def plan(settings: Settings, name: str, field: str = "plan") -> Plan:
     if name not in plans:
         raise InvalidInput(field, f"unknown plan {name!r}; known plans: {', '.join(plans)}")
     return plans[name]
-
-
-def parse_catalog(variable: str, value: str) -> tuple[tuple[str, int, int], ...]:
-    """``name:credits:price,...`` with the price in dollars and cents, e.g. ``10k:10000:15.00``."""
-    out: list[tuple[str, int, int]] = []
-    for item in (i.strip() for i in value.split(",") if i.strip()):
-        parts = item.split(":")
-        if len(parts) != 3:
-            raise ConfigError(variable, f"{item!r} is not name:credits:price")
-        name, credits, price = (p.strip() for p in parts)
-        if not name or name == FREE or not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(variable, f"{name!r} is not a valid paid plan name")
-        try:
-            credits_n = int(credits)
-            dollars, _, cents = price.partition(".")
-            price_cents = int(dollars) * 100 + int((cents + "00")[:2] or 0)
-        except ValueError:
-            raise ConfigError(
-                variable, f"{item!r}: credits must be whole, price like 15.00"
-            ) from None
-        if credits_n <= 0 or price_cents <= 0:
-            raise ConfigError(variable, f"{item!r}: credits and price must be positive")
-        if name in (n for n, _, _ in out):
-            raise ConfigError(variable, f"plan {name!r} is listed twice")
-        out.append((name, credits_n, price_cents))
-    if not out:
-        raise ConfigError(variable, "lists no plan")
-    return tuple(out)

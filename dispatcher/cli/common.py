@@ -1,0 +1,34 @@
+"""What the command modules share: the handler type, a port argument, a Runtime from the
+environment."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+#: Carries out one command from its parsed arguments; returns the exit code. Each command's
+#: parser names its handler with ``set_defaults(handler=...)``.
+Handler = Callable[[argparse.Namespace], int]
+
+#: The ``dispatcher`` parser's subcommands (argparse's private _SubParsersAction).
+Commands = Any
+
+
+def port(text: str) -> int:
+    """argparse type of a TCP port number."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port (1-65535)")
+    return number
+
+
+def runtime() -> Runtime:
+    """A Runtime over the settings of the environment (and .env); the caller closes it."""
+    return Runtime(Settings.from_env())
