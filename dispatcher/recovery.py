@@ -12,12 +12,8 @@ from sqlalchemy.orm import Session
 
 from dispatcher.campaigns.control import enqueue as enqueue_campaign
 from dispatcher.campaigns.control import open_chunks
-from dispatcher.delivery.lifecycle import (
-    OPEN_STATUSES,
-    publish_outcome,
-    reservation_hold,
-    stale_after,
-)
+from dispatcher.delivery.lifecycle import OPEN_STATUSES, reservation_hold, stale_after
+from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.smartplan import expire_reservation
 from dispatcher.delivery.system_mail import enqueue_system_emails
 from dispatcher.errors import QueueUnavailable

@@ -14,16 +14,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
-from typing import Any, cast
+from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import func, select
 
-from dispatcher import alerts, keys
+from dispatcher import keys
+from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
 from dispatcher.delivery import lifecycle, suppression
-from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
+from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
 from dispatcher.delivery.relay import unavailable
@@ -37,7 +38,7 @@ from dispatcher.errors import (
     RenderError,
     SendBusy,
 )
-from dispatcher.models import AlertKind, Campaign, CampaignStatus, Send, SendStatus
+from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 
@@ -250,41 +251,9 @@ def _record(rt: Runtime, c: Campaign, run: _Run, batch: _Batch, results: Sequenc
         lifecycle.release(rt, deferred)
     policy = next((o for o in batch.outcomes if o.reason == Reason.POLICY_REJECTED), None)
     if policy is not None:
-        _pause_for_policy(rt, c, policy.detail or "")
+        control.pause_for_policy(rt, c, policy.detail or "")
     # Leave the rest of the chunk for the retry (after the backoff), or for later.
     run.stop = policy is not None or bool(deferred) or run.held is not None
-
-
-def _pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
-    """The relay refused a message on policy grounds (content, reputation): sending more of the
-    same would hurt the agent's and our reputation, so the campaign pauses and ops and the
-    agent are alerted. The refused recipient is failed (credit back), not suppressed."""
-    now = rt.clock.now()
-    note = f"paused: the relay refused a message on policy grounds ({detail})"
-    with rt.sessions.begin() as session:
-        open_left = session.scalar(
-            select(func.count())
-            .select_from(Send)
-            .where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
-        )
-        paused = session.execute(
-            update(Campaign)
-            .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
-            # Nothing left to hold back: the campaign completes; the alert is raised anyway.
-            .values(detail=note, updated_at=now)
-            .values(status=CampaignStatus.PAUSED if open_left else CampaignStatus.RUNNING)
-        )
-        if cast(CursorResult[Any], paused).rowcount == 1:
-            alerts.record(
-                session,
-                AlertKind.POLICY_REJECTED,
-                f"campaign {c.id} paused: the relay refused a message on policy grounds: "
-                f"{detail}; review the content and resume it",
-                now,
-                user_id=c.user_id,
-                campaign_id=c.id,
-            )
-    log.warning("campaign paused on a policy refusal id=%s: %s", c.id, detail)
 
 
 def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:

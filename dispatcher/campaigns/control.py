@@ -10,11 +10,13 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy.orm import Session
 
+from dispatcher import alerts
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
 from dispatcher.errors import DispatcherError, NotFound, QueueUnavailable
-from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendStatus
+from dispatcher.models import AlertKind, Campaign, CampaignStatus, Provider, Send, SendStatus
 from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -327,3 +329,60 @@ def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
     """The campaign's status now (None when it is gone)."""
     with rt.sessions() as session:
         return session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+
+
+def pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
+    """The relay refused a message on policy grounds (content, reputation): sending more of the
+    same would hurt the agent's and our reputation, so the campaign pauses and ops and the
+    agent are alerted. The refused recipient is failed (credit back), not suppressed."""
+    now = rt.clock.now()
+    note = f"paused: the relay refused a message on policy grounds ({detail})"
+    with rt.sessions.begin() as session:
+        open_left = session.scalar(
+            select(func.count())
+            .select_from(Send)
+            .where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
+        )
+        paused = session.execute(
+            update(Campaign)
+            .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
+            # Nothing left to hold back: the campaign completes; the alert is raised anyway.
+            .values(detail=note, updated_at=now)
+            .values(status=CampaignStatus.PAUSED if open_left else CampaignStatus.RUNNING)
+        )
+        if cast(CursorResult[Any], paused).rowcount == 1:
+            alerts.record(
+                session,
+                AlertKind.POLICY_REJECTED,
+                f"campaign {c.id} paused: the relay refused a message on policy grounds: "
+                f"{detail}; review the content and resume it",
+                now,
+                user_id=c.user_id,
+                campaign_id=c.id,
+            )
+    log.warning("campaign paused on a policy refusal id=%s: %s", c.id, detail)
+
+
+def fail(rt: Runtime, campaign_id: str, detail: str) -> None:
+    """A running campaign that cannot go on (its MailChimp job failed, or gave up) is failed."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
+            .values(status=CampaignStatus.FAILED, detail=detail, finished_at=now, updated_at=now)
+        )
+
+
+def start(session: Session, campaign_id: str, now: datetime) -> bool:
+    """A campaign whose credits were all reserved starts running, with its recipients
+    ``reserved`` (in the caller's transaction); False when the reserving sweep failed it first."""
+    started = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+        .values(status=CampaignStatus.RUNNING, updated_at=now)
+    )
+    if cast(CursorResult[Any], started).rowcount != 1:
+        return False
+    lifecycle.start_all_reserved(session, campaign_id, now)
+    return True

@@ -17,12 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import validation
+from dispatcher.campaigns import control
 from dispatcher.campaigns.control import CampaignStateError, CampaignView, view
 from dispatcher.credits import notices, refunds
 from dispatcher.credits.grants import campaign_key
 from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import suppression
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate, check_merge_fields
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound
@@ -330,13 +331,7 @@ def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> N
         raise InsufficientCredits(size, reservation.remaining, reservation.total)
     notices.after_reservation(rt, grant, reservation)
     with rt.sessions.begin() as session:
-        started = session.execute(
-            update(Campaign)
-            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
-            .values(status=CampaignStatus.RUNNING, updated_at=now)
-        )
-        if cast(CursorResult[Any], started).rowcount == 1:
-            lifecycle.start_all_reserved(session, campaign_id, now)
+        if control.start(session, campaign_id, now):
             return
     # The sweep gave up on this campaign (this request took far too long): it was failed and
     # its recipients settled; this reservation goes back too, part by part (the sweep may

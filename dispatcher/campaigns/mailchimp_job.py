@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done
 from dispatcher.campaigns.mailchimp import (
     SLOT_WAIT,
@@ -73,35 +74,13 @@ def deliver_mailchimp(rt: Runtime, c: Campaign, user: User) -> CampaignStatus:
 
 
 def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> CampaignStatus:
-    with rt.sessions() as session:
-        rows = session.execute(
-            select(Send.id, Send.contact_email, Send.merge_fields).where(
-                Send.campaign_id == c.id, Send.status == SendStatus.QUEUED
-            )
-        ).all()
-    with rt.sessions() as session:
-        # Unsubscribed or bounced since the campaign was created: never synced or sent.
-        blocked = suppression.active(
-            session, c.user_id, (r.contact_email for r in rows), rt.clock.now()
-        )
-    if blocked:
-        skipped = [r for r in rows if suppression.normalize(r.contact_email) in blocked]
-        skip = lease.failure(
-            Reason.SUPPRESSED, "the address is on the agent's suppression list; not sent"
-        )
-        lifecycle.settle(rt, [Outcome(r.id, *skip) for r in skipped], _QUEUED, campaign=c)
-        rows = [r for r in rows if suppression.normalize(r.contact_email) not in blocked]
+    """The job's run once it holds the lease: sync, send, and record every recipient."""
+    rows = _open_recipients(rt, c, lease)
     if not rows:
         return complete_if_done(rt, c.id)
     if not (user.mailchimp_api_key and user.mailchimp_list_id):
-        return _fail_all(
-            rt,
-            c,
-            lease,
-            rows,
-            Reason.MAILCHIMP_NOT_CONNECTED,
-            "the agent has no connected MailChimp account",
-        )
+        detail = "the agent has no connected MailChimp account"
+        return _fail_all(rt, c, lease, rows, Reason.MAILCHIMP_NOT_CONNECTED, detail)
     try:
         rendered = render_for_mailchimp(c)
     except RenderError as exc:
@@ -127,6 +106,35 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
             return _fail_all(rt, c, lease, rows, exc.reason, f"gave up after retries: {exc}")
         raise
     lease.confirm()
+    _record_sent(rt, c, rows, outcome, rendered.subject)
+    return complete_if_done(rt, c.id)
+
+
+def _open_recipients(rt: Runtime, c: Campaign, lease: JobLease) -> list[Any]:
+    """The recipients still to send; those unsubscribed or bounced since the campaign was
+    created are settled here, never synced or sent."""
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(Send.id, Send.contact_email, Send.merge_fields).where(
+                Send.campaign_id == c.id, Send.status == SendStatus.QUEUED
+            )
+        ).all()
+        emails = (r.contact_email for r in rows)
+        blocked = suppression.active(session, c.user_id, emails, rt.clock.now())
+    if not blocked:
+        return list(rows)
+    skipped = [r for r in rows if suppression.normalize(r.contact_email) in blocked]
+    skip = lease.failure(
+        Reason.SUPPRESSED, "the address is on the agent's suppression list; not sent"
+    )
+    lifecycle.settle(rt, [Outcome(r.id, *skip) for r in skipped], _QUEUED, campaign=c)
+    return [r for r in rows if suppression.normalize(r.contact_email) not in blocked]
+
+
+def _record_sent(
+    rt: Runtime, c: Campaign, rows: Sequence[Any], outcome: MailchimpOutcome, subject: str
+) -> None:
+    """Each recipient's outcome once MailChimp sent the campaign: sent, or refused."""
     refused = {e.email.lower(): e.error for e in outcome.errors}
     detail = f"sent through MailChimp (campaign {outcome.campaign_id})"
 
@@ -143,9 +151,9 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
         return SendStatus.FAILED, Reason.MAILCHIMP_REFUSED, error
 
     outcomes = [
-        Outcome(r.id, *refusal(refused[r.contact_email.lower()]), rendered.subject)
+        Outcome(r.id, *refusal(refused[r.contact_email.lower()]), subject)
         if r.contact_email.lower() in refused
-        else Outcome(r.id, SendStatus.SENT, None, detail, rendered.subject)
+        else Outcome(r.id, SendStatus.SENT, None, detail, subject)
         for r in rows
     ]
     lifecycle.settle(rt, outcomes, _QUEUED, campaign=c)
@@ -161,7 +169,6 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
         len(outcome.recipients),
         len(refused),
     )
-    return complete_if_done(rt, c.id)
 
 
 async def _send(
@@ -386,12 +393,6 @@ def _fail_all(
 ) -> CampaignStatus:
     outcome = lease.failure(reason, detail)
     lifecycle.settle(rt, [Outcome(r.id, *outcome) for r in rows], _QUEUED, campaign=c)
-    now = rt.clock.now()
-    with rt.sessions.begin() as session:
-        session.execute(
-            update(Campaign)
-            .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
-            .values(status=CampaignStatus.FAILED, detail=detail, finished_at=now, updated_at=now)
-        )
+    control.fail(rt, c.id, detail)
     log.warning("mailchimp campaign failed id=%s reason=%s", c.id, reason)
     return CampaignStatus.FAILED

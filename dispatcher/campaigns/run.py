@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from dispatcher import alerts
-from dispatcher.campaigns import chunks, mailchimp_job
+from dispatcher.campaigns import chunks, control, mailchimp_job
 from dispatcher.campaigns.control import complete_if_done
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
@@ -85,14 +85,10 @@ def give_up(rt: Runtime, item: str, reason: str, detail: str) -> CampaignStatus:
         OPEN_STATUSES,
         campaign=c,
     )
+    if c.provider is Provider.MAILCHIMP:
+        control.fail(rt, campaign_id, why)
     now = rt.clock.now()
     with rt.sessions.begin() as session:
-        if c.provider is Provider.MAILCHIMP:
-            session.execute(
-                update(Campaign)
-                .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
-                .values(status=CampaignStatus.FAILED, detail=why, finished_at=now, updated_at=now)
-            )
         alerts.record(
             session,
             AlertKind.INTERNAL_ERROR,

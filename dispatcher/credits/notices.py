@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dispatcher.credits import plans
 from dispatcher.credits.periods import period_by_id
@@ -73,51 +74,7 @@ def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) ->
         if exists is not None:
             return None
         row.notified = max(row.notified, threshold)
-        user = session.get(User, grant.user_id)
-        assert user is not None
-        plan = plans.plan(rt.settings, row.plan)
-        period = period_by_id(grant.period, user.timezone)
-        if threshold >= 100:
-            title = "Limit reached: sends are now failing"
-            body = (
-                f"You have used all {row.total:,} Command Email sends of this month. "
-                "SmartPlan and campaign emails through Command Email now fail until your "
-                "next period starts or you upgrade."
-            )
-        else:
-            title = f"You have used {threshold}% of your Command Email sends"
-            body = (
-                f"{reservation.used:,} of {row.total:,} sends used this month. "
-                "Upgrade your Command Email subscription for more."
-            )
-        note = Notification(
-            user_id=user.id,
-            grant_id=row.id,
-            threshold=threshold,
-            title=title,
-            body=body,
-            created_at=now,
-        )
-        session.add(note)
-        session.flush()
-        email = system_mail.queue_email(
-            session,
-            rt.settings,
-            user,
-            SystemEmailKind.USAGE_NOTICE,
-            "usage_notice",
-            {
-                "threshold": threshold,
-                "used": reservation.used,
-                "total": row.total,
-                "plan_label": plan_label(plan),
-                # The period's last day (its end is the exclusive first of the next month).
-                "period_end": (period.end - timedelta(days=1)).strftime("%B %d, %Y"),
-            },
-            now,
-            notification_id=note.id,
-        )
-        email_id = email.id if email else None
+        email_id = _notify(rt, session, row, threshold, reservation.used, now)
     log.info(
         "usage notification user=%s grant=%s:%d threshold=%d",
         grant.user_id,
@@ -128,6 +85,58 @@ def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) ->
     if email_id:
         system_mail.enqueue_system_emails(rt, [email_id])
     return threshold
+
+
+def _notify(
+    rt: Runtime, session: Session, row: Grant, threshold: int, used: int, now: datetime
+) -> str | None:
+    """Add the in-app notification of ``threshold`` for grant ``row`` and queue its email (in
+    the caller's transaction); the email's id, if the user has an address."""
+    user = session.get(User, row.user_id)
+    assert user is not None
+    if threshold >= 100:
+        title = "Limit reached: sends are now failing"
+        body = (
+            f"You have used all {row.total:,} Command Email sends of this month. "
+            "SmartPlan and campaign emails through Command Email now fail until your "
+            "next period starts or you upgrade."
+        )
+    else:
+        title = f"You have used {threshold}% of your Command Email sends"
+        body = (
+            f"{used:,} of {row.total:,} sends used this month. "
+            "Upgrade your Command Email subscription for more."
+        )
+    note = Notification(
+        user_id=user.id,
+        grant_id=row.id,
+        threshold=threshold,
+        title=title,
+        body=body,
+        created_at=now,
+    )
+    session.add(note)
+    session.flush()
+    period = period_by_id(row.period, user.timezone)
+    context = {
+        "threshold": threshold,
+        "used": used,
+        "total": row.total,
+        "plan_label": plan_label(plans.plan(rt.settings, row.plan)),
+        # The period's last day (its end is the exclusive first of the next month).
+        "period_end": (period.end - timedelta(days=1)).strftime("%B %d, %Y"),
+    }
+    email = system_mail.queue_email(
+        session,
+        rt.settings,
+        user,
+        SystemEmailKind.USAGE_NOTICE,
+        "usage_notice",
+        context,
+        now,
+        notification_id=note.id,
+    )
+    return email.id if email else None
 
 
 def notifications(rt: Runtime, user_id: str, limit: int = 100) -> list[NotificationView]:

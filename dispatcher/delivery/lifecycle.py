@@ -1,12 +1,5 @@
-"""The send lifecycle: every status change of a send or system email is made here, and only here.
-
-::
-
-    queued --claim grant--> queued (grant recorded) --reserve--> reserved --start--> sending
-      |                                                         ^    |                 |
-      |                                                         +----|---- back <------+
-      +--------------------- finish ----------------------------+----+---- finish <----+
-                       sent | failed (reason) | unknown (reason)
+"""The send lifecycle: every status change of a send or system email is made here, and only here
+(the state diagram is in docs/architecture.md).
 
 Every change is a compare-and-set on the status (and, where a sweeper acts, on the lease it
 read: the fence), so a redelivered task, a duplicate or a sweep never moves a send twice.
@@ -32,7 +25,7 @@ from dispatcher import alerts
 from dispatcher.credits import refunds
 from dispatcher.credits.quota import GrantRef
 from dispatcher.delivery import suppression
-from dispatcher.delivery.outcomes import StepOutcome
+from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.timeline import KIND_OF, source_of
 from dispatcher.models import (
     AlertKind,
@@ -110,6 +103,14 @@ def _cas(
     return cast(CursorResult[Any], session.execute(query.values(**values))).rowcount
 
 
+def _move(
+    rt: Runtime, model: Any, row_id: str, expect: Iterable[SendStatus], **values: object
+) -> bool:
+    """:func:`_cas` on one row in a transaction of its own; whether it moved."""
+    with rt.sessions.begin() as session:
+        return _cas(session, model, [row_id], expect, None, **values) == 1
+
+
 def claim_grant(rt: Runtime, send_id: str, grant: GrantRef) -> bool:
     """Record the grant a queued send will be charged to, before Redis is asked: should Redis
     lose its data before the send is reserved, the rebuild counts it (never an overspend).
@@ -126,39 +127,33 @@ def claim_grant(rt: Runtime, send_id: str, grant: GrantRef) -> bool:
 def reserve(rt: Runtime, send_id: str) -> bool:
     """The send's credit is taken: ``reserved``, held for :func:`reservation_hold`."""
     now = rt.clock.now()
-    with rt.sessions.begin() as session:
-        return (
-            _cas(
-                session,
-                Send,
-                [send_id],
-                (SendStatus.QUEUED, SendStatus.RESERVED),
-                status=SendStatus.RESERVED,
-                lease_until=now + reservation_hold(rt),
-                retry_at=None,
-                updated_at=now,
-            )
-            == 1
-        )
+    hold = now + reservation_hold(rt)
+    return _move(
+        rt,
+        Send,
+        send_id,
+        (SendStatus.QUEUED, SendStatus.RESERVED),
+        status=SendStatus.RESERVED,
+        lease_until=hold,
+        retry_at=None,
+        updated_at=now,
+    )
 
 
 def start(rt: Runtime, send_id: str) -> bool:
     """A worker starts the SMTP conversation: ``sending`` under its lease, one more attempt."""
     now = rt.clock.now()
-    with rt.sessions.begin() as session:
-        return (
-            _cas(
-                session,
-                Send,
-                [send_id],
-                (SendStatus.RESERVED,),
-                status=SendStatus.SENDING,
-                lease_until=conversation_lease(rt, now),
-                attempts=Send.attempts + 1,
-                updated_at=now,
-            )
-            == 1
-        )
+    lease = conversation_lease(rt, now)
+    return _move(
+        rt,
+        Send,
+        send_id,
+        (SendStatus.RESERVED,),
+        status=SendStatus.SENDING,
+        lease_until=lease,
+        attempts=Send.attempts + 1,
+        updated_at=now,
+    )
 
 
 def back_to_reserved(
@@ -177,16 +172,7 @@ def back_to_reserved(
         values["attempts"] = Send.attempts - 1
     if reason is not None:
         values.update(reason=reason, detail=detail)
-    with rt.sessions.begin() as session:
-        _cas(
-            session,
-            Send,
-            [send_id],
-            (SendStatus.SENDING,),
-            None,
-            status=SendStatus.RESERVED,
-            **values,
-        )
+    _move(rt, Send, send_id, (SendStatus.SENDING,), status=SendStatus.RESERVED, **values)
 
 
 # --------------------------------------------------------------------------- many sends
@@ -430,48 +416,21 @@ def finish(
     return bool(settle(rt, [outcome], expect, lease_seen=lease_seen))
 
 
-def publish_outcome(rt: Runtime, send_id: str) -> None:
-    """Publish a SmartPlan send's terminal outcome once it is recorded (at least once)."""
-    with rt.sessions() as session:
-        send = session.get(Send, send_id)
-        if send is None or send.kind is not SendKind.SMARTPLAN or send.outcome_published:
-            return
-        if not send.status.terminal:
-            return
-        outcome = StepOutcome(
-            send_id=send.id,
-            user_id=send.user_id,
-            smartplan_id=send.smartplan_id or "",
-            run_id=send.run_id or "",
-            step_id=send.step_id or "",
-            contact_id=send.contact_id,
-            status=send.status.value,
-            reason=send.reason,
-        )
-    rt.outcomes.publish(outcome)
-    with rt.sessions.begin() as session:
-        session.execute(update(Send).where(Send.id == send_id).values(outcome_published=True))
-
-
 # --------------------------------------------------------------------------- system emails
 
 
 def start_system_email(rt: Runtime, email_id: str) -> bool:
     """A worker starts a system email's conversation: ``sending`` under its lease."""
-    now = rt.clock.now()
-    with rt.sessions.begin() as session:
-        return (
-            _cas(
-                session,
-                SystemEmail,
-                [email_id],
-                (SendStatus.QUEUED,),
-                status=SendStatus.SENDING,
-                lease_until=conversation_lease(rt, now),
-                attempts=SystemEmail.attempts + 1,
-            )
-            == 1
-        )
+    lease = conversation_lease(rt, rt.clock.now())
+    return _move(
+        rt,
+        SystemEmail,
+        email_id,
+        (SendStatus.QUEUED,),
+        status=SendStatus.SENDING,
+        lease_until=lease,
+        attempts=SystemEmail.attempts + 1,
+    )
 
 
 def system_email_back(
@@ -488,16 +447,7 @@ def system_email_back(
         values["attempts"] = SystemEmail.attempts - 1
     if reason is not None:
         values.update(reason=reason, detail=detail)
-    with rt.sessions.begin() as session:
-        _cas(
-            session,
-            SystemEmail,
-            [email_id],
-            (SendStatus.SENDING,),
-            None,
-            status=SendStatus.QUEUED,
-            **values,
-        )
+    _move(rt, SystemEmail, email_id, (SendStatus.SENDING,), status=SendStatus.QUEUED, **values)
 
 
 def finish_system_email(
@@ -509,17 +459,16 @@ def finish_system_email(
     expect: tuple[SendStatus, ...] = (SendStatus.SENDING,),
 ) -> SendStatus:
     """Record a system email's terminal outcome (no credit, no timeline: it is ours)."""
-    with rt.sessions.begin() as session:
-        _cas(
-            session,
-            SystemEmail,
-            [email_id],
-            expect,
-            status=status,
-            reason=None if reason is None else str(reason),
-            detail=detail,
-            lease_until=None,
-            finished_at=rt.clock.now(),
-        )
+    _move(
+        rt,
+        SystemEmail,
+        email_id,
+        expect,
+        status=status,
+        reason=None if reason is None else str(reason),
+        detail=detail,
+        lease_until=None,
+        finished_at=rt.clock.now(),
+    )
     log.info("system email %s id=%s reason=%s", status.value, email_id, reason)
     return status

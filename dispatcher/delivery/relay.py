@@ -13,6 +13,7 @@ from dispatcher.delivery import ratelimit
 from dispatcher.delivery.ratelimit import LAG_MARGIN, RateLimit, RateLimited, RelayRateLimiter
 from dispatcher.errors import NotAttempted
 from dispatcher.keys import PREFIX
+from dispatcher.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def unavailable(exc: RedisError) -> NotAttempted:
     """A message held back because what decides whether it may go (Redis) could not be asked:
     not an attempt, tried again shortly. Never a reason to leave it half-sent."""
     return NotAttempted(
-        "guard_unavailable",
+        Reason.GUARD_UNAVAILABLE,
         f"the relay guard could not be asked: {type(exc).__name__}: {exc}",
         UNAVAILABLE_RETRY,
     )
@@ -76,7 +77,7 @@ class RelayGuard:
             raise unavailable(exc) from None
         if halted is not None:
             detail, ttl = halted
-            raise NotAttempted("relay_halted", f"sending is halted: {detail}", max(ttl, 1))
+            raise NotAttempted(Reason.RELAY_HALTED, f"sending is halted: {detail}", max(ttl, 1))
 
     def halted(self) -> tuple[str, int] | None:
         """Why sending is halted and for how many more seconds, or None."""
@@ -105,7 +106,7 @@ class RelayGuard:
             except Exception:
                 # The halt is in force either way; only the alert could not be written.
                 log.exception("the alert for the halt of relay %s was not recorded", self.relay)
-        return NotAttempted("relay_halted", f"sending is halted: {detail}", self._halt_seconds)
+        return NotAttempted(Reason.RELAY_HALTED, f"sending is halted: {detail}", self._halt_seconds)
 
     def resume(self) -> bool:
         """Lift a halt (ops fixed the credentials); true when one was in force."""
@@ -122,5 +123,5 @@ class RelayGuard:
             raise unavailable(exc) from None
         except RateLimited as exc:
             raise NotAttempted(
-                "rate_limited", f"the relay's rate limit is used up: {exc}", exc.wait
+                Reason.RATE_LIMITED, f"the relay's rate limit is used up: {exc}", exc.wait
             ) from None

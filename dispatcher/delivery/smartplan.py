@@ -20,6 +20,7 @@ from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import lifecycle, suppression
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope, build_message
+from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered, context_for
 from dispatcher.delivery.unsubscribe import smartplan_headers
 from dispatcher.errors import (
@@ -51,7 +52,7 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
     send, user = _load(rt, send_id)
     now = rt.clock.now()
     if send.status.terminal:
-        lifecycle.publish_outcome(rt, send_id)  # a crash may have come between the two
+        publish_outcome(rt, send_id)  # a crash may have come between the two
         return send.status
     if send.status is SendStatus.SENDING:
         assert send.lease_until is not None
@@ -219,7 +220,7 @@ def _settled_elsewhere(rt: Runtime, send_id: str) -> SendStatus:
     if status is SendStatus.SENDING and lease_until is not None:
         raise SendBusy(send_id, max((lease_until - rt.clock.now()).total_seconds(), 0) + 1)
     if status.terminal:
-        lifecycle.publish_outcome(rt, send_id)
+        publish_outcome(rt, send_id)
     return status
 
 

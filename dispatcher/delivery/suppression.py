@@ -24,9 +24,6 @@ from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-#: The reason a send or recipient fails with when its address is suppressed.
-SUPPRESSED = "suppressed"
-
 
 @dataclass(frozen=True)
 class SuppressionView:

@@ -3,16 +3,13 @@ campaign to exactly them, retrying what MailChimp asks us to retry and never sen
 
 from __future__ import annotations
 
-from dispatcher.campaigns.mailchimp.client import (
-    BATCH_SIZE,
+from dispatcher.campaigns.mailchimp.account import (
     MAX_CONNECTIONS,
-    PAGE_SIZE,
-    SLOT_WAIT,
-    MailchimpClient,
     datacenter_url,
     key_fingerprint,
     mailchimp_semaphore,
 )
+from dispatcher.campaigns.mailchimp.client import BATCH_SIZE, PAGE_SIZE, SLOT_WAIT, MailchimpClient
 from dispatcher.campaigns.mailchimp.errors import (
     FieldError,
     MailchimpAuthFailed,

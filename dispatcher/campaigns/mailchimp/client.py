@@ -5,21 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
-import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import httpx
 from redis import Redis
 
 from dispatcher.campaigns.limits import RedisSemaphore, SemaphoreTimeout
+from dispatcher.campaigns.mailchimp.account import (
+    MAX_CONNECTIONS,
+    datacenter_url,
+    key_fingerprint,
+    mailchimp_semaphore,
+)
+from dispatcher.campaigns.mailchimp.answers import problem_of, quote_segment, retry_after_seconds
 from dispatcher.campaigns.mailchimp.errors import (
     FieldError,
     MailchimpAuthFailed,
@@ -40,35 +42,12 @@ log = logging.getLogger(__name__)
 
 #: ``MailchimpUnavailable.operation`` when no connection slot came free in time.
 SLOT_WAIT = "connection_slot"
-#: MailChimp answers 429 beyond this many simultaneous connections per API key.
-MAX_CONNECTIONS = 10
 #: The API's maximum of members per batch subscribe and of emails per segment update.
 BATCH_SIZE = 500
 #: Largest page MailChimp returns from a collection.
 PAGE_SIZE = 1000
 
-_DATACENTER = re.compile(r"^[a-z]+[0-9]+$")
 T = TypeVar("T")
-
-
-def key_fingerprint(api_key: str) -> str:
-    """A stable, non-reversible name for an API key (Redis keys and logs never hold the key)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
-
-
-def datacenter_url(api_key: str) -> str:
-    """``https://<dc>.api.mailchimp.com/3.0`` from the key's ``-<dc>`` suffix."""
-    _, sep, dc = api_key.rpartition("-")
-    if not sep or not _DATACENTER.match(dc):
-        raise MailchimpAuthFailed("the API key has no datacenter suffix (like '-us6')")
-    return f"https://{dc}.api.mailchimp.com/3.0"
-
-
-def mailchimp_semaphore(redis: Redis, api_key: str, **options: Any) -> RedisSemaphore:
-    """The cross-process limit of simultaneous requests for one API key."""
-    return RedisSemaphore(
-        redis, f"mailchimp:{key_fingerprint(api_key)}", MAX_CONNECTIONS, **options
-    )
 
 
 class MailchimpClient:
@@ -148,7 +127,9 @@ class MailchimpClient:
                 "members": [m.payload() for m in items[start : start + BATCH_SIZE]],
                 "update_existing": True,
             }
-            data = await self._call("upsert_members", "POST", f"/lists/{_q(list_id)}", body)
+            data = await self._call(
+                "upsert_members", "POST", f"/lists/{quote_segment(list_id)}", body
+            )
             for key, counter in (("new_members", "created"), ("updated_members", "updated")):
                 rows = data.get(key) or []
                 for row in rows:
@@ -186,7 +167,7 @@ class MailchimpClient:
         fields = "segments.id,segments.name,segments.member_count,total_items"
         async for row in self._pages(
             "find_segment",
-            f"/lists/{_q(list_id)}/segments",
+            f"/lists/{quote_segment(list_id)}/segments",
             "segments",
             {"type": "static", "fields": fields},
         ):
@@ -206,7 +187,9 @@ class MailchimpClient:
 
         async def create() -> Segment:
             body = {"name": name, "static_segment": list(emails[:BATCH_SIZE])}
-            return Segment.of(await self._json("POST", f"/lists/{_q(list_id)}/segments", body))
+            return Segment.of(
+                await self._json("POST", f"/lists/{quote_segment(list_id)}/segments", body)
+            )
 
         async def lookup() -> Segment | None:
             nonlocal recovered
@@ -226,7 +209,7 @@ class MailchimpClient:
     ) -> tuple[MemberError, ...]:
         """Add ``emails`` to a static segment, 500 per call; returns the ones MailChimp refused."""
         errors: list[MemberError] = []
-        path = f"/lists/{_q(list_id)}/segments/{segment_id}"
+        path = f"/lists/{quote_segment(list_id)}/segments/{segment_id}"
         for start in range(0, len(emails), BATCH_SIZE):
             body = {"members_to_add": list(emails[start : start + BATCH_SIZE])}
             data = await self._call("add_segment_members", "POST", path, body)
@@ -294,13 +277,13 @@ class MailchimpClient:
         body: dict[str, Any] = {"html": html}
         if text:
             body["plain_text"] = text
-        path = f"/campaigns/{_q(campaign_id)}/content"
+        path = f"/campaigns/{quote_segment(campaign_id)}/content"
         await self._call("set_content", "PUT", path, body)
 
     async def send(self, campaign_id: str) -> str:
         """Send the campaign now; returns its status. A send that timed out or failed on
         MailChimp's side is checked (status sending/sent/schedule) before it is repeated."""
-        path = f"/campaigns/{_q(campaign_id)}/actions/send"
+        path = f"/campaigns/{quote_segment(campaign_id)}/actions/send"
 
         async def send() -> str:
             await self._json("POST", path, None)
@@ -316,7 +299,9 @@ class MailchimpClient:
 
     async def get_campaign(self, campaign_id: str) -> Campaign:
         """The campaign as MailChimp has it now (status, recipients, emails sent)."""
-        return Campaign.of(await self._call("get_campaign", "GET", f"/campaigns/{_q(campaign_id)}"))
+        return Campaign.of(
+            await self._call("get_campaign", "GET", f"/campaigns/{quote_segment(campaign_id)}")
+        )
 
     # ----------------------------------------------------------------- plumbing
 
@@ -444,14 +429,14 @@ class MailchimpClient:
                 raise _Retry(
                     f"{status} with a body that is not JSON", status=status, ambiguous=True
                 ) from None
-        problem = _problem(response)
+        problem = problem_of(response)
         detail = str(problem.get("detail") or problem.get("title") or response.reason_phrase)
         if status == 429 or status >= 500:
             raise _Retry(
                 f"{status} {detail}",
                 status=status,
                 ambiguous=status >= 500,
-                retry_after=_retry_after(response),
+                retry_after=retry_after_seconds(response),
             )
         error = MailchimpAuthFailed if status in (401, 403) else MailchimpRejected
         raise error(
@@ -474,31 +459,3 @@ class MailchimpClient:
         else:
             async with self._semaphore.slot():
                 yield
-
-
-def _q(segment: str) -> str:
-    return quote(segment, safe="")
-
-
-def _problem(response: httpx.Response) -> dict[str, Any]:
-    """MailChimp's problem+json document, or a stand-in built from the raw answer."""
-    try:
-        data = response.json()
-    except ValueError:
-        return {"detail": response.text[:200]}
-    return data if isinstance(data, dict) else {}
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds (a number or an HTTP date), if present."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return None

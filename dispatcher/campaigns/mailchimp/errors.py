@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.errors import PermanentError, TransientError
+from dispatcher.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class MailchimpRejected(PermanentError):
         errors: Sequence[FieldError] = (),
         instance: str = "",
         operation: str = "",
-        reason: str = "mailchimp_rejected",
+        reason: str = Reason.MAILCHIMP_REJECTED,
     ) -> None:
         super().__init__(reason, detail, status)
         self.status = status
@@ -49,7 +50,7 @@ class MailchimpAuthFailed(MailchimpRejected):
     """The API key is malformed, revoked or not allowed (401/403): the agent must reconnect."""
 
     def __init__(self, detail: str, **problem: Any) -> None:
-        super().__init__(detail, reason="mailchimp_auth_failed", **problem)
+        super().__init__(detail, reason=Reason.MAILCHIMP_AUTH_FAILED, **problem)
 
 
 class MailchimpUnavailable(TransientError):

@@ -44,20 +44,7 @@ async def send_campaign(
     name = segment_name or title
     log.info("mailchimp campaign %r: %d recipients for list %s", title, len(members), list_id)
 
-    upsert = await client.upsert_members(list_id, members)
-    errors = list(upsert.errors)
-    refused = {e.email.lower() for e in errors}
-    deliverable: list[str] = []
-    for m in members:
-        status = upsert.statuses.get(m.email.lower(), "subscribed")
-        if m.email.lower() in refused:
-            continue
-        if status != "subscribed":
-            errors.append(
-                MemberError(m.email, f"the contact is {status} in the MailChimp audience", status)
-            )
-            continue
-        deliverable.append(m.email)
+    deliverable, errors = await _sync(client, list_id, members)
     log.info("mailchimp campaign %r: %d deliverable, %d not", title, len(deliverable), len(errors))
 
     # Before anything else: an earlier run may have sent it already (then the audience as it
@@ -81,13 +68,7 @@ async def send_campaign(
             operation="send_campaign",
         )
 
-    segment = await client.find_segment(list_id, name)
-    if segment is None:
-        segment = await client.create_static_segment(list_id, name, deliverable)
-    elif segment.member_count != len(deliverable):
-        # An earlier run made it but may have stopped half way through adding members.
-        added = await client.add_segment_members(list_id, segment.id, deliverable)
-        segment = Segment(segment.id, name, len(deliverable) - len(added), added)
+    segment = await _segment(client, list_id, name, deliverable)
     if segment.errors:
         lost = {e.email.lower() for e in segment.errors}
         errors.extend(segment.errors)
@@ -106,6 +87,42 @@ async def send_campaign(
         await before_send()  # e.g. record that from now on the campaign may have gone out
     status = await client.send(campaign.id)
     return MailchimpOutcome(campaign.id, segment.id, status, tuple(deliverable), tuple(errors))
+
+
+async def _sync(
+    client: MailchimpClient, list_id: str, members: Sequence[Member]
+) -> tuple[list[str], list[MemberError]]:
+    """Upsert the members into the audience; the addresses MailChimp will mail, and why the
+    others will not be (refused, or unsubscribed/cleaned in the audience)."""
+    upsert = await client.upsert_members(list_id, members)
+    errors = list(upsert.errors)
+    refused = {e.email.lower() for e in errors}
+    deliverable: list[str] = []
+    for m in members:
+        status = upsert.statuses.get(m.email.lower(), "subscribed")
+        if m.email.lower() in refused:
+            continue
+        if status != "subscribed":
+            errors.append(
+                MemberError(m.email, f"the contact is {status} in the MailChimp audience", status)
+            )
+            continue
+        deliverable.append(m.email)
+    return deliverable, errors
+
+
+async def _segment(
+    client: MailchimpClient, list_id: str, name: str, deliverable: list[str]
+) -> Segment:
+    """The static segment of the deliverable members: made now, or completed when an earlier
+    run made it but may have stopped half way through adding members."""
+    segment = await client.find_segment(list_id, name)
+    if segment is None:
+        return await client.create_static_segment(list_id, name, deliverable)
+    if segment.member_count != len(deliverable):
+        added = await client.add_segment_members(list_id, segment.id, deliverable)
+        return Segment(segment.id, name, len(deliverable) - len(added), added)
+    return segment
 
 
 def _dedupe(recipients: Iterable[Member]) -> list[Member]:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import re
 
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected
+from dispatcher.reasons import Reason
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 #: Reasons recorded on the send and the timeline.
-DEFERRED = "smtp_deferred"  # 4xx: try again later, credit kept
-HARD_BOUNCE = "hard_bounce"  # the address does not exist: permanent, credit returned
-POLICY = "policy_rejected"  # refused for content or reputation: permanent for this message
-REJECTED = "smtp_rejected"  # any other permanent refusal
+DEFERRED = Reason.SMTP_DEFERRED  # 4xx: try again later, credit kept
+HARD_BOUNCE = Reason.HARD_BOUNCE  # the address does not exist: permanent, credit returned
+POLICY = Reason.POLICY_REJECTED  # refused for content or reputation: permanent for this message
+REJECTED = Reason.SMTP_REJECTED  # any other permanent refusal
 
 
 def enhanced_code(message: str) -> tuple[int, int, int] | None:

@@ -16,6 +16,7 @@ from dispatcher.delivery.relay import RelayGuard
 from dispatcher.delivery.transports.base import Delivery
 from dispatcher.delivery.transports.classify import classify
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
+from dispatcher.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ class SMTPTransport:
             # A refusal at greeting is about the relay, not this message: retry with backoff.
             client.close()
             raise DeliveryDeferred(
-                "smtp_connect_refused", f"{exc.code} {exc.message} (at connect)", exc.code
+                Reason.SMTP_CONNECT_REFUSED, f"{exc.code} {exc.message} (at connect)", exc.code
             ) from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             client.close()
-            raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+            raise DeliveryDeferred(Reason.CONNECT_FAILED, _describe(exc)) from None
         if cfg.username and cfg.password:
             try:
                 await client.login(cfg.username, cfg.password)
@@ -86,10 +87,10 @@ class SMTPTransport:
                     # Our credentials are refused: every message would fail the same way.
                     # Stop all workers on this relay and alert, instead of burning retries.
                     raise self.guard.halt(f"the relay refused our credentials: {detail}") from None
-                raise DeliveryDeferred("smtp_login_refused", detail, exc.code) from None
+                raise DeliveryDeferred(Reason.SMTP_LOGIN_REFUSED, detail, exc.code) from None
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 client.close()
-                raise DeliveryDeferred("connect_failed", _describe(exc)) from None
+                raise DeliveryDeferred(Reason.CONNECT_FAILED, _describe(exc)) from None
         return client
 
     async def send(self, envelope: Envelope, message: bytes) -> Delivery:
@@ -150,7 +151,7 @@ class SMTPBulk:
                         held = exc
                 for i in group:
                     if held is None and deadline is not None and time.monotonic() > deadline:
-                        held = NotAttempted("chunk_yield", "the task's time is up", 0.0)
+                        held = NotAttempted(Reason.CHUNK_YIELD, "the task's time is up", 0.0)
                     if held is not None:
                         results[i] = held  # halted, rate-limited or out of time: not attempted
                         continue
@@ -196,7 +197,7 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
     except aiosmtplib.SMTPResponseException as exc:
         raise _classify(exc, "mail") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+        raise DeliveryDeferred(Reason.CONNECTION_LOST, _describe(exc)) from None
     try:
         for rcpt in envelope.recipients:
             try:
@@ -212,7 +213,7 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
     except aiosmtplib.SMTPResponseException as exc:
         raise _classify(exc, "rcpt") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        raise DeliveryDeferred("connection_lost", _describe(exc)) from None
+        raise DeliveryDeferred(Reason.CONNECTION_LOST, _describe(exc)) from None
     try:
         response = await client.data(message)
     except aiosmtplib.SMTPResponseException as exc:
