@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, text
 
 from dispatcher import __version__, alerts, sends
+from dispatcher.alerts import AlertView
 from dispatcher.campaigns import service as campaigns
 from dispatcher.campaigns.service import (
     CampaignStateError,
@@ -23,12 +23,19 @@ from dispatcher.campaigns.service import (
     RequestInProgress,
     RequestKeyReused,
 )
+from dispatcher.credits.notices import NotificationView
+from dispatcher.credits.plans import Plan
+from dispatcher.credits.subscriptions import ChangeResult, CreditsView
 from dispatcher.delivery import suppression, unsubscribe
+from dispatcher.delivery.suppression import SuppressionView
+from dispatcher.delivery.timeline import EventView
 from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
 from dispatcher.models import Send
 from dispatcher.ports import TaskQueue
 from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
+from dispatcher.sends import SendView
+from dispatcher.users import UserView
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +73,10 @@ class SendIn(_In):
 
 
 class SendAccepted(BaseModel):
+    # Kept: the answer joins the submit result (id, created) with the send's status.
     id: str
     status: str
     duplicate: bool = Field(description="True when this run+step+contact was already submitted.")
-
-
-class SendOut(BaseModel):
-    id: str
-    user_id: str
-    contact_id: str
-    status: str
-    reason: str | None
-    detail: str | None
-    message_id: str
-    smartplan: dict[str, str | None]
-    attempts: int
-    created_at: datetime
-    finished_at: datetime | None
 
 
 class MailchimpIn(_In):
@@ -98,77 +92,9 @@ class UserIn(_In):
     mailchimp: MailchimpIn | None = None
 
 
-class UserOut(BaseModel):
-    id: str
-    platform_email: str | None
-    communications_email: str | None
-    timezone: str
-    plan: str
-    mailchimp_connected: bool
-    mailchimp_list_id: str | None
-
-
-class EventOut(BaseModel):
-    id: int
-    kind: str
-    status: str
-    reason: str | None
-    detail: str | None
-    subject: str | None
-    send_id: str | None
-    source: dict[str, Any]
-    occurred_at: datetime
-
-
-class PlanOut(BaseModel):
-    name: str
-    monthly_credits: int
-    price_cents: int = Field(description="Monthly price in cents (0 for the free plan).")
-
-
 class SubscriptionIn(_In):
     action: str = Field(description="upgrade, downgrade or cancel")
     plan: str | None = Field(default=None, description="Target plan (not for cancel).")
-
-
-class OrderOut(BaseModel):
-    number: str
-    kind: str
-    plan: str
-    amount_cents: int
-    credits: int
-    recurring_cents: int
-    period: str
-    created_at: datetime
-
-
-class SubscriptionOut(BaseModel):
-    action: str
-    plan: str
-    pending_plan: str | None
-    order: OrderOut | None
-
-
-class CreditsOut(BaseModel):
-    user_id: str
-    plan: str
-    period: str
-    period_start: datetime = Field(description="Start of the period, in the user's zone.")
-    period_end: datetime = Field(description="End of the period (exclusive), user's zone.")
-    total: int
-    used: int
-    remaining: int
-    thresholds_notified: list[int]
-    pending_downgrade: str | None
-
-
-class NotificationOut(BaseModel):
-    id: int
-    threshold: int
-    title: str
-    body: str
-    created_at: datetime
-    read_at: datetime | None
 
 
 class RecipientIn(_In):
@@ -193,53 +119,11 @@ class CampaignIn(_In):
     )
 
 
-class CampaignOut(BaseModel):
-    id: str
-    user_id: str
-    provider: str
-    status: str
-    name: str | None
-    recipients: int = Field(description="Valid recipients, one send each.")
-    invalid: list[dict[str, Any]] = Field(description="Recipients refused, never charged.")
-    suppressed: list[dict[str, Any]] = Field(
-        description="Recipients on the agent's suppression list: skipped, never charged."
-    )
-    counts: dict[str, int]
-    failed_by_reason: dict[str, int]
-    done: int
-    progress: float
-    detail: str | None
-    created_at: datetime
-    finished_at: datetime | None
-    replayed: bool = Field(
-        default=False, description="True when this answers a repeat of an earlier request."
-    )
-
-
 class SuppressionIn(_In):
     email: str
     reason: str = Field(default="manual", description="manual, unsubscribe or hard_bounce")
     expires_at: datetime | None = Field(default=None, description="None: until removed.")
     detail: str | None = None
-
-
-class SuppressionOut(BaseModel):
-    email: str
-    reason: str
-    contact_id: str | None
-    detail: str | None
-    expires_at: datetime | None
-    created_at: datetime
-
-
-class AlertOut(BaseModel):
-    id: int
-    kind: str
-    user_id: str | None
-    campaign_id: str | None
-    relay: str | None
-    detail: str
-    created_at: datetime
 
 
 class Problem(BaseModel):
@@ -396,21 +280,21 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
 
     @app.get(
         "/v1/sends/{send_id}",
-        response_model=SendOut,
+        response_model=SendView,
         dependencies=auth,
         responses={404: {"model": Problem}},
     )
-    def get_send(send_id: str, user_id: str | None = None) -> SendOut:
+    def get_send(send_id: str, user_id: str | None = None) -> SendView:
         """A send's status and outcome (scoped to ``user_id`` when given)."""
-        return SendOut(**asdict(producer.get_send(send_id, user_id)))
+        return producer.get_send(send_id, user_id)
 
     @app.put(
         "/v1/users/{user_id}",
-        response_model=UserOut,
+        response_model=UserView,
         dependencies=auth,
-        responses={201: {"model": UserOut}},
+        responses={201: {"model": UserView}},
     )
-    def put_user(user_id: str, body: UserIn, response: Response) -> UserOut:
+    def put_user(user_id: str, body: UserIn, response: Response) -> UserView:
         """Create or update an agent. The MailChimp key is stored and never returned."""
         fields = body.model_dump(exclude_unset=True)
         kwargs: dict[str, Any] = {k: v for k, v in fields.items() if k != "mailchimp"}
@@ -423,63 +307,69 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
                 kwargs[f"mailchimp_{k}"] = v
         view, created = producer.upsert_user(user_id, **kwargs)
         response.status_code = 201 if created else 200
-        return UserOut(**asdict(view))
+        return view
 
-    @app.get("/v1/contacts/{contact_id}/timeline", response_model=list[EventOut], dependencies=auth)
+    @app.get(
+        "/v1/contacts/{contact_id}/timeline", response_model=list[EventView], dependencies=auth
+    )
     def get_timeline(
         contact_id: str,
         user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> list[EventOut]:
+    ) -> list[EventView]:
         """The contact's events for this agent, newest first."""
-        return [EventOut(**asdict(e)) for e in producer.timeline(user_id, contact_id, limit)]
+        return producer.timeline(user_id, contact_id, limit)
 
-    @app.get("/v1/plans", response_model=list[PlanOut], dependencies=auth)
-    def get_plans() -> list[PlanOut]:
-        """The plan catalog, smallest first."""
-        return [PlanOut(**asdict(p)) for p in producer.plans()]
+    @app.get("/v1/plans", response_model=list[Plan], dependencies=auth)
+    def get_plans() -> list[Plan]:
+        """The plan catalog, smallest first; ``price_cents`` is the monthly price (0: free
+        plan)."""
+        return producer.plans()
 
     @app.post(
         "/v1/users/{user_id}/subscription",
-        response_model=SubscriptionOut,
+        response_model=ChangeResult,
         dependencies=auth,
-        responses={201: {"model": SubscriptionOut}},
+        responses={201: {"model": ChangeResult}},
     )
-    def post_subscription(
-        user_id: str, body: SubscriptionIn, response: Response
-    ) -> SubscriptionOut:
+    def post_subscription(user_id: str, body: SubscriptionIn, response: Response) -> ChangeResult:
         """Upgrade (charged now, new credits at once), downgrade (from the next period) or
         cancel (free plan now). Answers 201 with the order when one was made."""
         result = producer.change_subscription(user_id, body.action, body.plan)
         response.status_code = 201 if result.order else 200
-        return SubscriptionOut.model_validate(asdict(result))
+        return result
 
-    @app.get("/v1/users/{user_id}/credits", response_model=CreditsOut, dependencies=auth)
-    def get_credits(user_id: str) -> CreditsOut:
-        """The user's current grant: plan, period in their zone, total, used, remaining."""
-        return CreditsOut(**asdict(producer.credits(user_id)))
+    @app.get("/v1/users/{user_id}/credits", response_model=CreditsView, dependencies=auth)
+    def get_credits(user_id: str) -> CreditsView:
+        """The user's current grant: plan, period in their zone (``period_end`` exclusive),
+        total, used, remaining."""
+        return producer.credits(user_id)
 
     @app.get(
-        "/v1/users/{user_id}/notifications", response_model=list[NotificationOut], dependencies=auth
+        "/v1/users/{user_id}/notifications",
+        response_model=list[NotificationView],
+        dependencies=auth,
     )
     def get_notifications(
         user_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-    ) -> list[NotificationOut]:
+    ) -> list[NotificationView]:
         """In-app notifications, newest first."""
-        return [NotificationOut(**asdict(n)) for n in producer.notifications(user_id, limit)]
+        return producer.notifications(user_id, limit)
 
     @app.post(
         "/v1/campaigns",
         status_code=202,
-        response_model=CampaignOut,
+        response_model=campaigns.CampaignView,
         dependencies=auth,
         responses={404: {"model": Problem}, 409: {"model": Problem}},
     )
-    def post_campaign(body: CampaignIn, response: Response) -> CampaignOut:
+    def post_campaign(body: CampaignIn, response: Response) -> campaigns.CampaignView:
         """Start a campaign. Command Email: every valid recipient's credit is reserved at once
         (a campaign larger than the balance is refused whole, 409); invalid recipients are
-        listed in ``invalid``, never sent or charged. MailChimp: sent through the agent's
-        account, no credits."""
+        listed in ``invalid``, never sent or charged, and those on the agent's suppression list
+        in ``suppressed``, skipped and never charged; ``recipients`` counts the valid ones, one
+        send each. MailChimp: sent through the agent's account, no credits. ``replayed`` is true
+        when this answers a repeat of an earlier request."""
         req = campaigns.CampaignRequest(
             user_id=body.user_id,
             provider=body.provider,
@@ -495,15 +385,23 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         created = producer.create_campaign(req)
         if created.replayed:
             response.status_code = 200
-        return CampaignOut(**asdict(created))
+        return created
 
-    @app.get("/v1/campaigns/{campaign_id}", response_model=CampaignOut, dependencies=auth)
-    def get_campaign(campaign_id: str, user_id: str | None = None) -> CampaignOut:
+    @app.get(
+        "/v1/campaigns/{campaign_id}", response_model=campaigns.CampaignView, dependencies=auth
+    )
+    def get_campaign(campaign_id: str, user_id: str | None = None) -> campaigns.CampaignView:
         """Status, counts by outcome and progress."""
-        return CampaignOut(**asdict(campaigns.view(rt, campaign_id, user_id)))
+        return campaigns.view(rt, campaign_id, user_id)
 
-    @app.post("/v1/campaigns/{campaign_id}/{action}", response_model=CampaignOut, dependencies=auth)
-    def campaign_action(campaign_id: str, action: str, user_id: str | None = None) -> CampaignOut:
+    @app.post(
+        "/v1/campaigns/{campaign_id}/{action}",
+        response_model=campaigns.CampaignView,
+        dependencies=auth,
+    )
+    def campaign_action(
+        campaign_id: str, action: str, user_id: str | None = None
+    ) -> campaigns.CampaignView:
         """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
         ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""
         if action == "pause":
@@ -514,27 +412,27 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             result = campaigns.cancel(rt, campaign_id, user_id)
         else:
             raise NotFound("campaign action", action)
-        return CampaignOut(**asdict(result))
+        return result
 
     @app.get(
         "/v1/users/{user_id}/suppressions",
-        response_model=list[SuppressionOut],
+        response_model=list[SuppressionView],
         dependencies=auth,
     )
     def get_suppressions(
         user_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
-    ) -> list[SuppressionOut]:
+    ) -> list[SuppressionView]:
         """Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in
         force), newest first."""
-        return [SuppressionOut(**asdict(v)) for v in suppression.listing(rt, user_id, limit=limit)]
+        return suppression.listing(rt, user_id, limit=limit)
 
     @app.post(
         "/v1/users/{user_id}/suppressions",
         status_code=201,
-        response_model=SuppressionOut,
+        response_model=SuppressionView,
         dependencies=auth,
     )
-    def post_suppression(user_id: str, body: SuppressionIn) -> SuppressionOut:
+    def post_suppression(user_id: str, body: SuppressionIn) -> SuppressionView:
         """Suppress an address for this agent, optionally until ``expires_at``."""
         view = suppression.suppress(
             rt,
@@ -544,7 +442,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             expires_at=body.expires_at,
             detail=body.detail,
         )
-        return SuppressionOut(**asdict(view))
+        return view
 
     @app.delete("/v1/users/{user_id}/suppressions/{email}", status_code=204, dependencies=auth)
     def delete_suppression(user_id: str, email: str) -> Response:
@@ -552,13 +450,13 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         suppression.remove(rt, user_id, email)
         return Response(status_code=204)
 
-    @app.get("/v1/alerts", response_model=list[AlertOut], dependencies=auth)
+    @app.get("/v1/alerts", response_model=list[AlertView], dependencies=auth)
     def get_alerts(
         user_id: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-    ) -> list[AlertOut]:
+    ) -> list[AlertView]:
         """Policy refusals (campaign paused) and refused relay credentials (sending halted),
         newest first."""
-        return [AlertOut(**asdict(a)) for a in alerts.recent(rt, user_id=user_id, limit=limit)]
+        return alerts.recent(rt, user_id=user_id, limit=limit)
 
     @app.post("/v1/relay/resume", dependencies=ops_auth, responses={403: {"model": Problem}})
     def resume_relay() -> dict[str, bool]:
