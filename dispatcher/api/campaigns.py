@@ -1,0 +1,95 @@
+"""/v1/campaigns: start a campaign, watch it, pause, resume or cancel it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import Field
+
+from dispatcher.api.auth import producer_token
+from dispatcher.api.bodies import MessageIn, StrictBody
+from dispatcher.api.deps import ProducerDep, QueueDep, RuntimeDep
+from dispatcher.api.problems import Problem
+from dispatcher.campaigns import control, create
+from dispatcher.errors import NotFound
+
+router = APIRouter(dependencies=[Depends(producer_token)])
+
+
+class RecipientIn(StrictBody):
+    id: str
+    email: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class CampaignIn(StrictBody):
+    user_id: str
+    provider: str = Field(default="command_email", description="command_email or mailchimp")
+    name: str | None = None
+    message: MessageIn
+    recipients: list[RecipientIn]
+    from_name: str | None = None
+    reply_to: str | None = None
+    idempotency_key: str | None = Field(
+        default=None,
+        description="The producer's key for this request (1-128 letters, digits or _.:@-): "
+        "repeating the same request with it answers 200 with the campaign the first one "
+        "created, without sending or charging again; another request with it is refused (409).",
+    )
+
+
+@router.post(
+    "/v1/campaigns",
+    status_code=202,
+    response_model=control.CampaignView,
+    responses={404: {"model": Problem}, 409: {"model": Problem}},
+)
+def post_campaign(
+    body: CampaignIn, response: Response, producer: ProducerDep
+) -> control.CampaignView:
+    """Start a campaign. Command Email: every valid recipient's credit is reserved at once
+    (a campaign larger than the balance is refused whole, 409); invalid recipients are
+    listed in ``invalid``, never sent or charged, and those on the agent's suppression list
+    in ``suppressed``, skipped and never charged; ``recipients`` counts the valid ones, one
+    send each. MailChimp: sent through the agent's account, no credits. ``replayed`` is true
+    when this answers a repeat of an earlier request."""
+    req = create.CampaignRequest(
+        user_id=body.user_id,
+        provider=body.provider,
+        name=body.name,
+        subject=body.message.subject,
+        html=body.message.html,
+        text=body.message.text,
+        recipients=[create.Recipient(r.id, r.email, r.fields) for r in body.recipients],
+        from_name=body.from_name,
+        reply_to=body.reply_to,
+        idempotency_key=body.idempotency_key,
+    )
+    created = producer.create_campaign(req)
+    if created.replayed:
+        response.status_code = 200
+    return created
+
+
+@router.get("/v1/campaigns/{campaign_id}", response_model=control.CampaignView)
+def get_campaign(
+    campaign_id: str, rt: RuntimeDep, user_id: str | None = None
+) -> control.CampaignView:
+    """Status, counts by outcome and progress."""
+    return control.view(rt, campaign_id, user_id)
+
+
+@router.post("/v1/campaigns/{campaign_id}/{action}", response_model=control.CampaignView)
+def campaign_action(
+    campaign_id: str, action: str, rt: RuntimeDep, queue: QueueDep, user_id: str | None = None
+) -> control.CampaignView:
+    """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
+    ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""
+    if action == "pause":
+        return control.pause(rt, campaign_id, user_id)
+    if action == "resume":
+        return control.resume(rt, campaign_id, user_id, queue)
+    if action == "cancel":
+        return control.cancel(rt, campaign_id, user_id)
+    raise NotFound("campaign action", action)

@@ -1,0 +1,89 @@
+"""An agent's suppression list, alerts, and lifting a halt on the SMTP relay."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import Field
+
+from dispatcher import alerts
+from dispatcher.alerts import AlertView
+from dispatcher.api.auth import operator_token, producer_token
+from dispatcher.api.bodies import StrictBody
+from dispatcher.api.deps import RuntimeDep
+from dispatcher.api.problems import Problem
+from dispatcher.delivery import suppression
+from dispatcher.delivery.suppression import SuppressionView
+
+router = APIRouter()
+_PRODUCER = [Depends(producer_token)]
+
+
+class SuppressionIn(StrictBody):
+    email: str
+    reason: str = Field(default="manual", description="manual, unsubscribe or hard_bounce")
+    expires_at: datetime | None = Field(default=None, description="None: until removed.")
+    detail: str | None = None
+
+
+@router.get(
+    "/v1/users/{user_id}/suppressions",
+    response_model=list[SuppressionView],
+    dependencies=_PRODUCER,
+)
+def get_suppressions(
+    user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
+) -> list[SuppressionView]:
+    """Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in
+    force), newest first."""
+    return suppression.listing(rt, user_id, limit=limit)
+
+
+@router.post(
+    "/v1/users/{user_id}/suppressions",
+    status_code=201,
+    response_model=SuppressionView,
+    dependencies=_PRODUCER,
+)
+def post_suppression(user_id: str, body: SuppressionIn, rt: RuntimeDep) -> SuppressionView:
+    """Suppress an address for this agent, optionally until ``expires_at``."""
+    return suppression.suppress(
+        rt,
+        user_id,
+        body.email,
+        reason=body.reason,
+        expires_at=body.expires_at,
+        detail=body.detail,
+    )
+
+
+@router.delete("/v1/users/{user_id}/suppressions/{email}", status_code=204, dependencies=_PRODUCER)
+def delete_suppression(user_id: str, email: str, rt: RuntimeDep) -> Response:
+    """Take an address off the agent's list."""
+    suppression.remove(rt, user_id, email)
+    return Response(status_code=204)
+
+
+@router.get("/v1/alerts", response_model=list[AlertView], dependencies=_PRODUCER)
+def get_alerts(
+    rt: RuntimeDep,
+    user_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AlertView]:
+    """Policy refusals (campaign paused) and refused relay credentials (sending halted),
+    newest first."""
+    return alerts.recent(rt, user_id=user_id, limit=limit)
+
+
+@router.post(
+    "/v1/relay/resume",
+    dependencies=[Depends(operator_token)],
+    responses={403: {"model": Problem}},
+)
+def resume_relay(rt: RuntimeDep) -> dict[str, bool]:
+    """Lift a halt on the SMTP relay (after the credentials were fixed). Needs an
+    operator token (``OPS_TOKENS``), not a producer's; ``dispatcher relay resume`` does
+    the same from a shell."""
+    return {"resumed": rt.relay.resume()}

@@ -1,0 +1,106 @@
+"""/v1/users and what hangs off an agent: plans, subscription, credits, notices, timeline."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import Field
+
+from dispatcher.api.auth import producer_token
+from dispatcher.api.bodies import StrictBody
+from dispatcher.api.deps import ProducerDep
+from dispatcher.credits.notices import NotificationView
+from dispatcher.credits.plans import Plan
+from dispatcher.credits.subscriptions import ChangeResult, CreditsView
+from dispatcher.delivery.timeline import EventView
+from dispatcher.errors import InvalidInput
+from dispatcher.users import UserView
+
+router = APIRouter(dependencies=[Depends(producer_token)])
+
+
+class MailchimpIn(StrictBody):
+    api_key: str | None = None
+    list_id: str | None = None
+
+
+class UserIn(StrictBody):
+    platform_email: str | None = None
+    communications_email: str | None = None
+    timezone: str | None = None
+    plan: str | None = None
+    mailchimp: MailchimpIn | None = None
+
+
+class SubscriptionIn(StrictBody):
+    action: str = Field(description="upgrade, downgrade or cancel")
+    plan: str | None = Field(default=None, description="Target plan (not for cancel).")
+
+
+@router.put(
+    "/v1/users/{user_id}",
+    response_model=UserView,
+    responses={201: {"model": UserView}},
+)
+def put_user(user_id: str, body: UserIn, response: Response, producer: ProducerDep) -> UserView:
+    """Create or update an agent. The MailChimp key is stored and never returned."""
+    fields = body.model_dump(exclude_unset=True)
+    kwargs: dict[str, Any] = {k: v for k, v in fields.items() if k != "mailchimp"}
+    if kwargs.get("timezone", "") is None:
+        raise InvalidInput("timezone", "must be an IANA time zone name")
+    if kwargs.get("plan", "") is None:
+        raise InvalidInput("plan", "must be a plan name")
+    if body.mailchimp is not None:
+        for k, v in body.mailchimp.model_dump(exclude_unset=True).items():
+            kwargs[f"mailchimp_{k}"] = v
+    view, created = producer.upsert_user(user_id, **kwargs)
+    response.status_code = 201 if created else 200
+    return view
+
+
+@router.get("/v1/contacts/{contact_id}/timeline", response_model=list[EventView])
+def get_timeline(
+    contact_id: str,
+    user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
+    producer: ProducerDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[EventView]:
+    """The contact's events for this agent, newest first."""
+    return producer.timeline(user_id, contact_id, limit)
+
+
+@router.get("/v1/plans", response_model=list[Plan])
+def get_plans(producer: ProducerDep) -> list[Plan]:
+    """The plan catalog, smallest first; ``price_cents`` is the monthly price (0: free)."""
+    return producer.plans()
+
+
+@router.post(
+    "/v1/users/{user_id}/subscription",
+    response_model=ChangeResult,
+    responses={201: {"model": ChangeResult}},
+)
+def post_subscription(
+    user_id: str, body: SubscriptionIn, response: Response, producer: ProducerDep
+) -> ChangeResult:
+    """Upgrade (charged now, new credits at once), downgrade (from the next period) or
+    cancel (free plan now). Answers 201 with the order when one was made."""
+    result = producer.change_subscription(user_id, body.action, body.plan)
+    response.status_code = 201 if result.order else 200
+    return result
+
+
+@router.get("/v1/users/{user_id}/credits", response_model=CreditsView)
+def get_credits(user_id: str, producer: ProducerDep) -> CreditsView:
+    """The user's current grant: plan, period in their zone (``period_end`` exclusive),
+    total, used, remaining."""
+    return producer.credits(user_id)
+
+
+@router.get("/v1/users/{user_id}/notifications", response_model=list[NotificationView])
+def get_notifications(
+    user_id: str, producer: ProducerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[NotificationView]:
+    """In-app notifications, newest first."""
+    return producer.notifications(user_id, limit)
