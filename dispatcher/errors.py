@@ -90,17 +90,6 @@ class DeliveryUnknown(DispatcherError):
         self.detail = detail
 
 
-class QuotaExhausted(DispatcherError):
-    """The user's grant for the period has no credit left: fail at once, never retry."""
-
-    def __init__(self, user_id: str, period: str, used: int, total: int) -> None:
-        super().__init__(f"user {user_id!r} used {used} of {total} credits in {period}")
-        self.user_id = user_id
-        self.period = period
-        self.used = used
-        self.total = total
-
-
 class QueueUnavailable(TransientError):
     """The broker did not take the task; the send is stored and a repeat of the request
     enqueues it again."""

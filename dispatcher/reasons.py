@@ -23,6 +23,7 @@ class Reason(enum.StrEnum):
     MAILCHIMP_REFUSED = "mailchimp_refused"  # MailChimp refused the contact
     MAILCHIMP_REJECTED = "mailchimp_rejected"  # MailChimp refused the request (4xx)
     MAILCHIMP_AUTH_FAILED = "mailchimp_auth_failed"
+    MAILCHIMP_UNAVAILABLE = "mailchimp_unavailable"  # 429/5xx/timeouts until retries ran out
     #: Handling kept failing for an unforeseen cause: terminal after SEND_MAX_RETRIES.
     INTERNAL_ERROR = "internal_error"
 
@@ -42,3 +43,4 @@ class Reason(enum.StrEnum):
     CHUNK_YIELD = "chunk_yield"  # a campaign chunk's task ran out of time; it goes on
     QUEUE_UNAVAILABLE = "queue_unavailable"
     SEND_BUSY = "send_busy"  # another worker holds the lease
+    SEMAPHORE_TIMEOUT = "semaphore_timeout"  # no MailChimp connection slot came free in time

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from dispatcher.campaigns.control import enqueue as enqueue_campaign
 from dispatcher.campaigns.control import open_chunks
-from dispatcher.delivery.lifecycle import OPEN_STATUSES, reservation_hold, stale_after
+from dispatcher.delivery import lifecycle
+from dispatcher.delivery.lifecycle import OPEN_STATUSES, stale_after
 from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.smartplan import expire_reservation
 from dispatcher.delivery.system_mail import enqueue_system_emails
@@ -94,17 +95,7 @@ def park_send(rt: Runtime, send_id: str, seconds: float) -> None:
     """Store a wait too long for the broker's countdown; :func:`sweep` enqueues the send again
     when it is due. Its credit stays held until then (the hold is extended to cover it)."""
     due = rt.clock.now() + timedelta(seconds=seconds)
-    with rt.sessions.begin() as session:
-        session.execute(
-            update(Send)
-            .where(Send.id == send_id, Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)))
-            .values(retry_at=due, updated_at=rt.clock.now())
-        )
-        session.execute(
-            update(Send)
-            .where(Send.id == send_id, Send.status == SendStatus.RESERVED)
-            .values(lease_until=due + reservation_hold(rt))
-        )
+    lifecycle.park(rt, send_id, due)
     log.info("send %s parked until %s", send_id, due.isoformat(timespec="seconds"))
 
 

@@ -26,7 +26,7 @@ from devstack.devsmtp import (
 from dispatcher import alerts
 from dispatcher import recovery as outbox
 from dispatcher.campaigns import control, create
-from dispatcher.campaigns.chunks import deliver_chunk
+from dispatcher.campaigns.run import deliver as deliver_chunk
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import lifecycle, suppression
 from dispatcher.delivery import smartplan as delivery

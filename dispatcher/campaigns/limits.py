@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from dispatcher import keys
 from dispatcher.errors import TransientError
+from dispatcher.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class SemaphoreTimeout(TransientError):
     """No slot came free within the wait allowed; nothing was done, so trying later is safe."""
 
     def __init__(self, name: str, waited: float) -> None:
-        super().__init__("semaphore_timeout", f"no free slot of {name!r} after {waited:.1f}s")
+        super().__init__(Reason.SEMAPHORE_TIMEOUT, f"no free slot of {name!r} after {waited:.1f}s")
         self.name = name
         self.waited = waited
 

@@ -87,16 +87,16 @@ def give_up(rt: Runtime, item: str, reason: str, detail: str) -> CampaignStatus:
     )
     if c.provider is Provider.MAILCHIMP:
         control.fail(rt, campaign_id, why)
-    now = rt.clock.now()
-    with rt.sessions.begin() as session:
-        alerts.record(
-            session,
-            AlertKind.INTERNAL_ERROR,
-            f"campaign {campaign_id} item {chunk} gave up after repeated unforeseen errors "
-            f"({len(rows)} recipients settled): {detail}",
-            now,
-            user_id=c.user_id,
-            campaign_id=campaign_id,
-        )
+    if reason == Reason.INTERNAL_ERROR:
+        with rt.sessions.begin() as session:
+            alerts.record(
+                session,
+                AlertKind.INTERNAL_ERROR,
+                f"campaign {campaign_id} item {chunk} gave up after repeated unforeseen errors "
+                f"({len(rows)} recipients settled): {detail}",
+                rt.clock.now(),
+                user_id=c.user_id,
+                campaign_id=campaign_id,
+            )
     log.error("campaign %s item %d gave up: %s", campaign_id, chunk, detail)
     return complete_if_done(rt, campaign_id)

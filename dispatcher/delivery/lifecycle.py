@@ -175,6 +175,24 @@ def back_to_reserved(
     _move(rt, Send, send_id, (SendStatus.SENDING,), status=SendStatus.RESERVED, **values)
 
 
+def park(rt: Runtime, send_id: str, due: datetime) -> None:
+    """A wait too long for the broker's countdown is stored on the send (the beat's sweep
+    enqueues it when ``due``); a reserved send's credit stays held until then."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        _cas(
+            session,
+            Send,
+            [send_id],
+            (SendStatus.QUEUED, SendStatus.RESERVED),
+            retry_at=due,
+            updated_at=now,
+        )
+        _cas(
+            session, Send, [send_id], (SendStatus.RESERVED,), lease_until=due + reservation_hold(rt)
+        )
+
+
 # --------------------------------------------------------------------------- many sends
 
 

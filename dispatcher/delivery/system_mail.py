@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.delivery import lifecycle
@@ -162,7 +162,10 @@ def give_up(rt: Runtime, email_id: str, reason: str, detail: str) -> SendStatus:
     ``SEND_MAX_RETRIES`` times) fails terminally; ``unknown`` when caught mid-conversation."""
     why = f"handling kept failing: {detail}" if reason == Reason.INTERNAL_ERROR else detail
     finish_system_email(rt, email_id, SendStatus.FAILED, reason, why, (SendStatus.QUEUED,))
-    return finish_system_email(rt, email_id, SendStatus.UNKNOWN, reason, why)
+    finish_system_email(rt, email_id, SendStatus.UNKNOWN, reason, why)
+    with rt.sessions() as session:
+        status = session.scalar(select(SystemEmail.status).where(SystemEmail.id == email_id))
+    return status or SendStatus.FAILED
 
 
 def enqueue_system_emails(rt: Runtime, email_ids: Iterable[str]) -> None:

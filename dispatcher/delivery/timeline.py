@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dispatcher.models import Send, SendKind, SendStatus, TimelineEvent, TimelineKind
+from dispatcher.models import SendKind, SendStatus, TimelineEvent, TimelineKind
 
 #: The timeline event of each terminal status.
 KIND_OF = {
@@ -43,26 +43,6 @@ def source_of(send: Any) -> dict[str, Any]:
             "step_id": send.step_id,
         }
     return {"type": "campaign", "campaign_id": send.campaign_id}
-
-
-def record_outcome(
-    session: Session, send: Send, when: datetime, subject: str | None = None
-) -> TimelineEvent:
-    """Add the terminal outcome of ``send`` to its contact's timeline (same transaction)."""
-    event = TimelineEvent(
-        user_id=send.user_id,
-        contact_id=send.contact_id,
-        send_id=send.id,
-        kind=KIND_OF[send.status],
-        status=send.status,
-        reason=send.reason,
-        detail=send.detail,
-        subject=subject if subject is not None else send.subject,
-        source=source_of(send),
-        occurred_at=when,
-    )
-    session.add(event)
-    return event
 
 
 def events(session: Session, user_id: str, contact_id: str, limit: int = 100) -> list[EventView]:

@@ -67,7 +67,7 @@ class MailchimpUnavailable(TransientError):
         operation: str = "",
         retry_after: float | None = None,
     ) -> None:
-        super().__init__("mailchimp_unavailable", detail, status)
+        super().__init__(Reason.MAILCHIMP_UNAVAILABLE, detail, status)
         self.status = status
         self.operation = operation
         self.retry_after = retry_after
