@@ -17,10 +17,11 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools
 run: install ## Run the API, workers, Redis and a .eml SMTP server locally
 	$(BIN)/dispatcher run
 
-lint: install ## ruff and mypy --strict on the packages
+lint: install ## ruff, mypy --strict and the import contracts on the packages
 	$(BIN)/ruff check dispatcher workers devstack tests
 	$(BIN)/ruff format --check dispatcher workers devstack tests
 	$(BIN)/mypy dispatcher workers devstack
+	$(BIN)/lint-imports
 
 pytest: install ## The test suite only
 	$(BIN)/pytest

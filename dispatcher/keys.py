@@ -1,4 +1,5 @@
-"""Every Redis key the dispatcher writes, in one place."""
+"""Redis keys of the credit counters and campaign start marks. The relay halt, rate-limit and
+MailChimp semaphore keys are built by their own modules; docs/architecture.md lists every key."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from celery.signals import task_retry
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher import db
@@ -288,6 +289,19 @@ def worker(celery_app: Any) -> Iterator[Any]:
         loglevel="WARNING",
     ) as w:
         yield w
+
+
+@pytest.fixture
+def retries() -> Iterator[list[str]]:
+    """Every retry the worker schedules, by item id."""
+    seen: list[str] = []
+
+    def on_retry(request: Any = None, **_: Any) -> None:
+        seen.append(request.args[0] if request is not None else "?")
+
+    task_retry.connect(on_retry, weak=False)
+    yield seen
+    task_retry.disconnect(on_retry)
 
 
 @pytest.fixture

@@ -9,11 +9,8 @@ message's bytes raise ``UnicodeEncodeError``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from celery.signals import task_retry
 from sqlalchemy import select
 
 from devstack.devsmtp import DevSMTPServer
@@ -36,19 +33,6 @@ from tests.helpers import (
 from workers.queue import CeleryTaskQueue
 
 BROKEN = "Pat \ud83d"  # half an emoji
-
-
-@pytest.fixture
-def retries() -> Iterator[list[str]]:
-    """Every retry the worker schedules, by item id."""
-    seen: list[str] = []
-
-    def on_retry(request: Any = None, **_: Any) -> None:
-        seen.append(request.args[0] if request is not None else "?")
-
-    task_retry.connect(on_retry, weak=False)
-    yield seen
-    task_retry.disconnect(on_retry)
 
 
 def test_a_smartplan_send_that_cannot_be_built_fails_as_internal_error_after_its_budget(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery.signals import task_retry
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher.credits.subscriptions import credits
@@ -23,19 +21,6 @@ from tests.helpers import (
     wait_for,
 )
 from workers.app import SEND_SMARTPLAN_TASK, SMARTPLAN
-
-
-@pytest.fixture
-def retries() -> Iterator[list[str]]:
-    """Every retry the worker schedules, by send id."""
-    seen: list[str] = []
-
-    def on_retry(request: Any = None, **_: Any) -> None:
-        seen.append(request.args[0] if request is not None else "?")
-
-    task_retry.connect(on_retry, weak=False)
-    yield seen
-    task_retry.disconnect(on_retry)
 
 
 def send_body(n: int, user: str = "agent-1", step: str = "step-1") -> dict[str, Any]:

@@ -1,4 +1,13 @@
-"""Send rate limits per SMTP relay, shared by every worker and process: a sliding-window log."""
+"""Send rate limits per SMTP relay, shared by every worker and process: a sliding-window log.
+
+Why it is hand-written rather than a rate-limit library: the relay counts what reaches it per
+second and per hour across all our workers and processes, so the limit must be one exact sliding
+window in Redis, checked and taken in one Lua call, with a margin for the lag between admission
+and arrival and an admission handed back only while it is fresh. The libraries at hand count per
+process, in fixed windows, or approximately, and each of those lets the relay see more than its
+limit in some second. ``tests/delivery/test_relay_rate.py`` proves the limit at a real SMTP
+server in its own process, with four worker processes that are frozen now and then.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from redis import Redis
 from redis.commands.core import Script
@@ -18,9 +27,7 @@ from redis.commands.core import Script
 from dispatcher import keys
 from dispatcher.errors import TransientError
 from dispatcher.reasons import Reason
-
-if TYPE_CHECKING:
-    from dispatcher.settings import Settings
+from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
