@@ -18,25 +18,20 @@ from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, insert, select, update
+from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from dispatcher import alerts
 from dispatcher.credits import refunds
 from dispatcher.credits.quota import GrantRef
-from dispatcher.delivery import suppression
+from dispatcher.delivery import effects
 from dispatcher.delivery.publish import publish_outcome
-from dispatcher.delivery.timeline import KIND_OF, source_of
 from dispatcher.models import (
-    AlertKind,
     Campaign,
     Send,
     SendKind,
     SendStatus,
     SystemEmail,
-    TimelineEvent,
 )
-from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -167,12 +162,28 @@ def back_to_reserved(
     """A send whose conversation was deferred (``attempted``) or never happened (held back by
     the relay's guard: not an attempt) waits for its retry, its credit held anew."""
     now = rt.clock.now()
-    values: dict[str, object] = {"lease_until": now + reservation_hold(rt), "updated_at": now}
+    values = _waiting(Send, attempted, reason, detail, lease_until=now + reservation_hold(rt))
+    _move(
+        rt,
+        Send,
+        send_id,
+        (SendStatus.SENDING,),
+        status=SendStatus.RESERVED,
+        updated_at=now,
+        **values,
+    )
+
+
+def _waiting(
+    model: Any, attempted: bool, reason: str | None, detail: str | None, **values: object
+) -> dict[str, object]:
+    """The columns of an item going back to wait for its retry: a conversation that never
+    happened gives its attempt back; a deferral records why."""
     if not attempted:
-        values["attempts"] = Send.attempts - 1
+        values["attempts"] = model.attempts - 1
     if reason is not None:
         values.update(reason=reason, detail=detail)
-    _move(rt, Send, send_id, (SendStatus.SENDING,), status=SendStatus.RESERVED, **values)
+    return values
 
 
 def park(rt: Runtime, send_id: str, due: datetime) -> None:
@@ -320,7 +331,7 @@ def settle(
                 )
                 if not rows:
                     continue
-                _record(session, rows, subjects, campaign, now)
+                effects.record(session, rows, subjects, campaign, now)
                 settled += [r.id for r in rows]
                 if refund:
                     refund_ids += [r.id for r in rows]
@@ -369,60 +380,6 @@ _SETTLED = (
 )
 
 
-def _record(
-    session: Session,
-    rows: list[Any],
-    subjects: dict[str, str | None],
-    campaign: Campaign | None,
-    now: datetime,
-) -> None:
-    """The consequences of settled rows in their transaction: timeline events, a hard-bounced
-    address suppressed, a SmartPlan policy refusal alerted."""
-    source = None
-    if campaign is not None:
-        source = {
-            "type": "campaign",
-            "campaign_id": campaign.id,
-            "provider": campaign.provider.value,
-        }
-    session.execute(
-        insert(TimelineEvent),
-        [
-            {
-                "user_id": r.user_id,
-                "contact_id": r.contact_id,
-                "send_id": r.id,
-                "kind": KIND_OF[r.status],
-                "status": r.status,
-                "reason": r.reason,
-                "detail": r.detail,
-                "subject": subjects.get(r.id) or (campaign.subject if campaign else r.subject),
-                "source": source or source_of(r),
-                "occurred_at": now,
-            }
-            for r in rows
-        ],
-    )
-    for r in rows:
-        if r.reason == Reason.HARD_BOUNCE:
-            # The address does not exist: never again for this agent.
-            suppression.hard_bounced(
-                session, r.user_id, r.contact_email, r.contact_id, r.detail, now
-            )
-        elif r.reason == Reason.POLICY_REJECTED and r.kind is SendKind.SMARTPLAN:
-            # Content or reputation: not the address's fault, so not suppressed; ops and the
-            # agent must look (one alert an hour per agent, not one per send). A campaign
-            # pauses instead, with an alert of its own.
-            alerts.record(
-                session,
-                AlertKind.POLICY_REJECTED,
-                f"the relay refused a SmartPlan email on policy grounds: {r.detail}",
-                now,
-                user_id=r.user_id,
-                quiet_for=timedelta(hours=1),
-            )
-
-
 def finish(
     rt: Runtime,
     outcome: Outcome,
@@ -460,11 +417,7 @@ def system_email_back(
     detail: str | None = None,
 ) -> None:
     """A system email deferred (``attempted``) or held back waits for its retry, queued."""
-    values: dict[str, object] = {"lease_until": None}
-    if not attempted:
-        values["attempts"] = SystemEmail.attempts - 1
-    if reason is not None:
-        values.update(reason=reason, detail=detail)
+    values = _waiting(SystemEmail, attempted, reason, detail, lease_until=None)
     _move(rt, SystemEmail, email_id, (SendStatus.SENDING,), status=SendStatus.QUEUED, **values)
 
 
