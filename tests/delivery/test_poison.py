@@ -52,8 +52,9 @@ def test_a_smartplan_send_that_cannot_be_built_fails_as_internal_error_after_its
     assert (from_db.status, from_db.reason) == (SendStatus.FAILED, "internal_error")
     assert retries.count(send_id) == runtime.settings.send_max_retries
 
-    # Then its credit is back, its timeline says why, its outcome is on the stream
-    assert credits(runtime, "agent-1").used == 0
+    # Then its credit is back (given back right after the outcome's commit), its timeline says
+    # why, its outcome is on the stream
+    wait_for(lambda: credits(runtime, "agent-1").used == 0, what="the credit back")
     [event] = timeline_rows(runtime, "agent-1")
     assert (event.kind.value, event.reason) == ("email_failed", "internal_error")
     assert "UnicodeEncodeError" in (event.detail or "")
