@@ -9,7 +9,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import db
+from dispatcher import db, logs
 from dispatcher.alerts import raise_alert
 from dispatcher.clock import Clock, clock_for
 from dispatcher.credits.ledger import snapshot_source
@@ -39,6 +39,7 @@ class Runtime:
         gateway: PaymentGateway | None = None,
     ) -> None:
         self.settings = settings
+        logs.configure(settings.log_level)
         self.clock: Clock = clock or clock_for(settings.clock_offset_seconds)
         self._transport = transport
         #: Where follow-up work (notices, receipts) is enqueued; workers/ sets the Celery one.
