@@ -41,6 +41,7 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate_limited"  # the relay's shared rate limit is used up
     GUARD_UNAVAILABLE = "guard_unavailable"  # Redis could not say whether to send
     CHUNK_YIELD = "chunk_yield"  # a campaign chunk's task ran out of time; it goes on
+    POLICY_STOP = "policy_stop"  # the relay refused a message of the batch on policy grounds
     QUEUE_UNAVAILABLE = "queue_unavailable"
     SEND_BUSY = "send_busy"  # another worker holds the lease
     SEMAPHORE_TIMEOUT = "semaphore_timeout"  # no MailChimp connection slot came free in time

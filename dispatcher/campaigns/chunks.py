@@ -146,6 +146,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
                 ],
                 run.deadline,
                 _marker(rt, run, batch),
+                stop=_policy_refusal,
             )
             _record(rt, c, run, batch, results)
     finally:
@@ -197,6 +198,12 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
             continue
         batch.ready.append((row, rendered.subject, raw))
     return batch
+
+
+def _policy_refusal(outcome: Any) -> bool:
+    """A refusal on policy grounds (content, reputation): no further message of the campaign
+    starts; those already in conversation on other connections finish."""
+    return isinstance(outcome, DeliveryRejected) and outcome.reason == Reason.POLICY_REJECTED
 
 
 def _marker(rt: Runtime, run: _Run, batch: _Batch) -> Callable[[Sequence[int]], None]:

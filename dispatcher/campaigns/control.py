@@ -333,34 +333,39 @@ def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
 
 def pause_for_policy(rt: Runtime, c: Campaign, detail: str) -> None:
     """The relay refused a message on policy grounds (content, reputation): sending more of the
-    same would hurt the agent's and our reputation, so the campaign pauses and ops and the
-    agent are alerted. The refused recipient is failed (credit back), not suppressed."""
+    same would hurt the agent's and our reputation, so the campaign pauses (whatever its size:
+    no message starts after the refusal, so its other recipients are still open) and ops and
+    the agent are alerted once. The refused recipient is failed (credit back), not suppressed.
+    Only when the refused one was the very last open recipient is there nothing to pause."""
     now = rt.clock.now()
-    note = f"paused: the relay refused a message on policy grounds ({detail})"
+    why = f"the relay refused a message on policy grounds ({detail})"
     with rt.sessions.begin() as session:
         open_left = session.scalar(
             select(func.count())
             .select_from(Send)
             .where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
         )
+        note = f"paused: {why}" if open_left else f"{why}; no recipient was left to hold back"
         paused = session.execute(
             update(Campaign)
             .where(Campaign.id == c.id, Campaign.status == CampaignStatus.RUNNING)
-            # Nothing left to hold back: the campaign completes; the alert is raised anyway.
             .values(detail=note, updated_at=now)
             .values(status=CampaignStatus.PAUSED if open_left else CampaignStatus.RUNNING)
         )
         if cast(CursorResult[Any], paused).rowcount == 1:
+            action = "paused" if open_left else "had nothing left to send"
             alerts.record(
                 session,
                 AlertKind.POLICY_REJECTED,
-                f"campaign {c.id} paused: the relay refused a message on policy grounds: "
-                f"{detail}; review the content and resume it",
+                f"campaign {c.id} {action}: the relay refused a message on policy grounds: "
+                f"{detail}; review the content" + (" and resume it" if open_left else ""),
                 now,
                 user_id=c.user_id,
                 campaign_id=c.id,
             )
-    log.warning("campaign paused on a policy refusal id=%s: %s", c.id, detail)
+    log.warning(
+        "campaign %s on a policy refusal id=%s: %s", "paused" if open_left else "done", c.id, detail
+    )
 
 
 def fail(rt: Runtime, campaign_id: str, detail: str) -> None:

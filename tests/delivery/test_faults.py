@@ -7,6 +7,7 @@ suppressed and what happened to the credit.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -142,31 +143,56 @@ def test_554_policy_refusal_in_a_campaign_pauses_it_and_alerts(
     assert after.status == "paused" and "policy" in (after.detail or "")
     assert after.failed_by_reason == {"policy_rejected": 1}
     sent = after.counts["sent"]
-    assert len(smtp_server.messages) == sent == 49  # the rest of the batch went on
-    assert after.counts["reserved"] == 70  # the other chunks wait for a resume
+    assert len(smtp_server.messages) == sent == 3  # no message started after the refusal
+    assert after.counts["reserved"] == 116  # the rest of the chunk and the others wait
     assert suppressed(rt, "person3@example.org") is None
     assert used(rt) == 119  # the refused one's credit is back
     [alert] = alerts.recent(rt)
     assert (alert.kind, alert.campaign_id) == ("policy_rejected", view.id)
     # A chunk task still in the queue sends nothing while paused.
     assert deliver_chunk(rt, f"{view.id}:1") is CampaignStatus.PAUSED
-    assert len(smtp_server.messages) == 49
+    assert len(smtp_server.messages) == 3
 
 
-def test_a_policy_refusal_in_the_last_batch_still_completes_the_campaign(
-    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+def test_a_policy_refusal_pauses_even_a_small_campaign_and_resume_completes_it(
+    runtime: Runtime, smtp_server: DevSMTPServer
 ) -> None:
-    rt = make_runtime(campaign_chunk_size=50, smtp_pool_size=1)
+    # Given a 21-recipient campaign whose third recipient's message the relay refuses (554)
+    rt = runtime  # 8 SMTP connections
     make_user(rt)
-    smtp_server.handler.fault = FaultPlan(
-        schedule=[None, None, reply("554 5.7.1 refused for policy reasons", stage="data")]
+    plan = FaultPlan(
+        by_recipient={"person2@example.org": [reply("554 5.7.1 refused: content", stage="data")]}
     )
-    view, _ = create.create(rt, campaign_request(10))
+    refused_at: list[float] = []
+
+    def fault(stage: str, got: Any) -> Any:
+        action = plan(stage, got)
+        if stage == "data" and action is not None:
+            refused_at.append(time.time())
+        return action
+
+    smtp_server.handler.fault = fault
+    view, _ = create.create(rt, campaign_request(21))
+
+    # When its chunk runs: only conversations already under way finish after the refusal
+    assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.PAUSED
+    started_after = [t for t in smtp_server.handler.mail_at if t > refused_at[0]]
+    assert len(started_after) <= rt.settings.smtp_pool_size - 1
+    paused = control.view(rt, view.id)
+    assert paused.failed_by_reason == {"policy_rejected": 1}
+    assert paused.counts["sent"] == len(smtp_server.messages) < 20
+    assert paused.counts["sending"] == 0 and "paused" in (paused.detail or "")
+    assert [a.kind for a in alerts.recent(rt)] == ["policy_rejected"]
+
+    # Then a resume goes on where it stopped, and nobody gets two copies
+    control.resume(rt, view.id, queue=InlineQueue())
     assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.COMPLETED
-    after = control.view(rt, view.id)
-    assert (after.counts["sent"], after.failed_by_reason) == (9, {"policy_rejected": 1})
-    [alert] = alerts.recent(rt)
-    assert alert.kind == "policy_rejected"
+    done = control.view(rt, view.id)
+    assert (done.counts["sent"], done.failed_by_reason) == (20, {"policy_rejected": 1})
+    got = Counter(m.rcpt_tos[0] for m in smtp_server.messages)
+    assert len(got) == 20 and max(got.values()) == 1
+    assert "person2@example.org" not in got
+    assert len(alerts.recent(rt)) == 1
 
 
 def test_recipients_deferred_beside_a_policy_refusal_are_kept_for_the_resume(

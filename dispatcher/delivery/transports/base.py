@@ -8,6 +8,7 @@ from typing import Protocol
 
 from dispatcher.delivery.message import Envelope
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
+from dispatcher.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,25 @@ class BulkSender(Protocol):
     delivery error, returned, not raised. Items not started by ``deadline`` (a
     ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``on_start(group)`` is
     called before the conversations of a few items begin (at least once for every item that
-    is attempted); when it raises a Redis error those and the rest are not attempted."""
+    is attempted); when it raises a Redis error those and the rest are not attempted. Once
+    ``stop(outcome)`` is true for an item, no further item starts (conversations already under
+    way on other connections finish) and the rest come back as :class:`NotAttempted`."""
 
     async def send_many(
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         on_start: Callable[[Sequence[int]], None] | None = None,
-    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted]: ...
+        stop: Callable[[Outcome], bool] | None = None,
+    ) -> list[Outcome]: ...
 
     async def close(self) -> None: ...
+
+
+#: What :meth:`BulkSender.send_many` answers for one item.
+Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
+
+
+def stopped(detail: str) -> NotAttempted:
+    """The answer for an item not started because ``stop`` said so."""
+    return NotAttempted(Reason.POLICY_STOP, detail, 0.0)

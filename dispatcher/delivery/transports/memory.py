@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from dispatcher.delivery.message import Envelope
-from dispatcher.delivery.transports.base import Delivery
+from dispatcher.delivery.transports.base import Delivery, Outcome, stopped
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
 
 Behaviour = Callable[[Envelope, bytes], Delivery]
@@ -41,13 +41,19 @@ class MemoryTransport:
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         on_start: Callable[[Sequence[int]], None] | None = None,
-    ) -> list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown]:
-        out: list[Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown] = []
+        stop: Callable[[Outcome], bool] | None = None,
+    ) -> list[Outcome]:
+        out: list[Outcome] = []
+        halted = False
         for i, (envelope, message) in enumerate(items):
+            if halted:
+                out.append(stopped("not started after an earlier answer"))
+                continue
             if on_start is not None:
                 on_start([i])
             try:
                 out.append(await self.send(envelope, message))
             except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
                 out.append(exc)
+            halted = stop is not None and stop(out[-1])
         return out

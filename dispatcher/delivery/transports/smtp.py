@@ -13,7 +13,7 @@ import aiosmtplib
 
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.relay import RelayGuard
-from dispatcher.delivery.transports.base import Delivery
+from dispatcher.delivery.transports.base import Delivery, Outcome, stopped
 from dispatcher.delivery.transports.classify import classify
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.reasons import Reason
@@ -30,8 +30,6 @@ class SMTPConfig:
     starttls: bool = False
     timeout: float = 30.0
 
-
-Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
 
 #: Items a lane announces to ``on_start`` at once (one round trip for several messages).
 START_GROUP = 4
@@ -125,10 +123,12 @@ class SMTPBulk:
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         on_start: Callable[[Sequence[int]], None] | None = None,
+        stop: Callable[[Outcome], bool] | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
         (delivery errors are returned, not raised). Items not started by ``deadline`` (a
-        ``time.monotonic()`` reading) are returned as :class:`NotAttempted`."""
+        ``time.monotonic()`` reading), or after ``stop`` was true for an outcome, are returned
+        as :class:`NotAttempted` (see :class:`~dispatcher.delivery.transports.base.BulkSender`)."""
         results: list[Outcome | None] = [None] * len(items)
         pending = iter(range(len(items)))
         guard = self._transport.guard
@@ -169,6 +169,9 @@ class SMTPBulk:
                     except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
                         results[i] = exc
                         client = await _reset(client)
+                    outcome = results[i]
+                    if stop is not None and held is None and outcome and stop(outcome):
+                        held = stopped(f"not started after an earlier answer: {outcome}")
             self._clients[slot] = client
 
         lanes = max(1, min(len(self._clients), len(items)))
