@@ -21,3 +21,9 @@ def chunk_started(campaign_id: str, chunk: int) -> str:
     """Set of a campaign chunk's recipients (send ids) whose SMTP conversation was started,
     plus a marker member written before any of them was claimed."""
     return f"{PREFIX}:campaign:{{{campaign_id}}}:{chunk}:started"
+
+
+def epoch() -> str:
+    """String set by the beat's sweep once it re-enqueued open work: its absence means Redis
+    lost its data (and the broker's task messages with it)."""
+    return f"{PREFIX}:epoch"

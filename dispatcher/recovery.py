@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from dispatcher import keys
 from dispatcher.campaigns.control import enqueue as enqueue_campaign
 from dispatcher.campaigns.control import open_chunks
 from dispatcher.delivery import lifecycle
@@ -222,7 +223,42 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     SmartPlan sends and system emails not finished and untouched for :func:`stale_after`, and
     running campaigns none of whose recipients moved for as long. Delivery is idempotent, and
     a send caught mid-conversation is settled by its lease, so this never sends twice."""
-    cutoff = rt.clock.now() - stale_after(rt)
+    work = _open_work(rt, rt.clock.now() - stale_after(rt), limit)
+    _enqueue_again(rt, *work)
+    if any(work):
+        log.warning(
+            "stale work enqueued again sends=%d system_emails=%d campaigns=%d",
+            *(len(ids) for ids in work),
+        )
+    return len(work[0]), len(work[1]), len(work[2])
+
+
+def recover_lost(rt: Runtime, limit: int = 10_000) -> tuple[int, int, int]:
+    """When Redis has lost its data (its epoch marker is gone), the task messages of all open
+    work went with it: enqueue every open send, system email and running campaign again now,
+    rather than after :func:`stale_after`. Beat runs this every minute, so lost work is back
+    within a minute of the loss. Returns what was enqueued ((0, 0, 0) while the marker is
+    there). The marker is set only once everything was handed to the broker, so a sweep that
+    dies or finds the broker away leaves it to the next one."""
+    marker = keys.epoch()
+    if rt.redis.exists(marker):
+        return 0, 0, 0
+    now = rt.clock.now()
+    work = _open_work(rt, now + timedelta(seconds=1), limit)  # everything open, however fresh
+    if _enqueue_again(rt, *work):
+        rt.redis.set(marker, now.isoformat())
+    if any(work):
+        log.warning(
+            "Redis lost its data: open work enqueued again sends=%d system_emails=%d campaigns=%d",
+            *(len(ids) for ids in work),
+        )
+    return len(work[0]), len(work[1]), len(work[2])
+
+
+def _open_work(rt: Runtime, cutoff: datetime, limit: int) -> tuple[list[str], list[str], list[str]]:
+    """Ids of open SmartPlan sends, system emails and running campaigns untouched since
+    ``cutoff`` (and not parked for later, nor held by a running MailChimp job)."""
+    now = rt.clock.now()
     with rt.sessions() as session:
         send_ids = list(
             session.scalars(
@@ -233,7 +269,7 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
                     Send.updated_at < cutoff,
                     # Once per stale period, not every sweep.
                     or_(Send.enqueued_at.is_(None), Send.enqueued_at < cutoff),
-                    or_(Send.retry_at.is_(None), Send.retry_at <= rt.clock.now()),
+                    or_(Send.retry_at.is_(None), Send.retry_at <= now),
                 )
                 .limit(limit)
             ).all()
@@ -251,8 +287,8 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
                 Campaign.status == CampaignStatus.RUNNING,
                 Campaign.updated_at < cutoff,
                 # A MailChimp job's run renews its lease (and updated_at) while it works.
-                or_(Campaign.lease_until.is_(None), Campaign.lease_until < rt.clock.now()),
-                or_(Campaign.retry_at.is_(None), Campaign.retry_at <= rt.clock.now()),
+                or_(Campaign.lease_until.is_(None), Campaign.lease_until < now),
+                or_(Campaign.retry_at.is_(None), Campaign.retry_at <= now),
             )
             .limit(limit)
         ).all()
@@ -265,6 +301,13 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
             )
             <= cutoff
         ]
+    return send_ids, email_ids, campaign_ids
+
+
+def _enqueue_again(
+    rt: Runtime, send_ids: list[str], email_ids: list[str], campaign_ids: list[str]
+) -> bool:
+    """Hand open work to the broker again; False when the broker did not take all of it."""
     try:
         for send_id in send_ids:
             enqueue_send(rt, rt.queue, send_id)  # records when, so once per stale period
@@ -273,12 +316,6 @@ def recover_stale(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
         for campaign_id in campaign_ids:
             enqueue_campaign(rt, campaign_id, open_chunks(rt, campaign_id))
     except (DeferredToOutbox, QueueUnavailable) as exc:
-        log.warning("stale work sweep could not enqueue: %s", exc)
-    if send_ids or email_ids or campaign_ids:
-        log.warning(
-            "stale work enqueued again sends=%d system_emails=%d campaigns=%d",
-            len(send_ids),
-            len(email_ids),
-            len(campaign_ids),
-        )
-    return len(send_ids), len(email_ids), len(campaign_ids)
+        log.warning("open work could not be enqueued again: %s", exc)
+        return False
+    return True

@@ -186,3 +186,29 @@ def test_step_outcomes_lost_with_redis_are_published_again(
     assert outbox.republish_outcomes(runtime) == 3
     assert sorted(o.send_id for _, o in stream.read("engine", "e1")) == sorted(ids)
     assert outbox.republish_outcomes(runtime) == 0  # and only once per loss
+
+
+def test_open_work_is_enqueued_again_at_once_when_redis_lost_its_data(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    # Given open work whose task messages are in the broker
+    make_user(runtime)
+    queue = InlineQueue()
+    runtime.queue = queue
+    send_id = submit_send(runtime, queue, send_request()).send_id
+    view, chunks = create.create(runtime, campaign_request(3))
+    control.enqueue(runtime, view.id, chunks, queue)
+    assert outbox.recover_lost(runtime) == (1, 0, 1)  # a Redis never seen before: once
+    queue.enqueued.clear()
+    queue.campaign_chunks.clear()
+    assert outbox.recover_lost(runtime) == (0, 0, 0)
+
+    # When Redis loses its data (the broker's task messages with it), a minute later at most
+    runtime.redis.flushall()
+    clock.advance(timedelta(seconds=60))
+
+    # Then the next sweep enqueues it all again at once, long before it would count as stale
+    assert outbox.recover_stale(runtime) == (0, 0, 0)
+    assert outbox.recover_lost(runtime) == (1, 0, 1)
+    assert (queue.enqueued, queue.campaign_chunks) == ([send_id], [(view.id, 0)])
+    assert outbox.recover_lost(runtime) == (0, 0, 0)  # once per loss

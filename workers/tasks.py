@@ -169,6 +169,7 @@ def register(app: Celery, rt: Runtime) -> None:
         return [
             *recovery.sweep(rt),
             recovery.expire_reservations(rt),  # before recover_stale: see its docstring
+            *recovery.recover_lost(rt),
             *recovery.recover_stale(rt),
             recovery.republish_outcomes(rt),
             control.expire_reserving(rt),
