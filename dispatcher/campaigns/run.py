@@ -71,7 +71,8 @@ def give_up(rt: Runtime, item: str, reason: str, detail: str) -> CampaignStatus:
         rows = session.execute(query).all()
     may_have_gone = c.send_attempted_at is not None
     unsent = [r.id for r in rows if r.status is not SendStatus.SENDING and not may_have_gone]
-    started = [r.id for r in rows if r.id not in set(unsent)]
+    not_started = set(unsent)
+    started = [r.id for r in rows if r.id not in not_started]
     failed = reason
     lifecycle.settle(
         rt,

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = timedelta(seconds=30)
 
 _BATCH = 500
-_COLUMNS = (
+#: What a refund needs to know of a send.
+COLUMNS = (
     Send.id,
     Send.idempotency_key,
     Send.campaign_id,
@@ -47,10 +48,16 @@ def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
     with rt.sessions() as session:
         for start in range(0, len(send_ids), _BATCH):
             rows += session.execute(
-                select(*_COLUMNS).where(
+                select(*COLUMNS).where(
                     Send.id.in_(send_ids[start : start + _BATCH]), Send.refund_due.is_(True)
                 )
             ).all()
+    return give_back_rows(rt, rows)
+
+
+def give_back_rows(rt: Runtime, rows: Sequence[Any]) -> int:
+    """:func:`give_back` for rows already read (each with the columns of :data:`COLUMNS`)
+    whose refund is due: the transaction that settled them returns them."""
     try:
         return _make(rt, rows)
     except RedisError as exc:
@@ -71,7 +78,7 @@ def retry_due(rt: Runtime, limit: int = 1000) -> int:
     with rt.sessions() as session:
         rows = list(
             session.execute(
-                select(*_COLUMNS)
+                select(*COLUMNS)
                 .where(Send.refund_due.is_(True), Send.updated_at < cutoff)
                 .order_by(Send.updated_at)
                 .limit(limit)

@@ -92,10 +92,18 @@ def _cas(
 ) -> int:
     """Compare-and-set on the rows' status (and, with ``lease_seen``, on the lease read by the
     caller); how many rows moved."""
+    query = _cas_statement(model, ids, expect, lease_seen)
+    return cast(CursorResult[Any], session.execute(query.values(**values))).rowcount
+
+
+def _cas_statement(
+    model: Any, ids: Sequence[str], expect: Iterable[SendStatus], lease_seen: datetime | None
+) -> Any:
+    """The UPDATE of a compare-and-set, before its values."""
     query = update(model).where(model.id.in_(list(ids)), model.status.in_(tuple(expect)))
     if lease_seen is not None:
         query = query.where(model.lease_until == lease_seen)
-    return cast(CursorResult[Any], session.execute(query.values(**values))).rowcount
+    return query
 
 
 def _move(
@@ -306,8 +314,8 @@ def settle(
         outcomes, key=lambda o: (o.status.value, o.reason or "", o.detail or "", o.refund)
     )
     settled: list[str] = []
-    refund_ids: list[str] = []
-    smartplan_ids: list[str] = []
+    refund_rows: list[Any] = []
+    smartplan_rows: list[Any] = []
     with rt.sessions.begin() as session:
         for (status, reason, detail, refund), group in groupby(
             ordered, key=lambda o: (o.status, o.reason, o.detail, o.refund)
@@ -334,17 +342,15 @@ def settle(
                 effects.record(session, rows, subjects, campaign, now)
                 settled += [r.id for r in rows]
                 if refund:
-                    refund_ids += [r.id for r in rows]
-                smartplan_ids += [r.id for r in rows if r.kind is SendKind.SMARTPLAN]
-    for o in ordered:
-        if o.send_id in settled and campaign is None:
-            log.info("send %s id=%s reason=%s", o.status.value, o.send_id, o.reason)
-    if refund_ids:
+                    refund_rows += rows
+                smartplan_rows += [r for r in rows if r.kind is SendKind.SMARTPLAN]
+    if refund_rows:
         # After the commit: the ledger no longer counts them, so a rebuild agrees. Should
         # Redis fail here, the flags set with the outcomes have the sweep make them.
-        refunds.give_back(rt, refund_ids)
-    for send_id in smartplan_ids:
-        publish_outcome(rt, send_id)
+        refunds.give_back_rows(rt, refund_rows)
+    for r in smartplan_rows:
+        log.info("send %s id=%s reason=%s", r.status.value, r.id, r.reason)
+        publish_outcome(rt, r.id)
     return settled
 
 
@@ -356,15 +362,16 @@ def _settle_rows(
     **values: object,
 ) -> list[Any]:
     """The compare-and-set of :func:`settle`; the rows it moved."""
-    query = update(Send).where(Send.id.in_(ids), Send.status.in_(expect))
-    if lease_seen is not None:
-        query = query.where(Send.lease_until == lease_seen)
-    return list(session.execute(query.values(**values).returning(*_SETTLED)).all())
+    query = _cas_statement(Send, ids, expect, lease_seen).values(**values)
+    return list(session.execute(query.returning(*_SETTLED)).all())
 
 
-#: What the consequences of a settled send need to know of it.
+#: What the consequences of a settled send (effects, refund, log) need to know of it.
 _SETTLED = (
     Send.id,
+    Send.idempotency_key,
+    Send.period,
+    Send.grant_seq,
     Send.kind,
     Send.user_id,
     Send.contact_id,

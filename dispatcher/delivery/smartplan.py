@@ -14,7 +14,7 @@ from datetime import datetime
 
 from dispatcher import alerts
 from dispatcher.credits import notices
-from dispatcher.credits.grants import grant_of, grant_ref
+from dispatcher.credits.grants import grant_ref
 from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import lifecycle, suppression
@@ -263,8 +263,8 @@ def expire_reservation(rt: Runtime, send_id: str, lease_seen: datetime) -> bool:
         send = session.get(Send, send_id)
         if send is None:
             return False
-        period, seq, user_id = send.period, send.grant_seq, send.user_id
-    if grant_of(rt.sessions, user_id, period, seq) is None:
+        took_credit = send.period is not None and send.grant_seq is not None
+    if not took_credit:
         return False
     detail = "no worker could send this email while its credit was held; the credit is back"
     outcome = Outcome(send_id, SendStatus.FAILED, Reason.RESERVATION_EXPIRED, detail, refund=True)
