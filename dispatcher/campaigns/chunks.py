@@ -167,9 +167,7 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
         why = blocked.get(suppression.normalize(row.contact_email))
         if why is not None:
             detail = f"the address is on the agent's suppression list ({why.value}); not sent"
-            batch.outcomes.append(
-                Outcome(row.id, SendStatus.FAILED, Reason.SUPPRESSED, detail, refund=True)
-            )
+            batch.outcomes.append(Outcome(row.id, SendStatus.FAILED, Reason.SUPPRESSED, detail))
             continue
         try:
             rendered = run.compiled.render(
@@ -185,16 +183,12 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
                 extra=run.headers.list_unsubscribe_field(row.id),
             )
         except RenderError as exc:
-            batch.outcomes.append(
-                Outcome(row.id, SendStatus.FAILED, exc.reason, exc.detail, refund=True)
-            )
+            batch.outcomes.append(Outcome(row.id, SendStatus.FAILED, exc.reason, exc.detail))
             continue
         except Exception as exc:  # one recipient's bug must not stall the rest of the batch
             log.exception("campaign %s: the message of send %s could not be built", c.id, row.id)
             detail = f"the message could not be built: {type(exc).__name__}: {exc}"
-            batch.outcomes.append(
-                Outcome(row.id, SendStatus.FAILED, Reason.INTERNAL_ERROR, detail, refund=True)
-            )
+            batch.outcomes.append(Outcome(row.id, SendStatus.FAILED, Reason.INTERNAL_ERROR, detail))
             continue
         batch.ready.append((row, rendered.subject, raw))
     return batch
@@ -233,15 +227,13 @@ def _record(rt: Runtime, c: Campaign, run: _Run, batch: _Batch, results: Sequenc
             if row.attempts > rt.settings.send_max_retries:
                 detail = f"gave up after retries; last error: {result.detail}"
                 batch.outcomes.append(
-                    Outcome(
-                        row.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject, True
-                    )
+                    Outcome(row.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject)
                 )
             else:
                 deferred.append((row.id, result.reason, result.detail))
         elif isinstance(result, DeliveryRejected):
             batch.outcomes.append(
-                Outcome(row.id, SendStatus.FAILED, result.reason, result.detail, subject, True)
+                Outcome(row.id, SendStatus.FAILED, result.reason, result.detail, subject)
             )
         elif isinstance(result, DeliveryUnknown):
             batch.outcomes.append(

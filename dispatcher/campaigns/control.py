@@ -219,10 +219,7 @@ def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaig
     detail = "the campaign was cancelled before this email was sent"
     lifecycle.settle(
         rt,
-        [
-            Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_CANCELLED, detail, refund=True)
-            for i in ids
-        ],
+        [Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_CANCELLED, detail) for i in ids],
         (SendStatus.QUEUED, SendStatus.RESERVED),
         campaign=c,
     )
@@ -293,10 +290,7 @@ def _settle_not_started(rt: Runtime, c: Campaign) -> None:
     detail = "the campaign could not be started; nothing was sent"
     lifecycle.settle(
         rt,
-        [
-            Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_NOT_STARTED, detail, refund=True)
-            for i in ids
-        ],
+        [Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_NOT_STARTED, detail) for i in ids],
         OPEN_STATUSES,
         campaign=c,
     )

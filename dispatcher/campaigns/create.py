@@ -168,7 +168,7 @@ def create(
         rt.quota.ensure(grant)
     campaign_id = str(uuid.uuid4())
     # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
-    #    meanwhile counts them as in flight: it can only under-grant).
+    #    meanwhile counts them as pending under the campaign's bulk key, which step 2 takes).
     try:
         chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant)
     except IntegrityError:
@@ -328,6 +328,9 @@ def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> N
             if cast(CursorResult[Any], still_ours).rowcount == 1:
                 session.execute(delete(Send).where(Send.campaign_id == campaign_id))
                 session.execute(delete(Campaign).where(Campaign.id == campaign_id))
+        # Should Redis have lost its data meanwhile, a rebuild that read the recipients before
+        # they were removed counts them as pending: uncount them (nothing to do otherwise).
+        rt.quota.refund(grant, campaign_key(campaign_id), size)
         raise InsufficientCredits(size, reservation.remaining, reservation.total)
     notices.after_reservation(rt, grant, reservation)
     with rt.sessions.begin() as session:

@@ -76,7 +76,7 @@ def give_up(rt: Runtime, item: str, reason: str, detail: str) -> CampaignStatus:
     failed = reason
     lifecycle.settle(
         rt,
-        [Outcome(i, SendStatus.FAILED, failed, why, refund=True) for i in unsent],
+        [Outcome(i, SendStatus.FAILED, failed, why) for i in unsent],
         OPEN_STATUSES,
         campaign=c,
     )

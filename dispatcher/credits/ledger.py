@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher.credits.grants import campaign_key
 from dispatcher.credits.quota import GrantRef, LedgerSnapshot, SnapshotSource
 from dispatcher.errors import NotFound
 from dispatcher.models import CHARGED_STATUSES, Grant, Send, SendStatus
@@ -28,20 +31,25 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     # moving from queued to reserved in between would be in neither and the rebuild would
     # over-grant by one.
     rows = session.execute(
-        select(Send.idempotency_key, Send.status).where(
+        select(Send.idempotency_key, Send.status, Send.campaign_id).where(
             *in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED))
         )
     ).all()
-    charged = [key for key, status in rows if status is not SendStatus.QUEUED]
+    charged = [key for key, status, _ in rows if status is not SendStatus.QUEUED]
     # Claimed but not yet marked reserved: Redis may have granted them just before it lost its
-    # data. They count as used (without their keys), so the rebuild can only under-grant;
-    # `dispatcher reconcile` gives such credits back once the sends have settled.
-    in_flight = len(rows) - len(charged)
+    # data. They count as pending: used, under the key a worker reserves them with (a SmartPlan
+    # send's own key, a campaign's bulk key for all its recipients), so that reservation is
+    # granted without counting them twice.
+    pending = Counter(
+        key if campaign_id is None else campaign_key(campaign_id)
+        for key, status, campaign_id in rows
+        if status is SendStatus.QUEUED
+    )
     return LedgerSnapshot(
         total=row.total,
-        charged_keys=list(charged),
+        charged_keys=charged,
         notified=row.notified,
-        in_flight=int(in_flight or 0),
+        pending=sorted(pending.items()),
     )
 
 

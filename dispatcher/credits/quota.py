@@ -11,6 +11,7 @@ from typing import Any
 
 from redis import Redis
 from redis.commands.core import Script
+from redis.exceptions import RedisError
 
 from dispatcher import keys
 from dispatcher.credits.periods import Period
@@ -52,11 +53,14 @@ class LedgerSnapshot:
     total: int
     charged_keys: Sequence[str]  # idempotency keys whose credit is taken (one credit each)
     notified: int = 0  # highest threshold already notified
-    in_flight: int = 0  # claimed by a worker, not yet known to be granted
+    #: ``(key, credits)`` claimed against the grant, not yet known to be granted: Redis may have
+    #: granted them just before it lost its data. A rebuild counts them as pending; a later
+    #: reservation of the same key is granted without counting it again.
+    pending: Sequence[tuple[str, int]] = ()
 
     @property
     def used(self) -> int:
-        return len(self.charged_keys) + self.in_flight
+        return len(self.charged_keys) + sum(n for _, n in self.pending)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,14 @@ class Reservation:
 
 
 SnapshotSource = Callable[[GrantRef], LedgerSnapshot]
+
+
+class GrantUnstable(RedisError):
+    """Redis lost the grant again each time it was rebuilt (it keeps losing its data): an
+    infrastructure error like any other Redis one, retried until Redis holds."""
+
+    def __init__(self, grant: GrantRef) -> None:
+        super().__init__(f"grant {grant.keys[0]} vanished while being rebuilt three times")
 
 
 def _load(name: str) -> str:
@@ -113,13 +125,13 @@ class QuotaLedger:
                     threshold=threshold or None,
                 )
             self.rebuild(grant)
-        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
+        raise GrantUnstable(grant)
 
     def refund(self, grant: GrantRef, key: str, credits: int = 1) -> bool:
         """Give back the credits reserved for ``key``; true when something came back."""
-        result = self._call(self._refund, grant.keys, [key, credits])
-        # -1: the grant is gone; the next reservation rebuilds it from SQL, which no longer
-        # counts this key, so the credit comes back there.
+        result = self._call(self._refund, grant.keys, [key, credits, grant.expire_at])
+        # -1: the grant is gone; the key is marked refunded, and the next reservation rebuilds
+        # the grant from SQL, which no longer counts it, so the credit comes back there.
         return bool(result == 1)
 
     def refund_parts(self, grant: GrantRef, bulk_key: str, part_keys: Sequence[str]) -> int:
@@ -129,7 +141,9 @@ class QuotaLedger:
         for start in range(0, len(part_keys), 1000):
             result = int(
                 self._call(
-                    self._refund_parts, grant.keys, [bulk_key, *part_keys[start : start + 1000]]
+                    self._refund_parts,
+                    grant.keys,
+                    [grant.expire_at, bulk_key, *part_keys[start : start + 1000]],
                 )
             )
             back += max(result, 0)
@@ -138,24 +152,32 @@ class QuotaLedger:
     def rebuild(self, grant: GrantRef) -> bool:
         """Recreate the grant from the SQL ledger unless it exists; true when rebuilt."""
         snap = self._snapshot(grant)
-        rebuilt = bool(
-            self._call(
-                self._rebuild,
-                grant.keys,
-                [snap.total, snap.used, snap.notified, grant.expire_at, *snap.charged_keys],
-            )
+        pending = [item for pair in snap.pending for item in pair]
+        rebuilt, used = self._call(
+            self._rebuild,
+            grant.keys,
+            [
+                snap.total,
+                snap.notified,
+                grant.expire_at,
+                len(snap.charged_keys),
+                *snap.charged_keys,
+                *pending,
+            ],
         )
         if rebuilt:
             log.info(
-                "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d notified=%d",
+                "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d "
+                "pending=%d notified=%d",
                 grant.user_id,
                 grant.period,
                 grant.seq,
                 snap.total,
-                snap.used,
+                used,
+                len(snap.pending),
                 snap.notified,
             )
-        return rebuilt
+        return bool(rebuilt)
 
     def ensure(self, grant: GrantRef) -> None:
         """Make sure the grant exists in Redis, rebuilding it from SQL when missing."""
@@ -169,7 +191,7 @@ class QuotaLedger:
             if used is not None and total is not None:
                 return int(used), int(total)
             self.rebuild(grant)
-        raise RuntimeError(f"grant {grant.keys[0]} vanished while being rebuilt three times")
+        raise GrantUnstable(grant)
 
     def state(self, grant: GrantRef) -> tuple[int, int, int] | None:
         """(used, total, notified) as Redis holds them, or None when the grant is missing."""

@@ -48,8 +48,9 @@ def reconcile(rt: Runtime, repair: bool = False) -> Iterator[GrantCheck]:
     """Check every user's current grant (starting due periods first); with ``repair``, a
     missing or differing grant is rebuilt from the ledger.
 
-    The ledger counts sends still being claimed as used, so repairing while sends are in flight
-    can only under-grant until the next reconcile; it never overspends.
+    The ledger counts sends claimed but not yet reserved as used (pending), so while sends are
+    in flight the two may differ by those; a repair then counts them as pending, and their
+    reservations are granted without counting them twice (exact, never an overspend).
     """
     for user_id in _user_ids(rt):
         user, ref = ensure_current(rt, user_id)

@@ -53,8 +53,6 @@ class Outcome:
     detail: str | None = None
     #: The rendered subject the timeline shows (None: the stored one).
     subject: str | None = None
-    #: Give the credit back (if one was taken).
-    refund: bool = False
 
 
 # --------------------------------------------------------------------------- timing
@@ -308,18 +306,21 @@ def settle(
     """Record terminal outcomes (compare-and-set from ``expect``) with their timeline events,
     in batches and one transaction; then the credits of failures back and, for SmartPlan
     steps, their outcomes on the stream. Returns the ids this call settled (those another
-    delivery settled first are left as they are)."""
+    delivery settled first are left as they are).
+
+    A failed send never keeps a credit (R3, R4): whatever was reserved, or may have been for a
+    send claimed when Redis lost its data, is given back; a send that took none costs nothing.
+    """
     now = rt.clock.now()
-    ordered = sorted(
-        outcomes, key=lambda o: (o.status.value, o.reason or "", o.detail or "", o.refund)
-    )
+    ordered = sorted(outcomes, key=lambda o: (o.status.value, o.reason or "", o.detail or ""))
     settled: list[str] = []
     refund_rows: list[Any] = []
     smartplan_rows: list[Any] = []
     with rt.sessions.begin() as session:
-        for (status, reason, detail, refund), group in groupby(
-            ordered, key=lambda o: (o.status, o.reason, o.detail, o.refund)
+        for (status, reason, detail), group in groupby(
+            ordered, key=lambda o: (o.status, o.reason, o.detail)
         ):
+            refund = status is SendStatus.FAILED
             items = list(group)
             subjects = {o.send_id: o.subject for o in items}
             for start_at in range(0, len(items), _BATCH):
@@ -335,14 +336,15 @@ def settle(
                     lease_until=None,
                     finished_at=now,
                     updated_at=now,
-                    refund_due=refund,
+                    # Due for every failed send that was claimed against a grant.
+                    refund_due=Send.period.is_not(None) if refund else False,
                 )
                 if not rows:
                     continue
                 effects.record(session, rows, subjects, campaign, now)
                 settled += [r.id for r in rows]
                 if refund:
-                    refund_rows += rows
+                    refund_rows += [r for r in rows if r.period is not None]
                 smartplan_rows += [r for r in rows if r.kind is SendKind.SMARTPLAN]
     if refund_rows:
         # After the commit: the ledger no longer counts them, so a rebuild agrees. Should

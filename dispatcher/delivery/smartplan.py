@@ -71,7 +71,7 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
         # Checked before any credit is taken: reported, never charged (or charged back when a
         # retry finds the address suppressed since).
         detail = f"the address is on the agent's suppression list ({suppressed}); not sent"
-        outcome = Outcome(send_id, SendStatus.FAILED, Reason.SUPPRESSED, detail, refund=True)
+        outcome = Outcome(send_id, SendStatus.FAILED, Reason.SUPPRESSED, detail)
         return _finish(rt, outcome, _OPEN)
     grant = held or _claim(rt, send, user)
     if grant is None:
@@ -84,7 +84,7 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
     try:
         rendered, message = _build(rt, send, user, now)
     except RenderError as exc:
-        outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail, refund=True)
+        outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail)
         return _finish(rt, outcome, (SendStatus.RESERVED,))
     if not lifecycle.start(rt, send_id):
         return _settled_elsewhere(rt, send_id)
@@ -185,9 +185,7 @@ def _converse(rt: Runtime, send: Send, rendered: Rendered, message: bytes) -> Se
         # retries, which also count waits for a lease or for Redis/the database.
         if send.attempts + 1 > rt.settings.send_max_retries:
             detail = f"gave up after retries; last error: {exc.detail}"
-            outcome = Outcome(
-                send.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject, True
-            )
+            outcome = Outcome(send.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject)
             return _finish(rt, outcome, sending)
         lifecycle.back_to_reserved(
             rt, send.id, attempted=True, reason=exc.reason, detail=exc.detail
@@ -195,7 +193,7 @@ def _converse(rt: Runtime, send: Send, rendered: Rendered, message: bytes) -> Se
         log.info("send deferred id=%s reason=%s detail=%s", send.id, exc.reason, exc.detail)
         raise
     except DeliveryRejected as exc:
-        outcome = Outcome(send.id, SendStatus.FAILED, exc.reason, exc.detail, subject, True)
+        outcome = Outcome(send.id, SendStatus.FAILED, exc.reason, exc.detail, subject)
         return _finish(rt, outcome, sending)
     except DeliveryUnknown as exc:
         outcome = Outcome(send.id, SendStatus.UNKNOWN, exc.reason, exc.detail, subject)
@@ -236,7 +234,7 @@ def give_up(rt: Runtime, send_id: str, reason: str, detail: str) -> SendStatus:
             return SendStatus.FAILED if send is None else send.status
         user_id = send.user_id
     why = f"handling kept failing: {detail}" if reason == Reason.INTERNAL_ERROR else detail
-    failed = Outcome(send_id, SendStatus.FAILED, reason, why, refund=True)
+    failed = Outcome(send_id, SendStatus.FAILED, reason, why)
     lifecycle.settle(rt, [failed], _OPEN)
     lifecycle.settle(rt, [Outcome(send_id, SendStatus.UNKNOWN, reason, why)], (SendStatus.SENDING,))
     if reason == Reason.INTERNAL_ERROR:
@@ -267,5 +265,5 @@ def expire_reservation(rt: Runtime, send_id: str, lease_seen: datetime) -> bool:
     if not took_credit:
         return False
     detail = "no worker could send this email while its credit was held; the credit is back"
-    outcome = Outcome(send_id, SendStatus.FAILED, Reason.RESERVATION_EXPIRED, detail, refund=True)
+    outcome = Outcome(send_id, SendStatus.FAILED, Reason.RESERVATION_EXPIRED, detail)
     return lifecycle.finish(rt, outcome, (SendStatus.RESERVED,), lease_seen=lease_seen)

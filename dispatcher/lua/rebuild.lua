@@ -1,16 +1,33 @@
 -- Recreate a vanished grant from the SQL ledger, unless another process already did.
 -- KEYS[1] grant hash   KEYS[2] reservations hash
--- ARGV[1] total  ARGV[2] used  ARGV[3] notified  ARGV[4] expire-at (unix seconds)
--- ARGV[5..] idempotency keys the ledger already counts as charged
--- Returns 1 rebuilt, 0 already present
+-- ARGV[1] total  ARGV[2] notified  ARGV[3] expire-at (unix seconds)
+-- ARGV[4] how many charged keys follow
+-- ARGV[5..] the idempotency keys the ledger counts as charged (one credit each), then pairs of
+--   (key, credits) the ledger counts as pending: claimed, perhaps granted just before the loss
+-- Keys the reservations hash already marks refunded or denied were marked so since the grant
+-- vanished (the ledger read may predate that): they are not counted.
+-- Returns {1, used} rebuilt, {0, 0} already present
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
+  return {0, 0}
 end
-redis.call('HSET', KEYS[1], 'total', ARGV[1], 'used', ARGV[2], 'notified', ARGV[3])
-redis.call('DEL', KEYS[2])
-for i = 5, #ARGV do
-  redis.call('HSET', KEYS[2], ARGV[i], 'G')
+local used = 0
+local charged_end = 4 + tonumber(ARGV[4])
+local function count(key, mark, n)
+  local state = redis.call('HGET', KEYS[2], key)
+  if state == 'R' or state == 'D' then
+    return
+  end
+  redis.call('HSET', KEYS[2], key, mark)
+  used = used + n
 end
-redis.call('EXPIREAT', KEYS[1], ARGV[4])
-redis.call('EXPIREAT', KEYS[2], ARGV[4])
-return 1
+for i = 5, charged_end do
+  count(ARGV[i], 'G', 1)
+end
+for i = charged_end + 1, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  count(ARGV[i], 'P' .. n, n)
+end
+redis.call('HSET', KEYS[1], 'total', ARGV[1], 'used', used, 'notified', ARGV[2])
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+redis.call('EXPIREAT', KEYS[2], ARGV[3])
+return {1, used}

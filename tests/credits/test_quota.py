@@ -24,13 +24,20 @@ def ledger_over(
     charged: list[str] | None = None,
     calls: list[str] | None = None,
     notified: int = 0,
+    pending: list[tuple[str, int]] | None = None,
 ) -> QuotaLedger:
-    """A ledger whose SQL side holds ``charged`` keys out of ``total``."""
+    """A ledger whose SQL side holds ``charged`` keys out of ``total`` (and ``pending`` ones:
+    claimed, not yet known to be granted)."""
 
     def snapshot(grant: GrantRef) -> LedgerSnapshot:
         if calls is not None:
             calls.append(grant.user_id)
-        return LedgerSnapshot(total=total, charged_keys=list(charged or []), notified=notified)
+        return LedgerSnapshot(
+            total=total,
+            charged_keys=list(charged or []),
+            notified=notified,
+            pending=list(pending or []),
+        )
 
     return QuotaLedger(client, snapshot)
 
@@ -117,6 +124,67 @@ def test_a_vanished_grant_is_rebuilt_from_the_sql_ledger(redis_client: redis.Red
     assert ledger.reserve(g("u1"), "new2").granted is True
     assert ledger.reserve(g("u1"), "new3").granted is False
     assert calls == ["u1", "u1"]
+
+
+def test_a_pending_key_is_counted_once_whether_it_was_granted_or_not(
+    redis_client: redis.Redis,
+) -> None:
+    """Sends claimed but still queued when Redis lost its data count as pending: the rebuild
+    counts them, and their own reservation is then granted without counting them again."""
+    ledger = ledger_over(
+        redis_client, total=5, charged=["a", "b"], pending=[("c", 1), ("campaign|x", 2)]
+    )
+    assert ledger.rebuild(g("u1"))
+    assert ledger.state(g("u1")) == (5, 5, 0)
+    mine = ledger.reserve(g("u1"), "c")
+    bulk = ledger.reserve(g("u1"), "campaign|x", credits=2)
+    assert (mine.granted, mine.used, bulk.granted, bulk.used) == (True, 5, True, 5)
+    assert ledger.reserve(g("u1"), "d").granted is False  # the grant is really full
+    assert ledger.reserve(g("u1"), "c").replay is True  # and c is an ordinary grant now
+    assert ledger.refund(g("u1"), "c")
+    assert ledger.state(g("u1")) == (4, 5, 100)  # c reached 100 % when it was granted
+
+
+def test_a_pending_key_that_cannot_fit_is_denied_and_uncounted(redis_client: redis.Redis) -> None:
+    """Old Redis denied some of the pending keys before it lost its data (their senders are
+    about to record quota_exhausted): the grant cannot hold them all, so reserving one denies
+    it and takes its count off; the failure's refund uncounts one never reserved again."""
+    pending = [("p1", 1), ("p2", 1), ("p3", 1)]
+    ledger = ledger_over(redis_client, total=3, charged=["a", "b"], pending=pending)
+    assert ledger.balance(g("u1")) == (5, 3)
+    denied = ledger.reserve(g("u1"), "p1")
+    assert (denied.granted, denied.used) == (False, 4)
+    assert ledger.refund(g("u1"), "p2")  # p2 failed without asking Redis again
+    assert ledger.balance(g("u1")) == (3, 3)
+    assert ledger.reserve(g("u1"), "p3").granted is True  # p3 was the one granted: still is
+    assert ledger.reserve(g("u1"), "p1").granted is False  # a replay of its denial
+    assert ledger.balance(g("u1")) == (3, 3)
+
+
+def test_a_refund_made_while_the_grant_is_gone_is_not_counted_by_the_rebuild(
+    redis_client: redis.Redis,
+) -> None:
+    """The rebuild may read the ledger before a failure is recorded and run after its refund
+    found the grant gone: the refund's mark keeps the rebuild from counting the key."""
+    ledger = ledger_over(redis_client, total=5, charged=["a", "b"], pending=[("campaign|x", 2)])
+    assert ledger.refund(g("u1"), "b") is False  # the grant is gone: marked, not counted
+    assert ledger.refund_parts(g("u1"), "campaign|x", ["x1", "x2"]) == 0
+    assert ledger.rebuild(g("u1"))  # from a ledger read that still counts b and campaign x
+    assert ledger.state(g("u1")) == (1, 5, 0)
+    assert ledger.reserve(g("u1"), "campaign|x", credits=2).granted is False
+
+
+def test_refunds_of_a_pending_campaign_come_back_part_by_part(redis_client: redis.Redis) -> None:
+    """A campaign stored but not yet reserving when Redis lost its data is pending under its
+    bulk key; failing its recipients gives each credit back once, and a late reservation of
+    the bulk key takes nothing."""
+    ledger = ledger_over(redis_client, total=10, pending=[("campaign|x", 3)])
+    assert ledger.balance(g("u1")) == (3, 10)
+    assert ledger.refund_parts(g("u1"), "campaign|x", ["x1", "x2", "x3", "x1"]) == 3
+    assert ledger.balance(g("u1")) == (0, 10)
+    late = ledger.reserve(g("u1"), "campaign|x", credits=3)
+    assert (late.granted, late.replay, late.used) == (True, True, 0)
+    assert ledger.refund_parts(g("u1"), "campaign|x", ["x1", "x2", "x3"]) == 0
 
 
 def test_rebuild_takes_the_notified_threshold_from_the_ledger(redis_client: redis.Redis) -> None:
