@@ -112,6 +112,19 @@ def park_campaign(rt: Runtime, campaign_id: str, seconds: float) -> None:
     log.info("campaign %s parked until %s", campaign_id, due.isoformat(timespec="seconds"))
 
 
+def park_system_email(rt: Runtime, email_id: str, seconds: float) -> None:
+    """A system email whose retry the broker did not take goes back to the outbox: marked as
+    never enqueued, so the next :func:`sweep` hands it to the broker again (its short wait,
+    ``seconds``, is not kept: the sweep runs every minute)."""
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(SystemEmail)
+            .where(SystemEmail.id == email_id, SystemEmail.status == SendStatus.QUEUED)
+            .values(enqueued_at=None)
+        )
+    log.info("system email %s left to the outbox sweep (%.0fs wait not kept)", email_id, seconds)
+
+
 def _unpark(rt: Runtime, send_ids: Iterable[str], campaign_ids: Iterable[str]) -> None:
     now = rt.clock.now()
     with rt.sessions.begin() as session:

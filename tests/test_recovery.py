@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from celery.contrib.testing.worker import start_worker
 
-from devstack.devsmtp import DevSMTPServer
+from devstack.devsmtp import Action, DevSMTPServer, FaultPlan
 from dispatcher import recovery as outbox
 from dispatcher.campaigns import control, create
 from dispatcher.clock import FrozenClock
-from dispatcher.credits.subscriptions import change
+from dispatcher.credits.subscriptions import change, credits
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred
+from dispatcher.models import Send, SendStatus
 from dispatcher.ports import InlineQueue, OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
-from tests.helpers import campaign_request, make_user, send_request
+from tests.crashkit import RestartableRedis
+from tests.helpers import campaign_request, make_user, send_request, wait_for
+from workers.app import create_app
+from workers.queue import CeleryTaskQueue
 
 
 def test_work_stored_without_a_broker_is_enqueued_once_by_the_sweep(
@@ -212,3 +219,47 @@ def test_open_work_is_enqueued_again_at_once_when_redis_lost_its_data(
     assert outbox.recover_lost(runtime) == (1, 0, 1)
     assert (queue.enqueued, queue.campaign_chunks) == ([send_id], [(view.id, 0)])
     assert outbox.recover_lost(runtime) == (0, 0, 0)  # once per loss
+
+
+def test_a_retry_the_broker_does_not_take_is_parked_for_the_sweep_not_dropped(
+    make_runtime: Callable[..., Runtime],
+    smtp_server: DevSMTPServer,
+    clock: FrozenClock,
+    tmp_path: Path,
+) -> None:
+    """The relay defers a send (451) while the broker (Redis) is down: Celery cannot publish
+    the retry and would drop the message. The wait is parked in SQL instead, the credit still
+    held for the send, and the beat's sweep hands it to the broker once due: sent once."""
+    with RestartableRedis(tmp_path / "redis") as broker:
+        rt = make_runtime(redis_url=broker.url)
+        app = create_app(rt.settings, rt)
+        make_user(rt)
+        smtp_server.handler.fault = FaultPlan(
+            by_recipient={"contact1@example.org": [Action("rcpt", "451 4.3.0 later", delay=1.0)]}
+        )
+        with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False):
+            send_id = submit_send(rt, CeleryTaskQueue(app), send_request()).send_id
+            wait_for(lambda: bool(smtp_server.handler.mail_at), what="the conversation")
+            broker.kill()  # while the relay thinks it over: the retry has nowhere to go
+
+            def parked() -> bool:
+                with rt.sessions() as session:
+                    send = session.get(Send, send_id)
+                    return send is not None and send.retry_at is not None
+
+            wait_for(parked, what="the send parked")
+            broker.start()  # empty
+            with rt.sessions() as session:
+                send = session.get(Send, send_id)
+                assert send is not None and send.retry_at is not None
+                assert (send.status, send.attempts) == (SendStatus.RESERVED, 1)
+                # A short wait (the retry's countdown), not the credit's hold of many minutes.
+                assert (send.retry_at - clock.now()).total_seconds() <= 1.0
+        inline = InlineQueue()
+        rt.queue = inline
+        clock.advance(timedelta(seconds=2))
+        outbox.sweep(rt)
+        assert inline.enqueued == [send_id]
+        assert delivery.deliver(rt, send_id) is SendStatus.SENT
+        assert len(smtp_server.messages) == 1
+        assert credits(rt, "agent-1").used == 1

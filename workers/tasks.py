@@ -14,6 +14,9 @@ The error tree is the retry contract (``dispatcher.errors``):
 - Anything else is unforeseen: retried up to ``SEND_MAX_RETRIES`` times, then the item is
   settled as ``internal_error`` (credit back, timeline event, step outcome, alert): a poison
   message never loops.
+
+A retry the broker does not take (it is down, or lost its data) is never dropped: its wait is
+parked in SQL, and the beat's sweep enqueues the item once it is due (within a minute of it).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import logging
 import random
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -61,6 +66,23 @@ def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
     recovery.park_campaign(rt, run.parse(item)[0], seconds)
 
 
+def _retry(
+    task: Task, rt: Runtime, park: Park, item_id: str, countdown: float, **options: Any
+) -> str:
+    """Have the broker deliver the task again in ``countdown`` seconds (raises Celery's
+    ``Retry``). Should the broker not take the retry, Celery would drop the message: the wait
+    is parked in SQL instead, for the beat's sweep to enqueue the item when it is due."""
+    try:
+        raise task.retry(countdown=countdown, max_retries=None, **options)
+    except Reject as exc:
+        park(rt, item_id, countdown)
+        log.warning(
+            "%s %s: the broker did not take its retry (%s); parked for the sweep in %.1fs",
+            *(task.name, item_id, exc.reason, countdown),
+        )
+        return "parked"
+
+
 def _deliver(
     task: Task,
     rt: Runtime,
@@ -69,7 +91,7 @@ def _deliver(
     item_id: str,
     failures: int,
     *,
-    park: Park | None = None,
+    park: Park,
 ) -> str:
     """Run one delivery use case and map what it raises to retry or not (see the module).
 
@@ -85,13 +107,13 @@ def _deliver(
         return "missing"
     except PermanentError as exc:
         log.warning("%s %s failed for good: %s", task.name, item_id, exc)
-        return _settle(task, rt, give_up, item_id, exc.reason, str(exc), failures)
+        return _settle(task, rt, give_up, park, item_id, exc.reason, str(exc), failures)
     except SendBusy as exc:
         # Another delivery holds the lease; look again when it has run out.
-        raise task.retry(countdown=exc.retry_after, max_retries=None) from None
+        return _retry(task, rt, park, item_id, exc.retry_after or countdown)
     except TransientError as exc:
         asked = exc.retry_after
-        if asked is not None and asked > s.retry_backoff_max_seconds and park is not None:
+        if asked is not None and asked > s.retry_backoff_max_seconds:
             # Longer than any countdown may be (the broker would redeliver it): store the wait
             # in SQL; the beat sweep enqueues the item when it is due.
             park(rt, item_id, asked)
@@ -101,39 +123,46 @@ def _deliver(
             # A server or lease that said when to come back is not asked sooner.
             countdown = min(max(countdown, asked), s.retry_backoff_max_seconds)
         log.info("%s %s retry in %.1fs: %s", task.name, item_id, countdown, exc)
-        raise task.retry(countdown=countdown, max_retries=None) from None
+        return _retry(task, rt, park, item_id, countdown)
     except INFRASTRUCTURE as exc:
         log.warning(
             "%s %s: infrastructure error, retry in %.1fs: %s: %s",
             *(task.name, item_id, countdown, type(exc).__name__, exc),
         )
-        raise task.retry(countdown=countdown, max_retries=None) from None
+        return _retry(task, rt, park, item_id, countdown)
     except Exception as exc:
         detail = f"{type(exc).__name__}: {exc}"
         if failures >= s.send_max_retries:
             log.exception(
                 "%s %s failed unexpectedly %d times; giving up", task.name, item_id, failures + 1
             )
-            return _settle(task, rt, give_up, item_id, Reason.INTERNAL_ERROR, detail, failures)
+            return _settle(
+                task, rt, give_up, park, item_id, Reason.INTERNAL_ERROR, detail, failures
+            )
         log.exception("%s %s failed unexpectedly; retry in %.1fs", task.name, item_id, countdown)
-        raise task.retry(
-            countdown=countdown, kwargs={"failures": failures + 1}, exc=exc, max_retries=None
-        ) from None
+        # Parked instead (the broker did not take it), the item starts a fresh budget.
+        return _retry(
+            task, rt, park, item_id, countdown, kwargs={"failures": failures + 1}, exc=exc
+        )
 
 
 def _settle(
-    task: Task, rt: Runtime, give_up: GiveUp, item_id: str, reason: str, detail: str, failures: int
+    task: Task,
+    rt: Runtime,
+    give_up: GiveUp,
+    park: Park,
+    item_id: str,
+    reason: str,
+    detail: str,
+    failures: int,
 ) -> str:
     """Settle an item that cannot go on; should our infrastructure fail meanwhile, try again."""
     try:
         return give_up(rt, item_id, reason, detail).value
     except INFRASTRUCTURE as exc:
         log.warning("%s %s: could not settle yet: %s", task.name, item_id, exc)
-        raise task.retry(
-            countdown=rt.settings.retry_backoff_seconds,
-            kwargs={"failures": failures},
-            max_retries=None,
-        ) from None
+        countdown = rt.settings.retry_backoff_seconds
+        return _retry(task, rt, park, item_id, countdown, kwargs={"failures": failures})
 
 
 def register(app: Celery, rt: Runtime) -> None:
@@ -154,7 +183,15 @@ def register(app: Celery, rt: Runtime) -> None:
 
     @task(name=SEND_SYSTEM_EMAIL_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_system_email(self: Task, email_id: str, failures: int = 0) -> str:
-        return _deliver(self, rt, system_mail.deliver, system_mail.give_up, email_id, failures)
+        return _deliver(
+            self,
+            rt,
+            system_mail.deliver,
+            system_mail.give_up,
+            email_id,
+            failures,
+            park=recovery.park_system_email,
+        )
 
     @task(name=SEND_CAMPAIGN_CHUNK_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_campaign_chunk(self: Task, item: str, failures: int = 0) -> str:
