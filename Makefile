@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench drill-kills clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ clean:
 
 bench: install ## Benchmark a 100,000-recipient campaign through the real stack (not a test)
 	$(BIN)/python tests/bench_campaign.py
+
+drill-kills: install ## SIGKILL campaign workers 20 times during a 3,000-recipient campaign and check what it cost (not a test; ARGS="--help")
+	$(BIN)/python -m tests.drills.campaign_kills $(ARGS)

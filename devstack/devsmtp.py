@@ -112,6 +112,8 @@ class RecordingHandler:
         self.fault = fault
         self.messages: list[Received] = []
         self.attempts = 0
+        #: RSET commands read: a client taking back a MAIL and RCPT it will not follow with DATA.
+        self.resets = 0
         #: When each MAIL command was read (unix seconds): the moment the relay starts taking
         #: a message, what a relay's own rate limit counts.
         self.mail_at: list[float] = []
@@ -137,6 +139,11 @@ class RecordingHandler:
             if answer is not None:
                 return answer
         envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.resets += 1
         return "250 OK"
 
     async def _act(self, server: SMTP, answer: str | Action | None) -> str | None:
@@ -192,6 +199,7 @@ class RecordingHandler:
         with self._lock:
             self.messages.clear()
             self.attempts = 0
+            self.resets = 0
             self.mail_at.clear()
 
 

@@ -1,4 +1,4 @@
-"""Redis keys of the credit counters and campaign start marks. The relay halt, rate-limit and
+"""Redis keys of the credit counters and campaign DATA marks. The relay halt, rate-limit and
 MailChimp semaphore keys are built by their own modules; docs/architecture.md lists every key."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ def reservations(user_id: str, period: str, seq: int) -> str:
     return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}:res"
 
 
-def chunk_started(campaign_id: str, chunk: int) -> str:
-    """Set of a campaign chunk's recipients (send ids) whose SMTP conversation was started,
-    plus a marker member written before any of them was claimed."""
-    return f"{PREFIX}:campaign:{{{campaign_id}}}:{chunk}:started"
+def chunk_data(campaign_id: str, chunk: int) -> str:
+    """Hash of a campaign chunk's recipients (send id) whose message reached DATA: ``?<attempt>``
+    from just before the DATA command, the server's reply once it accepted the message; plus a
+    field ``-`` written before any of them was claimed."""
+    return f"{PREFIX}:campaign:{{{campaign_id}}}:{chunk}:data"
 
 
 def epoch() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -13,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,10 @@ from tests.helpers import worker_env
 from workers.app import CAMPAIGN, SWEEP_OUTBOX_TASK, create_app
 
 TERMINAL = (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
+
+#: Chunks one campaign worker process runs at once: ``--pool solo`` (the process killed is the
+#: one that talks SMTP).
+WORKER_CONCURRENCY = 1
 
 
 def crash_settings(settings: Settings, **changes: Any) -> Settings:
@@ -105,6 +110,7 @@ class Workers:
         argv = [
             *(sys.executable, "-m", "celery", "-A", "workers.app", "worker"),
             *("-Q", CAMPAIGN, "-n", f"crash{n}@%h", "--pool", "solo", "--loglevel", "INFO"),
+            *("--concurrency", str(WORKER_CONCURRENCY)),
             *("--without-mingle", "--without-gossip", "--without-heartbeat"),
         ]
         child = Child(
@@ -375,6 +381,104 @@ class Progress:
         )
 
 
+# --------------------------------------------------------------------------- kills
+
+
+def connections_per_worker(settings: Settings) -> int:
+    """SMTP connections one campaign worker process holds open at most: each chunk it runs at
+    once reuses up to ``SMTP_POOL_SIZE``. A kill leaves at most this many recipients with a
+    message in DATA, the only ones that may end ``unknown``."""
+    return settings.smtp_pool_size * WORKER_CONCURRENCY
+
+
+@dataclass(frozen=True)
+class Kill:
+    at: float  # seconds into the campaign
+    worker: str
+    exit_code: int | None
+    open_before: int  # recipients still open just before the kill
+    leased_before: int  # of which held under a lease (mid-conversation somewhere)
+
+
+@dataclass
+class KillRun:
+    """A campaign run to its end while campaign workers were SIGKILLed."""
+
+    view: control.CampaignView
+    kills: list[Kill] = field(default_factory=list)
+
+    @property
+    def landed(self) -> list[Kill]:
+        """Kills made while recipients of the campaign were still open."""
+        return [k for k in self.kills if k.open_before > 0]
+
+
+def run_with_kills(
+    stack: Stack,
+    server: DevSMTPServer,
+    campaign_id: str,
+    rng: random.Random,
+    kills: int,
+    limit: float,
+    spread: tuple[float, float] = (0.02, 0.75),
+) -> KillRun:
+    """Run the campaign to its end while beat's sweeps run, SIGKILLing a random ready worker
+    (a replacement starting each time) at ``kills`` random points of its progress within
+    ``spread``, at least a second apart and at a random moment of a conversation. Fails once
+    the campaign ran ``limit`` seconds."""
+    plan = sorted(rng.uniform(*spread) for _ in range(kills))
+    run = KillRun(control.view(stack.rt, campaign_id))
+    last_kill = 0.0
+    progress = Progress()
+    while True:
+        run.view = view = control.view(stack.rt, campaign_id)
+        progress.log(view, len(server.messages), f"kills={len(run.kills)}")
+        if view.status != "running":
+            return run
+        stack.workers.check_none_died()
+        stack.beat.tick()
+        due = plan and view.progress >= plan[0]
+        victims = stack.workers.ready()
+        if due and victims and progress.elapsed() - last_kill >= 1.0:
+            time.sleep(rng.uniform(0.0, 0.4))  # a random point of the conversation
+            victim = rng.choice(victims)
+            open_, leased = open_and_leased(stack.rt, campaign_id)
+            code = stack.workers.kill(victim)
+            run.kills.append(Kill(progress.elapsed(), victim.name, code, open_, leased))
+            print(f"  killed {victim.name} ({open_} open, {leased} leased)", flush=True)
+            stack.workers.start()
+            plan.pop(0)
+            last_kill = progress.elapsed()
+        check_time_left(stack, progress, campaign_id, view, limit)
+        time.sleep(0.1)
+
+
+def check_time_left(
+    stack: Stack, progress: Progress, campaign_id: str, view: control.CampaignView, limit: float
+) -> None:
+    """Fail, saying where the campaign stands, once a phase ran past ``limit`` seconds."""
+    if progress.elapsed() > limit:
+        raise AssertionError(
+            f"campaign not completed after {limit:.0f}s: {view}; "
+            f"open chunks {control.open_chunks(stack.rt, campaign_id)}; "
+            f"beat recovered {stack.beat.recovered}" + stack.workers.logs()
+        )
+
+
+_SENT_AGAIN = re.compile(r"(\d+) recipients of a lost worker never reached DATA")
+
+
+def sent_again(workers: Workers) -> int:
+    """Recipients that lost workers had claimed but not carried to DATA, handed back to be sent
+    (as the chunks that found them logged it)."""
+    total = 0
+    for child in workers.children:
+        with contextlib.suppress(OSError):
+            text = child.log_path.read_text("utf-8", "replace")
+            total += sum(int(n) for n in _SENT_AGAIN.findall(text))
+    return total
+
+
 # --------------------------------------------------------------------------- audit
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
@@ -396,7 +500,7 @@ class Audit:
     not_terminal: list[str]  # "contact: status"
     event_problems: list[str]  # recipients without exactly one matching terminal event
     received_twice: dict[str, int]  # Message-ID -> times the server took it
-    sent_not_received: list[str]
+    sent_not_once: list[str]  # "sent" recipients the server took other than exactly once
     failed_but_received: list[str]
     foreign: list[str]  # Message-IDs received that belong to no recipient of the campaign
     unknown_received: int  # unknown outcomes the server did take
@@ -438,7 +542,7 @@ def audit(rt: Runtime, campaign_id: str, user_id: str, server: DevSMTPServer) ->
     counts: Counter[str] = Counter()
     failed_by_reason: Counter[str] = Counter()
     not_terminal, event_problems = [], []
-    sent_not_received, failed_but_received = [], []
+    sent_not_once, failed_but_received = [], []
     unknown_received = unknown_not_received = 0
     ours: set[str] = set()
     for send_id, contact_id, status, reason, mid in rows:
@@ -456,8 +560,8 @@ def audit(rt: Runtime, campaign_id: str, user_id: str, server: DevSMTPServer) ->
             failed_by_reason[reason or "?"] += 1
             if mid in received:
                 failed_but_received.append(contact_id)
-        elif status is SendStatus.SENT and mid not in received:
-            sent_not_received.append(contact_id)
+        elif status is SendStatus.SENT and received[mid] != 1:
+            sent_not_once.append(f"{contact_id} received {received[mid]} times")
         elif status is SendStatus.UNKNOWN:
             if mid in received:
                 unknown_received += 1
@@ -474,7 +578,7 @@ def audit(rt: Runtime, campaign_id: str, user_id: str, server: DevSMTPServer) ->
         not_terminal=not_terminal,
         event_problems=event_problems,
         received_twice={k: n for k, n in received.items() if n > 1},
-        sent_not_received=sent_not_received,
+        sent_not_once=sent_not_once,
         failed_but_received=failed_but_received,
         foreign=sorted(set(received) - ours),
         unknown_received=unknown_received,
@@ -484,3 +588,61 @@ def audit(rt: Runtime, campaign_id: str, user_id: str, server: DevSMTPServer) ->
         ledger_used=snap.used,
         ledger_total=snap.total,
     )
+
+
+def violations(result: Audit, grant: int, unknown_bound: int | None = None) -> list[str]:
+    """What a finished campaign on a server that accepts every message breaks of the crash
+    invariants (empty when none), with the offending recipients named: every recipient has one
+    terminal status and one matching timeline event; nobody got two copies; every recipient
+    not ``unknown`` was delivered exactly once (those a lost worker had claimed without
+    reaching DATA were sent again, once); nobody failed; Redis and the SQL ledger both count
+    sent + unknown of ``grant``; and, given ``unknown_bound``, no more are ``unknown``."""
+    out: list[str] = []
+    if result.not_terminal:
+        out.append(
+            f"{len(result.not_terminal)} recipients have no terminal status: "
+            f"{result.not_terminal[:10]}"
+        )
+    if result.event_problems:
+        out.append(
+            f"{len(result.event_problems)} recipients lack exactly one terminal timeline event "
+            f"matching their status: {result.event_problems[:10]}"
+        )
+    if result.received_twice:
+        out.append(
+            f"the SMTP server took {len(result.received_twice)} Message-IDs more than once: "
+            f"{list(result.received_twice.items())[:10]}"
+        )
+    if result.sent_not_once:
+        out.append(
+            f"{len(result.sent_not_once)} recipients are 'sent' but the server did not get "
+            f"their message exactly once: {result.sent_not_once[:10]}"
+        )
+    if result.failed_but_received:
+        out.append(
+            f"{len(result.failed_but_received)} recipients are 'failed' (credit returned) but "
+            f"the server got their message: {result.failed_but_received[:10]}"
+        )
+    if result.foreign:
+        out.append(f"the server got messages of no recipient: {result.foreign[:5]}")
+    charged = result.sent + result.unknown
+    if (result.redis_used, result.redis_total) != (charged, grant):
+        out.append(
+            f"Redis counts {result.redis_used} of {result.redis_total} credits used; "
+            f"sent + unknown = {result.sent} + {result.unknown} = {charged} of {grant}"
+        )
+    if (result.ledger_used, result.ledger_total) != (charged, grant):
+        out.append(
+            f"the SQL ledger counts {result.ledger_used} of {result.ledger_total} credits used; "
+            f"sent + unknown = {charged} of {grant}"
+        )
+    # Nothing here can make a recipient fail: the server accepts every message, and a worker
+    # lost mid-conversation leaves its recipients `unknown` or sent again, never `failed`.
+    if result.failed_by_reason:
+        out.append(f"recipients failed: {dict(result.failed_by_reason)}")
+    if unknown_bound is not None and result.unknown > unknown_bound:
+        out.append(
+            f"{result.unknown} recipients ended unknown ({result.unknown_not_received} of them "
+            f"never reached the server), more than the bound {unknown_bound}"
+        )
+    return out

@@ -29,6 +29,8 @@ from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
 from dispatcher.delivery.relay import unavailable
 from dispatcher.delivery.rendering import CompiledTemplate, MessageTemplate, context_for
+from dispatcher.delivery.transports.base import Delivery
+from dispatcher.delivery.transports.base import Outcome as TransportOutcome
 from dispatcher.delivery.unsubscribe import BulkHeaders, bulk_headers
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -47,10 +49,12 @@ log = logging.getLogger(__name__)
 #: Recipients claimed per round trip; a pause takes effect within one batch.
 BATCH = 200
 
-#: Member of a chunk's start-mark set written before any recipient is claimed.
+#: Field of a chunk's DATA marks written before any recipient is claimed: the marks are whole.
 OPEN_MARK = "-"
-#: How long start marks outlive a lease (seconds).
-STARTED_TTL = 86_400
+#: A recipient's DATA mark while DATA is under way: this prefix, then the claim's attempt number.
+IN_DATA = "?"
+#: How long DATA marks outlive a lease (seconds).
+MARKS_TTL = 86_400
 
 _SENDING = (SendStatus.SENDING,)
 _WORKER_LOST = "the worker was lost while talking to the SMTP server; not resent"
@@ -89,7 +93,7 @@ class _Run:
     compiled: CompiledTemplate
     headers: BulkHeaders
     skeleton: BulkMessage
-    started: str  # the chunk's start-mark set in Redis
+    marks: str  # the chunk's DATA marks in Redis
     deadline: float
     deferred: int = 0
     held: NotAttempted | None = None
@@ -116,16 +120,16 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
             reply_to=c.reply_to,
             extra_headers=headers.constant,
         ),
-        started=keys.chunk_started(c.id, chunk),
+        marks=keys.chunk_data(c.id, chunk),
         # Stop claiming (and starting messages) well before the task's time limit, so a
         # throttled relay never leaves claimed recipients behind a killed task.
         deadline=time.monotonic() + rt.settings.task_time_limit / 2,
     )
-    # Before anything is claimed: the marker that says this chunk's start marks are complete
-    # (should Redis lose them, the marker goes too, and lost recipients count as started).
+    # Before anything is claimed: the field that says this chunk's DATA marks are whole
+    # (should Redis lose them, it goes too, and every lost recipient counts as in DATA).
     pipe = rt.redis.pipeline(transaction=False)
-    pipe.sadd(run.started, OPEN_MARK)
-    pipe.expire(run.started, rt.settings.send_lease_seconds + STARTED_TTL)
+    pipe.hset(run.marks, OPEN_MARK, "1")
+    pipe.expire(run.marks, rt.settings.send_lease_seconds + MARKS_TTL)
     pipe.execute()
     bulk = rt.transport.bulk()
     try:
@@ -145,7 +149,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
                     for row, _, raw in batch.ready
                 ],
                 run.deadline,
-                _marker(rt, run, batch),
+                _DataMarks(rt, run.marks, batch),
                 stop=_policy_refusal,
             )
             _record(rt, c, run, batch, results)
@@ -200,17 +204,45 @@ def _policy_refusal(outcome: Any) -> bool:
     return isinstance(outcome, DeliveryRejected) and outcome.reason == Reason.POLICY_REJECTED
 
 
-def _marker(rt: Runtime, run: _Run, batch: _Batch) -> Callable[[Sequence[int]], None]:
-    """Marks recipients as started just before their conversations: a worker dying after this
-    leaves them ``unknown``; one dying before it leaves them to be sent again."""
+class _DataMarks:
+    """A batch's recipients marked in Redis one by one, after RCPT was accepted and immediately
+    before DATA: the one point after which the server may have the message. A worker lost
+    before it leaves the recipient to be sent again; after it, ``unknown`` (credit kept, never
+    resent), unless the mark already says how DATA ended. That is written with the batch's
+    next mark, in the same round trip: an accepted message's reply (the recipient is ``sent``),
+    or no mark at all after a refusal or a deferral (the server does not have it: sent again).
+    Each connection has at most one message marked whose end is not written yet, so a lost
+    worker leaves at most one ``unknown`` per SMTP connection it had open."""
 
-    def mark(group: Sequence[int]) -> None:
+    def __init__(self, rt: Runtime, key: str, batch: _Batch) -> None:
+        self._redis = rt.redis
+        self._key = key
+        self._rows = [row for row, _, _ in batch.ready]
+        self._ended: dict[str, str | None] = {}  # send id -> accepted reply, None: not taken
+
+    def before_data(self, item: int) -> None:
+        row = self._rows[item]
+        pipe = self._redis.pipeline(transaction=False)
+        for send_id, reply in self._ended.items():
+            if reply is None:
+                pipe.hdel(self._key, send_id)
+            else:
+                pipe.hset(self._key, send_id, reply)
+        # The attempt number ties the mark to this claim: one left behind by an earlier claim
+        # of the same recipient (deferred at DATA, its end never written) does not count.
+        pipe.hset(self._key, row.id, f"{IN_DATA}{row.attempts}")
         try:
-            rt.redis.sadd(run.started, *(batch.ready[i][0].id for i in group))
+            pipe.execute()
         except RedisError as exc:
             raise unavailable(exc) from None
+        self._ended.clear()
 
-    return mark
+    def after_data(self, item: int, outcome: TransportOutcome) -> None:
+        send_id = self._rows[item].id
+        if isinstance(outcome, Delivery):
+            self._ended[send_id] = f"{outcome.code} {outcome.reply}"
+        elif not isinstance(outcome, DeliveryUnknown):
+            self._ended[send_id] = None  # refused or deferred: the server does not have it
 
 
 def _record(rt: Runtime, c: Campaign, run: _Run, batch: _Batch, results: Sequence[Any]) -> None:
@@ -256,15 +288,17 @@ def _record(rt: Runtime, c: Campaign, run: _Run, batch: _Batch, results: Sequenc
 
 
 def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
-    """Settle recipients whose lease ran out mid-batch (their worker died). Those whose
-    conversation had started (marked in Redis just before it) are ``unknown``: the server may
-    have the message, so it is never resent and the credit is kept. Those never started go back
-    to ``reserved`` to be sent (not an attempt). Without the chunk's marker (Redis lost its
-    data) every one of them counts as started."""
+    """Settle recipients whose lease ran out mid-batch (their worker died), by their DATA
+    marks (:class:`_DataMarks`): one whose message the server accepted is ``sent``; one whose
+    DATA was under way is ``unknown`` (the server may have the message: never resent, credit
+    kept); one that never reached DATA goes back to ``reserved`` to be sent (not an attempt).
+    Without the chunk's ``OPEN_MARK`` (Redis lost its data) every one of them is ``unknown``."""
     now = rt.clock.now()
     with rt.sessions() as session:
         lost = session.execute(
-            select(Send.id, Send.contact_id, Send.contact_email, Send.merge_fields).where(
+            select(
+                Send.id, Send.contact_id, Send.contact_email, Send.merge_fields, Send.attempts
+            ).where(
                 Send.campaign_id == c.id,
                 Send.chunk == chunk,
                 Send.status == SendStatus.SENDING,
@@ -273,26 +307,31 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
         ).all()
     if not lost:
         return
-    started_key = keys.chunk_started(c.id, chunk)
-    flags = rt.redis.smismember(started_key, [OPEN_MARK, *(row.id for row in lost)])
-    complete, marks = bool(flags[0]), flags[1:]
-    never = [row.id for row, m in zip(lost, marks, strict=True) if complete and not m]
+    found = rt.redis.hmget(keys.chunk_data(c.id, chunk), [OPEN_MARK, *(row.id for row in lost)])
+    whole = found[0] is not None
+    subject = _subjects(c)
+    never: list[str] = []
+    outcomes: list[Outcome] = []
+    for row, raw in zip(lost, found[1:], strict=True):
+        mark = raw.decode() if isinstance(raw, bytes) else raw
+        if mark is not None and not mark.startswith(IN_DATA):
+            outcomes.append(Outcome(row.id, SendStatus.SENT, None, mark, subject(row)))
+        elif whole and mark != f"{IN_DATA}{row.attempts}":
+            never.append(row.id)
+        else:
+            outcomes.append(
+                Outcome(row.id, SendStatus.UNKNOWN, Reason.WORKER_LOST, _WORKER_LOST, subject(row))
+            )
     if never:
         lifecycle.unclaim(rt, never, Send.lease_until < now)
         log.warning(
-            "campaign %s chunk %d: %d recipients of a lost worker were never started; "
+            "campaign %s chunk %d: %d recipients of a lost worker never reached DATA; "
             "they will be sent",
             c.id,
             chunk,
             len(never),
         )
-    subject = _subjects(c)
-    lost_outcomes = [
-        Outcome(row.id, SendStatus.UNKNOWN, Reason.WORKER_LOST, _WORKER_LOST, subject(row))
-        for row in lost
-        if row.id not in never
-    ]
-    lifecycle.settle(rt, lost_outcomes, _SENDING, campaign=c)
+    lifecycle.settle(rt, outcomes, _SENDING, campaign=c)
 
 
 def _subjects(c: Campaign) -> Callable[[Any], str | None]:

@@ -36,20 +36,38 @@ class Transport(Protocol):
         ...
 
 
+class DataMarks(Protocol):
+    """Told, message by message, when a batch's item reaches DATA: the one point of the
+    conversation after which the server may have the message.
+
+    ``before_data(item)`` is called once the item's recipient was accepted at RCPT, immediately
+    before the DATA command, and never for an item whose conversation stopped earlier. When it
+    raises :class:`NotAttempted` the message is not sent (the pending MAIL and RCPT are reset or
+    the connection dropped) and it and the rest of the batch come back as that NotAttempted.
+    ``after_data(item, outcome)`` follows as soon as DATA ended, with what it ended in (a
+    :class:`Delivery`, a refusal, a deferral, or :class:`DeliveryUnknown` when the connection was
+    lost meanwhile); it must not raise. Members without an SMTP conversation (memory) call both
+    around each item they attempt.
+    """
+
+    def before_data(self, item: int) -> None: ...
+
+    def after_data(self, item: int, outcome: Outcome) -> None: ...
+
+
 class BulkSender(Protocol):
     """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
     delivery error, returned, not raised. Items not started by ``deadline`` (a
-    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``on_start(group)`` is
-    called before the conversations of a few items begin (at least once for every item that
-    is attempted); when it raises a Redis error those and the rest are not attempted. Once
-    ``stop(outcome)`` is true for an item, no further item starts (conversations already under
-    way on other connections finish) and the rest come back as :class:`NotAttempted`."""
+    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``marks`` is told of each
+    item that reaches DATA (see :class:`DataMarks`). Once ``stop(outcome)`` is true for an item,
+    no further item starts (conversations already under way on other connections finish) and
+    the rest come back as :class:`NotAttempted`."""
 
     async def send_many(
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[Sequence[int]], None] | None = None,
+        marks: DataMarks | None = None,
         stop: Callable[[Outcome], bool] | None = None,
     ) -> list[Outcome]: ...
 

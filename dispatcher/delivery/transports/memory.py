@@ -6,8 +6,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 from dispatcher.delivery.message import Envelope
-from dispatcher.delivery.transports.base import Delivery, Outcome, stopped
-from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, stopped
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 
 Behaviour = Callable[[Envelope, bytes], Delivery]
 
@@ -40,20 +40,31 @@ class MemoryTransport:
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[Sequence[int]], None] | None = None,
+        marks: DataMarks | None = None,
         stop: Callable[[Outcome], bool] | None = None,
     ) -> list[Outcome]:
+        """Each item in turn; with no conversation to go through, ``marks`` is told of each
+        item just before it is handed over and again with its outcome (see
+        :class:`~dispatcher.delivery.transports.base.DataMarks`)."""
         out: list[Outcome] = []
-        halted = False
+        held: NotAttempted | None = None
         for i, (envelope, message) in enumerate(items):
-            if halted:
-                out.append(stopped("not started after an earlier answer"))
+            if held is None and marks is not None:
+                try:
+                    marks.before_data(i)
+                except NotAttempted as exc:
+                    held = exc
+            if held is not None:
+                out.append(held)
                 continue
-            if on_start is not None:
-                on_start([i])
+            outcome: Outcome
             try:
-                out.append(await self.send(envelope, message))
+                outcome = await self.send(envelope, message)
             except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
-                out.append(exc)
-            halted = stop is not None and stop(out[-1])
+                outcome = exc
+            if marks is not None:
+                marks.after_data(i, outcome)
+            out.append(outcome)
+            if stop is not None and stop(outcome):
+                held = stopped("not started after an earlier answer")
         return out

@@ -7,13 +7,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 
 import aiosmtplib
 
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.relay import RelayGuard
-from dispatcher.delivery.transports.base import Delivery, Outcome, stopped
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, stopped
 from dispatcher.delivery.transports.classify import classify
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 from dispatcher.reasons import Reason
@@ -30,9 +29,6 @@ class SMTPConfig:
     starttls: bool = False
     timeout: float = 30.0
 
-
-#: Items a lane announces to ``on_start`` at once (one round trip for several messages).
-START_GROUP = 4
 
 #: Replies to AUTH that mean our credentials (or the relay's account) are refused.
 AUTH_REFUSED = (530, 534, 535, 538)
@@ -122,13 +118,14 @@ class SMTPBulk:
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
-        on_start: Callable[[Sequence[int]], None] | None = None,
+        marks: DataMarks | None = None,
         stop: Callable[[Outcome], bool] | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
-        (delivery errors are returned, not raised). Items not started by ``deadline`` (a
-        ``time.monotonic()`` reading), or after ``stop`` was true for an outcome, are returned
-        as :class:`NotAttempted` (see :class:`~dispatcher.delivery.transports.base.BulkSender`)."""
+        (delivery errors are returned, not raised). ``marks`` is told of each message that
+        reaches DATA. Items not started by ``deadline`` (a ``time.monotonic()`` reading), or
+        after ``stop`` was true for an outcome, are returned as :class:`NotAttempted` (see
+        :class:`~dispatcher.delivery.transports.base.BulkSender`)."""
         results: list[Outcome | None] = [None] * len(items)
         pending = iter(range(len(items)))
         guard = self._transport.guard
@@ -142,36 +139,31 @@ class SMTPBulk:
         async def lane(slot: int) -> None:
             nonlocal held
             client = self._clients[slot]
-            # A few items at a time, announced together before the first of them starts.
-            while group := list(islice(pending, START_GROUP)):
-                if on_start is not None and held is None:
-                    try:
-                        on_start(group)
-                    except NotAttempted as exc:
-                        held = exc
-                for i in group:
-                    if held is None and deadline is not None and time.monotonic() > deadline:
-                        held = NotAttempted(Reason.CHUNK_YIELD, "the task's time is up", 0.0)
-                    if held is not None:
-                        results[i] = held  # halted, rate-limited or out of time: not attempted
-                        continue
-                    envelope, message = items[i]
-                    try:
-                        if client is None or not client.is_connected:
-                            client = None
-                            client = await self._transport._connect()
-                        if guard is not None and guard.limited:
-                            await guard.admit()  # once connected: MAIL follows at once
-                        results[i] = await _converse(client, envelope, message)
-                    except NotAttempted as exc:
-                        held = exc  # this one and the rest are held back
-                        results[i] = exc
-                    except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
-                        results[i] = exc
-                        client = await _reset(client)
-                    outcome = results[i]
-                    if stop is not None and held is None and outcome and stop(outcome):
-                        held = stopped(f"not started after an earlier answer: {outcome}")
+            for i in pending:  # shared by the lanes: each item goes to the first free one
+                if held is None and deadline is not None and time.monotonic() > deadline:
+                    held = NotAttempted(Reason.CHUNK_YIELD, "the task's time is up", 0.0)
+                if held is not None:
+                    results[i] = held  # halted, rate-limited or out of time: not attempted
+                    continue
+                envelope, message = items[i]
+                try:
+                    if client is None or not client.is_connected:
+                        client = None
+                        client = await self._transport._connect()
+                    if guard is not None and guard.limited:
+                        await guard.admit()  # once connected: MAIL follows at once
+                    results[i] = await _converse(client, envelope, message, i, marks)
+                except NotAttempted as exc:
+                    held = exc  # this one and the rest are held back
+                    results[i] = exc
+                    # A mark refused before DATA leaves MAIL and RCPT pending on the connection.
+                    client = await _reset(client)
+                except (DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+                    results[i] = exc
+                    client = await _reset(client)
+                outcome = results[i]
+                if stop is not None and held is None and outcome and stop(outcome):
+                    held = stopped(f"not started after an earlier answer: {outcome}")
             self._clients[slot] = client
 
         lanes = max(1, min(len(self._clients), len(items)))
@@ -187,12 +179,21 @@ class SMTPBulk:
         self._clients = [None] * len(self._clients)
 
 
-async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes) -> Delivery:
+async def _converse(
+    client: aiosmtplib.SMTP,
+    envelope: Envelope,
+    message: bytes,
+    item: int = 0,
+    marks: DataMarks | None = None,
+) -> Delivery:
     """One message on an open connection, outcomes classified by where it broke.
 
     Recipients are offered one by one and each reply is read: refused ones are reported in
     :attr:`Delivery.refused` while the message still goes to the accepted ones; only when
-    every recipient is refused does the refusal become the message's outcome.
+    every recipient is refused does the refusal become the message's outcome. ``marks`` is told
+    of ``item`` once a recipient was accepted, immediately before DATA, and of how DATA ended
+    (:class:`~dispatcher.delivery.transports.base.DataMarks`); its NotAttempted is raised with
+    MAIL and RCPT left pending.
     """
     refused: dict[str, tuple[int, str]] = {}
     try:
@@ -217,15 +218,24 @@ async def _converse(client: aiosmtplib.SMTP, envelope: Envelope, message: bytes)
         raise _classify(exc, "rcpt") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryDeferred(Reason.CONNECTION_LOST, _describe(exc)) from None
+    if marks is not None:
+        marks.before_data(item)
+    outcome: Outcome
     try:
         response = await client.data(message)
     except aiosmtplib.SMTPResponseException as exc:
         # The server answered the final dot (or DATA itself) with a refusal.
-        raise _classify(exc, "data") from None
+        outcome = classify(exc.code, exc.message, "data")
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         # The bytes may have reached the server; resending risks a duplicate.
-        raise DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}") from None
-    return Delivery(response.code, response.message, refused)
+        outcome = DeliveryUnknown(f"connection lost during DATA: {_describe(exc)}")
+    else:
+        outcome = Delivery(response.code, response.message, refused)
+    if marks is not None:
+        marks.after_data(item, outcome)
+    if isinstance(outcome, Delivery):
+        return outcome
+    raise outcome
 
 
 async def _reset(client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
