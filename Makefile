@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench drill-redis clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ clean:
 
 bench: install ## Benchmark a 100,000-recipient campaign through the real stack (not a test)
 	$(BIN)/python tests/bench_campaign.py
+
+drill-redis: install ## Kill Redis mid-stream under 400 SmartPlan sends on 300 credits, 10 runs (not a test; DRILL_ARGS="--runs 3")
+	$(BIN)/python -m tests.drills.redis_loss $(DRILL_ARGS)
