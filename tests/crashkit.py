@@ -104,7 +104,8 @@ class Workers:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
-        self.killed: set[str] = set()
+        self.killed: set[str] = set()  # killed by the test, or replaced after dying
+        self._ready_of: dict[str, Callable[[str], bool]] = {}
 
     def start(
         self,
@@ -143,7 +144,17 @@ class Workers:
         child = Child(name, argv, self.env, self.folder / f"{name}.log", ready_marker=ready)
         child.start()
         self.children.append(child)
+        self._ready_of[name] = ready
         return child
+
+    def restart_dead(self) -> list[Child]:
+        """Start the same command again for every process that exited by itself, as a platform
+        restarts a crashed process (the replacement logs to its own file); returns the dead."""
+        dead = [c for c in self.children if c.name not in self.killed and not c.alive()]
+        for c in dead:
+            self.killed.add(c.name)
+            self._start(f"{c.name}-r{len(self.children) + 1}", c.argv, self._ready_of[c.name])
+        return dead
 
     def ready(self) -> list[Child]:
         """Workers that are consuming and have not been killed."""

@@ -348,6 +348,13 @@ def rebuilds(logs: Path) -> list[str]:
     return found
 
 
+def crash_line(log: Path) -> str:
+    """The line of a log that says why its process stopped (Celery's "Unrecoverable error")."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    marked = [line for line in lines if "CRITICAL" in line or "Unrecoverable" in line]
+    return (marked or lines or ["(empty log)"])[-1].strip()
+
+
 def _at(when: datetime | None) -> str:
     return "-" if when is None else when.strftime("%H:%M:%S.%f")[:-3]
 
@@ -413,6 +420,7 @@ class RunResult:
     duplicates: dict[str, int] = field(default_factory=dict)  # Message-ID -> times received
     refused: int = 0
     stuck: list[str] = field(default_factory=list)
+    deaths: list[str] = field(default_factory=list)  # processes that exited by themselves
     violations: list[str] = field(default_factory=list)
     logs: Path | None = None
 
@@ -502,7 +510,7 @@ def _until_kill_point(
     """Wait until the SMTP server received ``kill_at`` SmartPlan messages."""
     next_progress = started + PROGRESS_EVERY
     while (received := len(contact_messages(smtp))) < result.kill_at:
-        procs.check_none_died()
+        supervise(procs, result, "before the kill", started)
         now = time.monotonic()
         if now - started > opts.timeout:
             raise AssertionError(
@@ -538,7 +546,7 @@ def _until_terminal(
             if done:
                 result.terminal_after = now - restarted
             return
-        procs.check_none_died()
+        supervise(procs, result, "after the restart", restarted)
         if now - restarted > opts.timeout:
             result.stuck = stuck_sends(rt)
             return
@@ -553,6 +561,18 @@ def _until_terminal(
         time.sleep(POLL)
 
 
+def supervise(procs: crashkit.Workers, result: RunResult, phase: str, since: float) -> None:
+    """Start again any process that exited by itself, as the platform running the Procfile
+    does; the death is recorded, and breaks a rule of the drill."""
+    for child in procs.restart_dead():
+        line = (
+            f"{child.name} exited by itself with code {child.returncode()} "
+            f"{time.monotonic() - since:.1f}s {phase}: {crash_line(child.log_path)}"
+        )
+        result.deaths.append(line)
+        print(f"    {line}; started again", flush=True)
+
+
 def _epoch_marked(rt: Runtime) -> bool:
     """True once a sweep found the loss and handed all open work to the broker again."""
     try:
@@ -564,6 +584,7 @@ def _epoch_marked(rt: Runtime) -> bool:
 def _check(opts: Options, rt: Runtime, smtp: DevSMTPServer, result: RunResult) -> None:
     """Read the run's outcome from SQL, Redis and the SMTP server, and list what broke a rule."""
     v = result.violations
+    v.extend(f"process died: {line}" for line in result.deaths)
     result.counts = counts = status_counts(rt)
     # Before anything that may rebuild a grant: reconcile sees Redis as the run left it.
     result.grants = list(reconcile(rt))
@@ -664,7 +685,7 @@ def _secs(value: float | None) -> str:
 def summary(opts: Options, results: list[RunResult]) -> None:
     head = (
         f"{'run':>3} {'kill@':>5} {'claim':>5} {'sent':>5} {'quota':>5} {'other':>5} {'unkn':>5} "
-        f"{'open':>5} {'smtp':>5} {'dup':>4} {'requeue':>8} {'terminal':>9} "
+        f"{'open':>5} {'smtp':>5} {'dup':>4} {'died':>4} {'requeue':>8} {'terminal':>9} "
         f"{'redis/ledger used':>17}  {'reconcile':<9} verdict"
     )
     print(
@@ -676,14 +697,15 @@ def summary(opts: Options, results: list[RunResult]) -> None:
     for r in results:
         a = r.audit
         if a is None:
-            print(f"{r.number:>3} {r.received_at_kill:>5}  (no result) FAIL: {r.violations[0]}")
+            first = r.violations[0].splitlines()[0]
+            print(f"{r.number:>3} {r.received_at_kill:>5}  (no result) FAIL: {first}")
             continue
         quota = a.failed_by_reason[QUOTA_EXHAUSTED]
         clean = all(g.in_step for g in r.grants)
         print(
             f"{r.number:>3} {r.received_at_kill:>5} {len(r.claimed):>5} {a.sent:>5} {quota:>5} "
             f"{a.failed - quota:>5} {a.unknown:>5} {open_count(r.counts):>5} {r.received:>5} "
-            f"{len(r.duplicates):>4} "
+            f"{len(r.duplicates):>4} {len(r.deaths):>4} "
             f"{_secs(r.recovered_after):>8} {_secs(r.terminal_after):>9} "
             f"{f'{a.redis_used}/{a.ledger_used}':>17}  {'clean' if clean else 'DIFFERS':<9} "
             f"{'ok' if not r.violations else 'FAIL'}"
@@ -691,6 +713,7 @@ def summary(opts: Options, results: list[RunResult]) -> None:
     print(
         "kill@: SmartPlan messages received at the kill; claim: sends claimed but not reserved "
         "when Redis came back; quota/other: failed quota_exhausted / for another reason; "
+        "died: processes that exited by themselves (started again); "
         "requeue, terminal: seconds from the restart to the sweep enqueueing open work again, "
         "and to every send terminal"
     )
