@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench drill-kills clean
+.PHONY: install run test lint typecheck pytest bench drill-kills drill-redis clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ bench: install ## Benchmark a 100,000-recipient campaign through the real stack 
 
 drill-kills: install ## SIGKILL campaign workers 20 times during a 3,000-recipient campaign and check what it cost (not a test; ARGS="--help")
 	$(BIN)/python -m tests.drills.campaign_kills $(ARGS)
+
+drill-redis: install ## Kill Redis mid-stream under 400 SmartPlan sends on 300 credits, 10 runs (not a test; ARGS="--runs 3")
+	$(BIN)/python -m tests.drills.redis_loss $(ARGS)

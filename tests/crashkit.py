@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +24,7 @@ from unittest import mock
 import redis
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 
 from devstack.devsmtp import Action, DevSMTPServer, Received, slow
 from devstack.processes import HOST, Child, free_port
@@ -94,31 +94,71 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _beat_ready(line: str) -> bool:
+    """Beat's "beat: Starting..." line: it schedules from now on."""
+    return "beat: Starting..." in line
+
+
 class Workers:
-    """Real ``celery -A workers.app worker -Q campaign`` processes, each its own process group
-    (``--pool solo``: the process that runs the task is the one killed)."""
+    """Real ``celery -A workers.app`` processes, each its own process group: by default
+    ``worker -Q campaign --pool solo`` (the process that runs the task is the one killed); any
+    queue, pool and concurrency, and ``beat``, as the ``Procfile`` runs them."""
 
     def __init__(self, settings: Settings, folder: Path) -> None:
         self.env = worker_env(settings)
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
-        self.killed: set[str] = set()
+        self.killed: set[str] = set()  # killed by the test, or replaced after dying
+        self._ready_of: dict[str, Callable[[str], bool]] = {}
 
-    def start(self) -> Child:
+    def start(
+        self,
+        queue: str = CAMPAIGN,
+        *,
+        pool: str = "solo",
+        concurrency: int | None = None,
+        isolated: bool = True,
+    ) -> Child:
+        """Start a worker consuming ``queue``. ``isolated`` leaves out mingle, gossip and
+        heartbeat (the workers do not talk to each other); without it the worker runs with
+        Celery's defaults, as the ``Procfile`` starts it."""
         n = len(self.children) + 1
+        name = f"crash{n}" if isolated else f"{queue}{n}"
         argv = [
             *(sys.executable, "-m", "celery", "-A", "workers.app", "worker"),
-            *("-Q", CAMPAIGN, "-n", f"crash{n}@%h", "--pool", "solo", "--loglevel", "INFO"),
-            *("--concurrency", str(WORKER_CONCURRENCY)),
-            *("--without-mingle", "--without-gossip", "--without-heartbeat"),
+            *("-Q", queue, "-n", f"{name}@%h", "--pool", pool, "--loglevel", "INFO"),
         ]
-        child = Child(
-            f"worker{n}", argv, self.env, self.folder / f"worker{n}.log", ready_marker=_ready
-        )
+        argv += ["--concurrency", str(concurrency or WORKER_CONCURRENCY)]
+        if isolated:
+            argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        return self._start(f"worker{n}" if isolated else name, argv, _ready)
+
+    def start_beat(self) -> Child:
+        """Start ``celery -A workers.app beat`` (its schedule file in this folder): the sweeps
+        run at the period the app's beat schedule gives them."""
+        n = len(self.children) + 1
+        argv = [
+            *(sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", "INFO"),
+            *("--schedule", str(self.folder / f"beat{n}-schedule")),
+        ]
+        return self._start(f"beat{n}", argv, _beat_ready)
+
+    def _start(self, name: str, argv: list[str], ready: Callable[[str], bool]) -> Child:
+        child = Child(name, argv, self.env, self.folder / f"{name}.log", ready_marker=ready)
         child.start()
         self.children.append(child)
+        self._ready_of[name] = ready
         return child
+
+    def restart_dead(self) -> list[Child]:
+        """Start the same command again for every process that exited by itself, as a platform
+        restarts a crashed process (the replacement logs to its own file); returns the dead."""
+        dead = [c for c in self.children if c.name not in self.killed and not c.alive()]
+        for c in dead:
+            self.killed.add(c.name)
+            self._start(f"{c.name}-r{len(self.children) + 1}", c.argv, self._ready_of[c.name])
+        return dead
 
     def ready(self) -> list[Child]:
         """Workers that are consuming and have not been killed."""
@@ -492,7 +532,8 @@ def message_id(m: Received) -> str:
 
 @dataclass(frozen=True)
 class Audit:
-    """A finished campaign as SQL, Redis and the SMTP server see it."""
+    """Finished sends (a campaign's recipients, or a user's SmartPlan sends) as SQL, Redis
+    and the SMTP server see them."""
 
     recipients: int
     counts: Counter[str]
@@ -524,21 +565,28 @@ class Audit:
 
 
 def audit(rt: Runtime, campaign_id: str, user_id: str, server: DevSMTPServer) -> Audit:
+    """A campaign's recipients against everything the server received."""
+    return audit_sends(rt, Send.campaign_id == campaign_id, user_id, list(server.messages))
+
+
+def audit_sends(
+    rt: Runtime, which: ColumnElement[bool], user_id: str, messages: Iterable[Received]
+) -> Audit:
+    """The sends ``which`` selects (all charged to ``user_id``'s current grant) against
+    ``messages``, the server's messages meant for them: anything else there is ``foreign``."""
     with rt.sessions() as session:
         rows = session.execute(
-            select(Send.id, Send.contact_id, Send.status, Send.reason, Send.message_id).where(
-                Send.campaign_id == campaign_id
-            )
+            select(Send.id, Send.contact_id, Send.status, Send.reason, Send.message_id).where(which)
         ).all()
         events = session.execute(
             select(TimelineEvent.send_id, TimelineEvent.status).where(
-                TimelineEvent.send_id.in_(select(Send.id).where(Send.campaign_id == campaign_id))
+                TimelineEvent.send_id.in_(select(Send.id).where(which))
             )
         ).all()
     events_of: dict[str, list[SendStatus]] = {}
     for send_id, status in events:
         events_of.setdefault(send_id, []).append(status)
-    received = Counter(message_id(m) for m in list(server.messages))
+    received = Counter(message_id(m) for m in messages)
     counts: Counter[str] = Counter()
     failed_by_reason: Counter[str] = Counter()
     not_terminal, event_problems = [], []
