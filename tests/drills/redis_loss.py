@@ -618,7 +618,7 @@ def _check(opts: Options, rt: Runtime, smtp: DevSMTPServer, result: RunResult) -
     if result.duplicates:
         v.append(f"{len(result.duplicates)} Message-IDs received more than once")
     for name, items in (
-        ("sent but never received", a.sent_not_received),
+        ("sent but not received exactly once", a.sent_not_once),
         ("failed (credit back) but received", a.failed_but_received),
         ("without exactly one matching timeline event", a.event_problems),
         ("received messages of no send", a.foreign),
