@@ -14,8 +14,16 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Build an engine; SQLite gets WAL and a busy timeout so API and workers can share it."""
+def make_engine(
+    url: str,
+    *,
+    statement_timeout: float = 0.0,
+    lock_timeout: float = 0.0,
+    **kwargs: Any,
+) -> Engine:
+    """Build an engine; SQLite gets WAL and a busy timeout so API and workers can share it.
+    On PostgreSQL, ``statement_timeout`` and ``lock_timeout`` (seconds, 0 for none) bound every
+    statement and every lock wait of every connection."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -46,6 +54,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         # A server that stopped answering must not hold a worker (or a lease renewal) for
         # the kernel's minutes-long TCP timeout (a connect_timeout in the URL wins).
         kwargs["connect_args"] = {"connect_timeout": 10, **kwargs.get("connect_args", {})}
+    if url.startswith("postgresql+psycopg://"):
+        options = [
+            f"-c {name}={int(seconds * 1000)}"
+            for name, seconds in (
+                ("statement_timeout", statement_timeout),
+                ("lock_timeout", lock_timeout),
+            )
+            if seconds > 0
+        ]
+        if options:
+            args = kwargs.get("connect_args", {})
+            kwargs["connect_args"] = {**args, "options": " ".join(options)}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -48,7 +48,12 @@ class Runtime:
 
     @cached_property
     def engine(self) -> Engine:
-        return db.make_engine(self.settings.database_url)
+        s = self.settings
+        return db.make_engine(
+            s.database_url,
+            statement_timeout=s.database_statement_timeout_seconds,
+            lock_timeout=s.database_lock_timeout_seconds,
+        )
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "sqlite:///dispatcher.db"
+    #: PostgreSQL only: no statement runs longer, and no lock is waited on longer, than this
+    #: (0 turns the limit off); a stuck query frees its worker or request instead of holding it.
+    database_statement_timeout_seconds: float = 30.0
+    database_lock_timeout_seconds: float = 10.0
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_username: str | None = None
@@ -221,6 +225,12 @@ class Settings(BaseSettings):
         ):
             if rate is not None and rate < 1:
                 raise ConfigError(name, "must be at least 1 (leave it unset for no limit)")
+        for name, seconds in (
+            ("DATABASE_STATEMENT_TIMEOUT_SECONDS", self.database_statement_timeout_seconds),
+            ("DATABASE_LOCK_TIMEOUT_SECONDS", self.database_lock_timeout_seconds),
+        ):
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ConfigError(name, "must be a number of seconds (0 for no limit)")
         if self.relay_halt_seconds < 1:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
         if not self.public_base_url.startswith(("https://", "http://")):

@@ -10,6 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from dispatcher.api.auth import Forbidden, Unauthorized
 from dispatcher.campaigns.control import CampaignStateError
@@ -68,6 +71,30 @@ async def _queue_down(_r: Request, exc: QueueUnavailable) -> JSONResponse:
     )
 
 
+#: How long a client waits before repeating a request an outage refused.
+OUTAGE_RETRY_AFTER = "5"
+
+
+async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    log.error("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    return problem(
+        503,
+        "redis_unavailable",
+        "the credit store (Redis) is unavailable; repeat the request",
+        headers={"Retry-After": OUTAGE_RETRY_AFTER},
+    )
+
+
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: database unavailable: %s", request.method, request.url.path, exc)
+    return problem(
+        503,
+        "database_unavailable",
+        "the database is unavailable or did not answer in time; repeat the request",
+        headers={"Retry-After": OUTAGE_RETRY_AFTER},
+    )
+
+
 async def _short(_r: Request, exc: InsufficientCredits) -> JSONResponse:
     # Not a plain Problem: the producer also learns the numbers to size a smaller campaign.
     body = {
@@ -106,6 +133,11 @@ _HANDLERS: tuple[tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONR
     (InvalidInput, _invalid),
     (NotFound, _not_found),
     (QueueUnavailable, _queue_down),
+    (RedisError, _redis_down),
+    # Connection refused or lost, statement or lock timeout: an outage, not a bug.
+    (OperationalError, _database_down),
+    (InterfaceError, _database_down),
+    (SQLAlchemyTimeoutError, _database_down),
     (InsufficientCredits, _short),
     (RequestKeyReused, _key_reused),
     (RequestInProgress, _in_progress),
