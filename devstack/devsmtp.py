@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +97,8 @@ class Received:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     data: bytes
+    #: The message came over an encrypted connection.
+    tls: bool = False
 
     @property
     def message_id(self) -> str:
@@ -165,6 +169,8 @@ class RecordingHandler:
             mail_from=str(envelope.mail_from),
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=data,
+            tls=server.transport is not None
+            and server.transport.get_extra_info("ssl_object") is not None,
         )
         with self._lock:
             self.attempts += 1
@@ -213,6 +219,8 @@ class DevSMTPServer:
         folder: Path | None = None,
         fault: Fault | None = None,
         credentials: tuple[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         self.handler = RecordingHandler(folder, fault)
         self.host = host
@@ -221,6 +229,10 @@ class DevSMTPServer:
         #: With credentials the server offers AUTH (plain text allowed on loopback) and
         #: answers 535 to any other user or password.
         self.credentials = credentials
+        #: With a TLS context the server offers STARTTLS, or with ``implicit_tls`` speaks TLS
+        #: from the first byte (port 465 style); AUTH is then offered over TLS only.
+        self.tls = tls
+        self.implicit_tls = implicit_tls
 
     @property
     def port(self) -> int:
@@ -236,6 +248,7 @@ class DevSMTPServer:
             ready_timeout=10,
             data_size_limit=50 * 1024 * 1024,
             **self._auth_options(),
+            **self._tls_options(),
         )
         self._controller.start()
         return self.port
@@ -251,7 +264,17 @@ class DevSMTPServer:
             given = (data.login.decode(), data.password.decode()) if data else None
             return AuthResult(success=given == wanted, handled=False)
 
-        return {"authenticator": check, "auth_require_tls": False}
+        # STARTTLS first when it is offered; an implicit-TLS session is encrypted from the start
+        # (aiosmtpd only knows about STARTTLS, so it must not ask for it then).
+        require_tls = self.tls is not None and not self.implicit_tls
+        return {"authenticator": check, "auth_require_tls": require_tls}
+
+    def _tls_options(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        if self.implicit_tls:
+            return {"ssl_context": self.tls}
+        return {"tls_context": self.tls}
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -264,8 +287,6 @@ class DevSMTPServer:
 
 
 def _free_port(host: str) -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -164,7 +164,7 @@ def child_environment(base: Settings, **values: str) -> dict[str, str]:
     env.update(
         SMTP_USERNAME="",
         SMTP_PASSWORD="",
-        SMTP_STARTTLS="false",
+        SMTP_TLS="off",
         FREE_PLAN_CREDITS=str(base.free_plan_credits),
         MAIL_FROM=base.mail_from,
         PYTHONUNBUFFERED="1",

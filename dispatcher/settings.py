@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from email.utils import parseaddr
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -86,6 +86,11 @@ Tokens = Annotated[tuple[str, ...], BeforeValidator(_tokens_text)]
 Catalog = Annotated[tuple[tuple[str, int, int], ...] | None, BeforeValidator(_catalog_text)]
 #: true/false, yes/no, on/off, 1/0 (any case, spaces around ignored).
 Flag = Annotated[bool, BeforeValidator(_stripped)]
+#: How the SMTP relay connection is encrypted (any case, spaces around ignored).
+SmtpTls = Annotated[
+    Literal["opportunistic", "starttls", "implicit", "off"],
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+]
 
 
 class Settings(BaseSettings):
@@ -108,7 +113,13 @@ class Settings(BaseSettings):
     smtp_port: int = 2525
     smtp_username: str | None = None
     smtp_password: str | None = Field(default=None, repr=False)
-    smtp_starttls: Flag = False
+    #: How the relay connection is encrypted: ``opportunistic`` (STARTTLS when the relay offers
+    #: it), ``starttls`` (required), ``implicit`` (TLS from the first byte, port 465) or ``off``.
+    smtp_tls: SmtpTls = "opportunistic"
+    #: A PEM bundle of the CAs that may sign the relay's certificate (None: the system's).
+    smtp_ca_file: str | None = None
+    #: Send the relay login over a connection that is not encrypted (never, unless set).
+    smtp_allow_plaintext_auth: Flag = False
     smtp_timeout: float = 30.0
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
     mailchimp_base_url: str | None = None
@@ -231,6 +242,14 @@ class Settings(BaseSettings):
         ):
             if not (math.isfinite(seconds) and seconds >= 0):
                 raise ConfigError(name, "must be a number of seconds (0 for no limit)")
+        if self.smtp_username and self.smtp_tls == "off" and not self.smtp_allow_plaintext_auth:
+            raise ConfigError(
+                "SMTP_TLS",
+                "is off while SMTP_USERNAME is set: the relay login would travel in plain text "
+                "(use starttls or implicit, or set SMTP_ALLOW_PLAINTEXT_AUTH=true)",
+            )
+        if self.smtp_ca_file is not None and not Path(self.smtp_ca_file).is_file():
+            raise ConfigError("SMTP_CA_FILE", f"{self.smtp_ca_file} is not a readable file")
         if self.relay_halt_seconds < 1:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
         if not self.public_base_url.startswith(("https://", "http://")):

@@ -14,15 +14,15 @@ def test_defaults_and_parsing() -> None:
     s = Settings.from_env(
         {
             "SMTP_PORT": "587",
-            "SMTP_STARTTLS": "true",
+            "SMTP_TLS": " Implicit ",
             "API_TOKENS": "token-aaaa1, token-bbbb2",
             "FREE_PLAN_CREDITS": "7",
         },
         env_file=None,
     )
-    assert (s.smtp_port, s.smtp_starttls, s.api_tokens, s.free_plan_credits) == (
+    assert (s.smtp_port, s.smtp_tls, s.api_tokens, s.free_plan_credits) == (
         587,
-        True,
+        "implicit",
         ("token-aaaa1", "token-bbbb2"),
         7,
     )
@@ -35,7 +35,10 @@ def test_defaults_and_parsing() -> None:
     [
         ({"SMTP_PORT": "smtp"}, "SMTP_PORT"),
         ({"SMTP_PORT": "70000"}, "SMTP_PORT"),
-        ({"SMTP_STARTTLS": "maybe"}, "SMTP_STARTTLS"),
+        ({"SMTP_TLS": "maybe"}, "SMTP_TLS"),
+        ({"SMTP_USERNAME": "relay", "SMTP_TLS": "off"}, "SMTP_TLS"),
+        ({"SMTP_CA_FILE": "/nowhere/ca.pem"}, "SMTP_CA_FILE"),
+        ({"DATABASE_LOCK_TIMEOUT_SECONDS": "-1"}, "DATABASE_LOCK_TIMEOUT_SECONDS"),
         ({"FREE_PLAN_CREDITS": "-1"}, "FREE_PLAN_CREDITS"),
         ({"API_TOKENS": "short"}, "API_TOKENS"),
         ({"MAIL_FROM": "nobody"}, "MAIL_FROM"),

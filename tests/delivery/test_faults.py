@@ -268,10 +268,16 @@ def test_refused_credentials_halt_the_relay_for_every_worker_and_alert_once(
     server.start()
     try:
         rt = make_runtime(
-            smtp_port=server.port, smtp_username="relay-user", smtp_password="wrong-password"
+            smtp_port=server.port,
+            smtp_username="relay-user",
+            smtp_password="wrong-password",
+            smtp_allow_plaintext_auth=True,  # a relay on loopback (TLS: test_tls.py)
         )
         other_worker = make_runtime(
-            smtp_port=server.port, smtp_username="relay-user", smtp_password="wrong-password"
+            smtp_port=server.port,
+            smtp_username="relay-user",
+            smtp_password="wrong-password",
+            smtp_allow_plaintext_auth=True,  # a relay on loopback (TLS: test_tls.py)
         )
         make_user(rt)
         first = submit_send(rt, InlineQueue(), send_request()).send_id
@@ -293,7 +299,10 @@ def test_refused_credentials_halt_the_relay_for_every_worker_and_alert_once(
 
         # Ops fix the password and lift the halt: both go, once each.
         fixed = make_runtime(
-            smtp_port=server.port, smtp_username="relay-user", smtp_password="right-password"
+            smtp_port=server.port,
+            smtp_username="relay-user",
+            smtp_password="right-password",
+            smtp_allow_plaintext_auth=True,
         )
         assert fixed.relay.resume()
         assert delivery.deliver(fixed, first) is SendStatus.SENT

@@ -20,13 +20,27 @@ from dispatcher.reasons import Reason
 log = logging.getLogger(__name__)
 
 
+#: ``SMTP_TLS`` as aiosmtplib's (use_tls, start_tls): start_tls None upgrades when offered.
+_TLS_MODES: dict[str, tuple[bool, bool | None]] = {
+    "opportunistic": (False, None),
+    "starttls": (False, True),
+    "implicit": (True, False),
+    "off": (False, False),
+}
+
+
 @dataclass(frozen=True)
 class SMTPConfig:
     host: str
     port: int
     username: str | None = None
     password: str | None = None
-    starttls: bool = False
+    #: ``opportunistic``, ``starttls``, ``implicit`` or ``off`` (see ``SMTP_TLS``).
+    tls: str = "opportunistic"
+    #: PEM bundle of the CAs trusted to sign the relay's certificate (None: the system's).
+    ca_file: str | None = None
+    #: Log in over a connection that is not encrypted.
+    allow_plaintext_auth: bool = False
     timeout: float = 30.0
 
 
@@ -52,13 +66,15 @@ class SMTPTransport:
 
     async def _connect(self) -> aiosmtplib.SMTP:
         cfg = self.config
+        use_tls, start_tls = _TLS_MODES[cfg.tls]
         client = aiosmtplib.SMTP(
             hostname=cfg.host,
             port=cfg.port,
             timeout=cfg.timeout,
-            start_tls=cfg.starttls,
-            use_tls=False,
+            start_tls=start_tls,
+            use_tls=use_tls,
             validate_certs=True,
+            cert_bundle=cfg.ca_file,
         )
         try:
             await client.connect()
@@ -72,6 +88,16 @@ class SMTPTransport:
             client.close()
             raise DeliveryDeferred(Reason.CONNECT_FAILED, _describe(exc)) from None
         if cfg.username and cfg.password:
+            if client.get_transport_info("ssl_object") is None and not cfg.allow_plaintext_auth:
+                # Every message would meet the same relay: stop all workers and alert.
+                client.close()
+                why = (
+                    "the relay offers no TLS, so our login is not sent (set SMTP_TLS=implicit "
+                    "for port 465, or SMTP_ALLOW_PLAINTEXT_AUTH=true for a trusted network)"
+                )
+                if self.guard is not None:
+                    raise self.guard.halt(why)
+                raise DeliveryDeferred(Reason.SMTP_LOGIN_REFUSED, why)
             try:
                 await client.login(cfg.username, cfg.password)
             except aiosmtplib.SMTPResponseException as exc:
