@@ -390,6 +390,22 @@ class Suppression(Base):
     created_at: Mapped[datetime]
 
 
+class SuppressionRemoval(Base):
+    """The record of an address taken off an agent's suppression list: who, when, why, and
+    the entry as it was (an unsubscribe undone must be accountable)."""
+
+    __tablename__ = "suppression_removals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    email: Mapped[str] = mapped_column(String(254))
+    reason: Mapped[str] = mapped_column(String(32))  # the removed entry's reason
+    suppressed_at: Mapped[datetime]
+    removed_by: Mapped[str] = mapped_column(String(128))  # "token:<fingerprint>", "cli:<user>"
+    why: Mapped[str] = mapped_column(Text)
+    removed_at: Mapped[datetime]
+
+
 class Alert(Base):
     """Something ops (and the agent, where it is theirs) must look at."""
 

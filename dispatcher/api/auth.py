@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -46,3 +47,13 @@ def operator_token(creds: BearerCredentials, rt: RuntimeDep) -> None:
         raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
     if not _presented(creds, rt.settings.ops_tokens):
         raise Unauthorized()
+
+
+def caller(creds: BearerCredentials) -> str:
+    """Who made the request, for the records that say so: the fingerprint of the bearer
+    token (never the token itself)."""
+    given = creds.credentials.encode() if creds else b""
+    return "token:" + hashlib.sha256(given).hexdigest()[:12]
+
+
+Caller = Annotated[str, Depends(caller)]

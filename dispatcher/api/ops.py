@@ -10,12 +10,12 @@ from pydantic import Field
 
 from dispatcher import alerts
 from dispatcher.alerts import AlertView
-from dispatcher.api.auth import operator_token, producer_token
+from dispatcher.api.auth import Caller, operator_token, producer_token
 from dispatcher.api.bodies import StrictBody
 from dispatcher.api.deps import RuntimeDep
 from dispatcher.api.problems import Problem
 from dispatcher.delivery import suppression
-from dispatcher.delivery.suppression import SuppressionView
+from dispatcher.delivery.suppression import RemovalView, SuppressionView
 
 router = APIRouter()
 _PRODUCER = [Depends(producer_token)]
@@ -60,10 +60,35 @@ def post_suppression(user_id: str, body: SuppressionIn, rt: RuntimeDep) -> Suppr
 
 
 @router.delete("/v1/users/{user_id}/suppressions/{email}", status_code=204, dependencies=_PRODUCER)
-def delete_suppression(user_id: str, email: str, rt: RuntimeDep) -> Response:
-    """Take an address off the agent's list."""
-    suppression.remove(rt, user_id, email)
+def delete_suppression(
+    user_id: str,
+    email: str,
+    rt: RuntimeDep,
+    who: Caller,
+    why: Annotated[
+        str,
+        Query(
+            max_length=suppression.MAX_WHY, description="Why it may be emailed again (recorded)."
+        ),
+    ],
+) -> Response:
+    """Take an address off the agent's list; who, when and why are recorded (see
+    ``/suppression-removals``)."""
+    suppression.remove(rt, user_id, email, by=who, why=why)
     return Response(status_code=204)
+
+
+@router.get(
+    "/v1/users/{user_id}/suppression-removals",
+    response_model=list[RemovalView],
+    dependencies=_PRODUCER,
+)
+def get_suppression_removals(
+    user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[RemovalView]:
+    """Addresses taken off the agent's list: who (a token's fingerprint), when, why, and the
+    entry as it was; newest first."""
+    return suppression.removals(rt, user_id, limit=limit)
 
 
 @router.get("/v1/alerts", response_model=list[AlertView], dependencies=_PRODUCER)

@@ -4,6 +4,7 @@ delivery under faults (suppression lists, policy and credential alerts, the rela
 from __future__ import annotations
 
 import argparse
+import getpass
 from datetime import datetime
 
 from dispatcher.alerts import recent
@@ -46,9 +47,18 @@ def add_commands(commands: Commands) -> None:
         help="ISO 8601 time with zone, e.g. 2027-01-01T00:00:00Z (default: never)",
     )
     add.add_argument("--detail", help="a note kept with the entry")
-    remove = sup_commands.add_parser("remove", help="take an address off a user's list")
+    remove = sup_commands.add_parser(
+        "remove", help="take an address off a user's list (recorded: who, when, why)"
+    )
     remove.add_argument("user_id", metavar="USER")
     remove.add_argument("email", metavar="EMAIL")
+    remove.add_argument(
+        "--why", required=True, help="why the address may be emailed again (kept on record)"
+    )
+    removals = sup_commands.add_parser(
+        "removals", help="addresses taken off a user's list: who, when, why; newest first"
+    )
+    removals.add_argument("user_id", metavar="USER")
     sup.set_defaults(handler=_command)
 
     alerts = commands.add_parser(
@@ -133,6 +143,12 @@ def _suppression(args: argparse.Namespace, rt: Runtime) -> int:
         )
         print(f"{v.email} suppressed for {args.user_id} ({v.reason})")
         return 0
-    suppression.remove(rt, args.user_id, args.email)
-    print(f"{args.email} removed from {args.user_id}'s suppression list")
+    if args.suppression_command == "removals":
+        for r in suppression.removals(rt, args.user_id):
+            when = r.removed_at.isoformat(timespec="seconds")
+            print(f"{when}  {r.email:<40} {r.reason:<12} by {r.removed_by}: {r.why}")
+        return 0
+    who = f"cli:{getpass.getuser()}"
+    suppression.remove(rt, args.user_id, args.email, by=who, why=args.why)
+    print(f"{args.email} removed from {args.user_id}'s suppression list (recorded as {who})")
     return 0

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher import validation
 from dispatcher.errors import InvalidInput, NotFound
-from dispatcher.models import Suppression, SuppressionReason, User
+from dispatcher.models import Suppression, SuppressionReason, SuppressionRemoval, User
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -197,17 +197,76 @@ def get(rt: Runtime, user_id: str, email: str) -> SuppressionView:
         return _view(row)
 
 
-def remove(rt: Runtime, user_id: str, email: str) -> None:
-    """Take an address off the list (the agent re-confirmed consent)."""
+#: The longest reason a removal may give.
+MAX_WHY = 2000
+
+
+@dataclass(frozen=True)
+class RemovalView:
+    email: str
+    reason: str  # the removed entry's reason
+    suppressed_at: datetime
+    removed_by: str
+    why: str
+    removed_at: datetime
+
+
+def remove(rt: Runtime, user_id: str, email: str, *, by: str, why: str) -> RemovalView:
+    """Take an address off the list (the agent re-confirmed consent), recording who did it,
+    when and why in the same transaction: an unsubscribe undone is always accountable."""
+    why = why.strip()
+    if not why:
+        raise InvalidInput("why", "say why the address may be emailed again")
+    if len(why) > MAX_WHY:
+        raise InvalidInput("why", f"must be at most {MAX_WHY} characters")
+    now = rt.clock.now()
     with rt.sessions.begin() as session:
-        gone = session.execute(
-            delete(Suppression).where(
-                Suppression.user_id == user_id, Suppression.email == normalize(email)
-            )
+        row = session.scalar(
+            select(Suppression)
+            .where(Suppression.user_id == user_id, Suppression.email == normalize(email))
+            .with_for_update()
         )
-        if not getattr(gone, "rowcount", 0):
+        if row is None:
             raise NotFound("suppression", email)
-    log.info("suppression removed user=%s", user_id)
+        record = SuppressionRemoval(
+            user_id=user_id,
+            email=row.email,
+            reason=row.reason.value,
+            suppressed_at=row.created_at,
+            removed_by=by,
+            why=why,
+            removed_at=now,
+        )
+        session.add(record)
+        session.execute(delete(Suppression).where(Suppression.id == row.id))
+        view = _removal(record)
+    log.info("suppression removed user=%s by=%s", user_id, by)
+    return view
+
+
+def removals(rt: Runtime, user_id: str, *, limit: int = 1000) -> list[RemovalView]:
+    """The addresses taken off ``user_id``'s list, newest first."""
+    with rt.sessions() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("user", user_id)
+        rows = session.scalars(
+            select(SuppressionRemoval)
+            .where(SuppressionRemoval.user_id == user_id)
+            .order_by(SuppressionRemoval.removed_at.desc(), SuppressionRemoval.id.desc())
+            .limit(limit)
+        ).all()
+        return [_removal(r) for r in rows]
+
+
+def _removal(row: SuppressionRemoval) -> RemovalView:
+    return RemovalView(
+        email=row.email,
+        reason=row.reason,
+        suppressed_at=row.suppressed_at,
+        removed_by=row.removed_by,
+        why=row.why,
+        removed_at=row.removed_at,
+    )
 
 
 def listing(rt: Runtime, user_id: str, *, limit: int = 1000) -> list[SuppressionView]:

@@ -97,9 +97,13 @@ def test_suppression_alerts_and_relay_commands(
         == 2
     )
     assert "expires_at: must lie in the future" in capsys.readouterr().err
-    assert main(["suppression", "remove", "agent-1", "gone@example.org"]) == 0
-    assert main(["suppression", "remove", "agent-1", "gone@example.org"]) == 2
+    why = ["--why", "re-confirmed consent"]
+    assert main(["suppression", "remove", "agent-1", "gone@example.org", *why]) == 0
+    assert main(["suppression", "remove", "agent-1", "gone@example.org", *why]) == 2
     assert "suppression 'gone@example.org' not found" in capsys.readouterr().err
+    assert main(["suppression", "removals", "agent-1"]) == 0
+    out = capsys.readouterr().out
+    assert "gone@example.org" in out and "by cli:" in out and "re-confirmed consent" in out
 
     env.relay.halt("535 5.7.8 authentication failed (at login)")
     assert main(["relay", "status"]) == 0

@@ -180,13 +180,26 @@ def test_manual_entries_expire_and_can_be_removed(
     assert api_client.get("/v1/users/agent-1/suppressions").json() == []
 
     api_client.post("/v1/users/agent-1/suppressions", json={"email": "someone@example.org"})
-    assert (
-        api_client.delete("/v1/users/agent-1/suppressions/someone@example.org").status_code == 204
-    )
+    gone = "/v1/users/agent-1/suppressions/someone@example.org"
+    unexplained = api_client.delete(gone)
+    assert unexplained.status_code == 422 and unexplained.json()["field"] == "why"
+    assert api_client.delete(gone, params={"why": "  "}).json()["field"] == "why"
+    assert api_client.get("/v1/users/agent-1/suppressions").json() != []  # still suppressed
+    why = "the contact asked again by phone, 2026-11-12"
+    assert api_client.delete(gone, params={"why": why}).status_code == 204
     assert api_client.get("/v1/users/agent-1/suppressions").json() == []
-    assert (
-        api_client.delete("/v1/users/agent-1/suppressions/someone@example.org").status_code == 404
+    assert api_client.delete(gone, params={"why": why}).status_code == 404
+    # The removal is on record: which address, the entry as it was, who (the token's
+    # fingerprint, never the token), when and why
+    [record] = api_client.get("/v1/users/agent-1/suppression-removals").json()
+    assert (record["email"], record["reason"], record["why"]) == (
+        "someone@example.org",
+        "manual",
+        why,
     )
+    assert record["removed_by"].startswith("token:")
+    assert "test-token-123" not in record["removed_by"]
+    assert record["removed_at"].startswith(clock.now().date().isoformat())
 
 
 def test_an_expired_entry_can_be_renewed_and_a_permanent_one_is_never_shortened(
