@@ -156,7 +156,7 @@ class User(Base):
     communications_email: Mapped[str | None] = mapped_column(String(254))
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     plan: Mapped[str] = mapped_column(String(64), default="free")
-    mailchimp_api_key: Mapped[str | None] = mapped_column(String(128))
+    mailchimp_api_key: Mapped[str | None] = mapped_column(String(512))  # sealed: sealing.py
     mailchimp_list_id: Mapped[str | None] = mapped_column(String(64))
     pending_plan: Mapped[str | None] = mapped_column(String(64))  # a downgrade, at next period
     period: Mapped[str | None] = mapped_column(String(16))  # period of the current grant

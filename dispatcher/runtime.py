@@ -21,6 +21,7 @@ from dispatcher.delivery.transports.base import Transport
 from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
 from dispatcher.models import AlertKind
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
+from dispatcher.sealing import Sealer
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class Runtime:
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        """Seals and opens stored secrets with ``SECRET_KEYS``."""
+        return Sealer(self.settings.secret_keys)
 
     @cached_property
     def quota(self) -> QuotaLedger:

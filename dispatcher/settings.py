@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from dispatcher.errors import ConfigError
+from dispatcher.sealing import valid_key
 
 #: The plan every user starts on; PLAN_CATALOG lists the paid plans and may not name it.
 FREE_PLAN = "free"
@@ -150,6 +151,9 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     #: Key that signs unsubscribe tokens; None uses a development key and says so in the log.
     unsubscribe_secret: str | None = Field(default=None, repr=False)
+    #: Fernet keys that seal stored secrets (MailChimp API keys): the first seals, all open
+    #: (rotation); none uses a development key, refused for a public deployment.
+    secret_keys: Tokens = Field(default=(), repr=False)
     #: The mailto: address in List-Unsubscribe; default unsubscribe@ the MAIL_FROM domain.
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
@@ -273,6 +277,14 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     name, "must be ASCII without spaces (write an IDN domain as xn--...)"
                 )
+        if not self.secret_keys and self.public_base_url.startswith("https://"):
+            raise ConfigError(
+                "SECRET_KEYS",
+                "must be set when PUBLIC_BASE_URL is a public https:// address (the development "
+                "key is in the source); make one with `dispatcher secrets new-key`",
+            )
+        if not all(valid_key(k) for k in self.secret_keys):
+            raise ConfigError("SECRET_KEYS", "every key must be a Fernet key (44 characters)")
         if not math.isfinite(self.clock_offset_seconds):
             raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

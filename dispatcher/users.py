@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dispatcher import validation
@@ -14,6 +16,8 @@ from dispatcher.credits.subscriptions import roll_forward
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import User
 from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 
@@ -65,7 +69,9 @@ def upsert_user(
     if mailchimp_api_key is not _UNSET:
         if mailchimp_api_key is not None:
             validation.header_text("mailchimp.api_key", mailchimp_api_key, max_len=128)
-        changes["mailchimp_api_key"] = mailchimp_api_key
+        changes["mailchimp_api_key"] = (
+            None if mailchimp_api_key is None else rt.sealer.seal(mailchimp_api_key)
+        )
     if mailchimp_list_id is not _UNSET:
         if mailchimp_list_id is not None:
             validation.identifier("mailchimp.list_id", mailchimp_list_id)
@@ -115,3 +121,29 @@ def view(user: User) -> UserView:
         mailchimp_connected=bool(user.mailchimp_api_key),
         mailchimp_list_id=user.mailchimp_list_id,
     )
+
+
+def reseal_secrets(rt: Runtime, batch: int = 200) -> int:
+    """Seal every stored MailChimp API key again with the first of ``SECRET_KEYS`` (a key
+    stored before sealing is sealed now); returns how many were sealed. Run it after putting a
+    new key first, before dropping the old one."""
+    done = 0
+    last = ""
+    while True:
+        with rt.sessions.begin() as session:
+            users = session.scalars(
+                select(User)
+                .where(User.id > last, User.mailchimp_api_key.is_not(None))
+                .order_by(User.id)
+                .limit(batch)
+                .with_for_update()
+            ).all()
+            for user in users:
+                assert user.mailchimp_api_key is not None
+                user.mailchimp_api_key = rt.sealer.reseal(user.mailchimp_api_key)
+        if not users:
+            break
+        done += len(users)
+        last = users[-1].id
+    log.info("stored secrets sealed with the first key: %d", done)
+    return done

@@ -181,9 +181,8 @@ async def _send(
 ) -> MailchimpOutcome:
     assert user.mailchimp_api_key and user.mailchimp_list_id
     sender = user.sender_address or rt.settings.mail_from_address
-    async with MailchimpClient.from_settings(
-        rt.settings, user.mailchimp_api_key, rt.redis
-    ) as client:
+    api_key = rt.sealer.open(user.mailchimp_api_key)
+    async with MailchimpClient.from_settings(rt.settings, api_key, rt.redis) as client:
         return await send_campaign(
             client,
             list_id=user.mailchimp_list_id,

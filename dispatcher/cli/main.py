@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from dispatcher.cli import campaign, credits, db, ops, unsubscribe
+from dispatcher.cli import campaign, credits, db, ops, sealing, unsubscribe
 from dispatcher.cli.common import Commands, Handler
 from dispatcher.errors import DispatcherError
 
@@ -24,6 +24,7 @@ CORE_COMMANDS: tuple[AddCommands, ...] = (
     credits.add_commands,
     campaign.add_commands,
     ops.add_commands,
+    sealing.add_commands,
     unsubscribe.add_commands,
 )
 
