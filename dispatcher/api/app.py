@@ -7,7 +7,8 @@ from fastapi import FastAPI
 from dispatcher import __version__
 from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users
 from dispatcher.api.deps import attach
-from dispatcher.api.problems import Problem
+from dispatcher.api.openapi import document
+from dispatcher.api.problems import answers
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
 
@@ -27,11 +28,16 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     app = FastAPI(
         title="Command Email dispatcher",
         version=__version__,
-        description="Credits-aware email sending for SmartPlan steps and campaigns.",
-        responses={401: {"model": Problem}, 422: {"model": Problem}},
+        description=(
+            "Credits-aware email sending for SmartPlan steps and campaigns. Every error answer "
+            "is a Problem `{code, detail, field}` (invalid input also lists every bad field in "
+            "`errors`)."
+        ),
+        responses=answers(500),
     )
     attach(app, rt, queue)
     for router in ROUTERS:
         app.include_router(router)
     problems.install(app)
+    document(app)
     return app
