@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from dispatcher import __version__
 from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users
+from dispatcher.api.bodylimit import BodySizeLimit
 from dispatcher.api.deps import attach
 from dispatcher.api.openapi import document
 from dispatcher.api.problems import answers
@@ -22,7 +23,6 @@ ROUTERS = (
     health.router,
 )
 
-
 def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     """The FastAPI application over ``rt``; sends are handed to ``queue`` after they commit."""
     app = FastAPI(
@@ -31,13 +31,16 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         description=(
             "Credits-aware email sending for SmartPlan steps and campaigns. Every error answer "
             "is a Problem `{code, detail, field}` (invalid input also lists every bad field in "
-            "`errors`)."
+            "`errors`); a request body larger than `MAX_REQUEST_BYTES` (64 KiB without a "
+            "token) is refused with 413 before it is read."
         ),
-        responses=answers(500),
+        responses=answers(413, 500),
     )
     attach(app, rt, queue)
     for router in ROUTERS:
         app.include_router(router)
     problems.install(app)
+    # Outermost: the size cap runs before auth and before any byte of the body is read.
+    app.add_middleware(BodySizeLimit, settings=rt.settings)
     document(app)
     return app

@@ -126,11 +126,11 @@ def test_the_openapi_document_lists_errors_enumerations_and_descriptions(
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert op.get("description"), f"{method} {path} has no description"
-            assert "500" in op["responses"], f"{method} {path}"
+            assert {"413", "500"} <= set(op["responses"]), f"{method} {path}"
             if path.startswith("/v1/"):
                 assert "401" in op["responses"], f"{method} {path}"
     post_campaign = doc["paths"]["/v1/campaigns"]["post"]["responses"]
-    assert {"401", "404", "409", "422", "500", "503"} <= set(post_campaign)
+    assert {"401", "404", "409", "413", "422", "500", "503"} <= set(post_campaign)
     assert "insufficient_credits" in post_campaign["409"]["description"]
     schemas = doc["components"]["schemas"]
 
