@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__
 from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users
@@ -23,9 +24,13 @@ ROUTERS = (
     health.router,
 )
 
+#: Where /docs and /redoc load Swagger UI's and ReDoc's files from: this server, not a CDN.
+DOCS_ASSETS = "/docs/assets"
+
+
 def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
     """The FastAPI application over ``rt``; sends are handed to ``queue`` after they commit."""
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Command Email dispatcher",
         version=__version__,
         description=(
@@ -35,6 +40,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
             "token) is refused with 413 before it is read."
         ),
         responses=answers(413, 500),
+        static_url=DOCS_ASSETS,
     )
     attach(app, rt, queue)
     for router in ROUTERS:
