@@ -150,8 +150,19 @@ def web(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # never reached: nothing is sent
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "workers.web:create_app"]
-        + ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "workers.web:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=env,
         cwd=tmp_path,
     )
