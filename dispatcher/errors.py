@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dispatcher.reasons import Reason
 
 
@@ -19,12 +21,20 @@ class ConfigError(DispatcherError):
 
 
 class InvalidInput(DispatcherError, ValueError):
-    """A producer sent something we cannot accept; nothing was stored or enqueued."""
+    """A producer sent something we cannot accept; nothing was stored or enqueued.
 
-    def __init__(self, field: str, problem: str) -> None:
+    ``field`` and ``problem`` name the first bad field; ``others`` the rest found with it."""
+
+    def __init__(self, field: str, problem: str, *, others: Sequence[InvalidInput] = ()) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+        self.others = tuple(others)
+
+    @property
+    def all(self) -> tuple[InvalidInput, ...]:
+        """This refusal and the others found with it, first to last."""
+        return (InvalidInput(self.field, self.problem), *self.others)
 
 
 class NotFound(DispatcherError, LookupError):

@@ -54,6 +54,13 @@ class Sealer:
         return self.seal(self.open(stored))
 
 
+def sealed_length(characters: int) -> int:
+    """The stored length of a sealed secret of ``characters`` ASCII characters (Fernet: a
+    version byte, timestamp, IV, AES blocks and HMAC, in url-safe base64)."""
+    raw = 1 + 8 + 16 + 16 * (characters // 16 + 1) + 32
+    return len(PREFIX) + 4 * -(-raw // 3)
+
+
 def valid_key(key: str) -> bool:
     """Whether ``key`` is a Fernet key (32 bytes, url-safe base64)."""
     try:

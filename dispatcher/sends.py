@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from dispatcher import validation
 from dispatcher.delivery.message import message_id_for
-from dispatcher.delivery.rendering import MessageTemplate, check_merge_fields
+from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.delivery.templates import load_template
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import Send, SendKind, SendStatus, User
@@ -22,6 +23,9 @@ from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: The longest idempotency key the ``sends`` table stores; a longer one is stored as its hash.
+KEY_MAX = validation.column_length(Send.idempotency_key)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,10 @@ class SendRequest:
 
     @property
     def idempotency_key(self) -> str:
-        # Length-prefixed parts: no two different tuples can produce the same key.
+        # Length-prefixed parts: no two different tuples can produce the same key. Five ids of
+        # up to 128 characters can make a key longer than its column: such a key is stored as
+        # its SHA-256 (every key that fits keeps its form, so keys stored before stay valid;
+        # no composed key starts with "smartplan#").
         parts = (
             "smartplan",
             self.user_id,
@@ -53,7 +60,10 @@ class SendRequest:
             self.step_id,
             self.contact_id,
         )
-        return "|".join(f"{len(p)}:{p}" for p in parts)
+        key = "|".join(f"{len(p)}:{p}" for p in parts)
+        if len(key) <= KEY_MAX:
+            return key
+        return "smartplan#sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -78,18 +88,28 @@ class SendView:
 
 
 def validate(rt: Runtime, req: SendRequest) -> tuple[MessageTemplate, dict[str, Any]]:
-    """Check everything a producer sent; raise :class:`InvalidInput` naming the first bad field."""
-    validation.identifier("user_id", req.user_id)
-    validation.identifier("contact.id", req.contact_id)
-    validation.address("contact.email", req.contact_email)
-    validation.identifier("smartplan.plan_id", req.smartplan_id)
-    validation.identifier("smartplan.run_id", req.run_id)
-    validation.identifier("smartplan.step_id", req.step_id)
-    merge = check_merge_fields("contact.fields", req.merge_fields)
+    """Check everything a producer sent; raise :class:`InvalidInput` naming every bad field
+    (the first in ``field``)."""
+    found = validation.Findings()
+    found.check(validation.identifier, "user_id", req.user_id)
+    found.check(validation.identifier, "contact.id", req.contact_id)
+    found.check(validation.address, "contact.email", req.contact_email)
+    found.check(validation.identifier, "smartplan.plan_id", req.smartplan_id)
+    found.check(validation.identifier, "smartplan.run_id", req.run_id)
+    found.check(validation.identifier, "smartplan.step_id", req.step_id)
+    merge = found.check(validation.merge_fields, "contact.fields", req.merge_fields)
     if req.from_name is not None:
-        validation.header_text("from_name", req.from_name, max_len=200)
+        found.check(validation.header_text, "from_name", req.from_name, max_len=validation.NAME_MAX)
     if req.reply_to is not None:
-        validation.address("reply_to", req.reply_to)
+        found.check(validation.address, "reply_to", req.reply_to)
+    tpl = found.check(_message, rt, req)
+    found.done()
+    assert tpl is not None and merge is not None  # done() raised otherwise
+    return tpl, merge
+
+
+def _message(rt: Runtime, req: SendRequest) -> MessageTemplate:
+    """The message a request gives (its parts or a stored template), checked."""
     limit = rt.settings.max_message_bytes
     if req.template is not None:
         if any(v is not None for v in (req.subject, req.html, req.text)):
@@ -98,16 +118,19 @@ def validate(rt: Runtime, req: SendRequest) -> tuple[MessageTemplate, dict[str, 
     else:
         if req.subject is None and req.html is None:
             raise InvalidInput("message", "a message (subject and html) or a template is required")
-        tpl = MessageTemplate(
-            subject=validation.header_text("message.subject", req.subject),
-            html=validation.body("message.html", req.html, max_bytes=limit) or "",
-            text=validation.body("message.text", req.text, max_bytes=limit, required=False),
+        found = validation.Findings()
+        subject = found.check(validation.header_text, "message.subject", req.subject)
+        html = found.check(validation.body, "message.html", req.html, max_bytes=limit)
+        text = found.check(
+            validation.body, "message.text", req.text, max_bytes=limit, required=False
         )
+        found.done()
+        tpl = MessageTemplate(subject=subject or "", html=html or "", text=text)
     total = sum(len((p or "").encode()) for p in (tpl.subject, tpl.html, tpl.text))
     if total > limit:
         raise InvalidInput("message", f"is {total} bytes in all; the limit is {limit}")
     tpl.check("message")
-    return tpl, merge
+    return tpl
 
 
 def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult:

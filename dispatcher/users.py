@@ -51,31 +51,17 @@ def upsert_user(
     Fields left out keep their value. ``plan`` is accepted only on creation: changing it is a
     subscription change.
     """
-    validation.identifier("user_id", user_id)
-    changes: dict[str, Any] = {}
-    if platform_email is not _UNSET:
-        changes["platform_email"] = (
-            None if platform_email is None else validation.address("platform_email", platform_email)
-        )
-    if communications_email is not _UNSET:
-        changes["communications_email"] = (
-            None
-            if communications_email is None
-            else validation.address("communications_email", communications_email)
-        )
-    if timezone is not _UNSET:
-        zone(timezone, "timezone")
-        changes["timezone"] = timezone
-    if mailchimp_api_key is not _UNSET:
-        if mailchimp_api_key is not None:
-            validation.header_text("mailchimp.api_key", mailchimp_api_key, max_len=128)
-        changes["mailchimp_api_key"] = (
-            None if mailchimp_api_key is None else rt.sealer.seal(mailchimp_api_key)
-        )
-    if mailchimp_list_id is not _UNSET:
-        if mailchimp_list_id is not None:
-            validation.identifier("mailchimp.list_id", mailchimp_list_id)
-        changes["mailchimp_list_id"] = mailchimp_list_id
+    changes = _checked_changes(
+        user_id,
+        platform_email=platform_email,
+        communications_email=communications_email,
+        timezone=timezone,
+        plan=plan,
+        mailchimp_api_key=mailchimp_api_key,
+        mailchimp_list_id=mailchimp_list_id,
+    )
+    if changes.get("mailchimp_api_key") is not None:
+        changes["mailchimp_api_key"] = rt.sealer.seal(changes["mailchimp_api_key"])
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         user = session.get(User, user_id, with_for_update=True)
@@ -102,6 +88,41 @@ def upsert_user(
         user.updated_at = now
         session.flush()
         return view(user), created
+
+
+def _checked_changes(user_id: str, **given: Any) -> dict[str, Any]:
+    """The fields given (``_UNSET`` ones left out), each checked; :class:`InvalidInput` names
+    every bad one. ``plan`` is checked against the catalog later, on creation only."""
+    found = validation.Findings()
+    found.check(validation.identifier, "user_id", user_id)
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
+    for name in ("platform_email", "communications_email"):
+        if changes.get(name) is not None:
+            changes[name] = found.check(validation.address, name, changes[name])
+    if "timezone" in changes:
+        tz = found.check(
+            validation.text, "timezone", changes["timezone"], max_len=validation.TIMEZONE_MAX
+        )
+        if tz is not None:
+            found.check(zone, tz, "timezone")
+    if "plan" in changes:
+        found.check(validation.text, "plan", changes.pop("plan"), max_len=validation.PLAN_MAX)
+    if changes.get("mailchimp_api_key") is not None:
+        found.check(
+            validation.header_text,
+            "mailchimp.api_key",
+            changes["mailchimp_api_key"],
+            max_len=validation.MAILCHIMP_KEY_MAX,
+        )
+    if changes.get("mailchimp_list_id") is not None:
+        found.check(
+            validation.identifier,
+            "mailchimp.list_id",
+            changes["mailchimp_list_id"],
+            max_len=validation.MAILCHIMP_LIST_MAX,
+        )
+    found.done()
+    return changes
 
 
 def get_user(session: Session, user_id: str) -> User:

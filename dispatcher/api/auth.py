@@ -10,6 +10,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from dispatcher.api.deps import RuntimeDep
+from dispatcher.settings import Settings
 
 _BEARER = HTTPBearer(auto_error=False)
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
@@ -27,11 +28,25 @@ class Forbidden(Exception):
         self.detail = detail
 
 
-def _presented(creds: HTTPAuthorizationCredentials | None, tokens: tuple[str, ...]) -> bool:
-    """Whether ``creds`` carry one of ``tokens`` (an empty token never matches)."""
-    given = creds.credentials.encode() if creds else b""
+def _known(token: str, tokens: tuple[str, ...]) -> bool:
+    """Whether ``token`` is one of ``tokens`` (an empty token never matches)."""
+    given = token.encode()
     # Compare against every token so timing says nothing about which one nearly matched.
     return any([hmac.compare_digest(given, t.encode()) for t in tokens]) and bool(given)
+
+
+def _presented(creds: HTTPAuthorizationCredentials | None, tokens: tuple[str, ...]) -> bool:
+    """Whether ``creds`` carry one of ``tokens``."""
+    return _known(creds.credentials if creds else "", tokens)
+
+
+def carries_a_token(authorization: str | None, settings: Settings) -> bool:
+    """Whether an ``Authorization`` header value is a bearer token of a producer or an
+    operator (read before the body, to choose how much of it to accept)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return _known(token.strip(), settings.api_tokens + settings.ops_tokens)
 
 
 def producer_token(creds: BearerCredentials, rt: RuntimeDep) -> None:

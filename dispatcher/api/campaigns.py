@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import Field
 
 from dispatcher.api.auth import producer_token
 from dispatcher.api.bodies import MessageIn, StrictBody
-from dispatcher.api.deps import ProducerDep, QueueDep, RuntimeDep
-from dispatcher.api.problems import Problem
+from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, QueueDep, RuntimeDep
+from dispatcher.api.problems import answers
 from dispatcher.campaigns import control, create
 from dispatcher.errors import NotFound
+from dispatcher.models import Provider
 
-router = APIRouter(dependencies=[Depends(producer_token)])
+#: What a campaign can be told to do (an unknown action is 404, as an unknown route).
+ACTIONS = ("pause", "resume", "cancel")
+
+router = APIRouter(
+    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
+)
 
 
 class RecipientIn(StrictBody):
@@ -25,7 +31,9 @@ class RecipientIn(StrictBody):
 
 class CampaignIn(StrictBody):
     user_id: str
-    provider: str = Field(default="command_email", description="command_email or mailchimp")
+    provider: Provider = Field(
+        default=Provider.COMMAND_EMAIL, description="Our SMTP path (credits) or MailChimp."
+    )
     name: str | None = None
     message: MessageIn
     recipients: list[RecipientIn]
@@ -43,7 +51,7 @@ class CampaignIn(StrictBody):
     "/v1/campaigns",
     status_code=202,
     response_model=control.CampaignView,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    responses=answers(404, 409, 503),
 )
 def post_campaign(
     body: CampaignIn, response: Response, producer: ProducerDep
@@ -56,7 +64,7 @@ def post_campaign(
     when this answers a repeat of an earlier request."""
     req = create.CampaignRequest(
         user_id=body.user_id,
-        provider=body.provider,
+        provider=body.provider.value,
         name=body.name,
         subject=body.message.subject,
         html=body.message.html,
@@ -72,7 +80,9 @@ def post_campaign(
     return created
 
 
-@router.get("/v1/campaigns/{campaign_id}", response_model=control.CampaignView)
+@router.get(
+    "/v1/campaigns/{campaign_id}", response_model=control.CampaignView, responses=answers(404)
+)
 def get_campaign(
     campaign_id: str, rt: RuntimeDep, user_id: str | None = None
 ) -> control.CampaignView:
@@ -80,9 +90,19 @@ def get_campaign(
     return control.view(rt, campaign_id, user_id)
 
 
-@router.post("/v1/campaigns/{campaign_id}/{action}", response_model=control.CampaignView)
+@router.post(
+    "/v1/campaigns/{campaign_id}/{action}",
+    response_model=control.CampaignView,
+    responses=answers(404, 409, 503),
+)
 def campaign_action(
-    campaign_id: str, action: str, rt: RuntimeDep, queue: QueueDep, user_id: str | None = None
+    campaign_id: str,
+    action: Annotated[
+        str, Path(json_schema_extra={"enum": list(ACTIONS)}, description="What to do.")
+    ],
+    rt: RuntimeDep,
+    queue: QueueDep,
+    user_id: str | None = None,
 ) -> control.CampaignView:
     """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
     ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""

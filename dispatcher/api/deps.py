@@ -1,4 +1,5 @@
-"""Dependencies that hand a route the runtime, task queue and producer its app was built with."""
+"""Dependencies: the runtime, task queue and producer a route's app was built with, and the text
+policy applied to path and query values."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
+from dispatcher import validation
 from dispatcher.ports import TaskQueue
 from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
@@ -36,3 +38,17 @@ def _producer(request: Request) -> Producer:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 QueueDep = Annotated[TaskQueue, Depends(_queue)]
 ProducerDep = Annotated[Producer, Depends(_producer)]
+
+
+def plain_parameters(request: Request) -> None:
+    """Path and query values follow the one-line text policy (no control characters, no lone
+    surrogates), so a lookup never hands the database what it cannot compare."""
+    found = validation.Findings()
+    params = [*request.path_params.items(), *request.query_params.multi_items()]
+    for name, value in params:
+        found.check(validation.text, name, value, max_len=validation.HEADER_MAX, required=False)
+    found.done()
+
+
+#: Route dependency: the text policy on path and query values (after auth, so 401 comes first).
+PLAIN_PARAMETERS = Depends(plain_parameters)

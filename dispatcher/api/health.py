@@ -12,7 +12,7 @@ from dispatcher.models import Send
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "Redis or the database is down."}})
 def healthz(rt: RuntimeDep) -> JSONResponse:
     """Redis (quota store and broker) and the database are reachable."""
     checks: dict[str, str] = {}

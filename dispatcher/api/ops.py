@@ -12,18 +12,20 @@ from dispatcher import alerts
 from dispatcher.alerts import AlertView
 from dispatcher.api.auth import Caller, operator_token, producer_token
 from dispatcher.api.bodies import StrictBody
-from dispatcher.api.deps import RuntimeDep
-from dispatcher.api.problems import Problem
+from dispatcher.api.deps import PLAIN_PARAMETERS, RuntimeDep
+from dispatcher.api.problems import answers
 from dispatcher.delivery import suppression
 from dispatcher.delivery.suppression import RemovalView, SuppressionView
+from dispatcher.models import SuppressionReason
 
 router = APIRouter()
-_PRODUCER = [Depends(producer_token)]
+_PRODUCER = [Depends(producer_token), PLAIN_PARAMETERS]
+_ANSWERS = answers(401, 404, 422)
 
 
 class SuppressionIn(StrictBody):
     email: str
-    reason: str = Field(default="manual", description="manual, unsubscribe or hard_bounce")
+    reason: SuppressionReason = Field(default=SuppressionReason.MANUAL, description="Why.")
     expires_at: datetime | None = Field(default=None, description="None: until removed.")
     detail: str | None = None
 
@@ -32,6 +34,7 @@ class SuppressionIn(StrictBody):
     "/v1/users/{user_id}/suppressions",
     response_model=list[SuppressionView],
     dependencies=_PRODUCER,
+    responses=_ANSWERS,
 )
 def get_suppressions(
     user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
@@ -46,6 +49,7 @@ def get_suppressions(
     status_code=201,
     response_model=SuppressionView,
     dependencies=_PRODUCER,
+    responses=_ANSWERS,
 )
 def post_suppression(user_id: str, body: SuppressionIn, rt: RuntimeDep) -> SuppressionView:
     """Suppress an address for this agent, optionally until ``expires_at``."""
@@ -53,13 +57,18 @@ def post_suppression(user_id: str, body: SuppressionIn, rt: RuntimeDep) -> Suppr
         rt,
         user_id,
         body.email,
-        reason=body.reason,
+        reason=body.reason.value,
         expires_at=body.expires_at,
         detail=body.detail,
     )
 
 
-@router.delete("/v1/users/{user_id}/suppressions/{email}", status_code=204, dependencies=_PRODUCER)
+@router.delete(
+    "/v1/users/{user_id}/suppressions/{email}",
+    status_code=204,
+    dependencies=_PRODUCER,
+    responses=_ANSWERS,
+)
 def delete_suppression(
     user_id: str,
     email: str,
@@ -82,6 +91,7 @@ def delete_suppression(
     "/v1/users/{user_id}/suppression-removals",
     response_model=list[RemovalView],
     dependencies=_PRODUCER,
+    responses=_ANSWERS,
 )
 def get_suppression_removals(
     user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
@@ -91,7 +101,12 @@ def get_suppression_removals(
     return suppression.removals(rt, user_id, limit=limit)
 
 
-@router.get("/v1/alerts", response_model=list[AlertView], dependencies=_PRODUCER)
+@router.get(
+    "/v1/alerts",
+    response_model=list[AlertView],
+    dependencies=_PRODUCER,
+    responses=answers(401, 422),
+)
 def get_alerts(
     rt: RuntimeDep,
     user_id: str | None = None,
@@ -105,7 +120,7 @@ def get_alerts(
 @router.post(
     "/v1/relay/resume",
     dependencies=[Depends(operator_token)],
-    responses={403: {"model": Problem}},
+    responses=answers(401, 403),
 )
 def resume_relay(rt: RuntimeDep) -> dict[str, bool]:
     """Lift a halt on the SMTP relay (after the credentials were fixed). Needs an

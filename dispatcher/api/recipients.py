@@ -6,12 +6,13 @@ from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
 
 from dispatcher.api.deps import RuntimeDep
+from dispatcher.api.problems import answers
 from dispatcher.delivery import unsubscribe
 
 router = APIRouter(tags=["recipients"])
 
 
-@router.post("/u/{token}", include_in_schema=True)
+@router.post("/u/{token}", responses=answers(422))
 def one_click_unsubscribe(token: str, rt: RuntimeDep) -> Response:
     """RFC 8058 one-click unsubscribe: the POST a mailbox provider makes with
     ``List-Unsubscribe=One-Click``. No cookie or bearer token: the signed token is the
@@ -20,7 +21,7 @@ def one_click_unsubscribe(token: str, rt: RuntimeDep) -> Response:
     return PlainTextResponse("You are unsubscribed.\n")
 
 
-@router.get("/u/{token}", response_class=HTMLResponse)
+@router.get("/u/{token}", response_class=HTMLResponse, responses=answers(422))
 def unsubscribe_page(token: str, rt: RuntimeDep) -> HTMLResponse:
     """The page behind the link, for people: a button that makes the POST. Opening it
     changes nothing (link scanners open links)."""

@@ -10,11 +10,13 @@ from pydantic import BaseModel, Field
 from dispatcher import sends
 from dispatcher.api.auth import producer_token
 from dispatcher.api.bodies import MessageIn, StrictBody
-from dispatcher.api.deps import ProducerDep
-from dispatcher.api.problems import Problem
+from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
+from dispatcher.api.problems import answers
 from dispatcher.sends import SendView
 
-router = APIRouter(dependencies=[Depends(producer_token)])
+router = APIRouter(
+    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
+)
 
 
 class ContactIn(StrictBody):
@@ -50,7 +52,7 @@ class SendAccepted(BaseModel):
     "/v1/sends",
     status_code=202,
     response_model=SendAccepted,
-    responses={404: {"model": Problem}},
+    responses=answers(404, 503),
 )
 def post_send(body: SendIn, producer: ProducerDep) -> SendAccepted:
     """Submit one SmartPlan email; the same run + step + contact is accepted only once."""
@@ -78,7 +80,7 @@ def post_send(body: SendIn, producer: ProducerDep) -> SendAccepted:
 @router.get(
     "/v1/sends/{send_id}",
     response_model=SendView,
-    responses={404: {"model": Problem}},
+    responses=answers(404),
 )
 def get_send(send_id: str, producer: ProducerDep, user_id: str | None = None) -> SendView:
     """A send's status and outcome (scoped to ``user_id`` when given)."""

@@ -9,15 +9,18 @@ from pydantic import Field
 
 from dispatcher.api.auth import producer_token
 from dispatcher.api.bodies import StrictBody
-from dispatcher.api.deps import ProducerDep
+from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
+from dispatcher.api.problems import answers
 from dispatcher.credits.notices import NotificationView
 from dispatcher.credits.plans import Plan
-from dispatcher.credits.subscriptions import ChangeResult, CreditsView
+from dispatcher.credits.subscriptions import Action, ChangeResult, CreditsView
 from dispatcher.delivery.timeline import EventView
 from dispatcher.errors import InvalidInput
 from dispatcher.users import UserView
 
-router = APIRouter(dependencies=[Depends(producer_token)])
+router = APIRouter(
+    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
+)
 
 
 class MailchimpIn(StrictBody):
@@ -34,14 +37,16 @@ class UserIn(StrictBody):
 
 
 class SubscriptionIn(StrictBody):
-    action: str = Field(description="upgrade, downgrade or cancel")
+    action: Action = Field(
+        description="upgrade (now, charged), downgrade (next period) or cancel (free plan now)"
+    )
     plan: str | None = Field(default=None, description="Target plan (not for cancel).")
 
 
 @router.put(
     "/v1/users/{user_id}",
     response_model=UserView,
-    responses={201: {"model": UserView}},
+    responses={201: {"model": UserView}, **answers(404)},
 )
 def put_user(user_id: str, body: UserIn, response: Response, producer: ProducerDep) -> UserView:
     """Create or update an agent. The MailChimp key is stored and never returned."""
@@ -59,7 +64,9 @@ def put_user(user_id: str, body: UserIn, response: Response, producer: ProducerD
     return view
 
 
-@router.get("/v1/contacts/{contact_id}/timeline", response_model=list[EventView])
+@router.get(
+    "/v1/contacts/{contact_id}/timeline", response_model=list[EventView], responses=answers(404)
+)
 def get_timeline(
     contact_id: str,
     user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
@@ -79,26 +86,30 @@ def get_plans(producer: ProducerDep) -> list[Plan]:
 @router.post(
     "/v1/users/{user_id}/subscription",
     response_model=ChangeResult,
-    responses={201: {"model": ChangeResult}},
+    responses={201: {"model": ChangeResult}, **answers(404)},
 )
 def post_subscription(
     user_id: str, body: SubscriptionIn, response: Response, producer: ProducerDep
 ) -> ChangeResult:
     """Upgrade (charged now, new credits at once), downgrade (from the next period) or
     cancel (free plan now). Answers 201 with the order when one was made."""
-    result = producer.change_subscription(user_id, body.action, body.plan)
+    result = producer.change_subscription(user_id, body.action.value, body.plan)
     response.status_code = 201 if result.order else 200
     return result
 
 
-@router.get("/v1/users/{user_id}/credits", response_model=CreditsView)
+@router.get("/v1/users/{user_id}/credits", response_model=CreditsView, responses=answers(404))
 def get_credits(user_id: str, producer: ProducerDep) -> CreditsView:
     """The user's current grant: plan, period in their zone (``period_end`` exclusive),
     total, used, remaining."""
     return producer.credits(user_id)
 
 
-@router.get("/v1/users/{user_id}/notifications", response_model=list[NotificationView])
+@router.get(
+    "/v1/users/{user_id}/notifications",
+    response_model=list[NotificationView],
+    responses=answers(404),
+)
 def get_notifications(
     user_id: str, producer: ProducerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[NotificationView]:

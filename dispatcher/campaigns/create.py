@@ -25,7 +25,7 @@ from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import suppression
 from dispatcher.delivery.message import message_id_for
-from dispatcher.delivery.rendering import MessageTemplate, check_merge_fields
+from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound
 from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendKind, SendStatus, User
 from dispatcher.runtime import Runtime
@@ -116,15 +116,16 @@ def _check_recipients(
         try:
             contact_id = validation.identifier(f"{where}.id", r.contact_id)
             email = validation.address(f"{where}.email", r.email)
-            fields = check_merge_fields(f"{where}.fields", r.fields)
+            fields = validation.merge_fields(f"{where}.fields", r.fields)
             if contact_id in seen:
                 raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")
         except InvalidInput as exc:
             invalid.append(
                 {
                     "index": i,
-                    "contact_id": str(r.contact_id)[:128],
-                    "email": str(r.email)[:254],
+                    # Quoted as the error messages quote them: always valid UTF-8, and short.
+                    "contact_id": validation.printable(r.contact_id, validation.ID_MAX),
+                    "email": validation.printable(r.email, validation.ADDRESS_MAX),
                     "field": exc.field,
                     "reason": exc.problem,
                 }
@@ -203,32 +204,44 @@ def create(
 
 def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
     """Validate everything a request asks for; raises :class:`InvalidInput` naming the field."""
-    try:
-        provider = Provider(req.provider)
-    except ValueError:
-        raise InvalidInput("provider", "must be command_email or mailchimp") from None
+    found = validation.Findings()
+    provider = found.check(_provider, req.provider)
     limit = rt.settings.max_message_bytes
-    tpl = MessageTemplate(
-        subject=validation.header_text("message.subject", req.subject),
-        html=validation.body("message.html", req.html, max_bytes=limit) or "",
-        text=validation.body("message.text", req.text, max_bytes=limit, required=False),
-    )
-    tpl.check("message")
+    subject = found.check(validation.header_text, "message.subject", req.subject)
+    html = found.check(validation.body, "message.html", req.html, max_bytes=limit)
+    text = found.check(validation.body, "message.text", req.text, max_bytes=limit, required=False)
     request_key = None
     if req.idempotency_key is not None:
-        request_key = validation.identifier("idempotency_key", req.idempotency_key)
+        request_key = found.check(
+            validation.identifier,
+            "idempotency_key",
+            req.idempotency_key,
+            max_len=validation.REQUEST_KEY_MAX,
+        )
     if req.from_name is not None:
-        validation.header_text("from_name", req.from_name, max_len=200)
+        found.check(validation.header_text, "from_name", req.from_name, max_len=validation.NAME_MAX)
     if req.reply_to is not None:
-        validation.address("reply_to", req.reply_to)
+        found.check(validation.address, "reply_to", req.reply_to)
     if req.name is not None:
-        validation.header_text("name", req.name, max_len=200)
+        found.check(validation.header_text, "name", req.name, max_len=validation.NAME_MAX)
+    found.done()
+    assert provider is not None  # done() raised otherwise
+    tpl = MessageTemplate(subject=subject or "", html=html or "", text=text)
+    tpl.check("message")
     valid, invalid = _check_recipients(rt, req.recipients)
     if not valid:
         raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
     # Of the request as validated: a contact id sent as 5 or "5" is the same request.
     digest = None if request_key is None else request_digest(req, tpl, valid, invalid)
     return _Checked(provider, tpl, valid, invalid, request_key, digest)
+
+
+def _provider(value: str) -> Provider:
+    """The provider a request names."""
+    try:
+        return Provider(value)
+    except ValueError:
+        raise InvalidInput("provider", "must be command_email or mailchimp") from None
 
 
 def _drop_suppressed(

@@ -127,20 +127,6 @@ def context_for(contact_id: str, email: str, merge_fields: dict[str, Any]) -> di
     return {**merge_fields, "contact": contact}
 
 
-def check_merge_fields(field: str, value: object) -> dict[str, Any]:
-    """Merge fields are a flat object of names to strings, numbers, booleans or null."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidInput(field, "must be an object of name -> value")
-    for key, item in value.items():
-        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
-            raise InvalidInput(f"{field}.{key}", "is not a valid merge field name")
-        if item is not None and not isinstance(item, str | int | float | bool):
-            raise InvalidInput(f"{field}.{key}", "must be a string, number, boolean or null")
-    return dict(value)
-
-
 class _TextExtractor(HTMLParser):
     _BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6"})
 

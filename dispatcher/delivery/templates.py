@@ -8,13 +8,13 @@ from pathlib import Path
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import InvalidInput
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def load_template(templates_dir: str, name: str) -> MessageTemplate:
     """The stored template ``name``; an unknown or malformed name is :class:`InvalidInput`."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidInput("template", f"{name!r} is not a template name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput("template", f"{name[:80]!r} is not a template name")
     folder = Path(templates_dir) / "email" / name
     subject, html = folder / "subject.txt", folder / "body.html"
     if not subject.is_file() or not html.is_file():

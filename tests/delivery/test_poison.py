@@ -3,23 +3,24 @@ terminal outcome after SEND_MAX_RETRIES instead of looping; a campaign recipient
 cannot be built fails alone. Run through a real Celery worker, SMTP server and Redis.
 
 The trigger is real: a lone UTF-16 surrogate in a merge field (what a JavaScript client sends
-when it cuts an emoji in half) is valid JSON, renders into the message, and makes building the
-message's bytes raise ``UnicodeEncodeError``.
+when it cuts an emoji in half) renders into the message and makes building the message's bytes
+raise ``UnicodeEncodeError``. Submissions refuse it now (the text policy), so it is written to
+the stored row after submission, as a row stored before that policy holds it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher import alerts
 from dispatcher.campaigns import control, create
-from dispatcher.campaigns.create import Recipient
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery.outcomes import OutcomeStream
 from dispatcher.models import Send, SendStatus
+from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from tests.helpers import (
@@ -35,6 +36,12 @@ from workers.queue import CeleryTaskQueue
 BROKEN = "Pat \ud83d"  # half an emoji
 
 
+def _break(runtime: Runtime, *where: Any) -> None:
+    """Give the stored sends matching ``where`` the broken merge field."""
+    with runtime.sessions.begin() as session:
+        session.execute(update(Send).where(*where).values(merge_fields={"first_name": BROKEN}))
+
+
 def test_a_smartplan_send_that_cannot_be_built_fails_as_internal_error_after_its_budget(
     runtime: Runtime, celery_app: Any, worker: Any, retries: list[str]
 ) -> None:
@@ -42,8 +49,9 @@ def test_a_smartplan_send_that_cannot_be_built_fails_as_internal_error_after_its
     make_user(runtime)
     stream = OutcomeStream(runtime.redis, runtime.settings.outcome_stream)
     stream.ensure_group("engine")
-    request = send_request(merge_fields={"first_name": BROKEN})
-    send_id = submit_send(runtime, CeleryTaskQueue(celery_app), request).send_id
+    send_id = submit_send(runtime, OutboxOnly(), send_request()).send_id
+    _break(runtime, Send.id == send_id)
+    CeleryTaskQueue(celery_app).enqueue_send(send_id)
 
     # When the worker has run it: after the budget it is failed, not retried forever
     wait_for(lambda: statuses(runtime, "agent-1") == {"failed": 1}, what="a terminal outcome")
@@ -80,9 +88,8 @@ def test_a_campaign_recipient_that_cannot_be_built_fails_alone_and_the_campaign_
     # Given a 300-recipient campaign where one recipient's message cannot be built
     make_user(runtime)
     request = campaign_request(300)
-    recipients = list(request.recipients)
-    recipients[137] = Recipient("c137", "person137@example.org", {"first_name": BROKEN})
-    view, chunks = create.create(runtime, campaign_request(300, recipients=recipients))
+    view, chunks = create.create(runtime, request)
+    _break(runtime, Send.campaign_id == view.id, Send.contact_id == "c137")
     control.enqueue(runtime, view.id, chunks, CeleryTaskQueue(celery_app))
 
     # When the workers have run it
