@@ -209,7 +209,10 @@ class Demo:
         """Poll every (contact, email, send id) until all are terminal, or time out."""
         deadline = time.monotonic() + self.timeout
         while True:
-            views = {sid: self.call("GET", f"/v1/sends/{sid}") for _c, _e, sid in submitted}
+            owner = {"user_id": self.user_id}
+            views = {
+                sid: self.call("GET", f"/v1/sends/{sid}", params=owner) for _c, _e, sid in submitted
+            }
             if all(v["status"] in TERMINAL for v in views.values()):
                 return [
                     Outcome(c, e, sid, views[sid]["status"], views[sid]["reason"])

@@ -155,6 +155,7 @@ def api_command(port: int) -> list[str]:
     return [
         *(sys.executable, "-m", "uvicorn", "--factory", "workers.web:create_app"),
         *("--host", HOST, "--port", str(port)),
+        "--no-access-log",  # the API logs each request itself, by route and client
     ]
 
 

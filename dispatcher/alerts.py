@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -111,12 +112,21 @@ def raise_alert(
         )
 
 
-def recent(rt: AlertStore, *, user_id: str | None = None, limit: int = 100) -> list[AlertView]:
-    """The newest alerts, optionally of one user's work only."""
+def recent(
+    rt: AlertStore,
+    *,
+    user_id: str | None = None,
+    user_ids: Collection[str] | None = None,
+    limit: int = 100,
+) -> list[AlertView]:
+    """The newest alerts, optionally of one user's work only, or of some users' only (then
+    alerts about no user, such as a halted relay, are left out)."""
     with rt.sessions() as session:
         query = select(Alert).order_by(Alert.id.desc()).limit(limit)
         if user_id is not None:
             query = query.where(Alert.user_id == user_id)
+        if user_ids is not None:
+            query = query.where(Alert.user_id.in_(list(user_ids)))
         return [
             AlertView(
                 id=a.id,

@@ -6,9 +6,12 @@ is unset) and pydantic parses it; the rules between settings and the .env reader
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,6 +97,60 @@ SmtpTls = Annotated[
 ]
 
 
+#: What a client's token may do (``API_CLIENTS``); see the README's Security section.
+SCOPES = ("smartplan:send", "campaigns:write", "users:write", "billing", "read", "ops")
+#: The scopes of a token listed in ``API_TOKENS`` (all but ``ops``) and in ``OPS_TOKENS``.
+PRODUCER_SCOPES = tuple(s for s in SCOPES if s != "ops")
+
+
+@dataclass(frozen=True)
+class ApiClient:
+    """One caller of the HTTP API: its name (logs and records say who called), its bearer
+    token, what it may do, and the agents it may act for (None: every agent)."""
+
+    name: str
+    token: str = field(repr=False)
+    scopes: frozenset[str]
+    users: frozenset[str] | None = None
+
+
+def _clients_text(value: Any) -> Any:
+    """``API_CLIENTS`` as JSON: a list of {"name", "token", "scopes", "users"?}. Built in
+    code, a tuple of :class:`ApiClient` passes as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        items = json.loads(value) if value.strip() else []
+    except json.JSONDecodeError as exc:
+        raise ConfigError("API_CLIENTS", f"is not JSON: {exc.msg} at {exc.pos}") from None
+    if not isinstance(items, list):
+        raise ConfigError("API_CLIENTS", "must be a JSON list of clients")
+    clients = []
+    for n, item in enumerate(items):
+        where = f"client {n + 1}"
+        if not isinstance(item, dict) or set(item) - {"name", "token", "scopes", "users"}:
+            raise ConfigError("API_CLIENTS", f"{where}: has name, token, scopes and users only")
+        name, token, scopes = item.get("name"), item.get("token"), item.get("scopes")
+        users = item.get("users")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise ConfigError("API_CLIENTS", f"{where}: name must be 1-64 letters, digits, _.-")
+        if not isinstance(token, str):
+            raise ConfigError("API_CLIENTS", f"{name}: token must be a string")
+        if not isinstance(scopes, list) or not scopes or set(scopes) - set(SCOPES):
+            raise ConfigError("API_CLIENTS", f"{name}: scopes must be some of {', '.join(SCOPES)}")
+        if users is not None and not (
+            isinstance(users, list) and users and all(isinstance(u, str) for u in users)
+        ):
+            raise ConfigError("API_CLIENTS", f"{name}: users must be a list of user ids")
+        clients.append(
+            ApiClient(name, token, frozenset(scopes), None if users is None else frozenset(users))
+        )
+    return tuple(clients)
+
+
+Clients = Annotated[tuple[ApiClient, ...], BeforeValidator(_clients_text)]
+
+
 class Settings(BaseSettings):
     """Everything the dispatcher needs to know about its environment.
 
@@ -124,8 +181,11 @@ class Settings(BaseSettings):
     smtp_timeout: float = 30.0
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
     mailchimp_base_url: str | None = None
+    #: Named API clients with scopes and, optionally, the agents they may act for (JSON).
+    api_clients: Clients = Field(default=(), repr=False)
+    #: Unnamed producer tokens with every scope but ``ops`` (clients named api-1, api-2, ...).
     api_tokens: Tokens = Field(default=(), repr=False)
-    #: Bearer tokens of operators: only these may lift a relay halt over HTTP.
+    #: Bearer tokens of operators (scope ``ops``: lifting a relay halt over HTTP).
     ops_tokens: Tokens = Field(default=(), repr=False)
     free_plan_credits: int = 5000
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
@@ -217,8 +277,7 @@ class Settings(BaseSettings):
                 "SEND_LEASE_SECONDS",
                 f"must exceed TASK_TIME_LIMIT ({self.task_time_limit}s) so a live send keeps it",
             )
-        if set(self.ops_tokens) & set(self.api_tokens):
-            raise ConfigError("OPS_TOKENS", "an operator token must differ from every API token")
+        self._check_tokens()
         if "@" not in parseaddr(self.mail_from)[1]:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -303,6 +362,24 @@ class Settings(BaseSettings):
         if self.max_request_bytes is not None:
             return self.max_request_bytes
         return self.max_campaign_recipients * 1024 + 3 * self.max_message_bytes + 65_536
+
+    def _check_tokens(self) -> None:
+        """Every token belongs to one client, and a public deployment's are long."""
+        tokens = [*self.api_tokens, *self.ops_tokens, *(c.token for c in self.api_clients)]
+        if len(set(tokens)) != len(tokens):
+            raise ConfigError(
+                "API_CLIENTS" if self.api_clients else "OPS_TOKENS",
+                "every token must differ from every other (API_CLIENTS, API_TOKENS, OPS_TOKENS)",
+            )
+        if len({c.name for c in self.api_clients}) != len(self.api_clients):
+            raise ConfigError("API_CLIENTS", "every client needs a name of its own")
+        if self.public_base_url.startswith("https://") and any(len(t) < 32 for t in tokens):
+            raise ConfigError(
+                "API_CLIENTS" if self.api_clients else "API_TOKENS",
+                "a public deployment's tokens must be at least 32 characters",
+            )
+        if any(len(c.token) < 8 for c in self.api_clients):
+            raise ConfigError("API_CLIENTS", "every token must be at least 8 characters")
 
     @property
     def mail_from_address(self) -> str:

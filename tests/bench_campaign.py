@@ -358,7 +358,7 @@ def main() -> int:
         probe.start()
         last_report = 0.0
         while True:
-            view = api.get(f"/v1/campaigns/{campaign_id}").json()
+            view = api.get(f"/v1/campaigns/{campaign_id}", params={"user_id": "bench-agent"}).json()
             if time.time() - last_report > 5:
                 print(
                     f"  {view['done']:,}/{view['recipients']:,} "

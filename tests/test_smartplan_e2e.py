@@ -89,7 +89,10 @@ def test_two_credits_left_and_four_smartplan_sends(
         ("sent", None),
     ]
     for o in outcomes:
-        assert api_client.get(f"/v1/sends/{o.send_id}").json()["status"] == o.status
+        assert (
+            api_client.get(f"/v1/sends/{o.send_id}", params={"user_id": "agent-1"}).json()["status"]
+            == o.status
+        )
     assert sorted(o.run_id for o in outcomes) == [f"run-{n}" for n in range(4)]
     assert {o.step_id for o in outcomes} == {"step-1"}
     # and nothing was retried, and no credit is left
@@ -163,7 +166,7 @@ def test_a_deferred_send_is_retried_by_the_worker_and_sent_once(
     smtp_server.handler.fault = lambda stage, _r: next(answers, None) if stage == "data" else None
     send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
     wait_for(lambda: all_terminal(runtime, "agent-1", 1))
-    body = api_client.get(f"/v1/sends/{send_id}").json()
+    body = api_client.get(f"/v1/sends/{send_id}", params={"user_id": "agent-1"}).json()
     assert (body["status"], body["attempts"]) == ("sent", 3)
     assert retries == [send_id, send_id]
     assert len(smtp_server.messages) == 1
@@ -180,7 +183,7 @@ def test_a_send_deferred_past_its_retries_fails_and_returns_the_credit(
     smtp_server.handler.fault = lambda stage, _r: "451 4.3.0 later" if stage == "data" else None
     send_id = api_client.post("/v1/sends", json=send_body(1)).json()["id"]
     wait_for(lambda: all_terminal(runtime, "agent-1", 1))
-    body = api_client.get(f"/v1/sends/{send_id}").json()
+    body = api_client.get(f"/v1/sends/{send_id}", params={"user_id": "agent-1"}).json()
     assert (body["status"], body["reason"]) == ("failed", "retries_exhausted")
     assert body["attempts"] == runtime.settings.send_max_retries + 1
     assert smtp_server.messages == []

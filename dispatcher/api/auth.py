@@ -1,16 +1,21 @@
-"""Bearer-token dependencies: a producer's token for /v1, an operator's for relay actions."""
+"""Who is calling, and what they may do: bearer tokens of named API clients with scopes, each
+possibly limited to some agents (``API_CLIENTS``; ``API_TOKENS`` and ``OPS_TOKENS`` are
+clients too). A request without a valid token is 401; a token without the route's scope is 403;
+a token limited to some agents that names another agent finds nothing there (404)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from dispatcher.api.deps import RuntimeDep
-from dispatcher.settings import Settings
+from dispatcher.errors import NotFound
+from dispatcher.settings import PRODUCER_SCOPES, ApiClient, Settings
 
 _BEARER = HTTPBearer(auto_error=False)
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
@@ -21,54 +26,106 @@ class Unauthorized(Exception):
 
 
 class Forbidden(Exception):
-    """An operator's endpoint with no operator token configured; answered with 403."""
+    """A token without the route's scope, or an operator's route with no operator token
+    configured; answered with 403."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
 
-def _known(token: str, tokens: tuple[str, ...]) -> bool:
-    """Whether ``token`` is one of ``tokens`` (an empty token never matches)."""
+@dataclass(frozen=True)
+class Caller:
+    """The client a request came from."""
+
+    name: str
+    scopes: frozenset[str]
+    users: frozenset[str] | None  # None: every agent
+
+    def may_act_for(self, user_id: str) -> bool:
+        return self.users is None or user_id in self.users
+
+    def check_user(self, user_id: str) -> None:
+        """Raise :class:`NotFound` for an agent this client may not act for: it must not even
+        learn that the agent exists."""
+        if not self.may_act_for(user_id):
+            raise NotFound("user", user_id)
+
+
+def clients(settings: Settings) -> tuple[ApiClient, ...]:
+    """Every API client: ``API_CLIENTS``, then ``API_TOKENS`` (api-1, api-2, ...: every scope
+    but ops) and ``OPS_TOKENS`` (ops-1, ...: ops only)."""
+    producers = tuple(
+        ApiClient(f"api-{n}", token, frozenset(PRODUCER_SCOPES))
+        for n, token in enumerate(settings.api_tokens, 1)
+    )
+    operators = tuple(
+        ApiClient(f"ops-{n}", token, frozenset({"ops"}))
+        for n, token in enumerate(settings.ops_tokens, 1)
+    )
+    return settings.api_clients + producers + operators
+
+
+def _match(token: str, settings: Settings) -> ApiClient | None:
+    """The client whose token ``token`` is (an empty token never matches)."""
     given = token.encode()
+    found = None
     # Compare against every token so timing says nothing about which one nearly matched.
-    return any([hmac.compare_digest(given, t.encode()) for t in tokens]) and bool(given)
-
-
-def _presented(creds: HTTPAuthorizationCredentials | None, tokens: tuple[str, ...]) -> bool:
-    """Whether ``creds`` carry one of ``tokens``."""
-    return _known(creds.credentials if creds else "", tokens)
+    for client in clients(settings):
+        if hmac.compare_digest(given, client.token.encode()) and given:
+            found = client
+    return found
 
 
 def carries_a_token(authorization: str | None, settings: Settings) -> bool:
-    """Whether an ``Authorization`` header value is a bearer token of a producer or an
-    operator (read before the body, to choose how much of it to accept)."""
+    """Whether an ``Authorization`` header value is the bearer token of a client (read before
+    the body, to choose how much of it to accept)."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return _known(token.strip(), settings.api_tokens + settings.ops_tokens)
+    return _match(token.strip(), settings) is not None
 
 
-def producer_token(creds: BearerCredentials, rt: RuntimeDep) -> None:
-    """Let the request through only with one of the producers' tokens (``API_TOKENS``)."""
-    if not _presented(creds, rt.settings.api_tokens):
+def authenticated(creds: BearerCredentials, rt: RuntimeDep) -> None:
+    """A router dependency: any client's valid token (401 before anything else is looked at;
+    the route's scope is checked by :func:`scoped`)."""
+    if _match(creds.credentials if creds else "", rt.settings) is None:
         raise Unauthorized()
 
 
-def operator_token(creds: BearerCredentials, rt: RuntimeDep) -> None:
-    """Let the request through only with an operator's token (``OPS_TOKENS``); 403 when no
-    operator token is configured at all."""
-    if not rt.settings.ops_tokens:
-        raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
-    if not _presented(creds, rt.settings.ops_tokens):
-        raise Unauthorized()
+AUTHENTICATED = Depends(authenticated)
 
 
-def caller(creds: BearerCredentials) -> str:
-    """Who made the request, for the records that say so: the fingerprint of the bearer
-    token (never the token itself)."""
-    given = creds.credentials.encode() if creds else b""
-    return "token:" + hashlib.sha256(given).hexdigest()[:12]
+def scoped(scope: str) -> Callable[..., Caller]:
+    """A route dependency: the caller, who must hold ``scope``. A ``user_id`` in the path or
+    the query must be an agent the caller may act for (a body's is checked by the route)."""
+
+    def dependency(request: Request, creds: BearerCredentials, rt: RuntimeDep) -> Caller:
+        if (
+            scope == "ops"
+            and not rt.settings.ops_tokens
+            and not any("ops" in c.scopes for c in rt.settings.api_clients)
+        ):
+            raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
+        client = _match(creds.credentials if creds else "", rt.settings)
+        if client is None:
+            raise Unauthorized()
+        if scope not in client.scopes:
+            raise Forbidden(f"the token of {client.name} does not have the scope {scope!r}")
+        caller = Caller(client.name, client.scopes, client.users)
+        named = request.path_params.get("user_id") or request.query_params.get("user_id")
+        if named:
+            caller.check_user(named)
+        request.state.caller = caller.name
+        return caller
+
+    return dependency
 
 
-Caller = Annotated[str, Depends(caller)]
+#: The caller of a route that needs the scope (``Annotated[Caller, ...]`` for routes).
+SendCaller = Annotated[Caller, Depends(scoped("smartplan:send"))]
+CampaignCaller = Annotated[Caller, Depends(scoped("campaigns:write"))]
+UsersCaller = Annotated[Caller, Depends(scoped("users:write"))]
+BillingCaller = Annotated[Caller, Depends(scoped("billing"))]
+ReadCaller = Annotated[Caller, Depends(scoped("read"))]
+OpsCaller = Annotated[Caller, Depends(scoped("ops"))]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import Field
 
-from dispatcher.api.auth import producer_token
+from dispatcher.api.auth import AUTHENTICATED, CampaignCaller, ReadCaller
 from dispatcher.api.bodies import MessageIn, StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, QueueDep, RuntimeDep
 from dispatcher.api.problems import answers
@@ -18,9 +18,10 @@ from dispatcher.models import Provider
 #: What a campaign can be told to do (an unknown action is 404, as an unknown route).
 ACTIONS = ("pause", "resume", "cancel")
 
-router = APIRouter(
-    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
-)
+router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=answers(401, 403, 422))
+
+#: The owner a campaign is read or changed for: another agent's campaign is not found.
+Owner = Annotated[str, Query(description="The agent who owns the campaign.")]
 
 
 class RecipientIn(StrictBody):
@@ -54,14 +55,15 @@ class CampaignIn(StrictBody):
     responses=answers(404, 409, 503),
 )
 def post_campaign(
-    body: CampaignIn, response: Response, producer: ProducerDep
+    body: CampaignIn, response: Response, producer: ProducerDep, caller: CampaignCaller
 ) -> control.CampaignView:
     """Start a campaign. Command Email: every valid recipient's credit is reserved at once
     (a campaign larger than the balance is refused whole, 409); invalid recipients are
     listed in ``invalid``, never sent or charged, and those on the agent's suppression list
     in ``suppressed``, skipped and never charged; ``recipients`` counts the valid ones, one
     send each. MailChimp: sent through the agent's account, no credits. ``replayed`` is true
-    when this answers a repeat of an earlier request."""
+    when this answers a repeat of an earlier request. Scope ``campaigns:write``."""
+    caller.check_user(body.user_id)
     req = create.CampaignRequest(
         user_id=body.user_id,
         provider=body.provider.value,
@@ -84,9 +86,9 @@ def post_campaign(
     "/v1/campaigns/{campaign_id}", response_model=control.CampaignView, responses=answers(404)
 )
 def get_campaign(
-    campaign_id: str, rt: RuntimeDep, user_id: str | None = None
+    campaign_id: str, rt: RuntimeDep, _caller: ReadCaller, user_id: Owner
 ) -> control.CampaignView:
-    """Status, counts by outcome and progress."""
+    """Status, counts by outcome and progress. Scope ``read``."""
     return control.view(rt, campaign_id, user_id)
 
 
@@ -102,10 +104,12 @@ def campaign_action(
     ],
     rt: RuntimeDep,
     queue: QueueDep,
-    user_id: str | None = None,
+    _caller: CampaignCaller,
+    user_id: Owner,
 ) -> control.CampaignView:
     """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
-    ``cancel`` (unsent recipients fail as cancelled and their credits come back)."""
+    ``cancel`` (unsent recipients fail as cancelled and their credits come back). Scope
+    ``campaigns:write``."""
     if action == "pause":
         return control.pause(rt, campaign_id, user_id)
     if action == "resume":

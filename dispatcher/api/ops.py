@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
 from dispatcher import alerts
 from dispatcher.alerts import AlertView
-from dispatcher.api.auth import Caller, operator_token, producer_token
+from dispatcher.api.auth import AUTHENTICATED, OpsCaller, ReadCaller, UsersCaller
 from dispatcher.api.bodies import StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, RuntimeDep
 from dispatcher.api.problems import answers
@@ -19,8 +19,8 @@ from dispatcher.delivery.suppression import RemovalView, SuppressionView
 from dispatcher.models import SuppressionReason
 
 router = APIRouter()
-_PRODUCER = [Depends(producer_token), PLAIN_PARAMETERS]
-_ANSWERS = answers(401, 404, 422)
+_PRODUCER = [AUTHENTICATED, PLAIN_PARAMETERS]
+_ANSWERS = answers(401, 403, 404, 422)
 
 
 class SuppressionIn(StrictBody):
@@ -37,10 +37,13 @@ class SuppressionIn(StrictBody):
     responses=_ANSWERS,
 )
 def get_suppressions(
-    user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000
+    user_id: str,
+    rt: RuntimeDep,
+    _caller: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[SuppressionView]:
     """Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in
-    force), newest first."""
+    force), newest first. Scope ``read``."""
     return suppression.listing(rt, user_id, limit=limit)
 
 
@@ -51,8 +54,11 @@ def get_suppressions(
     dependencies=_PRODUCER,
     responses=_ANSWERS,
 )
-def post_suppression(user_id: str, body: SuppressionIn, rt: RuntimeDep) -> SuppressionView:
-    """Suppress an address for this agent, optionally until ``expires_at``."""
+def post_suppression(
+    user_id: str, body: SuppressionIn, rt: RuntimeDep, _caller: UsersCaller
+) -> SuppressionView:
+    """Suppress an address for this agent, optionally until ``expires_at``. Scope
+    ``users:write``."""
     return suppression.suppress(
         rt,
         user_id,
@@ -73,7 +79,7 @@ def delete_suppression(
     user_id: str,
     email: str,
     rt: RuntimeDep,
-    who: Caller,
+    caller: UsersCaller,
     why: Annotated[
         str,
         Query(
@@ -81,9 +87,9 @@ def delete_suppression(
         ),
     ],
 ) -> Response:
-    """Take an address off the agent's list; who, when and why are recorded (see
-    ``/suppression-removals``)."""
-    suppression.remove(rt, user_id, email, by=who, why=why)
+    """Take an address off the agent's list; who (the client's name), when and why are
+    recorded (see ``/suppression-removals``). Scope ``users:write``."""
+    suppression.remove(rt, user_id, email, by=f"api:{caller.name}", why=why)
     return Response(status_code=204)
 
 
@@ -94,10 +100,13 @@ def delete_suppression(
     responses=_ANSWERS,
 )
 def get_suppression_removals(
-    user_id: str, rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    user_id: str,
+    rt: RuntimeDep,
+    _caller: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[RemovalView]:
-    """Addresses taken off the agent's list: who (a token's fingerprint), when, why, and the
-    entry as it was; newest first."""
+    """Addresses taken off the agent's list: who (``api:<client>`` or ``cli:<user>``), when,
+    why, and the entry as it was; newest first. Scope ``read``."""
     return suppression.removals(rt, user_id, limit=limit)
 
 
@@ -105,25 +114,26 @@ def get_suppression_removals(
     "/v1/alerts",
     response_model=list[AlertView],
     dependencies=_PRODUCER,
-    responses=answers(401, 422),
+    responses=answers(401, 403, 422),
 )
 def get_alerts(
     rt: RuntimeDep,
+    caller: ReadCaller,
     user_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertView]:
     """Policy refusals (campaign paused) and refused relay credentials (sending halted),
-    newest first."""
-    return alerts.recent(rt, user_id=user_id, limit=limit)
+    newest first. Scope ``read``; a client limited to some agents sees only theirs."""
+    only = caller.users if user_id is None else None
+    return alerts.recent(rt, user_id=user_id, user_ids=only, limit=limit)
 
 
 @router.post(
     "/v1/relay/resume",
-    dependencies=[Depends(operator_token)],
     responses=answers(401, 403),
 )
-def resume_relay(rt: RuntimeDep) -> dict[str, bool]:
-    """Lift a halt on the SMTP relay (after the credentials were fixed). Needs an
-    operator token (``OPS_TOKENS``), not a producer's; ``dispatcher relay resume`` does
-    the same from a shell."""
+def resume_relay(rt: RuntimeDep, _caller: OpsCaller) -> dict[str, bool]:
+    """Lift a halt on the SMTP relay (after the credentials were fixed). Scope ``ops`` (an
+    ``OPS_TOKENS`` token), not a producer's; ``dispatcher relay resume`` does the same from
+    a shell."""
     return {"resumed": rt.relay.resume()}

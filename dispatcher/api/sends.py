@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from dispatcher import sends
-from dispatcher.api.auth import producer_token
+from dispatcher.api.auth import AUTHENTICATED, ReadCaller, SendCaller
 from dispatcher.api.bodies import MessageIn, StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
 from dispatcher.api.problems import answers
 from dispatcher.sends import SendView
 
-router = APIRouter(
-    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
-)
+router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=answers(401, 403, 422))
 
 
 class ContactIn(StrictBody):
@@ -54,8 +52,10 @@ class SendAccepted(BaseModel):
     response_model=SendAccepted,
     responses=answers(404, 503),
 )
-def post_send(body: SendIn, producer: ProducerDep) -> SendAccepted:
-    """Submit one SmartPlan email; the same run + step + contact is accepted only once."""
+def post_send(body: SendIn, producer: ProducerDep, caller: SendCaller) -> SendAccepted:
+    """Submit one SmartPlan email; the same run + step + contact is accepted only once.
+    Scope ``smartplan:send``."""
+    caller.check_user(body.user_id)
     msg = body.message
     req = sends.SendRequest(
         user_id=body.user_id,
@@ -82,6 +82,11 @@ def post_send(body: SendIn, producer: ProducerDep) -> SendAccepted:
     response_model=SendView,
     responses=answers(404),
 )
-def get_send(send_id: str, producer: ProducerDep, user_id: str | None = None) -> SendView:
-    """A send's status and outcome (scoped to ``user_id`` when given)."""
+def get_send(
+    send_id: str,
+    producer: ProducerDep,
+    _caller: ReadCaller,
+    user_id: Annotated[str, Query(description="The agent who owns the send.")],
+) -> SendView:
+    """A send's status and outcome; another agent's send is not found. Scope ``read``."""
     return producer.get_send(send_id, user_id)

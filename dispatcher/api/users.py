@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
-from dispatcher.api.auth import producer_token
+from dispatcher.api.auth import AUTHENTICATED, BillingCaller, ReadCaller, UsersCaller
 from dispatcher.api.bodies import StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
 from dispatcher.api.problems import answers
@@ -18,9 +18,7 @@ from dispatcher.delivery.timeline import EventView
 from dispatcher.errors import InvalidInput
 from dispatcher.users import UserView
 
-router = APIRouter(
-    dependencies=[Depends(producer_token), PLAIN_PARAMETERS], responses=answers(401, 422)
-)
+router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=answers(401, 403, 422))
 
 
 class MailchimpIn(StrictBody):
@@ -48,8 +46,11 @@ class SubscriptionIn(StrictBody):
     response_model=UserView,
     responses={201: {"model": UserView}, **answers(404)},
 )
-def put_user(user_id: str, body: UserIn, response: Response, producer: ProducerDep) -> UserView:
-    """Create or update an agent. The MailChimp key is stored and never returned."""
+def put_user(
+    user_id: str, body: UserIn, response: Response, producer: ProducerDep, _caller: UsersCaller
+) -> UserView:
+    """Create or update an agent. The MailChimp key is stored sealed and never returned.
+    Scope ``users:write``."""
     fields = body.model_dump(exclude_unset=True)
     kwargs: dict[str, Any] = {k: v for k, v in fields.items() if k != "mailchimp"}
     if kwargs.get("timezone", "") is None:
@@ -71,15 +72,17 @@ def get_timeline(
     contact_id: str,
     user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
     producer: ProducerDep,
+    _caller: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[EventView]:
-    """The contact's events for this agent, newest first."""
+    """The contact's events for this agent, newest first. Scope ``read``."""
     return producer.timeline(user_id, contact_id, limit)
 
 
 @router.get("/v1/plans", response_model=list[Plan])
-def get_plans(producer: ProducerDep) -> list[Plan]:
-    """The plan catalog, smallest first; ``price_cents`` is the monthly price (0: free)."""
+def get_plans(producer: ProducerDep, _caller: ReadCaller) -> list[Plan]:
+    """The plan catalog, smallest first; ``price_cents`` is the monthly price (0: free).
+    Scope ``read``."""
     return producer.plans()
 
 
@@ -89,19 +92,23 @@ def get_plans(producer: ProducerDep) -> list[Plan]:
     responses={201: {"model": ChangeResult}, **answers(404)},
 )
 def post_subscription(
-    user_id: str, body: SubscriptionIn, response: Response, producer: ProducerDep
+    user_id: str,
+    body: SubscriptionIn,
+    response: Response,
+    producer: ProducerDep,
+    _caller: BillingCaller,
 ) -> ChangeResult:
     """Upgrade (charged now, new credits at once), downgrade (from the next period) or
-    cancel (free plan now). Answers 201 with the order when one was made."""
+    cancel (free plan now). Answers 201 with the order when one was made. Scope ``billing``."""
     result = producer.change_subscription(user_id, body.action.value, body.plan)
     response.status_code = 201 if result.order else 200
     return result
 
 
 @router.get("/v1/users/{user_id}/credits", response_model=CreditsView, responses=answers(404))
-def get_credits(user_id: str, producer: ProducerDep) -> CreditsView:
+def get_credits(user_id: str, producer: ProducerDep, _caller: ReadCaller) -> CreditsView:
     """The user's current grant: plan, period in their zone (``period_end`` exclusive),
-    total, used, remaining."""
+    total, used, remaining. Scope ``read``."""
     return producer.credits(user_id)
 
 
@@ -111,7 +118,10 @@ def get_credits(user_id: str, producer: ProducerDep) -> CreditsView:
     responses=answers(404),
 )
 def get_notifications(
-    user_id: str, producer: ProducerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    user_id: str,
+    producer: ProducerDep,
+    _caller: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[NotificationView]:
-    """In-app notifications, newest first."""
+    """In-app notifications, newest first. Scope ``read``."""
     return producer.notifications(user_id, limit)

@@ -51,6 +51,7 @@ def add_commands(commands: Commands) -> None:
         description="Print a campaign's status, counts and progress.",
     )
     show.add_argument("campaign_id", metavar="ID")
+    show.add_argument("--user", required=True, help="the agent who owns the campaign")
     show.add_argument(
         "--follow", action="store_true", help="keep a live progress bar until the campaign finishes"
     )
@@ -61,6 +62,7 @@ def add_commands(commands: Commands) -> None:
     ):
         p = sub.add_parser(action, help=text, description=text.capitalize() + ".")
         p.add_argument("campaign_id", metavar="ID")
+        p.add_argument("--user", required=True, help="the agent who owns the campaign")
 
 
 def _add_send(sub: Commands) -> None:
@@ -152,13 +154,17 @@ def progress_line(view: dict[str, Any], rate: float | None) -> str:
     return line + (f"  {rate:,.0f}/s" if rate else "")
 
 
-def follow(client: httpx.Client, campaign_id: str, out: TextIO | None = None) -> dict[str, Any]:
-    """Redraw the progress bar until the campaign is no longer running."""
+def follow(
+    client: httpx.Client, campaign_id: str, user_id: str, out: TextIO | None = None
+) -> dict[str, Any]:
+    """Redraw the progress bar until ``user_id``'s campaign is no longer running."""
     out = out or sys.stdout
     tty = out.isatty()
     last_done, last_time, last_print = 0, time.monotonic(), 0.0
     while True:
-        view: dict[str, Any] = _call(client, "GET", f"/v1/campaigns/{campaign_id}")
+        view: dict[str, Any] = _call(
+            client, "GET", f"/v1/campaigns/{campaign_id}", params={"user_id": user_id}
+        )
         now = time.monotonic()
         rate = (view["done"] - last_done) / (now - last_time) if now > last_time else None
         last_done, last_time = view["done"], now
@@ -206,13 +212,18 @@ def run(args: argparse.Namespace) -> int:
             for one in skipped:
                 print(f"  suppressed: {one['email']!r} ({one['reason']})")
             if args.follow:
-                follow(client, view["id"])
+                follow(client, view["id"], args.user)
             return 0
         if command == "show":
             view = (
-                follow(client, args.campaign_id)
+                follow(client, args.campaign_id, args.user)
                 if args.follow
-                else _call(client, "GET", f"/v1/campaigns/{args.campaign_id}")
+                else _call(
+                    client,
+                    "GET",
+                    f"/v1/campaigns/{args.campaign_id}",
+                    params={"user_id": args.user},
+                )
             )
             if not args.follow:
                 print(progress_line(view, None))
@@ -222,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
             if view.get("detail"):
                 print(f"note: {view['detail']}")
             return 0
-        view = _call(client, "POST", f"/v1/campaigns/{args.campaign_id}/{command}")
+        view = _call(
+            client,
+            "POST",
+            f"/v1/campaigns/{args.campaign_id}/{command}",
+            params={"user_id": args.user},
+        )
         print(progress_line(view, None))
         return 0

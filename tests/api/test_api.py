@@ -13,6 +13,7 @@ from dispatcher.runtime import Runtime
 from tests.helpers import statuses
 
 HEADERS = {"Authorization": "Bearer test-token-123"}
+OWNER = {"user_id": "agent-1"}
 
 
 @pytest.fixture
@@ -68,9 +69,10 @@ def test_only_an_operator_token_lifts_a_relay_halt(make_runtime: Any, queue: Inl
 
     rt = make_runtime(ops_tokens=("ops-token-456",))
     api = TestClient(create_api(rt, queue))
-    for token in ("test-token-123", "wrong-token-000"):  # a producer's token is not enough
+    for token, status in (("test-token-123", 403), ("wrong-token-000", 401)):
+        # a producer's token is not enough (no ops scope); a wrong one is no token at all
         r = api.post("/v1/relay/resume", headers={"Authorization": f"Bearer {token}"})
-        assert r.status_code == 401
+        assert r.status_code == status
     assert rt.relay.halted() is not None
     r = api.post("/v1/relay/resume", headers={"Authorization": "Bearer ops-token-456"})
     assert r.status_code == 200 and r.json() == {"resumed": True}
@@ -132,7 +134,8 @@ def test_duplicate_step_returns_the_first_id_and_enqueues_nothing(
     second = client.post("/v1/sends", json=body()).json()
     assert first["id"] == second["id"] and second["duplicate"] is True
     assert queue.enqueued == [first["id"]]
-    assert client.get(f"/v1/sends/{first['id']}").json()["status"] == "queued"
+    assert client.get(f"/v1/sends/{first['id']}", params=OWNER).json()["status"] == "queued"
+    assert client.get(f"/v1/sends/{first['id']}").json()["field"] == "user_id"  # required
     assert client.get(f"/v1/sends/{first['id']}", params={"user_id": "other"}).status_code == 404
 
 

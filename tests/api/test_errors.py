@@ -51,7 +51,7 @@ def test_unknown_routes_and_wrong_methods_answer_problems(client: TestClient) ->
     r = client.delete("/v1/sends")
     assert r.status_code == 405 and is_problem(r)["code"] == "method_not_allowed"
     assert "POST" in r.headers["Allow"] and "POST" in r.json()["detail"]
-    r = client.post("/v1/campaigns/some-id/explode")
+    r = client.post("/v1/campaigns/some-id/explode", params={"user_id": "agent-1"})
     assert r.status_code == 404 and is_problem(r)["code"] == "not_found"
 
 
@@ -120,7 +120,7 @@ def test_an_unforeseen_failure_is_a_500_problem_without_internals(make_runtime: 
     client = TestClient(
         create_api(rt, InlineQueue()), headers=HEADERS, raise_server_exceptions=False
     )
-    r = client.get(f"/v1/campaigns/{view.id}")
+    r = client.get(f"/v1/campaigns/{view.id}", params={"user_id": "agent-1"})
     assert r.status_code == 500
     problem = is_problem(r)
     assert problem["code"] == "internal_error" and "TypeError" not in r.text
@@ -133,7 +133,7 @@ def test_a_database_that_is_not_there_is_a_503_problem_without_internals(
     client = TestClient(
         create_api(rt, InlineQueue()), headers=HEADERS, raise_server_exceptions=False
     )
-    r = client.get("/v1/sends/some-id")
+    r = client.get("/v1/sends/some-id", params={"user_id": "agent-1"})
     assert r.status_code == 503 and r.headers["Retry-After"]
     problem = is_problem(r)
     assert problem["code"] == "database_unavailable" and "psycopg" not in r.text

@@ -55,7 +55,12 @@ def test_a_repeated_request_answers_with_the_first_campaign_and_sends_once(
     assert again.json()["id"] == first.json()["id"] and again.json()["replayed"] is True
 
     cid = first.json()["id"]
-    wait_for(lambda: api_client.get(f"/v1/campaigns/{cid}").json()["status"] == "completed")
+    wait_for(
+        lambda: (
+            api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()["status"]
+            == "completed"
+        )
+    )
     # A repeat after it finished still answers with it, and starts nothing.
     assert api_client.post("/v1/campaigns", json=body("crm-blast-0042")).json()["id"] == cid
     assert campaign_count(runtime) == 1

@@ -56,7 +56,9 @@ def settled_count(server: DevSMTPServer, api: Any, campaign_id: str) -> int:
     from celery.worker import state
 
     def quiet() -> bool:
-        counts = api.get(f"/v1/campaigns/{campaign_id}").json()["counts"]
+        counts = api.get(f"/v1/campaigns/{campaign_id}", params={"user_id": "agent-1"}).json()[
+            "counts"
+        ]
         return counts["sending"] == 0 and not state.active_requests
 
     wait_for(quiet, what="the batches in flight finished")
@@ -64,7 +66,9 @@ def settled_count(server: DevSMTPServer, api: Any, campaign_id: str) -> int:
 
 
 def finished(api: Any, campaign_id: str) -> bool:
-    return api.get(f"/v1/campaigns/{campaign_id}").json()["status"] in (
+    return api.get(f"/v1/campaigns/{campaign_id}", params={"user_id": "agent-1"}).json()[
+        "status"
+    ] in (
         "completed",
         "cancelled",
         "failed",
@@ -110,7 +114,7 @@ def test_invalid_addresses_are_reported_never_sent_never_charged(
         (499, "recipients[499].email"),
     ]
     wait_for(lambda: finished(api_client, created["id"]), timeout=60)
-    done = api_client.get(f"/v1/campaigns/{created['id']}").json()
+    done = api_client.get(f"/v1/campaigns/{created['id']}", params={"user_id": "agent-1"}).json()
     assert (done["status"], done["counts"]["sent"], done["progress"]) == ("completed", 497, 1.0)
     got = to_contacts(smtp_server)
     assert len(got) == 497 and len({m.message_id for m in got}) == 497
@@ -143,22 +147,38 @@ def test_pause_resume_cancel_never_sends_twice_and_returns_unsent_credits(
     smtp_server.handler.fault = slow
     cid = api_client.post("/v1/campaigns", json=campaign_body(1500)).json()["id"]
     wait_for(lambda: len(smtp_server.messages) >= 100, what="first messages")
-    assert api_client.post(f"/v1/campaigns/{cid}/pause").json()["status"] == "paused"
+    assert (
+        api_client.post(f"/v1/campaigns/{cid}/pause", params={"user_id": "agent-1"}).json()[
+            "status"
+        ]
+        == "paused"
+    )
     paused_at = settled_count(smtp_server, api_client, cid)  # batches in flight finish
     time.sleep(1.0)
     assert len(smtp_server.messages) == paused_at, "sending went on while paused"
     assert paused_at < 1500
-    assert api_client.post(f"/v1/campaigns/{cid}/pause").status_code == 409
-    assert api_client.post(f"/v1/campaigns/{cid}/resume").json()["status"] == "running"
+    assert (
+        api_client.post(f"/v1/campaigns/{cid}/pause", params={"user_id": "agent-1"}).status_code
+        == 409
+    )
+    assert (
+        api_client.post(f"/v1/campaigns/{cid}/resume", params={"user_id": "agent-1"}).json()[
+            "status"
+        ]
+        == "running"
+    )
     wait_for(lambda: len(smtp_server.messages) >= paused_at + 100, what="resumed sending")
-    cancelled = api_client.post(f"/v1/campaigns/{cid}/cancel").json()
+    cancelled = api_client.post(f"/v1/campaigns/{cid}/cancel", params={"user_id": "agent-1"}).json()
     assert cancelled["status"] == "cancelled"
     wait_for(
-        lambda: api_client.get(f"/v1/campaigns/{cid}").json()["done"] == 1500,
+        lambda: (
+            api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()["done"]
+            == 1500
+        ),
         what="every recipient settled",
     )
     time.sleep(0.5)
-    final = api_client.get(f"/v1/campaigns/{cid}").json()
+    final = api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()
     sent = final["counts"]["sent"]
     assert 0 < sent < 1500
     assert final["failed_by_reason"] == {"campaign_cancelled": 1500 - sent}
@@ -167,7 +187,10 @@ def test_pause_resume_cancel_never_sends_twice_and_returns_unsent_credits(
     assert max(Counter(m.message_id for m in got).values()) == 1
     assert max(Counter(m.rcpt_tos[0] for m in got).values()) == 1
     assert credits(runtime, "agent-1").used == sent
-    assert api_client.post(f"/v1/campaigns/{cid}/resume").status_code == 409
+    assert (
+        api_client.post(f"/v1/campaigns/{cid}/resume", params={"user_id": "agent-1"}).status_code
+        == 409
+    )
 
 
 def test_a_chunk_delivered_twice_sends_nobody_two_copies(
@@ -202,7 +225,7 @@ def test_refused_and_deferred_recipients(
     smtp_server.handler.fault = fault
     cid = api_client.post("/v1/campaigns", json=campaign_body(250)).json()["id"]
     wait_for(lambda: finished(api_client, cid), timeout=60)
-    final = api_client.get(f"/v1/campaigns/{cid}").json()
+    final = api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()
     assert final["status"] == "completed"
     assert final["failed_by_reason"] == {"hard_bounce": 1}
     assert final["counts"]["sent"] == 249

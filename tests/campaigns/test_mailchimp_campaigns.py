@@ -79,7 +79,11 @@ def test_mailchimp_campaign_with_429s_and_503s_is_sent_once_and_costs_nothing(
     assert r.status_code == 202, r.text
     cid = r.json()["id"]
     wait_for(
-        lambda: api_client.get(f"/v1/campaigns/{cid}").json()["status"] == "completed", timeout=60
+        lambda: (
+            api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()["status"]
+            == "completed"
+        ),
+        timeout=60,
     )
     [campaign] = fake.campaigns()
     assert fake.send_actions[campaign.id] == 1
@@ -100,9 +104,13 @@ def test_mailchimp_400_fails_with_its_detail_on_the_timeline_and_no_credit(
     fake.inject(CREATE_CAMPAIGN, Fault.reject("Your Campaign is not ready to send."))
     cid = api_client.post("/v1/campaigns", json=body(5)).json()["id"]
     wait_for(
-        lambda: api_client.get(f"/v1/campaigns/{cid}").json()["status"] == "failed", timeout=60
+        lambda: (
+            api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()["status"]
+            == "failed"
+        ),
+        timeout=60,
     )
-    view = api_client.get(f"/v1/campaigns/{cid}").json()
+    view = api_client.get(f"/v1/campaigns/{cid}", params={"user_id": "agent-1"}).json()
     assert view["failed_by_reason"] == {"mailchimp_rejected": 5}
     assert "Your Campaign is not ready to send." in view["detail"]
     timeline = events(runtime)

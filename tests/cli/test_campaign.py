@@ -79,8 +79,8 @@ def test_campaign_send_follow_and_show(
     assert "invalid: row 41 'broken-address'" in out
     assert "100.0% 40/40  sent 40" in out and "completed" in out
     campaign_id = out.split()[1].rstrip(":")
-    assert main([*base, "show", campaign_id]) == 0
+    assert main([*base, "show", campaign_id, "--user", "agent-1"]) == 0
     assert "sent 40" in capsys.readouterr().out
-    assert main([*base, "pause", campaign_id]) == 2
+    assert main([*base, "pause", campaign_id, "--user", "agent-1"]) == 2
     assert "is completed; it cannot pause" in capsys.readouterr().err
     wait_for(lambda: len(smtp_server.messages) == 40)

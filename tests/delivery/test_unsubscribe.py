@@ -46,7 +46,12 @@ def run_campaign(api: Any, body: dict[str, Any]) -> dict[str, Any]:
     created: dict[str, Any] = r.json()
 
     def done() -> bool:
-        return bool(api.get(f"/v1/campaigns/{created['id']}").json()["status"] == "completed")
+        return bool(
+            api.get(f"/v1/campaigns/{created['id']}", params={"user_id": "agent-1"}).json()[
+                "status"
+            ]
+            == "completed"
+        )
 
     wait_for(done, timeout=60, what="campaign completed")
     return created
@@ -197,7 +202,7 @@ def test_manual_entries_expire_and_can_be_removed(
         "manual",
         why,
     )
-    assert record["removed_by"].startswith("token:")
+    assert record["removed_by"] == "api:api-1"  # the client's name
     assert "test-token-123" not in record["removed_by"]
     assert record["removed_at"].startswith(clock.now().date().isoformat())
 
@@ -246,7 +251,12 @@ def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_u
 ) -> None:
     make_user(runtime)
     first = api_client.post("/v1/sends", json=smartplan_body("step-1")).json()["id"]
-    wait_for(lambda: api_client.get(f"/v1/sends/{first}").json()["status"] == "sent")
+    wait_for(
+        lambda: (
+            api_client.get(f"/v1/sends/{first}", params={"user_id": "agent-1"}).json()["status"]
+            == "sent"
+        )
+    )
     [message] = smtp_server.messages
     msg = message.parsed()
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -261,8 +271,16 @@ def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_u
     ]
 
     second = api_client.post("/v1/sends", json=smartplan_body("step-2")).json()["id"]
-    wait_for(lambda: api_client.get(f"/v1/sends/{second}").json()["status"] == "failed")
-    assert api_client.get(f"/v1/sends/{second}").json()["reason"] == "suppressed"
+    wait_for(
+        lambda: (
+            api_client.get(f"/v1/sends/{second}", params={"user_id": "agent-1"}).json()["status"]
+            == "failed"
+        )
+    )
+    assert (
+        api_client.get(f"/v1/sends/{second}", params={"user_id": "agent-1"}).json()["reason"]
+        == "suppressed"
+    )
     assert len(smtp_server.messages) == 1
     assert credits(runtime, "agent-1").used == 1
 
