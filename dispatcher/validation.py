@@ -39,7 +39,13 @@ def no_line_breaks(field: str, value: str) -> str:
     return value
 
 
-def header_text(field: str, value: object, *, max_len: int = 998, required: bool = True) -> str:
+#: Longest header value (RFC 5322's line limit): a subject, as given and as rendered.
+MAX_HEADER_CHARS = 998
+
+
+def header_text(
+    field: str, value: object, *, max_len: int = MAX_HEADER_CHARS, required: bool = True
+) -> str:
     """A single-line header value such as a subject or display name."""
     if not isinstance(value, str):
         raise InvalidInput(field, "must be a string")
