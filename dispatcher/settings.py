@@ -182,10 +182,10 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_PORT", f"{self.smtp_port} is not a TCP port")
         if self.max_message_bytes < 1024:
             raise ConfigError("MAX_MESSAGE_BYTES", "must be at least 1024")
-        if not 0 < self.template_render_seconds < self.task_time_limit:
+        if not 0 < self.template_render_seconds <= self.task_time_limit:
             raise ConfigError(
                 "TEMPLATE_RENDER_SECONDS",
-                f"must be above 0 and below TASK_TIME_LIMIT ({self.task_time_limit}s)",
+                f"must be above 0 and at most TASK_TIME_LIMIT ({self.task_time_limit}s)",
             )
         if self.template_max_output_bytes < 10_000:
             raise ConfigError("TEMPLATE_MAX_OUTPUT_BYTES", "must be at least 10000")
