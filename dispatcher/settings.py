@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     #: The largest request body the HTTP API reads, in bytes (413 above it, refused before the
     #: body is read). None sizes it for the largest campaign: see :attr:`request_limit`.
     max_request_bytes: int | None = None
+    #: Wall time one render of an agent's template may take (all its parts together); this,
+    #: not TASK_TIME_LIMIT, bounds a render on a threads pool, where Celery enforces no limit.
+    template_render_seconds: float = 2.0
+    #: Largest rendered HTML or text part, in UTF-8 bytes.
+    template_max_output_bytes: int = 2_000_000
     send_max_retries: int = 8
     send_lease_seconds: int = 300
     retry_backoff_seconds: float = 5.0
@@ -259,6 +264,13 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_PORT", f"{self.smtp_port} is not a TCP port")
         if self.max_message_bytes < 1024:
             raise ConfigError("MAX_MESSAGE_BYTES", "must be at least 1024")
+        if not 0 < self.template_render_seconds <= self.task_time_limit:
+            raise ConfigError(
+                "TEMPLATE_RENDER_SECONDS",
+                f"must be above 0 and at most TASK_TIME_LIMIT ({self.task_time_limit}s)",
+            )
+        if self.template_max_output_bytes < 10_000:
+            raise ConfigError("TEMPLATE_MAX_OUTPUT_BYTES", "must be at least 10000")
         if self.send_max_retries < 0:
             raise ConfigError("SEND_MAX_RETRIES", "must be zero or more")
         if self.retry_backoff_max_seconds >= self.visibility_timeout:

@@ -52,6 +52,10 @@ def test_defaults_and_parsing() -> None:
         ({"UNSUBSCRIBE_SECRET": "short"}, "UNSUBSCRIBE_SECRET"),
         ({"UNSUBSCRIBE_MAILTO": "nobody"}, "UNSUBSCRIBE_MAILTO"),
         ({"RELAY_HALT_SECONDS": "0"}, "RELAY_HALT_SECONDS"),
+        ({"TEMPLATE_RENDER_SECONDS": "0"}, "TEMPLATE_RENDER_SECONDS"),
+        ({"TEMPLATE_RENDER_SECONDS": "241"}, "TEMPLATE_RENDER_SECONDS"),
+        ({"TEMPLATE_RENDER_SECONDS": "nan"}, "TEMPLATE_RENDER_SECONDS"),
+        ({"TEMPLATE_MAX_OUTPUT_BYTES": "100"}, "TEMPLATE_MAX_OUTPUT_BYTES"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -29,6 +29,7 @@ from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
 from dispatcher.delivery.relay import unavailable
 from dispatcher.delivery.rendering import CompiledTemplate, MessageTemplate, context_for
+from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.delivery.transports.base import Delivery
 from dispatcher.delivery.transports.base import Outcome as TransportOutcome
 from dispatcher.delivery.unsubscribe import BulkHeaders, bulk_headers
@@ -91,6 +92,7 @@ class _Run:
     """What one run of a chunk needs across its batches, and what it found."""
 
     compiled: CompiledTemplate
+    limits: RenderLimits
     headers: BulkHeaders
     skeleton: BulkMessage
     marks: str  # the chunk's DATA marks in Redis
@@ -113,6 +115,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
     headers = bulk_headers(rt.settings, c.id, c.user_id)
     run = _Run(
         compiled=MessageTemplate(c.subject, c.html, c.text).compile(),
+        limits=RenderLimits.of(rt.settings),
         headers=headers,
         skeleton=BulkMessage(
             from_address=sender,
@@ -175,7 +178,7 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
             continue
         try:
             rendered = run.compiled.render(
-                context_for(row.contact_id, row.contact_email, row.merge_fields)
+                context_for(row.contact_id, row.contact_email, row.merge_fields), run.limits
             )
             raw = run.skeleton.render(
                 to=row.contact_email,
@@ -309,7 +312,7 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
         return
     found = rt.redis.hmget(keys.chunk_data(c.id, chunk), [OPEN_MARK, *(row.id for row in lost)])
     whole = found[0] is not None
-    subject = _subjects(c)
+    subject = _subjects(c, RenderLimits.of(rt.settings))
     never: list[str] = []
     outcomes: list[Outcome] = []
     for row, raw in zip(lost, found[1:], strict=True):
@@ -334,7 +337,7 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
     lifecycle.settle(rt, outcomes, _SENDING, campaign=c)
 
 
-def _subjects(c: Campaign) -> Callable[[Any], str | None]:
+def _subjects(c: Campaign, limits: RenderLimits) -> Callable[[Any], str | None]:
     """Each recipient's rendered subject, as its timeline shows it (None: the campaign's)."""
     try:
         compiled = MessageTemplate(c.subject, c.html, c.text).compile()
@@ -344,7 +347,7 @@ def _subjects(c: Campaign) -> Callable[[Any], str | None]:
     def subject(row: Any) -> str | None:
         try:
             fields = context_for(row.contact_id, row.contact_email, row.merge_fields)
-            return compiled.render(fields).subject
+            return compiled.render(fields, limits).subject
         except RenderError:
             return None
 

@@ -28,6 +28,7 @@ from dispatcher.campaigns.mailchimp import (
 from dispatcher.delivery import lifecycle, suppression
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered
+from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.errors import NotFound, RenderError, SendBusy
 from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, User
 from dispatcher.reasons import Reason
@@ -43,10 +44,10 @@ _QUEUED = (SendStatus.QUEUED,)
 MERGE_TAGS = {"first_name": "*|FNAME|*", "last_name": "*|LNAME|*", "email": "*|EMAIL|*"}
 
 
-def render_for_mailchimp(c: Campaign) -> Rendered:
+def render_for_mailchimp(c: Campaign, limits: RenderLimits) -> Rendered:
     """Render the campaign once, with merge fields turned into MailChimp merge tags."""
     context = {**MERGE_TAGS, "contact": dict(MERGE_TAGS)}
-    return MessageTemplate(c.subject, c.html, c.text).render(context)
+    return MessageTemplate(c.subject, c.html, c.text).render(context, limits)
 
 
 def deliver_mailchimp(rt: Runtime, c: Campaign, user: User) -> CampaignStatus:
@@ -82,7 +83,7 @@ def _deliver_held(rt: Runtime, c: Campaign, user: User, lease: JobLease) -> Camp
         detail = "the agent has no connected MailChimp account"
         return _fail_all(rt, c, lease, rows, Reason.MAILCHIMP_NOT_CONNECTED, detail)
     try:
-        rendered = render_for_mailchimp(c)
+        rendered = render_for_mailchimp(c, RenderLimits.of(rt.settings))
     except RenderError as exc:
         return _fail_all(rt, c, lease, rows, exc.reason, exc.detail)
     members = [

@@ -1,4 +1,8 @@
-"""User-authored templates rendered in a Jinja2 sandbox, compiled once per message."""
+"""User-authored templates rendered in a Jinja2 sandbox, compiled once per message.
+
+The sandbox (:mod:`dispatcher.delivery.sandbox`) bounds the time, steps, memory and output of
+one render; every part of a message renders within one :class:`RenderLimits`.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +13,19 @@ from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateError, Undefined
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from dispatcher.delivery.sandbox import (
+    LimitedSandbox,
+    LimitExceeded,
+    RenderLimits,
+    render_parts,
+)
 from dispatcher.errors import InvalidInput, RenderError
+from dispatcher.validation import HEADER_MAX
 
-#: Largest string, list or number a template expression may build (a merge-field email
-#: never needs more; `{{ 'x' * 10**10 }}` would take the worker's memory).
-MAX_VALUE = 1_000_000
-
-
-class _LimitedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with multiplication and powers that cannot exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(right, int | float) and abs(right) > 100:
-                raise SecurityError("exponent too large")
-            result = left**right
-        else:
-            for a, b in ((left, right), (right, left)):
-                if (
-                    isinstance(a, str | list | tuple)
-                    and isinstance(b, int)
-                    and (len(a) * b > MAX_VALUE)
-                ):
-                    raise SecurityError("repetition too large")
-            result = left * right
-        if isinstance(result, int) and result.bit_length() > 4 * MAX_VALUE:
-            raise SecurityError("number too large")
-        return result
-
-
-_HTML_ENV = _LimitedSandbox(autoescape=True, undefined=Undefined)
-_TEXT_ENV = _LimitedSandbox(autoescape=False, undefined=Undefined)
-_STRICT_CHECK = _LimitedSandbox(autoescape=True, undefined=StrictUndefined)
+_HTML_ENV = LimitedSandbox(autoescape=True, undefined=Undefined)
+_TEXT_ENV = LimitedSandbox(autoescape=False, undefined=Undefined)
+_STRICT_CHECK = LimitedSandbox(autoescape=True, undefined=StrictUndefined)
 _WS = re.compile(r"\s+")
 
 
@@ -91,9 +72,9 @@ class MessageTemplate:
             # Constant folding at compile time runs template expressions too.
             raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
 
-    def render(self, context: dict[str, Any]) -> Rendered:
-        """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
-        return self.compile().render(context)
+    def render(self, context: dict[str, Any], limits: RenderLimits) -> Rendered:
+        """Render all parts within ``limits``; see :meth:`CompiledTemplate.render`."""
+        return self.compile().render(context, limits)
 
 
 @dataclass(frozen=True)
@@ -102,22 +83,39 @@ class CompiledTemplate:
     html: Template
     text: Template | None
 
-    def render(self, context: dict[str, Any]) -> Rendered:
-        """Render all parts; sandbox violations and runtime errors become :class:`RenderError`."""
+    def render(self, context: dict[str, Any], limits: RenderLimits) -> Rendered:
+        """Render all parts within ``limits``; sandbox violations, limits exceeded and runtime
+        errors become :class:`RenderError`."""
         try:
-            subject = self.subject.render(context)
-            body_html = self.html.render(context)
-            text = self.text.render(context) if self.text is not None else html_to_text(body_html)
+            parts = [("subject", self.subject), ("html", self.html)]
+            if self.text is not None:
+                parts.append(("text", self.text))
+            subject, body_html, *texts = render_parts(parts, context, limits)
+            text = texts[0] if texts else html_to_text(body_html)
+        except LimitExceeded as exc:
+            raise RenderError(f"template exceeded its limits: {exc}") from None
         except SecurityError as exc:
             raise RenderError(f"template tried something the sandbox forbids: {exc}") from None
         except TemplateError as exc:
             raise RenderError(f"template error: {exc}") from None
-        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+        except (
+            ArithmeticError,
+            LookupError,
+            TypeError,
+            ValueError,
+            RecursionError,
+            MemoryError,
+        ) as exc:
             raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
         # A merge field may carry a line break; a subject is one line.
         subject = _WS.sub(" ", subject).strip()
         if not subject:
             raise RenderError("subject rendered empty")
+        if len(subject) > HEADER_MAX:
+            raise RenderError(
+                f"template exceeded its limits: the subject rendered {len(subject):,} characters "
+                f"(limit {HEADER_MAX})"
+            )
         return Rendered(subject=subject, html=body_html, text=text)
 
 

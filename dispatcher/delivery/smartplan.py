@@ -22,6 +22,7 @@ from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope, build_message
 from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered, context_for
+from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.delivery.unsubscribe import smartplan_headers
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -149,7 +150,8 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
     if user.sender_address is None:
         raise RenderError("the user has no platform or communications email to send from")
     rendered = MessageTemplate(send.subject, send.html, send.text).render(
-        context_for(send.contact_id, send.contact_email, send.merge_fields)
+        context_for(send.contact_id, send.contact_email, send.merge_fields),
+        RenderLimits.of(rt.settings),
     )
     bulk = smartplan_headers(rt.settings, send.smartplan_id or "", send.user_id)
     message = (

@@ -17,6 +17,7 @@ from dispatcher.campaigns import control, create
 from dispatcher.campaigns import run as campaign_run
 from dispatcher.campaigns.mailchimp import MailchimpUnavailable
 from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.errors import SendBusy
 from dispatcher.models import Campaign, TimelineEvent
 from dispatcher.runtime import Runtime
@@ -293,7 +294,8 @@ def test_a_rerun_after_mailchimp_sent_records_contacts_refused_since_as_unknown(
         assert c is not None and user is not None
         session.expunge_all()
     members = [Member(f"person{i}@example.org", f"P{i}", None) for i in range(4)]
-    asyncio.run(_send(runtime, c, user, members, render_for_mailchimp(c)))
+    rendered = render_for_mailchimp(c, RenderLimits.of(runtime.settings))
+    asyncio.run(_send(runtime, c, user, members, rendered))
     [campaign] = fake.campaigns()
     assert fake.send_actions[campaign.id] == 1
     # ...and one contact unsubscribed in MailChimp before the job ran again.
