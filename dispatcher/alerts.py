@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.clock import Clock
 from dispatcher.models import Alert, AlertKind
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,33 @@ def raise_alert(
         )
 
 
-def recent(rt: AlertStore, *, user_id: str | None = None, limit: int = 100) -> list[AlertView]:
-    """The newest alerts, optionally of one user's work only."""
+#: Alerts, newest first.
+RECENT = Keyset("alerts")
+
+
+def recent(
+    rt: AlertStore,
+    *,
+    user_id: str | None = None,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[AlertView]:
+    """A page of alerts, newest first, optionally of one user's work only."""
     with rt.sessions() as session:
-        query = select(Alert).order_by(Alert.id.desc()).limit(limit)
+        query = select(Alert)
         if user_id is not None:
             query = query.where(Alert.user_id == user_id)
-        return [
-            AlertView(
-                id=a.id,
-                kind=a.kind.value,
-                user_id=a.user_id,
-                campaign_id=a.campaign_id,
-                relay=a.relay,
-                detail=a.detail,
-                created_at=a.created_at,
-            )
-            for a in session.scalars(query).all()
-        ]
+        rows = session.scalars(RECENT.query(query, Alert.id, cursor, limit)).all()
+        return RECENT.page(rows, limit, lambda a: a.id, _view)
+
+
+def _view(a: Alert) -> AlertView:
+    return AlertView(
+        id=a.id,
+        kind=a.kind.value,
+        user_id=a.user_id,
+        campaign_id=a.campaign_id,
+        relay=a.relay,
+        detail=a.detail,
+        created_at=a.created_at,
+    )
