@@ -117,9 +117,20 @@ def test_one_click_post_suppresses_the_contact_and_the_next_campaign_skips_it_un
     smtp_server.handler.clear()
     second = run_campaign(api_client, campaign_body(range(5), name="Second"))
     assert second["recipients"] == 4
-    assert second["suppressed"] == [
-        {"contact_id": "c2", "email": "person2@example.org", "reason": "unsubscribe"}
-    ]
+    assert second["suppressed"] == 1
+    skipped = api_client.get(f"/v1/campaigns/{second['id']}/suppressed").json()
+    assert skipped == {
+        "items": [
+            {
+                "index": 2,
+                "contact_id": "c2",
+                "email": "person2@example.org",
+                "field": None,
+                "reason": "unsubscribe",
+            }
+        ],
+        "next_cursor": None,
+    }
     assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == [
         f"person{i}@example.org" for i in (0, 1, 3, 4)
     ]
