@@ -53,11 +53,6 @@ def upgrade() -> None:
         sa.Column("email", sa.Text(), nullable=False),
         sa.Column("field", sa.Text(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["campaign_id"],
-            ["campaigns.id"],
-            name=op.f("fk_campaign_exclusions_campaign_id_campaigns"),
-        ),
         sa.PrimaryKeyConstraint("campaign_id", "kind", "seq", name=op.f("pk_campaign_exclusions")),
     )
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
@@ -68,9 +63,18 @@ def upgrade() -> None:
             sa.Column("suppressed_count", sa.Integer(), server_default="0", nullable=False)
         )
     _move_lists_to_rows()
+    # SQLite drops a column by copying the table, which its rows' references would forbid:
+    # the reference to the campaign is made once the columns are gone.
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
         batch_op.drop_column("suppressed")
         batch_op.drop_column("invalid")
+    with op.batch_alter_table("campaign_exclusions", schema=None) as batch_op:
+        batch_op.create_foreign_key(
+            batch_op.f("fk_campaign_exclusions_campaign_id_campaigns"),
+            "campaigns",
+            ["campaign_id"],
+            ["id"],
+        )
     with op.batch_alter_table("suppressions", schema=None) as batch_op:
         batch_op.create_index("ix_suppressions_user_id_id", ["user_id", "id"], unique=False)
 
@@ -133,7 +137,7 @@ def downgrade() -> None:
                 entry |= {"index": r.row, "field": r.field}
             lists[r.kind].append(entry)
         bind.execute(sa.update(campaigns).where(campaigns.c.id == campaign_id).values(**lists))
+    op.drop_table("campaign_exclusions")
     with op.batch_alter_table("campaigns", schema=None) as batch_op:
         batch_op.drop_column("suppressed_count")
         batch_op.drop_column("invalid_count")
-    op.drop_table("campaign_exclusions")
