@@ -192,7 +192,7 @@ class Demo:
         # Then three are sent and two fail with quota_exhausted on the timeline
         outcomes = self.wait_for_outcomes(submitted)
         # and the agent hears about it: usage notices in the app and by email (system queue)
-        notices = self.call("GET", f"/v1/users/{self.user_id}/notifications")
+        notices = self.call("GET", f"/v1/users/{self.user_id}/notifications")["items"]
         arrived = self.wait_for_mail(outbox, before, len(submitted) - 2 + len(notices))
         return self.report(outcomes, arrived, notices)
 
@@ -262,7 +262,7 @@ class Demo:
         for o in failed:
             events = self.call(
                 "GET", f"/v1/contacts/{o.contact_id}/timeline", params={"user_id": self.user_id}
-            )
+            )["items"]
             self.say()
             self.say(f"timeline of {o.contact_id} ({o.email}):")
             for e in events:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.clock import Clock
 from dispatcher.models import Alert, AlertKind
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 
 log = logging.getLogger(__name__)
 
@@ -112,30 +113,37 @@ def raise_alert(
         )
 
 
+#: Alerts, newest first.
+RECENT = Keyset("alerts")
+
+
 def recent(
     rt: AlertStore,
     *,
     user_id: str | None = None,
     user_ids: Collection[str] | None = None,
-    limit: int = 100,
-) -> list[AlertView]:
-    """The newest alerts, optionally of one user's work only, or of some users' only (then
-    alerts about no user, such as a halted relay, are left out)."""
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[AlertView]:
+    """A page of alerts, newest first, optionally of one user's work only, or of some users'
+    only (then alerts about no user, such as a halted relay, are left out)."""
     with rt.sessions() as session:
-        query = select(Alert).order_by(Alert.id.desc()).limit(limit)
+        query = select(Alert)
         if user_id is not None:
             query = query.where(Alert.user_id == user_id)
         if user_ids is not None:
             query = query.where(Alert.user_id.in_(list(user_ids)))
-        return [
-            AlertView(
-                id=a.id,
-                kind=a.kind.value,
-                user_id=a.user_id,
-                campaign_id=a.campaign_id,
-                relay=a.relay,
-                detail=a.detail,
-                created_at=a.created_at,
-            )
-            for a in session.scalars(query).all()
-        ]
+        rows = session.scalars(RECENT.query(query, Alert.id, cursor, limit)).all()
+        return RECENT.page(rows, limit, lambda a: a.id, _view)
+
+
+def _view(a: Alert) -> AlertView:
+    return AlertView(
+        id=a.id,
+        kind=a.kind.value,
+        user_id=a.user_id,
+        campaign_id=a.campaign_id,
+        relay=a.relay,
+        detail=a.detail,
+        created_at=a.created_at,
+    )

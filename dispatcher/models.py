@@ -343,11 +343,11 @@ class Campaign(Base):
     from_name: Mapped[str | None] = mapped_column(String(200))
     reply_to: Mapped[str | None] = mapped_column(String(254))
     recipients: Mapped[int] = mapped_column(Integer)  # valid recipients (one send each)
-    invalid: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
-    #: Recipients on the agent's suppression list when the campaign was created: not charged.
-    suppressed: Mapped[list[dict[str, Any]]] = mapped_column(
-        JSON, default=list, server_default="[]"
-    )
+    #: How many recipients were refused as invalid and how many were on the agent's
+    #: suppression list when the campaign was created (never charged); each one is a
+    #: :class:`CampaignExclusion`.
+    invalid_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    suppressed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     chunks: Mapped[int] = mapped_column(Integer)
     period: Mapped[str | None] = mapped_column(String(16))
     grant_seq: Mapped[int | None] = mapped_column(Integer)
@@ -372,11 +372,40 @@ class Campaign(Base):
     finished_at: Mapped[datetime | None]
 
 
+class ExclusionKind(enum.StrEnum):
+    INVALID = "invalid"  # the request's row was not a valid recipient
+    SUPPRESSED = "suppressed"  # the address was on the agent's suppression list
+
+
+class CampaignExclusion(Base):
+    """A recipient of a campaign request that gets no send: invalid, or suppressed. One row
+    each, so a page of them reads only its rows."""
+
+    __tablename__ = "campaign_exclusions"
+
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id"), primary_key=True)
+    kind: Mapped[ExclusionKind] = mapped_column(
+        _enum(ExclusionKind, "exclusion_kind"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # order within its kind
+    #: The recipient's position in the request (None for suppressed recipients of campaigns
+    #: created before it was kept).
+    row: Mapped[int | None] = mapped_column(Integer)
+    contact_id: Mapped[str] = mapped_column(Text)
+    email: Mapped[str] = mapped_column(Text)
+    field: Mapped[str | None] = mapped_column(Text)  # the field at fault (invalid only)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 class Suppression(Base):
     """An address one agent must not email (rule: checked before any credit is reserved)."""
 
     __tablename__ = "suppressions"
-    __table_args__ = (UniqueConstraint("user_id", "email"),)
+    __table_args__ = (
+        UniqueConstraint("user_id", "email"),
+        # A user's list is read newest first by id, a page at a time.
+        Index("ix_suppressions_user_id_id", "user_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))

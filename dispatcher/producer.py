@@ -11,10 +11,14 @@ from dispatcher.credits.notices import NotificationView
 from dispatcher.credits.subscriptions import ChangeResult, CreditsView
 from dispatcher.delivery import timeline
 from dispatcher.delivery.timeline import EventView
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import SendRequest, SendView, SubmitResult
 from dispatcher.users import UserView
+
+#: The plan catalog, smallest first.
+PLANS = Keyset("plans", descending=False)
 
 
 class Producer:
@@ -40,15 +44,22 @@ class Producer:
         """Create or update an agent (see :func:`dispatcher.users.upsert_user`)."""
         return users.upsert_user(self.runtime, user_id, **fields)
 
-    def timeline(self, user_id: str, contact_id: str, limit: int = 100) -> list[EventView]:
-        """The contact's events for ``user_id``, newest first."""
+    def timeline(
+        self,
+        user_id: str,
+        contact_id: str,
+        *,
+        cursor: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+    ) -> Page[EventView]:
+        """A page of the contact's events for ``user_id``, newest first."""
         with self.runtime.sessions() as session:
             users.get_user(session, user_id)
-            return timeline.events(session, user_id, contact_id, limit)
+            return timeline.events(session, user_id, contact_id, cursor=cursor, limit=limit)
 
-    def plans(self) -> list[plans.Plan]:
-        """The plan catalog, smallest first."""
-        return list(plans.catalog(self.runtime.settings).values())
+    def plans(self, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT) -> Page[plans.Plan]:
+        """A page of the plan catalog, smallest first."""
+        return PLANS.of(list(plans.catalog(self.runtime.settings).values()), cursor, limit)
 
     def change_subscription(
         self, user_id: str, action: str, plan: str | None = None
@@ -59,8 +70,11 @@ class Producer:
     def credits(self, user_id: str) -> CreditsView:
         return subscriptions.credits(self.runtime, user_id)
 
-    def notifications(self, user_id: str, limit: int = 100) -> list[NotificationView]:
-        return notices.notifications(self.runtime, user_id, limit)
+    def notifications(
+        self, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+    ) -> Page[NotificationView]:
+        """A page of the user's in-app notifications, newest first."""
+        return notices.notifications(self.runtime, user_id, cursor=cursor, limit=limit)
 
     def create_campaign(self, request: create.CampaignRequest) -> control.CampaignView:
         """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""

@@ -154,6 +154,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TABLES = (
     "alerts",
     "suppressions",
+    "campaign_exclusions",
     "campaigns",
     "system_emails",
     "notifications",

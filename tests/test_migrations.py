@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 
 from dispatcher import db
 from dispatcher.models import Base
+
+NOW = datetime(2026, 11, 10, tzinfo=UTC)
 
 
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -18,4 +25,78 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
         assert diff == []
         db.upgrade(engine)  # idempotent
     finally:
+        engine.dispose()
+
+
+def test_0008_moves_a_campaign_s_invalid_and_suppressed_lists_to_rows_and_back(
+    database_url: str,
+) -> None:
+    engine = db.make_engine(database_url)
+    cfg = db.alembic_config(engine)
+    invalid = [
+        {
+            "index": 3,
+            "contact_id": "c3",
+            "email": "x",
+            "field": "recipients[3].email",
+            "reason": "r",
+        },
+        {
+            "index": 8,
+            "contact_id": "c8",
+            "email": "y@",
+            "field": "recipients[8].email",
+            "reason": "r",
+        },
+    ]
+    suppressed = [{"contact_id": "c5", "email": "p5@example.org", "reason": "unsubscribe"}]
+    try:
+        command.downgrade(cfg, "0007")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, timezone, plan, grant_seq, created_at, updated_at) "
+                    "VALUES ('agent-1', 'UTC', 'free', 0, :now, :now)"
+                ),
+                {"now": NOW},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO campaigns (id, user_id, provider, status, subject, html, "
+                    "recipients, invalid, suppressed, chunks, created_at, updated_at) VALUES "
+                    "('k-1', 'agent-1', 'command_email', 'completed', 's', 'h', 7, :invalid, "
+                    ":suppressed, 1, :now, :now)"
+                ),
+                {"invalid": json.dumps(invalid), "suppressed": json.dumps(suppressed), "now": NOW},
+            )
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            counts = conn.execute(
+                text("SELECT invalid_count, suppressed_count FROM campaigns WHERE id = 'k-1'")
+            ).one()
+            rows = conn.execute(
+                text(
+                    "SELECT kind, seq, row, contact_id, field FROM campaign_exclusions "
+                    "WHERE campaign_id = 'k-1' ORDER BY kind, seq"
+                )
+            ).all()
+        assert tuple(counts) == (2, 1)
+        assert [tuple(r) for r in rows] == [
+            ("invalid", 0, 3, "c3", "recipients[3].email"),
+            ("invalid", 1, 8, "c8", "recipients[8].email"),
+            ("suppressed", 0, None, "c5", None),
+        ]
+        command.downgrade(cfg, "0007")
+        with engine.connect() as conn:
+            back = conn.execute(
+                text("SELECT invalid, suppressed FROM campaigns WHERE id = 'k-1'")
+            ).one()
+        as_lists = [v if isinstance(v, list) else json.loads(v) for v in back]
+        assert as_lists == [invalid, suppressed]
+    finally:
+        db.upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM campaign_exclusions"))
+            conn.execute(text("DELETE FROM campaigns"))
+            conn.execute(text("DELETE FROM users"))
         engine.dispose()

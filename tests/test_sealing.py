@@ -60,7 +60,11 @@ def test_a_mailchimp_key_is_sealed_at_rest_and_rotated_to_a_new_key(
 
 
 def test_a_public_deployment_needs_its_own_keys(settings: Settings) -> None:
-    public = {"public_base_url": "https://mail.example.com", "unsubscribe_secret": "s" * 32}
+    public = {
+        "public_base_url": "https://mail.example.com",
+        "unsubscribe_secret": "s" * 32,
+        "api_tokens": ("t" * 32,),
+    }
     with pytest.raises(ConfigError) as missing:
         settings.with_overrides(**public)
     assert missing.value.variable == "SECRET_KEYS"

@@ -78,7 +78,8 @@ def test_two_credits_left_and_four_smartplan_sends(
         api = api_client.get(
             f"/v1/contacts/{e.contact_id}/timeline", params={"user_id": "agent-1"}
         ).json()
-        assert [x["kind"] for x in api] == [e.kind.value]
+        assert [x["kind"] for x in api["items"]] == [e.kind.value]
+        assert api["next_cursor"] is None
     # and 4 step outcomes are published to the SmartPlan engine's group
     wait_for(lambda: runtime.redis.xlen(runtime.settings.outcome_stream) == 4)
     outcomes = [o for _, o in stream.read("smartplan-engine", "engine-1", count=10)]
@@ -212,7 +213,7 @@ def test_the_python_producer_api_enqueues_for_the_workers(
         result = producer.submit_send(req)
         assert producer.submit_send(req) == type(result)(result.send_id, created=False)
         wait_for(lambda: producer.get_send(result.send_id).status == "sent")
-        [event] = producer.timeline("agent-py", "c-9")
+        [event] = producer.timeline("agent-py", "c-9").items
         assert (event.kind, event.subject) == ("email_sent", "Checking in, Lee")
         [got] = smtp_server.messages
         assert got.parsed()["From"] == "py@agents.example.com"

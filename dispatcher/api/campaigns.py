@@ -10,10 +10,12 @@ from pydantic import Field
 from dispatcher.api.auth import AUTHENTICATED, CampaignCaller, ReadCaller
 from dispatcher.api.bodies import MessageIn, StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, QueueDep, RuntimeDep
+from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
 from dispatcher.campaigns import control, create
 from dispatcher.errors import NotFound
-from dispatcher.models import Provider
+from dispatcher.models import ExclusionKind, Provider
+from dispatcher.pages import DEFAULT_LIMIT, Page
 
 #: What a campaign can be told to do (an unknown action is 404, as an unknown route).
 ACTIONS = ("pause", "resume", "cancel")
@@ -58,11 +60,13 @@ def post_campaign(
     body: CampaignIn, response: Response, producer: ProducerDep, caller: CampaignCaller
 ) -> control.CampaignView:
     """Start a campaign. Command Email: every valid recipient's credit is reserved at once
-    (a campaign larger than the balance is refused whole, 409); invalid recipients are
-    listed in ``invalid``, never sent or charged, and those on the agent's suppression list
-    in ``suppressed``, skipped and never charged; ``recipients`` counts the valid ones, one
-    send each. MailChimp: sent through the agent's account, no credits. ``replayed`` is true
-    when this answers a repeat of an earlier request. Scope ``campaigns:write``."""
+    (a campaign larger than the balance is refused whole, 409); ``recipients`` counts the
+    valid ones, one send each. ``invalid`` counts the recipients refused as invalid and
+    ``suppressed`` those on the agent's suppression list: neither sent nor charged; which
+    rows they were, and why, is listed a page at a time by ``GET
+    /v1/campaigns/{id}/invalid`` and ``/suppressed`` (fetch them when a count is not 0).
+    MailChimp: sent through the agent's account, no credits. ``replayed`` is true when this
+    answers a repeat of an earlier request. Scope ``campaigns:write``."""
     caller.check_user(body.user_id)
     req = create.CampaignRequest(
         user_id=body.user_id,
@@ -88,8 +92,57 @@ def post_campaign(
 def get_campaign(
     campaign_id: str, rt: RuntimeDep, _caller: ReadCaller, user_id: Owner
 ) -> control.CampaignView:
-    """Status, counts by outcome and progress. Scope ``read``."""
+    """Status, counts by outcome and progress: small whatever the campaign's size, to be
+    polled. ``cancelled`` counts recipients failed because the campaign was cancelled (also
+    in ``counts.failed`` and ``failed_by_reason``); ``invalid`` and ``suppressed`` are counts,
+    their recipients are listed by ``/invalid`` and ``/suppressed``. Scope ``read``."""
     return control.view(rt, campaign_id, user_id)
+
+
+@router.get(
+    "/v1/campaigns/{campaign_id}/invalid",
+    response_model=Page[control.ExcludedView],
+    responses=answers(404),
+    description=(
+        "The request's recipients refused as invalid (never sent, never charged), in request "
+        "order: `index` is the row in `recipients` (from 0), `field` and `reason` say what "
+        "is wrong with it. " + ENVELOPE
+    ),
+)
+def get_invalid(
+    campaign_id: str,
+    rt: RuntimeDep,
+    _caller: ReadCaller,
+    user_id: Owner,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[control.ExcludedView]:
+    """A page of the campaign's invalid recipients."""
+    kind = ExclusionKind.INVALID
+    return control.excluded(rt, campaign_id, kind, user_id, cursor=cursor, limit=limit)
+
+
+@router.get(
+    "/v1/campaigns/{campaign_id}/suppressed",
+    response_model=Page[control.ExcludedView],
+    responses=answers(404),
+    description=(
+        "The request's recipients skipped because their address was on the agent's "
+        "suppression list (never sent, never charged), in request order: `index` is the row "
+        "in `recipients`, `reason` the suppression entry's reason. " + ENVELOPE
+    ),
+)
+def get_suppressed(
+    campaign_id: str,
+    rt: RuntimeDep,
+    _caller: ReadCaller,
+    user_id: Owner,
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[control.ExcludedView]:
+    """A page of the campaign's suppressed recipients."""
+    kind = ExclusionKind.SUPPRESSED
+    return control.excluded(rt, campaign_id, kind, user_id, cursor=cursor, limit=limit)
 
 
 @router.post(

@@ -13,10 +13,12 @@ from dispatcher.alerts import AlertView
 from dispatcher.api.auth import AUTHENTICATED, OpsCaller, ReadCaller, UsersCaller
 from dispatcher.api.bodies import StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, RuntimeDep
+from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
 from dispatcher.delivery import suppression
 from dispatcher.delivery.suppression import RemovalView, SuppressionView
 from dispatcher.models import SuppressionReason
+from dispatcher.pages import DEFAULT_LIMIT, Page
 
 router = APIRouter()
 _PRODUCER = [AUTHENTICATED, PLAIN_PARAMETERS]
@@ -32,19 +34,24 @@ class SuppressionIn(StrictBody):
 
 @router.get(
     "/v1/users/{user_id}/suppressions",
-    response_model=list[SuppressionView],
+    response_model=Page[SuppressionView],
     dependencies=_PRODUCER,
     responses=_ANSWERS,
+    description=(
+        "Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in "
+        "force), newest first by when they were first added (a renewed entry keeps its "
+        "place). " + ENVELOPE
+    ),
 )
 def get_suppressions(
     user_id: str,
     rt: RuntimeDep,
     _caller: ReadCaller,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> list[SuppressionView]:
-    """Addresses this agent's emails skip (hard bounces, unsubscribes, manual entries in
-    force), newest first. Scope ``read``."""
-    return suppression.listing(rt, user_id, limit=limit)
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[SuppressionView]:
+    """A page of the agent's suppression list."""
+    return suppression.listing(rt, user_id, cursor=cursor, limit=limit)
 
 
 @router.post(
@@ -95,37 +102,46 @@ def delete_suppression(
 
 @router.get(
     "/v1/users/{user_id}/suppression-removals",
-    response_model=list[RemovalView],
+    response_model=Page[RemovalView],
     dependencies=_PRODUCER,
     responses=_ANSWERS,
+    description=(
+        "Addresses taken off the agent's list: who (a token's fingerprint), when, why, and "
+        "the entry as it was; newest first. " + ENVELOPE
+    ),
 )
 def get_suppression_removals(
     user_id: str,
     rt: RuntimeDep,
     _caller: ReadCaller,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[RemovalView]:
-    """Addresses taken off the agent's list: who (``api:<client>`` or ``cli:<user>``), when,
-    why, and the entry as it was; newest first. Scope ``read``."""
-    return suppression.removals(rt, user_id, limit=limit)
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[RemovalView]:
+    """A page of the addresses taken off the agent's list."""
+    return suppression.removals(rt, user_id, cursor=cursor, limit=limit)
 
 
 @router.get(
     "/v1/alerts",
-    response_model=list[AlertView],
+    response_model=Page[AlertView],
     dependencies=_PRODUCER,
     responses=answers(401, 403, 422),
+    description=(
+        "Policy refusals (campaign paused) and refused relay credentials (sending halted), "
+        "newest first; with `user_id`, only that agent's; a client limited to some agents "
+        "sees only theirs. " + ENVELOPE
+    ),
 )
 def get_alerts(
     rt: RuntimeDep,
     caller: ReadCaller,
     user_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[AlertView]:
-    """Policy refusals (campaign paused) and refused relay credentials (sending halted),
-    newest first. Scope ``read``; a client limited to some agents sees only theirs."""
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[AlertView]:
+    """A page of alerts."""
     only = caller.users if user_id is None else None
-    return alerts.recent(rt, user_id=user_id, user_ids=only, limit=limit)
+    return alerts.recent(rt, user_id=user_id, user_ids=only, cursor=cursor, limit=limit)
 
 
 @router.post(

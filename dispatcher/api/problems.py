@@ -60,7 +60,8 @@ _CODES_BY_STATUS = {
     "`idempotency_key_reused`, `request_in_progress` (with `Retry-After`) or `invalid_state`",
     413: "`request_too_large`: the body is larger than `MAX_REQUEST_BYTES` (64 KiB without a "
     "token); refused before it is read",
-    422: "`invalid_field` (every bad field in `errors`, the first in `field`) or "
+    422: "`invalid_field` (every bad field in `errors`, the first in `field`; a list's "
+    "`cursor` it did not hand out, or a `limit` out of range, names that parameter) or "
     "`invalid_json` (where the body stops being JSON)",
     500: "`internal_error`: something unforeseen; it was logged",
     503: "`queue_unavailable` (stored but not queued), `redis_unavailable` or "

@@ -10,12 +10,14 @@ from pydantic import Field
 from dispatcher.api.auth import AUTHENTICATED, BillingCaller, ReadCaller, UsersCaller
 from dispatcher.api.bodies import StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
+from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
 from dispatcher.credits.notices import NotificationView
 from dispatcher.credits.plans import Plan
 from dispatcher.credits.subscriptions import Action, ChangeResult, CreditsView
 from dispatcher.delivery.timeline import EventView
 from dispatcher.errors import InvalidInput
+from dispatcher.pages import DEFAULT_LIMIT, Page
 from dispatcher.users import UserView
 
 router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=answers(401, 403, 422))
@@ -66,24 +68,36 @@ def put_user(
 
 
 @router.get(
-    "/v1/contacts/{contact_id}/timeline", response_model=list[EventView], responses=answers(404)
+    "/v1/contacts/{contact_id}/timeline",
+    response_model=Page[EventView],
+    responses=answers(404),
+    description="The contact's events for this agent, newest first. " + ENVELOPE,
 )
 def get_timeline(
     contact_id: str,
     user_id: Annotated[str, Query(description="The agent whose timeline to read.")],
     producer: ProducerDep,
     _caller: ReadCaller,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[EventView]:
-    """The contact's events for this agent, newest first. Scope ``read``."""
-    return producer.timeline(user_id, contact_id, limit)
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[EventView]:
+    """A page of the contact's timeline."""
+    return producer.timeline(user_id, contact_id, cursor=cursor, limit=limit)
 
 
-@router.get("/v1/plans", response_model=list[Plan])
-def get_plans(producer: ProducerDep, _caller: ReadCaller) -> list[Plan]:
-    """The plan catalog, smallest first; ``price_cents`` is the monthly price (0: free).
-    Scope ``read``."""
-    return producer.plans()
+@router.get(
+    "/v1/plans",
+    response_model=Page[Plan],
+    description=(
+        "The plan catalog, smallest first; `price_cents` is the monthly price (0: free). "
+        + ENVELOPE
+    ),
+)
+def get_plans(
+    producer: ProducerDep, _caller: ReadCaller, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
+) -> Page[Plan]:
+    """A page of the plan catalog."""
+    return producer.plans(cursor=cursor, limit=limit)
 
 
 @router.post(
@@ -114,14 +128,16 @@ def get_credits(user_id: str, producer: ProducerDep, _caller: ReadCaller) -> Cre
 
 @router.get(
     "/v1/users/{user_id}/notifications",
-    response_model=list[NotificationView],
+    response_model=Page[NotificationView],
     responses=answers(404),
+    description="In-app notifications, newest first. " + ENVELOPE,
 )
 def get_notifications(
     user_id: str,
     producer: ProducerDep,
     _caller: ReadCaller,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[NotificationView]:
-    """In-app notifications, newest first. Scope ``read``."""
-    return producer.notifications(user_id, limit)
+    cursor: Cursor = None,
+    limit: Limit = DEFAULT_LIMIT,
+) -> Page[NotificationView]:
+    """A page of the user's in-app notifications."""
+    return producer.notifications(user_id, cursor=cursor, limit=limit)

@@ -16,7 +16,17 @@ from dispatcher import alerts
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
 from dispatcher.errors import DispatcherError, NotFound, QueueUnavailable
-from dispatcher.models import AlertKind, Campaign, CampaignStatus, Provider, Send, SendStatus
+from dispatcher.models import (
+    AlertKind,
+    Campaign,
+    CampaignExclusion,
+    CampaignStatus,
+    ExclusionKind,
+    Provider,
+    Send,
+    SendStatus,
+)
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -40,11 +50,16 @@ class CampaignView:
     provider: str
     status: str
     name: str | None
-    recipients: int
-    invalid: list[dict[str, Any]]
-    suppressed: list[dict[str, Any]]
+    recipients: int  # valid recipients, one send each
+    #: Recipients refused as invalid and recipients on the agent's suppression list: neither
+    #: sent nor charged. Who they are: :func:`excluded` (``/invalid``, ``/suppressed``).
+    invalid: int
+    suppressed: int
     counts: dict[str, int]
     failed_by_reason: dict[str, int]
+    #: Recipients failed because the campaign was cancelled before their turn (also counted
+    #: in ``counts["failed"]`` and ``failed_by_reason["campaign_cancelled"]``).
+    cancelled: int
     done: int
     progress: float  # share of valid recipients with a terminal outcome, 0..1
     detail: str | None
@@ -79,15 +94,69 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
         status=c.status.value,
         name=c.name,
         recipients=c.recipients,
-        invalid=list(c.invalid),
-        suppressed=list(c.suppressed or []),
+        invalid=c.invalid_count,
+        suppressed=c.suppressed_count,
         counts=counts,
         failed_by_reason=failed,
+        cancelled=failed.get(Reason.CAMPAIGN_CANCELLED.value, 0),
         done=done,
         progress=round(done / c.recipients, 4) if c.recipients else 1.0,
         detail=c.detail,
         created_at=c.created_at,
         finished_at=c.finished_at,
+    )
+
+
+@dataclass(frozen=True)
+class ExcludedView:
+    """A recipient of the request that got no send."""
+
+    index: int | None  # its position in the request's ``recipients`` (from 0)
+    contact_id: str
+    email: str
+    field: str | None  # the field at fault (invalid recipients only)
+    reason: str  # why it is invalid, or the suppression entry's reason
+
+
+#: The pages of a campaign's invalid and suppressed recipients: request order.
+EXCLUDED = {kind: Keyset(f"campaign-{kind.value}", descending=False) for kind in ExclusionKind}
+
+
+def excluded(
+    rt: Runtime,
+    campaign_id: str,
+    kind: ExclusionKind,
+    user_id: str | None = None,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[ExcludedView]:
+    """A page of the campaign's invalid or suppressed recipients, in request order."""
+    keyset = EXCLUDED[kind]
+    with rt.sessions() as session:
+        owner = session.scalar(select(Campaign.user_id).where(Campaign.id == campaign_id))
+        if owner is None or (user_id is not None and owner != user_id):
+            raise NotFound("campaign", campaign_id)
+        rows = session.scalars(
+            keyset.query(
+                select(CampaignExclusion).where(
+                    CampaignExclusion.campaign_id == campaign_id, CampaignExclusion.kind == kind
+                ),
+                CampaignExclusion.seq,
+                cursor,
+                limit,
+            )
+        ).all()
+        return keyset.page(rows, limit, lambda r: r.seq, _excluded_view)
+
+
+def _excluded_view(row: CampaignExclusion) -> ExcludedView:
+    return ExcludedView(
+        index=row.row,
+        contact_id=row.contact_id,
+        email=row.email,
+        field=row.field,
+        reason=row.reason,
     )
 
 

@@ -27,12 +27,23 @@ from dispatcher.delivery import suppression
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound
-from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendKind, SendStatus, User
+from dispatcher.models import (
+    Campaign,
+    CampaignExclusion,
+    CampaignStatus,
+    ExclusionKind,
+    Provider,
+    Send,
+    SendKind,
+    SendStatus,
+    User,
+)
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 SEND_TABLE = cast(Table, Send.__table__)
+EXCLUSION_TABLE = cast(Table, CampaignExclusion.__table__)
 
 
 class InsufficientCredits(DispatcherError):
@@ -265,14 +276,18 @@ def _drop_suppressed(
             )
     if not blocked:
         return checked.valid, []
+    refused = {bad["index"] for bad in checked.invalid}
+    rows = (i for i in range(len(req.recipients)) if i not in refused)
     kept: list[Recipient] = []
     skipped: list[dict[str, Any]] = []
-    for r in checked.valid:
+    for row, r in zip(rows, checked.valid, strict=False):
         why = blocked.get(suppression.normalize(r.email))
         if why is None:
             kept.append(r)
         else:
-            skipped.append({"contact_id": r.contact_id, "email": r.email, "reason": why.value})
+            skipped.append(
+                {"index": row, "contact_id": r.contact_id, "email": r.email, "reason": why.value}
+            )
     if not kept:
         raise InvalidInput(
             "recipients", f"all {len(skipped)} valid recipients are on the suppression list"
@@ -308,8 +323,8 @@ def _store(
                 from_name=req.from_name,
                 reply_to=req.reply_to,
                 recipients=len(valid),
-                invalid=checked.invalid,
-                suppressed=skipped,
+                invalid_count=len(checked.invalid),
+                suppressed_count=len(skipped),
                 chunks=chunks,
                 period=grant.period if grant else None,
                 grant_seq=grant.seq if grant else None,
@@ -320,8 +335,31 @@ def _store(
             )
         )
         session.flush()
+        _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, checked.invalid)
+        _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
         _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
     return chunks
+
+
+def _insert_exclusions(
+    session: Session, campaign_id: str, kind: ExclusionKind, entries: Sequence[dict[str, Any]]
+) -> None:
+    """Store a campaign's invalid or suppressed recipients, one row each, in request order."""
+    rows = [
+        {
+            "campaign_id": campaign_id,
+            "kind": kind,
+            "seq": seq,
+            "row": e["index"],
+            "contact_id": e["contact_id"],
+            "email": e["email"],
+            "field": e.get("field"),
+            "reason": e["reason"],
+        }
+        for seq, e in enumerate(entries)
+    ]
+    for start in range(0, len(rows), 2000):
+        session.connection().execute(insert(EXCLUSION_TABLE), rows[start : start + 2000])
 
 
 def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> None:
@@ -340,6 +378,9 @@ def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> N
             )
             if cast(CursorResult[Any], still_ours).rowcount == 1:
                 session.execute(delete(Send).where(Send.campaign_id == campaign_id))
+                session.execute(
+                    delete(CampaignExclusion).where(CampaignExclusion.campaign_id == campaign_id)
+                )
                 session.execute(delete(Campaign).where(Campaign.id == campaign_id))
         # Should Redis have lost its data meanwhile, a rebuild that read the recipients before
         # they were removed counts them as pending: uncount them (nothing to do otherwise).

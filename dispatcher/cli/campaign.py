@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,6 +16,7 @@ import httpx
 
 from dispatcher.cli.common import Commands
 from dispatcher.errors import DispatcherError
+from dispatcher.pages import MAX_LIMIT, Page, walk
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
@@ -124,6 +126,23 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     return response.json()
 
 
+def excluded(
+    client: httpx.Client, campaign_id: str, user_id: str, kind: str
+) -> Iterator[dict[str, Any]]:
+    """Every recipient of ``user_id``'s campaign that is ``invalid`` or ``suppressed``, page
+    by page."""
+    path = f"/v1/campaigns/{campaign_id}/{kind}"
+
+    def read(cursor: str | None) -> Page[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": MAX_LIMIT, "user_id": user_id}
+        if cursor is not None:
+            params["cursor"] = cursor
+        page = _call(client, "GET", path, params=params)
+        return Page(page["items"], page["next_cursor"])
+
+    return walk(read)
+
+
 def read_recipients(path: Path) -> list[dict[str, Any]]:
     """Recipients from a CSV with id and email columns; other columns are merge fields."""
     with path.open(newline="", encoding="utf-8") as f:
@@ -201,16 +220,17 @@ def run(args: argparse.Namespace) -> int:
             view = _call(client, "POST", "/v1/campaigns", json=body)
             if view.get("replayed"):
                 print(f"campaign {view['id']} was made by an earlier run with this key")
-            skipped = view.get("suppressed") or []
             print(
                 f"campaign {view['id']}: {view['recipients']:,} recipients, "
-                f"{len(view['invalid'])} invalid, {len(skipped)} suppressed (not charged), "
+                f"{view['invalid']:,} invalid, {view['suppressed']:,} suppressed (not charged), "
                 f"{view['status']}"
             )
-            for bad in view["invalid"]:
-                print(f"  invalid: row {bad['index'] + 1} {bad['email']!r}: {bad['reason']}")
-            for one in skipped:
-                print(f"  suppressed: {one['email']!r} ({one['reason']})")
+            if view["invalid"]:
+                for bad in excluded(client, view["id"], args.user, "invalid"):
+                    print(f"  invalid: row {bad['index'] + 1} {bad['email']!r}: {bad['reason']}")
+            if view["suppressed"]:
+                for one in excluded(client, view["id"], args.user, "suppressed"):
+                    print(f"  suppressed: {one['email']!r} ({one['reason']})")
             if args.follow:
                 follow(client, view["id"], args.user)
             return 0

@@ -11,6 +11,7 @@ from dispatcher.alerts import recent
 from dispatcher.cli.common import Commands, runtime
 from dispatcher.delivery import suppression
 from dispatcher.errors import InvalidInput
+from dispatcher.pages import MAX_LIMIT, walk
 from dispatcher.runtime import Runtime
 
 COMMANDS = ("suppression", "alerts", "relay")
@@ -72,7 +73,9 @@ def add_commands(commands: Commands) -> None:
         ),
     )
     alerts.add_argument("--user", dest="user_id", metavar="USER", help="only this user's")
-    alerts.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    alerts.add_argument(
+        "--limit", type=int, default=50, help=f"at most this many, 1-{MAX_LIMIT} (default 50)"
+    )
     alerts.set_defaults(handler=_command)
 
     relay = commands.add_parser(
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace, rt: Runtime) -> int:
     if args.command == "suppression":
         return _suppression(args, rt)
     if args.command == "alerts":
-        for a in recent(rt, user_id=args.user_id, limit=args.limit):
+        for a in recent(rt, user_id=args.user_id, limit=args.limit).items:
             where = " ".join(
                 f"{k}={v}"
                 for k, v in (("user", a.user_id), ("campaign", a.campaign_id), ("relay", a.relay))
@@ -129,11 +132,13 @@ def run(args: argparse.Namespace, rt: Runtime) -> int:
 
 def _suppression(args: argparse.Namespace, rt: Runtime) -> int:
     if args.suppression_command == "list":
-        rows = suppression.listing(rt, args.user_id)
-        for v in rows:
+        shown = 0
+        entries = walk(lambda at: suppression.listing(rt, args.user_id, cursor=at, limit=MAX_LIMIT))
+        for v in entries:
             until = v.expires_at.isoformat(timespec="seconds") if v.expires_at else "never"
             print(f"{v.email:<40} {v.reason:<12} expires {until}  {v.detail or ''}".rstrip())
-        print(f"{len(rows)} suppressed")
+            shown += 1
+        print(f"{shown} suppressed")
         return 0
     if args.suppression_command == "add":
         if args.expires is not None and args.expires.tzinfo is None:
@@ -144,7 +149,8 @@ def _suppression(args: argparse.Namespace, rt: Runtime) -> int:
         print(f"{v.email} suppressed for {args.user_id} ({v.reason})")
         return 0
     if args.suppression_command == "removals":
-        for r in suppression.removals(rt, args.user_id):
+        taken = walk(lambda at: suppression.removals(rt, args.user_id, cursor=at, limit=MAX_LIMIT))
+        for r in taken:
             when = r.removed_at.isoformat(timespec="seconds")
             print(f"{when}  {r.email:<40} {r.reason:<12} by {r.removed_by}: {r.why}")
         return 0

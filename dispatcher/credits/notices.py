@@ -16,6 +16,7 @@ from dispatcher.credits.subscriptions import plan_label
 from dispatcher.delivery import system_mail
 from dispatcher.errors import NotFound
 from dispatcher.models import Grant, Notification, SystemEmailKind, User
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -139,25 +140,28 @@ def _notify(
     return email.id if email else None
 
 
-def notifications(rt: Runtime, user_id: str, limit: int = 100) -> list[NotificationView]:
-    """A user's in-app notifications, newest first."""
+#: A user's notifications, newest first.
+NOTIFICATIONS = Keyset("notifications")
+
+
+def notifications(
+    rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[NotificationView]:
+    """A page of a user's in-app notifications, newest first."""
     with rt.sessions() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
-        rows = session.scalars(
-            select(Notification)
-            .where(Notification.user_id == user_id)
-            .order_by(Notification.id.desc())
-            .limit(limit)
-        ).all()
-        return [
-            NotificationView(
-                id=n.id,
-                threshold=n.threshold,
-                title=n.title,
-                body=n.body,
-                created_at=n.created_at,
-                read_at=n.read_at,
-            )
-            for n in rows
-        ]
+        query = select(Notification).where(Notification.user_id == user_id)
+        rows = session.scalars(NOTIFICATIONS.query(query, Notification.id, cursor, limit)).all()
+        return NOTIFICATIONS.page(rows, limit, lambda n: n.id, _notification)
+
+
+def _notification(n: Notification) -> NotificationView:
+    return NotificationView(
+        id=n.id,
+        threshold=n.threshold,
+        title=n.title,
+        body=n.body,
+        created_at=n.created_at,
+        read_at=n.read_at,
+    )

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from dispatcher import validation
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import Suppression, SuppressionReason, SuppressionRemoval, User
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -244,18 +245,20 @@ def remove(rt: Runtime, user_id: str, email: str, *, by: str, why: str) -> Remov
     return view
 
 
-def removals(rt: Runtime, user_id: str, *, limit: int = 1000) -> list[RemovalView]:
-    """The addresses taken off ``user_id``'s list, newest first."""
+#: A user's removals, newest first (in the order they were recorded).
+REMOVALS = Keyset("suppression-removals")
+
+
+def removals(
+    rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[RemovalView]:
+    """A page of the addresses taken off ``user_id``'s list, newest first."""
     with rt.sessions() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
-        rows = session.scalars(
-            select(SuppressionRemoval)
-            .where(SuppressionRemoval.user_id == user_id)
-            .order_by(SuppressionRemoval.removed_at.desc(), SuppressionRemoval.id.desc())
-            .limit(limit)
-        ).all()
-        return [_removal(r) for r in rows]
+        query = select(SuppressionRemoval).where(SuppressionRemoval.user_id == user_id)
+        rows = session.scalars(REMOVALS.query(query, SuppressionRemoval.id, cursor, limit)).all()
+        return REMOVALS.page(rows, limit, lambda r: r.id, _removal)
 
 
 def _removal(row: SuppressionRemoval) -> RemovalView:
@@ -269,16 +272,19 @@ def _removal(row: SuppressionRemoval) -> RemovalView:
     )
 
 
-def listing(rt: Runtime, user_id: str, *, limit: int = 1000) -> list[SuppressionView]:
-    """The entries in force for ``user_id``, newest first."""
+#: A user's entries, newest first by when they were first added: a renewed entry (a second
+#: bounce, a longer expiry) keeps its place, so a walk through the pages never misses it.
+LISTING = Keyset("suppressions")
+
+
+def listing(
+    rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[SuppressionView]:
+    """A page of the entries in force for ``user_id``, newest first."""
     now = rt.clock.now()
     with rt.sessions() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
-        rows = session.scalars(
-            select(Suppression)
-            .where(Suppression.user_id == user_id, _live(now))
-            .order_by(Suppression.created_at.desc(), Suppression.id.desc())
-            .limit(limit)
-        ).all()
-        return [_view(r) for r in rows]
+        query = select(Suppression).where(Suppression.user_id == user_id, _live(now))
+        rows = session.scalars(LISTING.query(query, Suppression.id, cursor, limit)).all()
+        return LISTING.page(rows, limit, lambda r: r.id, _view)

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dispatcher.models import SendKind, SendStatus, TimelineEvent, TimelineKind
+from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 
 #: The timeline event of each terminal status.
 KIND_OF = {
@@ -45,25 +46,35 @@ def source_of(send: Any) -> dict[str, Any]:
     return {"type": "campaign", "campaign_id": send.campaign_id}
 
 
-def events(session: Session, user_id: str, contact_id: str, limit: int = 100) -> list[EventView]:
-    """A contact's events for one user, newest first."""
-    rows = session.scalars(
-        select(TimelineEvent)
-        .where(TimelineEvent.user_id == user_id, TimelineEvent.contact_id == contact_id)
-        .order_by(TimelineEvent.id.desc())
-        .limit(limit)
-    ).all()
-    return [
-        EventView(
-            id=e.id,
-            kind=e.kind.value,
-            status=e.status.value,
-            reason=e.reason,
-            detail=e.detail,
-            subject=e.subject,
-            send_id=e.send_id,
-            source=e.source,
-            occurred_at=e.occurred_at,
-        )
-        for e in rows
-    ]
+#: A contact's events, newest first.
+EVENTS = Keyset("timeline")
+
+
+def events(
+    session: Session,
+    user_id: str,
+    contact_id: str,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[EventView]:
+    """A page of a contact's events for one user, newest first."""
+    query = select(TimelineEvent).where(
+        TimelineEvent.user_id == user_id, TimelineEvent.contact_id == contact_id
+    )
+    rows = session.scalars(EVENTS.query(query, TimelineEvent.id, cursor, limit)).all()
+    return EVENTS.page(rows, limit, lambda e: e.id, _view)
+
+
+def _view(e: TimelineEvent) -> EventView:
+    return EventView(
+        id=e.id,
+        kind=e.kind.value,
+        status=e.status.value,
+        reason=e.reason,
+        detail=e.detail,
+        subject=e.subject,
+        send_id=e.send_id,
+        source=e.source,
+        occurred_at=e.occurred_at,
+    )

@@ -181,7 +181,8 @@ def test_put_user_refuses_bad_fields(
 
 def test_timeline_of_an_unknown_user_is_404(client: TestClient) -> None:
     assert client.get("/v1/contacts/c-1/timeline", params={"user_id": "ghost"}).status_code == 404
-    assert client.get("/v1/contacts/c-1/timeline", params={"user_id": "agent-1"}).json() == []
+    empty = client.get("/v1/contacts/c-1/timeline", params={"user_id": "agent-1"}).json()
+    assert empty == {"items": [], "next_cursor": None}
 
 
 def test_health_and_metrics(client: TestClient) -> None:

@@ -107,8 +107,11 @@ def test_invalid_addresses_are_reported_never_sent_never_charged(
     r = api_client.post("/v1/campaigns", json=body)
     assert r.status_code == 202, r.text
     created = r.json()
-    assert created["recipients"] == 497
-    assert [(i["index"], i["field"]) for i in created["invalid"]] == [
+    assert (created["recipients"], created["invalid"], created["suppressed"]) == (497, 3, 0)
+    invalid = api_client.get(
+        f"/v1/campaigns/{created['id']}/invalid", params={"user_id": "agent-1"}
+    ).json()["items"]
+    assert [(i["index"], i["field"]) for i in invalid] == [
         (7, "recipients[7].email"),
         (250, "recipients[250].email"),
         (499, "recipients[499].email"),

@@ -79,7 +79,7 @@ def test_each_threshold_is_notified_once_in_app_and_by_email(
     assert "16 of 20 sends" in body
     assert "period ending November 30, 2026" in body
     api = TestClient(create_api(rt, queue), headers={"Authorization": "Bearer test-token-123"})
-    items = api.get("/v1/users/agent-1/notifications").json()
+    items = api.get("/v1/users/agent-1/notifications").json()["items"]
     assert [n["threshold"] for n in items] == [100, 95, 90, 85, 80]
     assert items[0]["title"] == "Limit reached: sends are now failing"
     assert api.get("/v1/users/agent-1/credits").json()["thresholds_notified"] == [

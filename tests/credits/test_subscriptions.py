@@ -59,7 +59,7 @@ def receipts(rt: Runtime, user: str) -> list[SystemEmail]:
 
 
 def test_plans_are_listed_smallest_first(api: TestClient) -> None:
-    plans = api.get("/v1/plans").json()
+    plans = api.get("/v1/plans").json()["items"]
     assert [(p["name"], p["monthly_credits"]) for p in plans] == [
         ("free", 5000),
         ("10k", 10_000),

@@ -124,7 +124,7 @@ def test_554_policy_refusal_fails_the_message_alerts_and_does_not_suppress(
     assert events(runtime) == [("email_failed", "policy_rejected")]
     assert suppressed(runtime) is None
     assert used(runtime) == 0
-    [alert] = alerts.recent(runtime)
+    [alert] = alerts.recent(runtime).items
     assert (alert.kind, alert.user_id) == ("policy_rejected", "agent-1")
 
 
@@ -147,7 +147,7 @@ def test_554_policy_refusal_in_a_campaign_pauses_it_and_alerts(
     assert after.counts["reserved"] == 116  # the rest of the chunk and the others wait
     assert suppressed(rt, "person3@example.org") is None
     assert used(rt) == 119  # the refused one's credit is back
-    [alert] = alerts.recent(rt)
+    [alert] = alerts.recent(rt).items
     assert (alert.kind, alert.campaign_id) == ("policy_rejected", view.id)
     # A chunk task still in the queue sends nothing while paused.
     assert deliver_chunk(rt, f"{view.id}:1") is CampaignStatus.PAUSED
@@ -182,7 +182,7 @@ def test_a_policy_refusal_pauses_even_a_small_campaign_and_resume_completes_it(
     assert paused.failed_by_reason == {"policy_rejected": 1}
     assert paused.counts["sent"] == len(smtp_server.messages) < 20
     assert paused.counts["sending"] == 0 and "paused" in (paused.detail or "")
-    assert [a.kind for a in alerts.recent(rt)] == ["policy_rejected"]
+    assert [a.kind for a in alerts.recent(rt).items] == ["policy_rejected"]
 
     # Then a resume goes on where it stopped, and nobody gets two copies
     control.resume(rt, view.id, queue=InlineQueue())
@@ -192,7 +192,7 @@ def test_a_policy_refusal_pauses_even_a_small_campaign_and_resume_completes_it(
     got = Counter(m.rcpt_tos[0] for m in smtp_server.messages)
     assert len(got) == 20 and max(got.values()) == 1
     assert "person2@example.org" not in got
-    assert len(alerts.recent(rt)) == 1
+    assert len(alerts.recent(rt).items) == 1
 
 
 def test_recipients_deferred_beside_a_policy_refusal_are_kept_for_the_resume(
@@ -293,7 +293,7 @@ def test_refused_credentials_halt_the_relay_for_every_worker_and_alert_once(
         assert [get_send(rt, s).attempts for s in (first, second)] == [0, 0]
         assert [get_send(rt, s).status for s in (first, second)] == ["reserved", "reserved"]
         assert used(rt) == 2 and events(rt) == []  # credits held, nothing failed
-        [alert] = alerts.recent(rt)
+        [alert] = alerts.recent(rt).items
         assert alert.kind == "smtp_auth_failed" and "535" in alert.detail
         assert "wrong-password" not in alert.detail
 

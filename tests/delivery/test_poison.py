@@ -76,7 +76,7 @@ def test_a_smartplan_send_that_cannot_be_built_fails_as_internal_error_after_its
 
     # and an alert names it, once
     def raised() -> list[Any]:
-        return [a for a in alerts.recent(runtime) if a.kind == "internal_error"]
+        return [a for a in alerts.recent(runtime).items if a.kind == "internal_error"]
 
     wait_for(lambda: len(raised()) == 1, what="the alert")
     assert send_id in raised()[0].detail

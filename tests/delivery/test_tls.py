@@ -122,7 +122,7 @@ def test_the_login_is_never_sent_in_plain_text_unless_allowed(
     with pytest.raises(NotAttempted):
         delivery.deliver(rt, send_id)
     assert plaintext_relay.messages == []
-    assert [a.kind for a in alerts.recent(rt)] == ["smtp_auth_failed"]
+    assert [a.kind for a in alerts.recent(rt).items] == ["smtp_auth_failed"]
     assert "no TLS" in (rt.relay.halted() or ("", 0))[0]
     # And an operator who trusts the network may allow it
     rt.relay.resume()

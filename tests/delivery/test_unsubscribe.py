@@ -114,7 +114,7 @@ def test_one_click_post_suppresses_the_contact_and_the_next_campaign_skips_it_un
     again = api_client.post(path, content="List-Unsubscribe=One-Click")
     assert again.status_code == 200  # idempotent
 
-    listed = api_client.get("/v1/users/agent-1/suppressions").json()
+    listed = api_client.get("/v1/users/agent-1/suppressions").json()["items"]
     assert [(s["email"], s["reason"], s["contact_id"]) for s in listed] == [
         ("person2@example.org", "unsubscribe", "c2")
     ]
@@ -122,9 +122,22 @@ def test_one_click_post_suppresses_the_contact_and_the_next_campaign_skips_it_un
     smtp_server.handler.clear()
     second = run_campaign(api_client, campaign_body(range(5), name="Second"))
     assert second["recipients"] == 4
-    assert second["suppressed"] == [
-        {"contact_id": "c2", "email": "person2@example.org", "reason": "unsubscribe"}
-    ]
+    assert second["suppressed"] == 1
+    skipped = api_client.get(
+        f"/v1/campaigns/{second['id']}/suppressed", params={"user_id": "agent-1"}
+    ).json()
+    assert skipped == {
+        "items": [
+            {
+                "index": 2,
+                "contact_id": "c2",
+                "email": "person2@example.org",
+                "field": None,
+                "reason": "unsubscribe",
+            }
+        ],
+        "next_cursor": None,
+    }
     assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == [
         f"person{i}@example.org" for i in (0, 1, 3, 4)
     ]
@@ -145,7 +158,7 @@ def test_a_forged_or_tampered_token_is_refused_and_suppresses_nobody(
         r = api_client.post(f"/u/{bad}", content="List-Unsubscribe=One-Click")
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["field"] == "token"
-    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+    assert api_client.get("/v1/users/agent-1/suppressions").json()["items"] == []
 
 
 def test_opening_the_link_does_not_unsubscribe(
@@ -157,7 +170,7 @@ def test_opening_the_link_does_not_unsubscribe(
 
     page = api_client.get(path)
     assert page.status_code == 200 and 'method="post"' in page.text
-    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+    assert api_client.get("/v1/users/agent-1/suppressions").json()["items"] == []
 
 
 def test_manual_entries_expire_and_can_be_removed(
@@ -182,21 +195,21 @@ def test_manual_entries_expire_and_can_be_removed(
     assert bad.status_code == 422 and bad.json()["field"] == "email"
 
     clock.advance(timedelta(days=2))
-    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+    assert api_client.get("/v1/users/agent-1/suppressions").json()["items"] == []
 
     api_client.post("/v1/users/agent-1/suppressions", json={"email": "someone@example.org"})
     gone = "/v1/users/agent-1/suppressions/someone@example.org"
     unexplained = api_client.delete(gone)
     assert unexplained.status_code == 422 and unexplained.json()["field"] == "why"
     assert api_client.delete(gone, params={"why": "  "}).json()["field"] == "why"
-    assert api_client.get("/v1/users/agent-1/suppressions").json() != []  # still suppressed
+    assert api_client.get("/v1/users/agent-1/suppressions").json()["items"] != []  # still there
     why = "the contact asked again by phone, 2026-11-12"
     assert api_client.delete(gone, params={"why": why}).status_code == 204
-    assert api_client.get("/v1/users/agent-1/suppressions").json() == []
+    assert api_client.get("/v1/users/agent-1/suppressions").json()["items"] == []
     assert api_client.delete(gone, params={"why": why}).status_code == 404
     # The removal is on record: which address, the entry as it was, who (the token's
     # fingerprint, never the token), when and why
-    [record] = api_client.get("/v1/users/agent-1/suppression-removals").json()
+    [record] = api_client.get("/v1/users/agent-1/suppression-removals").json()["items"]
     assert (record["email"], record["reason"], record["why"]) == (
         "someone@example.org",
         "manual",
@@ -219,7 +232,7 @@ def test_an_expired_entry_can_be_renewed_and_a_permanent_one_is_never_shortened(
     )
     assert renewed.status_code == 201
     assert renewed.json()["expires_at"].startswith("2026-12-31")
-    assert [s["email"] for s in api_client.get(url).json()] == ["a@example.org"]
+    assert [s["email"] for s in api_client.get(url).json()["items"]] == ["a@example.org"]
 
     with runtime.sessions.begin() as session:
         suppression.add(
@@ -266,9 +279,8 @@ def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_u
     path = "/u/" + one_click_url(message).rsplit("/u/", 1)[1]
     r = api_client.post(path, content="List-Unsubscribe=One-Click", headers={"Authorization": ""})
     assert r.status_code == 200, r.text
-    assert [s["reason"] for s in api_client.get("/v1/users/agent-1/suppressions").json()] == [
-        "unsubscribe"
-    ]
+    listed = api_client.get("/v1/users/agent-1/suppressions").json()["items"]
+    assert [s["reason"] for s in listed] == ["unsubscribe"]
 
     second = api_client.post("/v1/sends", json=smartplan_body("step-2")).json()["id"]
     wait_for(
