@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench drill-kills drill-redis clean
+.PHONY: install run test lint typecheck pytest bench drill-kills drill-redis lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools
@@ -27,6 +27,12 @@ pytest: install ## The test suite only
 	$(BIN)/pytest
 
 test: lint pytest ## Lint, type-check and run every test (the README's test command)
+
+lock: install ## Pin what is installed now into requirements.lock (after changing pyproject.toml)
+	@{ echo "# Exact versions CI and 'make install' install (constraints for pyproject's ranges)."; \
+	  echo "# Regenerate with 'make lock' after changing dependencies in pyproject.toml."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^command-email-dispatcher'; \
+	} > requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dispatcher
