@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import validation
@@ -62,6 +63,16 @@ def upsert_user(
     )
     if changes.get("mailchimp_api_key") is not None:
         changes["mailchimp_api_key"] = rt.sealer.seal(changes["mailchimp_api_key"])
+    try:
+        return _upsert(rt, user_id, plan, changes)
+    except IntegrityError:
+        # A concurrent request created the same agent first (the row we locked did not
+        # exist yet): this one updates what it made.
+        return _upsert(rt, user_id, plan, changes)
+
+
+def _upsert(rt: Runtime, user_id: str, plan: str, changes: dict[str, Any]) -> tuple[UserView, bool]:
+    """One attempt at :func:`upsert_user`'s transaction."""
     now = rt.clock.now()
     with rt.sessions.begin() as session:
         user = session.get(User, user_id, with_for_update=True)
