@@ -258,6 +258,18 @@ class Settings(BaseSettings):
         return self
 
     def _check(self) -> None:
+        """Every rule between settings; the first one broken raises :class:`ConfigError`."""
+        self._check_limits()
+        self._check_tokens()
+        self._check_services()
+        self._check_public()
+        if not math.isfinite(self.clock_offset_seconds):
+            raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
+
+    def _check_limits(self) -> None:
+        """Sizes, time limits and the order they must keep."""
         if self.free_plan_credits < 0:
             raise ConfigError("FREE_PLAN_CREDITS", "must be zero or more")
         if not 0 < self.smtp_port < 65536:
@@ -289,7 +301,9 @@ class Settings(BaseSettings):
                 "SEND_LEASE_SECONDS",
                 f"must exceed TASK_TIME_LIMIT ({self.task_time_limit}s) so a live send keeps it",
             )
-        self._check_tokens()
+
+    def _check_services(self) -> None:
+        """Addresses of and rules for Redis, the plans, the SMTP relay and the database."""
         if "@" not in parseaddr(self.mail_from)[1]:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -332,6 +346,9 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_CA_FILE", f"{self.smtp_ca_file} is not a readable file")
         if self.relay_halt_seconds < 1:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
+
+    def _check_public(self) -> None:
+        """What a deployment reachable from the internet needs (keys of its own)."""
         if not self.public_base_url.startswith(("https://", "http://")):
             raise ConfigError("PUBLIC_BASE_URL", "must start with https:// (or http:// locally)")
         if self.unsubscribe_secret is None and self.public_base_url.startswith("https://"):
@@ -361,10 +378,6 @@ class Settings(BaseSettings):
             )
         if not all(valid_key(k) for k in self.secret_keys):
             raise ConfigError("SECRET_KEYS", "every key must be a Fernet key (44 characters)")
-        if not math.isfinite(self.clock_offset_seconds):
-            raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
     @property
     def request_limit(self) -> int:
