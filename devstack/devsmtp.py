@@ -121,6 +121,14 @@ class RecordingHandler:
         #: When each MAIL command was read (unix seconds): the moment the relay starts taking
         #: a message, what a relay's own rate limit counts.
         self.mail_at: list[float] = []
+        #: The client's address and port of each MAIL command: which connection carried it.
+        self.mail_peers: list[Any] = []
+        #: QUIT commands read: connections a client closed in good order.
+        self.quits = 0
+        #: Answer this many coming MAIL commands with "421 closing" (a relay shedding the
+        #: connections clients keep).
+        self.close_at_mail = 0
+        self._live: set[SMTP] = set()
         self._lock = threading.Lock()
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,12 @@ class RecordingHandler:
     ) -> str:
         with self._lock:
             self.mail_at.append(time.time())
+            self.mail_peers.append(session.peer)
+            self._live.add(server)
+            closing = self.close_at_mail > 0
+            self.close_at_mail -= closing
+        if closing:
+            return "421 4.4.2 closing this connection, come back on another"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -144,6 +158,22 @@ class RecordingHandler:
                 return answer
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.quits += 1
+            self._live.discard(server)
+        return "221 Bye"
+
+    def close_connections(self) -> int:
+        """Close, from the server's side, every connection that carried a message and is still
+        open (a relay dropping the connections clients keep); how many."""
+        with self._lock:
+            live, self._live = list(self._live), set()
+        open_ = [s for s in live if s.transport is not None and not s.transport.is_closing()]
+        for server in open_:
+            server.loop.call_soon_threadsafe(server.transport.close)  # type: ignore[union-attr]
+        return len(open_)
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self._lock:

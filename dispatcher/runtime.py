@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from functools import cached_property
+from typing import Any, TypeVar
 
 from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import db, logs
+from dispatcher.aio import LoopThread
 from dispatcher.alerts import raise_alert
 from dispatcher.clock import Clock, clock_for
 from dispatcher.credits.ledger import snapshot_source
@@ -25,6 +28,8 @@ from dispatcher.sealing import Sealer
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Runtime:
@@ -46,6 +51,13 @@ class Runtime:
         #: Where follow-up work (notices, receipts) is enqueued; workers/ sets the Celery one.
         self.queue: TaskQueue = queue or OutboxOnly()
         self.gateway: PaymentGateway = gateway or CardOnFileGateway()
+        #: The process's warm event loop: SMTP connections opened on it serve the next send.
+        self.loop = LoopThread()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the process's event loop from a synchronous caller (a worker
+        thread) and return its result."""
+        return self.loop.run(coro)
 
     @cached_property
     def engine(self) -> Engine:
@@ -116,11 +128,14 @@ class Runtime:
                 ),
                 pool_size=s.smtp_pool_size,
                 guard=self.relay,
+                idle_close_seconds=s.smtp_idle_seconds,
             )
         return self._transport
 
     def close(self) -> None:
         """Release pooled connections (safe to call more than once)."""
+        transport = self._transport
+        self.loop.stop(before=transport.shutdown if transport is not None else None)
         if "redis" in self.__dict__:
             self.redis.close()
         if "engine" in self.__dict__:

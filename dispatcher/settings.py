@@ -191,7 +191,11 @@ class Settings(BaseSettings):
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
     plan_catalog: Catalog = None
     renewal_sweep_seconds: int = 300
-    smtp_pool_size: int = 8  # SMTP connections one campaign chunk reuses
+    #: SMTP connections a worker process keeps open (and a campaign chunk reuses).
+    smtp_pool_size: int = 8
+    #: An SMTP connection kept open between SmartPlan and system sends is closed after this
+    #: long unused.
+    smtp_idle_seconds: float = 30.0
     campaign_chunk_size: int = 500  # recipients per campaign task
     max_campaign_recipients: int = 100_000
     max_message_bytes: int = 1_000_000
@@ -316,6 +320,8 @@ class Settings(BaseSettings):
                 )
         if not 1 <= self.smtp_pool_size <= 100:
             raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
+        if not 0 < self.smtp_idle_seconds <= 3600:
+            raise ConfigError("SMTP_IDLE_SECONDS", "must be more than 0 and at most 3600")
         if not 1 <= self.campaign_chunk_size <= 10_000:
             raise ConfigError("CAMPAIGN_CHUNK_SIZE", "must be from 1 to 10000")
         if self.max_campaign_recipients < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from dispatcher.delivery.outcomes import OutcomeStream
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
+from dispatcher.settings import Settings
+from tests.crashkit import Stack, crash_settings
 from tests.helpers import (
     make_user,
     seed_used_credits,
@@ -314,3 +317,26 @@ def test_a_send_waits_out_a_quota_redis_outage_and_is_sent_once(
         finally:
             server.terminate()
             server.wait(10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_worker_reuses_its_smtp_connections_and_quits_them_when_it_stops(
+    settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
+) -> None:
+    """``worker_smartplan`` as the Procfile runs it (threads pool): its threads share the
+    process's connections, and SIGTERM (a warm shutdown) QUITs them."""
+    with Stack(crash_settings(settings), tmp_path) as stack:
+        make_user(stack.rt)
+        worker = stack.workers.start(SMARTPLAN, pool="threads", concurrency=2)
+        stack.workers.wait_ready(1, timeout=60)
+        for n in range(12):
+            submit_send(stack.rt, stack.rt.queue, send_request(n=n))
+        wait_for(lambda: all_terminal(stack.rt, "agent-1", 12), timeout=60)
+        assert statuses(stack.rt, "agent-1") == {"sent": 12}
+        peers = set(smtp_server.handler.mail_peers)
+        assert 1 <= len(peers) <= 2  # two threads: at most one connection each
+        assert smtp_server.handler.quits == 0
+        worker.stop()  # SIGTERM, then wait for it to exit
+        assert worker.returncode() == 0
+    assert smtp_server.handler.quits == len(peers)
+    assert len(smtp_server.messages) == 12

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_shutdown
 from kombu.entity import Queue
 
 from dispatcher.ports import OutboxOnly
@@ -80,6 +81,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
         rt.queue = CeleryTaskQueue(app)
     tasks.register(app, rt)
+
+    def close(sender: Any, **_: Any) -> None:
+        # After the last task: QUIT the SMTP connections this process kept, stop its event
+        # loop, release the database and Redis pools.
+        if getattr(sender, "app", None) is app:
+            rt.close()
+
+    worker_shutdown.connect(close, weak=False)
     return app
 
 

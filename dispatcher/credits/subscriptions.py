@@ -242,14 +242,21 @@ def plan_label(plan: plans.Plan) -> str:
     return f"{plan.name} plan ({plan.monthly_credits:,} sends a month)"
 
 
-def ensure_current(rt: Runtime, user_id: str) -> tuple[User, GrantRef]:
-    """The user and their current grant, starting new periods first when due (lazy renewal)."""
+def ensure_current(rt: Runtime, user_id: str, known: User | None = None) -> tuple[User, GrantRef]:
+    """The user and their current grant, starting new periods first when due (lazy renewal).
+
+    ``known`` is the user as the caller just read it (detached): when its period is current,
+    nothing is read again."""
     now = rt.clock.now()
-    with rt.sessions() as session:
-        user = session.get(User, user_id)
-        if user is None:
-            raise NotFound("user", user_id)
-        session.expunge(user)
+    if known is not None and known.id == user_id:
+        user = known
+    else:
+        with rt.sessions() as session:
+            found = session.get(User, user_id)
+            if found is None:
+                raise NotFound("user", user_id)
+            session.expunge(found)
+        user = found
     if user.period is not None and user.period >= period_at(now, user.timezone).id:
         return user, grant_ref(user)
     with rt.sessions.begin() as session:

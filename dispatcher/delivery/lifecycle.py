@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from dispatcher.credits import refunds
 from dispatcher.credits.quota import GrantRef
 from dispatcher.delivery import effects
-from dispatcher.delivery.publish import publish_outcome
+from dispatcher.delivery.publish import publish_settled
 from dispatcher.models import (
     Campaign,
     Send,
@@ -125,33 +125,21 @@ def claim_grant(rt: Runtime, send_id: str, grant: GrantRef) -> bool:
         return cast(CursorResult[Any], moved).rowcount == 1
 
 
-def reserve(rt: Runtime, send_id: str) -> bool:
-    """The send's credit is taken: ``reserved``, held for :func:`reservation_hold`."""
-    now = rt.clock.now()
-    hold = now + reservation_hold(rt)
-    return _move(
-        rt,
-        Send,
-        send_id,
-        (SendStatus.QUEUED, SendStatus.RESERVED),
-        status=SendStatus.RESERVED,
-        lease_until=hold,
-        retry_at=None,
-        updated_at=now,
-    )
-
-
 def start(rt: Runtime, send_id: str) -> bool:
-    """A worker starts the SMTP conversation: ``sending`` under its lease, one more attempt."""
+    """The send's credit is taken and a worker starts the SMTP conversation: ``sending`` under
+    its lease, one more attempt (from ``queued`` on a first delivery, from ``reserved`` after a
+    deferral). A crash before this leaves the send open with its credit idempotently reserved:
+    the next delivery takes the same credit again, never a second one."""
     now = rt.clock.now()
     lease = conversation_lease(rt, now)
     return _move(
         rt,
         Send,
         send_id,
-        (SendStatus.RESERVED,),
+        (SendStatus.QUEUED, SendStatus.RESERVED),
         status=SendStatus.SENDING,
         lease_until=lease,
+        retry_at=None,
         attempts=Send.attempts + 1,
         updated_at=now,
     )
@@ -352,7 +340,7 @@ def settle(
         refunds.give_back_rows(rt, refund_rows)
     for r in smartplan_rows:
         log.info("send %s id=%s reason=%s", r.status.value, r.id, r.reason)
-        publish_outcome(rt, r.id)
+    publish_settled(rt, smartplan_rows)
     return settled
 
 

@@ -21,6 +21,7 @@ from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
+from functools import lru_cache
 
 
 def _header(name: str, value: str) -> bytes:
@@ -112,3 +113,21 @@ class BulkMessage:
                 self._end,
             )
         )
+
+
+@lru_cache(maxsize=256)
+def skeleton(
+    from_address: str,
+    from_name: str | None,
+    reply_to: str | None,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> BulkMessage:
+    """A skeleton shared by every message with the same sender and constant headers (a
+    SmartPlan's steps): built once per process, filled per message. Its boundary cannot occur
+    in the quoted-printable parts it separates (``=`` is always encoded there)."""
+    return BulkMessage(
+        from_address=from_address,
+        from_name=from_name,
+        reply_to=reply_to,
+        extra_headers=dict(extra_headers),
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from sqlalchemy import update
 
 from dispatcher.delivery.outcomes import StepOutcome
@@ -17,16 +20,39 @@ def publish_outcome(rt: Runtime, send_id: str) -> None:
             return
         if not send.status.terminal:
             return
-        outcome = StepOutcome(
-            send_id=send.id,
-            user_id=send.user_id,
-            smartplan_id=send.smartplan_id or "",
-            run_id=send.run_id or "",
-            step_id=send.step_id or "",
-            contact_id=send.contact_id,
-            status=send.status.value,
-            reason=send.reason,
-        )
-    rt.outcomes.publish(outcome)
+        outcome = _outcome(send)
+    _publish(rt, [outcome])
+
+
+def publish_settled(rt: Runtime, rows: Sequence[Any]) -> None:
+    """Publish the outcomes of SmartPlan sends just settled, from the rows the settling
+    returned (terminal, committed, not published yet: nothing to read again)."""
+    _publish(rt, [_outcome(r) for r in rows if r.kind is SendKind.SMARTPLAN])
+
+
+def _outcome(send: Any) -> StepOutcome:
+    return StepOutcome(
+        send_id=send.id,
+        user_id=send.user_id,
+        smartplan_id=send.smartplan_id or "",
+        run_id=send.run_id or "",
+        step_id=send.step_id or "",
+        contact_id=send.contact_id,
+        status=send.status.value,
+        reason=send.reason,
+    )
+
+
+def _publish(rt: Runtime, outcomes: list[StepOutcome]) -> None:
+    """Write the outcomes to the stream, then remember they were (a crash in between writes
+    them again: consumers dedupe on ``send_id``)."""
+    if not outcomes:
+        return
+    for outcome in outcomes:
+        rt.outcomes.publish(outcome)
     with rt.sessions.begin() as session:
-        session.execute(update(Send).where(Send.id == send_id).values(outcome_published=True))
+        session.execute(
+            update(Send)
+            .where(Send.id.in_([o.send_id for o in outcomes]))
+            .values(outcome_published=True)
+        )

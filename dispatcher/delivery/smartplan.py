@@ -8,9 +8,9 @@ a message another worker may already have handed over.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime
+from email.utils import format_datetime
 
 from dispatcher import alerts
 from dispatcher.credits import notices
@@ -19,7 +19,8 @@ from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import lifecycle, suppression
 from dispatcher.delivery.lifecycle import Outcome
-from dispatcher.delivery.message import Envelope, build_message
+from dispatcher.delivery.message import Envelope
+from dispatcher.delivery.mime import skeleton
 from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered, context_for
 from dispatcher.delivery.sandbox import RenderLimits
@@ -50,8 +51,8 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
     :class:`~dispatcher.errors.SendBusy` when another worker holds the send's lease. Every
     other outcome is terminal and recorded before returning.
     """
-    send, user = _load(rt, send_id)
     now = rt.clock.now()
+    send, user, suppressed = _load(rt, send_id, now)
     if send.status.terminal:
         publish_outcome(rt, send_id)  # a crash may have come between the two
         return send.status
@@ -65,15 +66,19 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
             Outcome(send_id, SendStatus.UNKNOWN, Reason.WORKER_LOST, _WORKER_LOST),
             (SendStatus.SENDING,),
         )
-    held = grant_ref(user.id, send.period, send.grant_seq, user.timezone)
-    with rt.sessions() as session:
-        suppressed = suppression.reason_for(session, user.id, send.contact_email, now)
     if suppressed is not None:
         # Checked before any credit is taken: reported, never charged (or charged back when a
         # retry finds the address suppressed since).
         detail = f"the address is on the agent's suppression list ({suppressed}); not sent"
         outcome = Outcome(send_id, SendStatus.FAILED, Reason.SUPPRESSED, detail)
         return _finish(rt, outcome, _OPEN)
+    try:
+        # Rendered before a credit is taken: a template that cannot render costs nothing.
+        rendered, message = _build(rt, send, user, now)
+    except RenderError as exc:
+        outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail)
+        return _finish(rt, outcome, _OPEN)
+    held = grant_ref(user.id, send.period, send.grant_seq, user.timezone)
     grant = held or _claim(rt, send, user)
     if grant is None:
         # A concurrent delivery claimed another grant first (a month start or an upgrade in
@@ -82,20 +87,14 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
     status = _reserve(rt, send, grant)
     if status is not None:
         return status
-    try:
-        rendered, message = _build(rt, send, user, now)
-    except RenderError as exc:
-        outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail)
-        return _finish(rt, outcome, (SendStatus.RESERVED,))
-    if not lifecycle.start(rt, send_id):
-        return _settled_elsewhere(rt, send_id)
     return _converse(rt, send, rendered, message)
 
 
 _WORKER_LOST = "the worker was lost while talking to the SMTP server; not resent"
 
 
-def _load(rt: Runtime, send_id: str) -> tuple[Send, User]:
+def _load(rt: Runtime, send_id: str, now: datetime) -> tuple[Send, User, str | None]:
+    """The send, its agent and why its address is suppressed (None: it is not), in one read."""
     with rt.sessions() as session:
         send = session.get(Send, send_id)
         if send is None:
@@ -106,22 +105,26 @@ def _load(rt: Runtime, send_id: str) -> tuple[Send, User]:
         user = session.get(User, send.user_id)
         if user is None:
             raise NotFound("user", send.user_id)
+        suppressed = None
+        if not send.status.terminal and send.status is not SendStatus.SENDING:
+            suppressed = suppression.reason_for(session, user.id, send.contact_email, now)
         session.expunge_all()
-    return send, user
+    return send, user, suppressed
 
 
 def _claim(rt: Runtime, send: Send, user: User) -> GrantRef | None:
     """Record the current grant on the send before Redis is asked; None when another delivery
     recorded one first."""
-    user, grant = ensure_current(rt, user.id)
+    user, grant = ensure_current(rt, user.id, known=user)
     # The grant is built first so that its own first rebuild does not count this claim.
     rt.quota.ensure(grant)
     return grant if lifecycle.claim_grant(rt, send.id, grant) else None
 
 
 def _reserve(rt: Runtime, send: Send, grant: GrantRef) -> SendStatus | None:
-    """Take the send's credit; the terminal status when there is none (or another delivery
-    moved the send on), None when it is reserved and may be sent."""
+    """Take the send's credit and start its conversation (``sending``, under its lease); the
+    terminal status when there is no credit (or another delivery moved the send on), None
+    when it may be sent."""
     reservation = rt.quota.reserve(grant, send.idempotency_key)
     if not reservation.granted:
         log.info(
@@ -140,7 +143,7 @@ def _reserve(rt: Runtime, send: Send, grant: GrantRef) -> SendStatus | None:
             rt, Outcome(send.id, SendStatus.FAILED, Reason.QUOTA_EXHAUSTED, detail), _OPEN
         )
     notices.after_reservation(rt, grant, reservation)
-    if not lifecycle.reserve(rt, send.id):
+    if not lifecycle.start(rt, send.id):
         return _settled_elsewhere(rt, send.id)
     return None
 
@@ -154,18 +157,16 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
         RenderLimits.of(rt.settings),
     )
     bulk = smartplan_headers(rt.settings, send.smartplan_id or "", send.user_id)
-    message = (
-        bulk.list_unsubscribe_field(send.id)
-        + build_message(
-            rendered,
-            from_address=user.sender_address,
-            from_name=send.from_name,
-            to_address=send.contact_email,
-            reply_to=send.reply_to,
-            message_id=send.message_id,
-            date=now,
-            extra_headers=bulk.constant,
-        ).as_bytes()
+    message = skeleton(
+        user.sender_address, send.from_name, send.reply_to, tuple(bulk.constant.items())
+    ).render(
+        to=send.contact_email,
+        subject=rendered.subject,
+        message_id=send.message_id,
+        date=format_datetime(now),
+        text=rendered.text,
+        html=rendered.html,
+        extra=bulk.list_unsubscribe_field(send.id),
     )
     return rendered, message
 
@@ -176,7 +177,7 @@ def _converse(rt: Runtime, send: Send, rendered: Rendered, message: bytes) -> Se
     sending = (SendStatus.SENDING,)
     subject = rendered.subject
     try:
-        delivery = asyncio.run(rt.transport.send(envelope, message))
+        delivery = rt.run(rt.transport.send(envelope, message))
     except NotAttempted as exc:
         # The relay was never asked (halted, or the rate limit said wait): not an attempt.
         lifecycle.back_to_reserved(rt, send.id, attempted=False)

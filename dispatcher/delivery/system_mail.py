@@ -3,7 +3,6 @@ the system queue, never charged a credit."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
@@ -135,7 +134,7 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
     ).as_bytes()
     envelope = Envelope(rt.settings.mail_from_address, (email.to_address,))
     try:
-        delivery = asyncio.run(rt.transport.send(envelope, message))
+        delivery = rt.run(rt.transport.send(envelope, message))
     except NotAttempted:
         # Held back by the relay's guard (halted, rate-limited): not an attempt.
         lifecycle.system_email_back(rt, email_id, attempted=False)

@@ -31,6 +31,10 @@ class Transport(Protocol):
 
     async def send(self, envelope: Envelope, message: bytes) -> Delivery: ...
 
+    async def shutdown(self) -> None:
+        """Close what :meth:`send` keeps open between messages (pooled connections)."""
+        ...
+
     def bulk(self) -> BulkSender:
         """A sender for many messages in a row, reusing connections where it can."""
         ...

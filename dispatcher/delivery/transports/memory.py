@@ -33,6 +33,9 @@ class MemoryTransport:
     def bulk(self) -> MemoryTransport:
         return self
 
+    async def shutdown(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

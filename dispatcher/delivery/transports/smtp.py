@@ -44,6 +44,12 @@ class SMTPConfig:
     timeout: float = 30.0
 
 
+class ConnectionGone(DeliveryDeferred):
+    """The connection failed at MAIL, the first command of a message: lost, timed out or
+    closing (421). Nothing of the message was sent, so on a kept connection it is tried once
+    more on a fresh one."""
+
+
 #: Replies to AUTH that mean our credentials (or the relay's account) are refused.
 AUTH_REFUSED = (530, 534, 535, 538)
 
@@ -53,16 +59,26 @@ class SMTPTransport:
 
     Driving MAIL, RCPT and DATA ourselves tells a failure before the message was handed over
     (retry is safe) from one after the final dot (the server may have it: ``unknown``).
-    :meth:`send` uses one connection per message; :meth:`send_many` reuses ``pool_size``
-    connections across many messages.
+    :meth:`send` keeps up to ``pool_size`` connections open across calls on one event loop
+    (:class:`SMTPPool`); :meth:`bulk` gives a sender that reuses ``pool_size`` connections
+    across the batches of one run.
     """
 
     def __init__(
-        self, config: SMTPConfig, pool_size: int = 8, guard: RelayGuard | None = None
+        self,
+        config: SMTPConfig,
+        pool_size: int = 8,
+        guard: RelayGuard | None = None,
+        *,
+        idle_check_seconds: float = 5.0,
+        idle_close_seconds: float = 30.0,
     ) -> None:
         self.config = config
         self.pool_size = pool_size
         self.guard = guard
+        self.idle_check_seconds = idle_check_seconds
+        self.idle_close_seconds = idle_close_seconds
+        self._pool: SMTPPool | None = None
 
     async def _connect(self) -> aiosmtplib.SMTP:
         cfg = self.config
@@ -114,23 +130,153 @@ class SMTPTransport:
         return client
 
     async def send(self, envelope: Envelope, message: bytes) -> Delivery:
-        """Send one message on its own connection; raises the delivery errors, or
-        :class:`NotAttempted` when the relay's guard held it back."""
+        """Send one message on a pooled connection; raises the delivery errors, or
+        :class:`NotAttempted` when the relay's guard held it back.
+
+        Connections are kept open across calls made on the same event loop (the process's
+        :class:`~dispatcher.aio.LoopThread`): up to ``pool_size`` at once, checked with NOOP
+        after ``idle_check_seconds`` unused, closed after ``idle_close_seconds`` unused and by
+        :meth:`shutdown`. A kept connection the relay dropped before DATA costs one reconnect
+        for the message on it; once DATA started, a lost connection is ``unknown`` as ever."""
         if self.guard is not None:
             self.guard.check()
-        client = await self._connect()
-        try:
-            if self.guard is not None:
-                # Admitted once connected: MAIL follows at once, so the relay sees the
-                # message within the limiter's margin of its admission.
-                await self.guard.admit()
-            return await _converse(client, envelope, message)
-        finally:
-            await _quit(client)
+        pool = self._pool_here()
+        async with pool.slot:
+            client, reused = await pool.acquire()
+            try:
+                if self.guard is not None:
+                    # Admitted once connected: MAIL follows at once, so the relay sees the
+                    # message within the limiter's margin of its admission.
+                    await self.guard.admit()
+                try:
+                    delivery = await _converse(client, envelope, message)
+                except ConnectionGone as exc:
+                    if not reused:
+                        raise
+                    # Nothing of this message reached DATA: one fresh connection is tried.
+                    log.info("a kept SMTP connection was dropped (%s); reconnecting", exc.detail)
+                    client.close()
+                    client = await pool.connect()
+                    delivery = await _converse(client, envelope, message)
+            except DeliveryUnknown:
+                client.close()  # the conversation's state is unknown: never reused
+                raise
+            except (DeliveryDeferred, DeliveryRejected):
+                pool.release(await _reset(client))
+                raise
+            except NotAttempted:
+                pool.release(client)  # held back before MAIL: the connection is as it was
+                raise
+            except BaseException:
+                client.close()
+                raise
+            pool.release(client)
+            return delivery
+
+    def _pool_here(self) -> SMTPPool:
+        """The pool of the running event loop (a connection belongs to the loop it was opened
+        on); a pool left on another loop is dropped with its connections."""
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool.loop is not loop:
+            if self._pool is not None:
+                self._pool.abandon()
+            self._pool = SMTPPool(self, loop)
+        return self._pool
+
+    async def shutdown(self) -> None:
+        """QUIT the pooled connections (call on the loop they were opened on)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def pool(self) -> SMTPPool | None:
+        """The current pool, if a message was sent (for monitoring and tests)."""
+        return self._pool
 
     def bulk(self) -> SMTPBulk:
         """A sender that keeps up to ``pool_size`` connections open across batches."""
         return SMTPBulk(self)
+
+
+class SMTPPool:
+    """The connections :meth:`SMTPTransport.send` keeps open on one event loop.
+
+    At most ``pool_size`` conversations at once (``slot``); an idle connection is reused last in,
+    first out (the warmest), checked with NOOP when it sat longer than ``idle_check_seconds``,
+    and closed when it sat longer than ``idle_close_seconds``.
+    """
+
+    def __init__(self, transport: SMTPTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.slot = asyncio.Semaphore(transport.pool_size)
+        #: Connections opened so far (reconnects included).
+        self.opened = 0
+        self._transport = transport
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._reaper: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> int:
+        """Connections open and waiting for a message."""
+        return len(self._idle)
+
+    async def acquire(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """An open connection, and whether it was used before."""
+        while self._idle:
+            client, since = self._idle.pop()
+            if not client.is_connected:
+                continue
+            if time.monotonic() - since > self._transport.idle_check_seconds:
+                try:
+                    await client.noop()
+                except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+                    log.info("a kept SMTP connection failed its check: %s", _describe(exc))
+                    client.close()
+                    continue
+            return client, True
+        return await self.connect(), False
+
+    async def connect(self) -> aiosmtplib.SMTP:
+        client = await self._transport._connect()
+        self.opened += 1
+        return client
+
+    def release(self, client: aiosmtplib.SMTP | None) -> None:
+        """Keep ``client`` for the next message (when it is still open)."""
+        if client is None or not client.is_connected:
+            return
+        self._idle.append((client, time.monotonic()))
+        if self._reaper is None:
+            self._reaper = self.loop.call_later(self._transport.idle_close_seconds, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections that sat unused longer than ``idle_close_seconds``."""
+        self._reaper = None
+        cutoff = time.monotonic() - self._transport.idle_close_seconds
+        stale = [client for client, since in self._idle if since <= cutoff]
+        self._idle = [(client, since) for client, since in self._idle if since > cutoff]
+        for client in stale:
+            self.loop.create_task(_quit(client))
+        if self._idle:
+            self._reaper = self.loop.call_later(self._transport.idle_close_seconds, self._reap)
+
+    async def close(self) -> None:
+        """QUIT every idle connection."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(_quit(client) for client, _ in idle))
+
+    def abandon(self) -> None:
+        """Drop the connections of a pool whose loop is gone or elsewhere, without a QUIT."""
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            try:
+                client.close()
+            except RuntimeError as exc:  # its loop is closed: the socket goes with it
+                log.debug("dropping a connection of a closed loop: %s", exc)
 
 
 class SMTPBulk:
@@ -225,9 +371,12 @@ async def _converse(
     try:
         await client.mail(envelope.mail_from)
     except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == 421:  # the server is closing this connection
+            detail = f"{exc.code} {exc.message} (at mail)"
+            raise ConnectionGone(Reason.CONNECTION_LOST, detail) from None
         raise _classify(exc, "mail") from None
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        raise DeliveryDeferred(Reason.CONNECTION_LOST, _describe(exc)) from None
+        raise ConnectionGone(Reason.CONNECTION_LOST, _describe(exc)) from None
     try:
         for rcpt in envelope.recipients:
             try:
