@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,17 +15,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
+log = logging.getLogger(__name__)
+
+#: Set on a SQLite connection while its transaction holds the process's writer lock.
+_HOLDS_WRITER = "dispatcher_holds_writer"
+
 
 def make_engine(
     url: str,
     *,
     statement_timeout: float = 0.0,
     lock_timeout: float = 0.0,
+    sqlite_synchronous: str = "normal",
     **kwargs: Any,
 ) -> Engine:
     """Build an engine; SQLite gets WAL and a busy timeout so API and workers can share it.
     On PostgreSQL, ``statement_timeout`` and ``lock_timeout`` (seconds, 0 for none) bound every
-    statement and every lock wait of every connection."""
+    statement and every lock wait of every connection. ``sqlite_synchronous`` is SQLite's
+    ``PRAGMA synchronous`` (``normal`` or ``full``, see ``SQLITE_SYNCHRONOUS``)."""
+    if sqlite_synchronous not in ("normal", "full"):
+        raise ValueError(f"sqlite_synchronous must be normal or full, not {sqlite_synchronous!r}")
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -40,12 +51,40 @@ def make_engine(
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        # SQLite has one writer at a time, and a connection that finds the database locked
+        # sleeps in steps of up to 100 ms before it looks again: a process's threads (a worker
+        # pool's) queue on this lock instead and go the moment the previous one is done. Other
+        # processes still meet SQLite's own busy wait.
+        writer = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if writer.acquire(timeout=30):
+                conn.info[_HOLDS_WRITER] = True
+            else:
+                log.warning("waited 30 s for this process's SQLite writer lock; going on without")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                _release(conn)
+                raise
+
+        def _release(conn: Any) -> None:
+            if conn.info.pop(_HOLDS_WRITER, False):
+                writer.release()
+
+        event.listen(engine, "commit", _release)
+        event.listen(engine, "rollback", _release)
+
+        @event.listens_for(engine, "checkin")
+        def _checkin(_dbapi_conn: Any, record: Any) -> None:
+            # A connection given back without commit or rollback (invalidated) lets go too.
+            if record.info.pop(_HOLDS_WRITER, False):
+                writer.release()
 
         return engine
     if url.startswith("postgresql://"):

@@ -66,6 +66,7 @@ class Runtime:
             s.database_url,
             statement_timeout=s.database_statement_timeout_seconds,
             lock_timeout=s.database_lock_timeout_seconds,
+            sqlite_synchronous=s.sqlite_synchronous,
         )
 
     @cached_property

@@ -96,6 +96,14 @@ SmtpTls = Annotated[
     BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
 ]
 
+#: When SQLite makes a commit durable: ``normal`` (WAL's recommended level: a commit survives a
+#: crash of any process; the last commits may roll back on a power cut or an OS crash) or
+#: ``full`` (each commit is synced to disk first: survives those too, at a disk flush each).
+SqliteSynchronous = Annotated[
+    Literal["normal", "full"],
+    BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+]
+
 
 #: What a client's token may do (``API_CLIENTS``); see the README's Security section.
 SCOPES = ("smartplan:send", "campaigns:write", "users:write", "billing", "read", "ops")
@@ -167,6 +175,8 @@ class Settings(BaseSettings):
     #: (0 turns the limit off); a stuck query frees its worker or request instead of holding it.
     database_statement_timeout_seconds: float = 30.0
     database_lock_timeout_seconds: float = 10.0
+    #: SQLite only: see :data:`SqliteSynchronous` (PostgreSQL syncs every commit).
+    sqlite_synchronous: SqliteSynchronous = "normal"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_username: str | None = None

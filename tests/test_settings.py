@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from dispatcher import db
 from dispatcher.errors import ConfigError
 from dispatcher.settings import KNOWN_VARIABLES, Settings
 
@@ -56,6 +58,8 @@ def test_defaults_and_parsing() -> None:
         ({"TEMPLATE_RENDER_SECONDS": "241"}, "TEMPLATE_RENDER_SECONDS"),
         ({"TEMPLATE_RENDER_SECONDS": "nan"}, "TEMPLATE_RENDER_SECONDS"),
         ({"TEMPLATE_MAX_OUTPUT_BYTES": "100"}, "TEMPLATE_MAX_OUTPUT_BYTES"),
+        ({"SQLITE_SYNCHRONOUS": "off"}, "SQLITE_SYNCHRONOUS"),
+        ({"SMTP_IDLE_SECONDS": "0"}, "SMTP_IDLE_SECONDS"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -97,3 +101,14 @@ def test_unsubscribe_addresses_must_fit_a_header_as_they_are(name: str, value: s
     with pytest.raises(ConfigError) as caught:
         Settings(unsubscribe_secret="s" * 16, **{name.lower(): value})
     assert caught.value.variable == name
+
+
+@pytest.mark.parametrize(("level", "pragma"), [("normal", 1), (" FULL ", 2)])
+def test_sqlite_commits_are_synced_as_configured(tmp_path: Path, level: str, pragma: int) -> None:
+    s = Settings.from_env({"SQLITE_SYNCHRONOUS": level}, env_file=None)
+    engine = db.make_engine(
+        f"sqlite:///{tmp_path / 'd.db'}", sqlite_synchronous=s.sqlite_synchronous
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == pragma
+    engine.dispose()
