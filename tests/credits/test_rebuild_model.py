@@ -166,7 +166,8 @@ def _check(
     assert charged <= CREDITS, where
     assert rt.quota.state(grant) in (None, (charged, CREDITS, snap.notified)), where
     checks = [c for c in reconcile(rt) if c.user_id == user_id]
-    assert checks and all(c.in_step for c in checks), f"{where}: {checks}"
+    # A grant a late flush left missing is rebuilt from the ledger on its next use: not a drift.
+    assert checks and all(c.in_step or c.redis is None for c in checks), f"{where}: {checks}"
     came_back = sum(n for reason, n in reasons.items() if reason != Reason.QUOTA_EXHAUSTED)
     if reasons[Reason.QUOTA_EXHAUSTED] and not came_back:
         assert charged == CREDITS, f"{where}: refused for credits the grant still had"
