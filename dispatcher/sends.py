@@ -15,6 +15,7 @@ from sqlalchemy import (
     Connection,
     String,
     Table,
+    and_,
     any_,
     bindparam,
     insert,
@@ -293,24 +294,37 @@ def _store(
 def _store_in(
     conn: Connection, rt: Runtime, items: Sequence[_Checked]
 ) -> tuple[list[SubmitResult | NotFound], list[str]]:
-    """Look every key up in one query and every user once, insert the new sends in one
-    statement (nothing committed yet)."""
-    sends = SEND_TABLE.c
+    """Look every key and every user up in one query, insert the new sends in one statement
+    (nothing committed yet)."""
+    sends, users_c = SEND_TABLE.c, USER_TABLE.c
     found = {}
-    for part in _parts(list(dict.fromkeys(item.key for item in items))):
-        rows = conn.execute(
-            select(sends.idempotency_key, sends.id, sends.status, sends.enqueued_at).where(
-                _among(conn, sends.idempotency_key, part)
-            )
-        )
-        found.update({row.idempotency_key: row for row in rows})
     users: set[str] = set()
-    for part in _parts(list({i.req.user_id for i in items if i.key not in found})):
-        users.update(
-            conn.execute(
-                select(USER_TABLE.c.id).where(_among(conn, USER_TABLE.c.id, part))
-            ).scalars()
+    for start in range(0, len(items), _IN_MAX):
+        part = items[start : start + _IN_MAX]
+        keys = list(dict.fromkeys(item.key for item in part))
+        user_ids = list(dict.fromkeys(item.req.user_id for item in part))
+        # Each user that exists, with its sends of these keys (a key names its user): one
+        # row per send found, or one row without a send.
+        rows = conn.execute(
+            select(
+                users_c.id.label("user_id"),
+                sends.idempotency_key,
+                sends.id,
+                sends.status,
+                sends.enqueued_at,
+            )
+            .select_from(
+                USER_TABLE.outerjoin(
+                    SEND_TABLE,
+                    and_(sends.user_id == users_c.id, _among(conn, sends.idempotency_key, keys)),
+                )
+            )
+            .where(_among(conn, users_c.id, user_ids))
         )
+        for row in rows:
+            users.add(row.user_id)
+            if row.id is not None:
+                found[row.idempotency_key] = row
     now = rt.clock.now()
     domain = rt.settings.message_id_domain  # parsed from MAIL_FROM on every read
     made: dict[str, str] = {}  # key -> id of the send this call makes
