@@ -223,7 +223,7 @@ class _DataMarks:
         self._rows = [row for row, _, _ in batch.ready]
         self._ended: dict[str, str | None] = {}  # send id -> accepted reply, None: not taken
 
-    def before_data(self, item: int) -> None:
+    async def before_data(self, item: int) -> None:
         row = self._rows[item]
         pipe = self._redis.pipeline(transaction=False)
         for send_id, reply in self._ended.items():
