@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -10,6 +11,11 @@ class TaskQueue(Protocol):
     """Hands stored work to the workers. Called only after the row is committed."""
 
     def enqueue_send(self, send_id: str) -> None: ...
+
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        """Every send of ``send_ids``, in order, over one connection to the broker; should it
+        fail part way, the caller enqueues them all again (a task enqueued twice is harmless)."""
+        ...
 
     def enqueue_system_email(self, email_id: str) -> None: ...
 
@@ -27,6 +33,9 @@ class InlineQueue:
     def enqueue_send(self, send_id: str) -> None:
         self.enqueued.append(send_id)
 
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        self.enqueued.extend(send_ids)
+
     def enqueue_system_email(self, email_id: str) -> None:
         self.system_emails.append(email_id)
 
@@ -42,6 +51,9 @@ class OutboxOnly:
 
     def enqueue_send(self, send_id: str) -> None:
         raise DeferredToOutbox(send_id)
+
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        raise DeferredToOutbox(", ".join(send_ids))
 
     def enqueue_system_email(self, email_id: str) -> None:
         raise DeferredToOutbox(email_id)

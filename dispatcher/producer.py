@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dispatcher import sends, users
@@ -14,7 +15,7 @@ from dispatcher.delivery.timeline import EventView
 from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
-from dispatcher.sends import SendRequest, SendView, SubmitResult
+from dispatcher.sends import Outcome, SendRequest, SendView, SubmitResult
 from dispatcher.users import UserView
 
 #: The plan catalog, smallest first.
@@ -36,6 +37,12 @@ class Producer:
     def submit_send(self, request: SendRequest) -> SubmitResult:
         """Store and enqueue one SmartPlan email; a repeated run+step+contact is not re-sent."""
         return sends.submit_send(self.runtime, self.queue, request)
+
+    def submit_sends(self, requests: Sequence[SendRequest]) -> list[Outcome]:
+        """Store and enqueue many SmartPlan emails at once: one answer per request, in order,
+        a :class:`SubmitResult` or the error that refused that request alone (see
+        :func:`dispatcher.sends.submit_batch`)."""
+        return sends.submit_batch(self.runtime, self.queue, requests)
 
     def get_send(self, send_id: str, user_id: str | None = None) -> SendView:
         return sends.get_send(self.runtime, send_id, user_id)

@@ -5,13 +5,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from dispatcher import validation
 from dispatcher.delivery.message import message_id_for
@@ -23,6 +35,12 @@ from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+SEND_TABLE = cast(Table, Send.__table__)
+USER_TABLE = cast(Table, User.__table__)
+
+#: The most sends one batch may carry.
+BATCH_MAX = 1000
 
 #: The longest idempotency key the ``sends`` table stores; a longer one is stored as its hash.
 KEY_MAX = validation.column_length(Send.idempotency_key)
@@ -70,6 +88,16 @@ class SendRequest:
 class SubmitResult:
     send_id: str
     created: bool  # false when the same run+step+contact was already submitted
+    #: The send's status when it was submitted (a repeat's may have moved on since).
+    status: str = SendStatus.QUEUED.value
+
+
+#: One request's answer in a batch: accepted (new or a repeat), or refused with nothing stored.
+Outcome = SubmitResult | InvalidInput | NotFound
+
+#: Each distinct message (subject, html, text, template name) already checked: its template,
+#: or the refusal it got.
+MessageCache = dict[tuple[str | None, ...], MessageTemplate | InvalidInput]
 
 
 @dataclass(frozen=True)
@@ -87,9 +115,12 @@ class SendView:
     finished_at: datetime | None
 
 
-def validate(rt: Runtime, req: SendRequest) -> tuple[MessageTemplate, dict[str, Any]]:
+def validate(
+    rt: Runtime, req: SendRequest, messages: MessageCache | None = None
+) -> tuple[MessageTemplate, dict[str, Any]]:
     """Check everything a producer sent; raise :class:`InvalidInput` naming every bad field
-    (the first in ``field``)."""
+    (the first in ``field``). ``messages`` keeps each distinct message's check for the next
+    request that carries the same one (a batch's steps mostly do)."""
     found = validation.Findings()
     found.check(validation.identifier, "user_id", req.user_id)
     found.check(validation.identifier, "contact.id", req.contact_id)
@@ -102,10 +133,28 @@ def validate(rt: Runtime, req: SendRequest) -> tuple[MessageTemplate, dict[str, 
         found.check(validation.header_text, "from_name", req.from_name, max_len=validation.NAME_MAX)
     if req.reply_to is not None:
         found.check(validation.address, "reply_to", req.reply_to)
-    tpl = found.check(_message, rt, req)
+    tpl = found.check(_checked_message, rt, req, messages)
     found.done()
     assert tpl is not None and merge is not None  # done() raised otherwise
     return tpl, merge
+
+
+def _checked_message(rt: Runtime, req: SendRequest, cache: MessageCache | None) -> MessageTemplate:
+    """:func:`_message`, compiled once per distinct message when a cache is given."""
+    if cache is None:
+        return _message(rt, req)
+    parts = (req.subject, req.html, req.text, req.template)
+    known = cache.get(parts)
+    if known is None:
+        try:
+            known = _message(rt, req)
+        except InvalidInput as exc:
+            known = exc
+        cache[parts] = known
+    if isinstance(known, InvalidInput):
+        # A fresh refusal each time: raising one instance again would grow its traceback.
+        raise InvalidInput(known.field, known.problem, others=known.others)
+    return known
 
 
 def _message(rt: Runtime, req: SendRequest) -> MessageTemplate:
@@ -133,88 +182,249 @@ def _message(rt: Runtime, req: SendRequest) -> MessageTemplate:
     return tpl
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A request that passed validation, with what storing it takes."""
+
+    req: SendRequest
+    key: str
+    tpl: MessageTemplate
+    merge: dict[str, Any]
+
+
 def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult:
     """Store the send once per idempotency key and enqueue it after the commit.
 
     The same SmartPlan run + step + contact again returns the first send's id and enqueues
     nothing (unless the broker never took the first one). Invalid input raises
-    :class:`InvalidInput` with nothing stored.
+    :class:`InvalidInput`, an unknown user :class:`NotFound`, with nothing stored.
     """
     tpl, merge = validate(rt, req)
-    key = req.idempotency_key
-    with rt.sessions() as session:
-        existing = session.execute(
-            select(Send.id, Send.enqueued_at).where(Send.idempotency_key == key)
-        ).first()
-        if existing is None:
-            send_id = _insert(rt, session, req, tpl, merge)
-    # Enqueue outside the transaction: the task may run before this function returns.
-    if existing is not None:
-        if existing.enqueued_at is None:
-            # The first request stored it but the broker never took it: enqueue it now.
-            enqueue(rt, queue, existing.id)
-        return SubmitResult(existing.id, created=False)
-    if send_id is None:
-        return submit_send(rt, queue, req)  # a concurrent request inserted it first
-    enqueue(rt, queue, send_id)
+    (result,) = _submit(rt, queue, [_Checked(req, req.idempotency_key, tpl, merge)])
+    if isinstance(result, NotFound):
+        raise result
+    if result.created:
+        log.info(
+            "send queued id=%s user=%s run=%s step=%s",
+            result.send_id,
+            req.user_id,
+            req.run_id,
+            req.step_id,
+        )
+    return result
+
+
+def submit_batch(rt: Runtime, queue: TaskQueue, requests: Sequence[SendRequest]) -> list[Outcome]:
+    """Submit every request as :func:`submit_send` would, in one go: one answer per request,
+    in order: its :class:`SubmitResult`, or the :class:`InvalidInput` or :class:`NotFound`
+    that refused it (nothing stored or enqueued for it).
+
+    A request whose key came earlier in the batch is a duplicate of that one. The accepted
+    sends are stored in one transaction and enqueued after it; should the broker fail,
+    :class:`~dispatcher.errors.QueueUnavailable` propagates with them all stored, and the
+    same batch again enqueues them and answers with the same ids.
+    """
+    messages: MessageCache = {}
+    answers: list[Outcome | None] = []
+    checked: list[_Checked] = []
+    slots: list[int] = []
+    for req in requests:
+        try:
+            tpl, merge = validate(rt, req, messages)
+        except InvalidInput as exc:
+            answers.append(exc)
+            continue
+        slots.append(len(answers))
+        answers.append(None)
+        checked.append(_Checked(req, req.idempotency_key, tpl, merge))
+    for slot, result in zip(slots, _submit(rt, queue, checked), strict=True):
+        answers[slot] = result
+    done = [a for a in answers if a is not None]
+    created = sum(1 for a in done if isinstance(a, SubmitResult) and a.created)
     log.info(
-        "send queued id=%s user=%s run=%s step=%s", send_id, req.user_id, req.run_id, req.step_id
+        "batch of %d sends: %d queued, %d repeated, %d refused",
+        len(done),
+        created,
+        sum(1 for a in done if isinstance(a, SubmitResult)) - created,
+        sum(1 for a in done if not isinstance(a, SubmitResult)),
     )
-    return SubmitResult(send_id, created=True)
+    return done
 
 
-def _insert(
-    rt: Runtime, session: Session, req: SendRequest, tpl: MessageTemplate, merge: dict[str, Any]
-) -> str | None:
-    """Insert and commit the send row; None when a concurrent insert of the key won."""
-    if session.get(User, req.user_id) is None:
-        raise NotFound("user", req.user_id)
-    now = rt.clock.now()
-    send = Send(
-        id=str(uuid.uuid4()),
-        idempotency_key=req.idempotency_key,
-        kind=SendKind.SMARTPLAN,
-        user_id=req.user_id,
-        contact_id=req.contact_id,
-        contact_email=req.contact_email.strip(),
-        merge_fields=merge,
-        smartplan_id=req.smartplan_id,
-        run_id=req.run_id,
-        step_id=req.step_id,
-        subject=tpl.subject,
-        html=tpl.html,
-        text=tpl.text,
-        from_name=req.from_name,
-        reply_to=req.reply_to,
-        status=SendStatus.QUEUED,
-        message_id=message_id_for(req.idempotency_key, rt.settings.message_id_domain),
-        attempts=0,
-        outcome_published=False,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(send)
+#: How many keys or user ids one ``IN (...)`` carries at most.
+_IN_MAX = 1000
+
+#: How often one send's insert is tried again after losing the race for its key.
+_RACE_RETRIES = 3
+
+
+def _submit(
+    rt: Runtime, queue: TaskQueue, items: Sequence[_Checked]
+) -> list[SubmitResult | NotFound]:
+    """Store what is new, then enqueue it (and whatever was stored before but never taken by
+    the broker) outside the transaction: a task may run before this function returns."""
+    results, to_enqueue = _store(rt, items)
+    enqueue_all(rt, queue, to_enqueue)
+    return results
+
+
+def _store(
+    rt: Runtime, items: Sequence[_Checked], retries: int = _RACE_RETRIES
+) -> tuple[list[SubmitResult | NotFound], list[str]]:
+    """Each item's answer, and the ids to enqueue, with the new sends committed."""
     try:
-        session.commit()
+        # Core on a connection: the ORM's session and unit of work would cost more than the
+        # statements themselves, and no object is needed.
+        with rt.engine.begin() as conn:
+            return _store_in(conn, rt, items)
     except IntegrityError:
-        session.rollback()
-        return None
-    return send.id
+        # A concurrent request stored one of these keys after they were looked up. Take the
+        # items one at a time: each then finds the send that request stored.
+        if len(items) == 1 and retries == 0:
+            raise
+        results: list[SubmitResult | NotFound] = []
+        to_enqueue: list[str] = []
+        for item in items:
+            done, ids = _store(rt, [item], retries - 1 if len(items) == 1 else retries)
+            results += done
+            to_enqueue += ids
+        return results, list(dict.fromkeys(to_enqueue))
+
+
+def _store_in(
+    conn: Connection, rt: Runtime, items: Sequence[_Checked]
+) -> tuple[list[SubmitResult | NotFound], list[str]]:
+    """Look every key and every user up in one query, insert the new sends in one statement
+    (nothing committed yet)."""
+    sends, users_c = SEND_TABLE.c, USER_TABLE.c
+    found = {}
+    users: set[str] = set()
+    for start in range(0, len(items), _IN_MAX):
+        part = items[start : start + _IN_MAX]
+        keys = list(dict.fromkeys(item.key for item in part))
+        user_ids = list(dict.fromkeys(item.req.user_id for item in part))
+        # Each user that exists, with its sends of these keys (a key names its user): one
+        # row per send found, or one row without a send.
+        rows = conn.execute(
+            select(
+                users_c.id.label("user_id"),
+                sends.idempotency_key,
+                sends.id,
+                sends.status,
+                sends.enqueued_at,
+            )
+            .select_from(
+                USER_TABLE.outerjoin(
+                    SEND_TABLE,
+                    and_(sends.user_id == users_c.id, _among(conn, sends.idempotency_key, keys)),
+                )
+            )
+            .where(_among(conn, users_c.id, user_ids))
+        )
+        for row in rows:
+            users.add(row.user_id)
+            if row.id is not None:
+                found[row.idempotency_key] = row
+    now = rt.clock.now()
+    domain = rt.settings.message_id_domain  # parsed from MAIL_FROM on every read
+    made: dict[str, str] = {}  # key -> id of the send this call makes
+    rows_new: list[dict[str, Any]] = []
+    results: list[SubmitResult | NotFound] = []
+    to_enqueue: list[str] = []
+    for item in items:
+        prior = found.get(item.key)
+        if prior is not None:
+            if prior.enqueued_at is None:
+                # Stored by an earlier request but never taken by the broker: enqueue it now.
+                to_enqueue.append(prior.id)
+            results.append(SubmitResult(prior.id, created=False, status=prior.status.value))
+        elif item.key in made:
+            results.append(SubmitResult(made[item.key], created=False))
+        elif item.req.user_id not in users:
+            results.append(NotFound("user", item.req.user_id))
+        else:
+            send_id = str(uuid.uuid4())
+            made[item.key] = send_id
+            rows_new.append(_row(item, send_id, now, domain))
+            to_enqueue.append(send_id)
+            results.append(SubmitResult(send_id, created=True))
+    if rows_new:
+        conn.execute(insert(SEND_TABLE), rows_new)
+    return results, list(dict.fromkeys(to_enqueue))
+
+
+def _among(conn: Connection, column: ColumnElement[str], values: list[str]) -> ColumnElement[bool]:
+    """``column`` is one of ``values``."""
+    if len(values) == 1:
+        return column == values[0]  # every single send: cheaper to build than a list
+    if conn.dialect.name == "postgresql":
+        # One array parameter: the driver parses a thousand placeholders for longer than the
+        # server takes to run the statement.
+        return column == any_(bindparam(None, values, type_=ARRAY(String)))
+    return column.in_(values)
+
+
+def _parts(values: list[str]) -> list[list[str]]:
+    return [values[i : i + _IN_MAX] for i in range(0, len(values), _IN_MAX)]
+
+
+def _row(item: _Checked, send_id: str, now: datetime, domain: str) -> dict[str, Any]:
+    req, tpl = item.req, item.tpl
+    return {
+        "id": send_id,
+        "idempotency_key": item.key,
+        "kind": SendKind.SMARTPLAN,
+        "user_id": req.user_id,
+        "contact_id": req.contact_id,
+        "contact_email": req.contact_email.strip(),
+        "merge_fields": item.merge,
+        "smartplan_id": req.smartplan_id,
+        "run_id": req.run_id,
+        "step_id": req.step_id,
+        "subject": tpl.subject,
+        "html": tpl.html,
+        "text": tpl.text,
+        "from_name": req.from_name,
+        "reply_to": req.reply_to,
+        "status": SendStatus.QUEUED,
+        "message_id": message_id_for(item.key, domain),
+        "attempts": 0,
+        "outcome_published": False,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def enqueue(rt: Runtime, queue: TaskQueue, send_id: str) -> None:
-    """Hand the send to the broker, then remember that it was (a repeat then enqueues nothing).
+    """Hand one send to the broker (see :func:`enqueue_all`)."""
+    enqueue_all(rt, queue, [send_id])
 
-    If the broker fails, :class:`~dispatcher.errors.QueueUnavailable` propagates and the send
-    stays stored with no ``enqueued_at``, so the producer's retry of the same request enqueues
-    it. A task enqueued twice is harmless: delivery is idempotent.
+
+def enqueue_all(rt: Runtime, queue: TaskQueue, send_ids: Sequence[str]) -> None:
+    """Hand the sends to the broker, then remember that it took them (a repeat then enqueues
+    nothing), in one UPDATE.
+
+    If the broker fails, :class:`~dispatcher.errors.QueueUnavailable` propagates and the sends
+    stay stored with no ``enqueued_at``, so the producer's retry of the same request enqueues
+    them. A task enqueued twice is harmless: delivery is idempotent.
     """
+    if not send_ids:
+        return
     try:
-        queue.enqueue_send(send_id)
+        if len(send_ids) == 1:
+            queue.enqueue_send(send_ids[0])
+        else:
+            queue.enqueue_sends(send_ids)
     except DeferredToOutbox:
-        return  # the outbox sweep enqueues it
-    with rt.sessions.begin() as session:
-        session.execute(update(Send).where(Send.id == send_id).values(enqueued_at=rt.clock.now()))
+        return  # the outbox sweep enqueues them
+    now = rt.clock.now()
+    with rt.engine.begin() as conn:
+        for part in _parts(list(send_ids)):
+            conn.execute(
+                update(SEND_TABLE)
+                .where(_among(conn, SEND_TABLE.c.id, part))
+                .values(enqueued_at=now)
+            )
 
 
 def get_send(rt: Runtime, send_id: str, user_id: str | None = None) -> SendView:

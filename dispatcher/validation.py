@@ -47,6 +47,11 @@ MERGE_VALUE_MAX = 10_000
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
+#: An address :func:`address` takes exactly as it is: at most 64 characters before the @, a
+#: dot-atom local part and two or more DNS labels (ASCII only, so nothing to strip or refuse).
+_PLAIN_ADDRESS = re.compile(
+    rf"(?=[^@]{{1,64}}@){_LOCAL.pattern}@(?:{_LABEL.pattern}\.)+{_LABEL.pattern}"
+)
 #: What a one-line value may not hold: C0 and C1 controls, Unicode line and paragraph
 #: separators, lone surrogates. A body may hold tab, LF, CR and the separators.
 _NOT_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
@@ -114,6 +119,17 @@ def address(field: str, value: object) -> str:
     return addr
 
 
+def is_plain_address(value: object) -> bool:
+    """Whether :func:`address` accepts ``value`` as it is (returns it unchanged): the common
+    case, checked at once for a campaign's many recipients; anything else takes
+    :func:`address` for its answer."""
+    return (
+        type(value) is str
+        and len(value) <= ADDRESS_MAX
+        and _PLAIN_ADDRESS.fullmatch(value) is not None
+    )
+
+
 def header_text(
     field: str, value: object, *, max_len: int = HEADER_MAX, required: bool = True
 ) -> str:
@@ -133,6 +149,11 @@ def identifier(field: str, value: object, *, max_len: int = ID_MAX) -> str:
             "with a letter or digit)",
         )
     return ident
+
+
+def is_plain_identifier(value: object, max_len: int = ID_MAX) -> bool:
+    """Whether :func:`identifier` accepts ``value`` as it is (a string it returns unchanged)."""
+    return type(value) is str and len(value) <= max_len and _IDENT.fullmatch(value) is not None
 
 
 def body(field: str, value: object, *, max_bytes: int, required: bool = True) -> str | None:
@@ -170,6 +191,31 @@ def merge_fields(field: str, value: object) -> dict[str, Any]:
         elif item is not None and not isinstance(item, int | float | bool):
             raise InvalidInput(where, "must be a string, number, boolean or null")
     return dict(value)
+
+
+def are_plain_merge_fields(value: object) -> bool:
+    """Whether :func:`merge_fields` accepts ``value`` (a dict it would copy as it is), checked
+    without building a field path for every entry."""
+    if type(value) is not dict:
+        return False
+    for key, item in value.items():
+        if (
+            type(key) is not str
+            or not key.isidentifier()
+            or key.startswith("_")
+            or len(key) > MERGE_NAME_MAX
+        ):
+            return False
+        kind = type(item)
+        if kind is str:
+            if len(item) > MERGE_VALUE_MAX or _NOT_IN_BODY.search(item) is not None:
+                return False
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif item is not None and kind is not int and kind is not bool:
+            return False
+    return True
 
 
 class Findings:

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -270,6 +270,9 @@ class CountingQueue:
 
     def enqueue_send(self, send_id: str) -> None:
         self.inner.enqueue_send(send_id)
+
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        self.inner.enqueue_sends(send_ids)
 
     def enqueue_system_email(self, email_id: str) -> None:
         self.inner.enqueue_system_email(email_id)

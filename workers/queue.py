@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
@@ -25,6 +27,18 @@ class CeleryTaskQueue:
 
     def enqueue_send(self, send_id: str) -> None:
         self._send(SEND_SMARTPLAN_TASK, send_id, SMARTPLAN)
+
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        # One producer (one broker connection and channel) for them all, rather than one
+        # taken from the pool and given back per task.
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for send_id in send_ids:
+                    self.app.send_task(
+                        SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN, producer=producer
+                    )
+        except (OSError, KombuError, RedisError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def enqueue_system_email(self, email_id: str) -> None:
         self._send(SEND_SYSTEM_EMAIL_TASK, email_id, SYSTEM)

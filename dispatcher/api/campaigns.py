@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from typing_extensions import TypedDict
 
 from dispatcher.api.auth import AUTHENTICATED, CampaignCaller, ReadCaller
 from dispatcher.api.bodies import MessageIn, StrictBody
@@ -26,10 +27,15 @@ router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=ans
 Owner = Annotated[str, Query(description="The agent who owns the campaign.")]
 
 
-class RecipientIn(StrictBody):
+class RecipientIn(TypedDict):
+    """One recipient. A typed dict, not a model: a campaign's 100,000 recipients are checked
+    in place as the plain objects the JSON parser made (no model object per row)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
     id: str
     email: str
-    fields: dict[str, Any] = Field(default_factory=dict)
+    fields: NotRequired[dict[str, Any]]
 
 
 class CampaignIn(StrictBody):
@@ -75,7 +81,7 @@ def post_campaign(
         subject=body.message.subject,
         html=body.message.html,
         text=body.message.text,
-        recipients=[create.Recipient(r.id, r.email, r.fields) for r in body.recipients],
+        recipients=body.recipients,
         from_name=body.from_name,
         reply_to=body.reply_to,
         idempotency_key=body.idempotency_key,

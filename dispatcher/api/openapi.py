@@ -22,6 +22,7 @@ from dispatcher.reasons import Reason
 #: Schema -> field -> the enumeration its values come from.
 ENUMS: dict[str, dict[str, type[enum.Enum]]] = {
     "SendAccepted": {"status": SendStatus},
+    "BatchResult": {"status": SendStatus},
     "SendView": {"status": SendStatus, "reason": Reason},
     "CampaignView": {"status": CampaignStatus, "provider": Provider},
     "EventView": {"status": SendStatus, "kind": TimelineKind, "reason": Reason},

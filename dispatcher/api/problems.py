@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -81,6 +81,25 @@ def _utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def problem_body(
+    code: str,
+    detail: str,
+    field: str | None = None,
+    errors: Sequence[tuple[str | None, str]] | None = None,
+) -> dict[str, Any]:
+    """A Problem's members; ``errors`` as (field, detail) pairs."""
+    body: dict[str, Any] = {
+        "code": code,
+        "detail": _utf8(detail),
+        "field": None if field is None else _utf8(field),
+    }
+    if errors is not None:
+        body["errors"] = [
+            {"field": None if f is None else _utf8(f), "detail": _utf8(d)} for f, d in errors
+        ]
+    return body
+
+
 def problem(
     status: int,
     code: str,
@@ -91,16 +110,23 @@ def problem(
     **extra: Any,
 ) -> JSONResponse:
     """A Problem response; ``errors`` as (field, detail) pairs; ``extra`` members go beside."""
-    body: dict[str, Any] = {
-        "code": code,
-        "detail": _utf8(detail),
-        "field": None if field is None else _utf8(field),
-    }
-    if errors is not None:
-        body["errors"] = [
-            {"field": None if f is None else _utf8(f), "detail": _utf8(d)} for f, d in errors
-        ]
-    return JSONResponse(body | extra, status_code=status, headers=headers)
+    return JSONResponse(
+        problem_body(code, detail, field, errors) | extra, status_code=status, headers=headers
+    )
+
+
+def refusal(
+    exc: InvalidInput | NotFound | ValidationError, within: str
+) -> tuple[int, dict[str, Any]]:
+    """The status and Problem of one item of a batch that ``exc`` refused, as the item alone
+    would have been answered, its fields named inside the batch (``within``: ``sends[3]``)."""
+    if isinstance(exc, NotFound):
+        return 404, problem_body("not_found", str(exc))
+    if isinstance(exc, InvalidInput):
+        found = [(f"{within}.{p.field}", f"{within}.{p.field}: {p.problem}") for p in exc.all]
+    else:
+        found = _shape_errors(exc.errors(), within)
+    return 422, problem_body("invalid_field", found[0][1], found[0][0], errors=found)
 
 
 async def _unauthorized(_r: Request, _e: Unauthorized) -> JSONResponse:
@@ -201,12 +227,20 @@ async def _shape(_r: Request, exc: RequestValidationError) -> JSONResponse:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return problem(422, "invalid_json", _json_detail(first, exc.body), "body")
+    found = _shape_errors(errors)
+    return problem(422, "invalid_field", found[0][1], found[0][0], errors=found)
+
+
+def _shape_errors(errors: Sequence[Any], within: str = "") -> list[tuple[str, str]]:
+    """Pydantic's errors as (field, detail) pairs, each field named from ``within``."""
     found = []
     for error in errors:
         loc = [p for p in error.get("loc", ()) if p not in ("body", "query", "path")]
         field = _field(loc)
+        if within:
+            field = within if field == "body" else within + ("" if field[0] == "[" else ".") + field
         found.append((field, f"{field}: {error.get('msg', 'invalid')}"))
-    return problem(422, "invalid_field", found[0][1], found[0][0], errors=found)
+    return found
 
 
 def _json_detail(error: dict[str, Any], doc: object) -> str:

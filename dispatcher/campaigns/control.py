@@ -370,12 +370,7 @@ def complete_if_done(rt: Runtime, campaign_id: str) -> CampaignStatus:
     """Mark a running campaign completed once no recipient is left open."""
     now = rt.clock.now()
     with rt.sessions.begin() as session:
-        open_left = session.scalar(
-            select(func.count())
-            .select_from(Send)
-            .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
-        )
-        if not open_left:
+        if not _any_open(session, campaign_id):
             result = session.execute(
                 update(Campaign)
                 .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
@@ -386,6 +381,22 @@ def complete_if_done(rt: Runtime, campaign_id: str) -> CampaignStatus:
         status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
     assert status is not None
     return status
+
+
+def _any_open(session: Session, campaign_id: str) -> bool:
+    """Whether any recipient of the campaign is still open, asked after every chunk. The
+    (campaign, chunk, status) index is read from the last chunk down and the first open
+    recipient answers: chunks are enqueued in order, so while a campaign runs its last chunks
+    are open and the answer comes at once; only the last chunks to finish read further. A
+    count of every open recipient would read the whole campaign after every chunk, a cost per
+    recipient that grows with the campaign's size."""
+    query = (
+        select(Send.chunk)
+        .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+        .order_by(Send.chunk.desc())
+        .limit(1)
+    )
+    return session.execute(query).first() is not None
 
 
 def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:

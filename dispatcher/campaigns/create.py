@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import uuid
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, delete, insert, select, update
@@ -66,13 +69,18 @@ class Recipient:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+#: A recipient as a request gives it: a :class:`Recipient`, or a mapping with ``id``, ``email``
+#: and optionally ``fields`` (the HTTP API's parsed body, used as it is: no object per row).
+RecipientRow = Recipient | Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class CampaignRequest:
     user_id: str
     provider: str
     subject: str
     html: str
-    recipients: Sequence[Recipient]
+    recipients: Sequence[RecipientRow]
     text: str | None = None
     from_name: str | None = None
     reply_to: str | None = None
@@ -110,24 +118,75 @@ def recipient_key(campaign_id: str, contact_id: str) -> str:
     return f"campaign|{len(campaign_id)}:{campaign_id}|{len(contact_id)}:{contact_id}"
 
 
+def _values(r: RecipientRow) -> tuple[Any, Any, Any]:
+    """A request row's contact id, address and merge fields, as given."""
+    if isinstance(r, Recipient):
+        return r.contact_id, r.email, r.fields
+    return r.get("id"), r.get("email"), r.get("fields")
+
+
+@dataclass
+class _Valid:
+    """The valid recipients of a request, without an object per row: their rows in the
+    request, in order (a compact array), and the values of the few whose validation changed
+    what was given (a contact id given as a number, an address with spaces around it)."""
+
+    recipients: Sequence[RecipientRow]
+    rows: array[int]
+    changed: dict[int, tuple[str, str, dict[str, Any]]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def values(self, rows: Sequence[int]) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
+        """(row, contact id, address, merge fields) of ``rows``, as validated."""
+        recipients, changed = self.recipients, self.changed
+        for i in rows:
+            known = changed.get(i)
+            if known is None:
+                contact_id, email, fields = _values(recipients[i])
+                yield i, contact_id, email, fields or {}
+            else:
+                yield i, *known
+
+    def only(self, rows: array[int]) -> _Valid:
+        return _Valid(self.recipients, rows, self.changed)
+
+
 def _check_recipients(
-    rt: Runtime, recipients: Sequence[Recipient]
-) -> tuple[list[Recipient], list[dict[str, Any]]]:
-    """Split recipients into valid ones and a report of the invalid ones (never charged)."""
+    rt: Runtime, recipients: Sequence[RecipientRow]
+) -> tuple[_Valid, list[dict[str, Any]]]:
+    """Split recipients into valid ones and a report of the invalid ones (never charged).
+
+    Most rows are checked at once, in place (``validation.is_plain_*``); only a row that is
+    not plain goes through the full checks, which name its field and what is wrong."""
     if not recipients:
         raise InvalidInput("recipients", "must list at least one contact")
     limit = rt.settings.max_campaign_recipients
     if len(recipients) > limit:
         raise InvalidInput("recipients", f"lists {len(recipients):,}; the limit is {limit:,}")
-    valid: list[Recipient] = []
+    rows = array("l")
+    changed: dict[int, tuple[str, str, dict[str, Any]]] = {}
     invalid: list[dict[str, Any]] = []
     seen: set[str] = set()
+    plain_id, plain_address = validation.is_plain_identifier, validation.is_plain_address
+    plain_fields = validation.are_plain_merge_fields
     for i, r in enumerate(recipients):
+        given_id, given_email, given_fields = _values(r)
+        if (
+            plain_id(given_id)
+            and plain_address(given_email)
+            and (given_fields is None or plain_fields(given_fields))
+            and given_id not in seen
+        ):
+            seen.add(given_id)
+            rows.append(i)
+            continue
         where = f"recipients[{i}]"
         try:
-            contact_id = validation.identifier(f"{where}.id", r.contact_id)
-            email = validation.address(f"{where}.email", r.email)
-            fields = validation.merge_fields(f"{where}.fields", r.fields)
+            contact_id = validation.identifier(f"{where}.id", given_id)
+            email = validation.address(f"{where}.email", given_email)
+            fields = validation.merge_fields(f"{where}.fields", given_fields)
             if contact_id in seen:
                 raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")
         except InvalidInput as exc:
@@ -135,16 +194,17 @@ def _check_recipients(
                 {
                     "index": i,
                     # Quoted as the error messages quote them: always valid UTF-8, and short.
-                    "contact_id": validation.printable(r.contact_id, validation.ID_MAX),
-                    "email": validation.printable(r.email, validation.ADDRESS_MAX),
+                    "contact_id": validation.printable(given_id, validation.ID_MAX),
+                    "email": validation.printable(given_email, validation.ADDRESS_MAX),
                     "field": exc.field,
                     "reason": exc.problem,
                 }
             )
             continue
         seen.add(contact_id)
-        valid.append(Recipient(contact_id, email, fields))
-    return valid, invalid
+        rows.append(i)
+        changed[i] = (contact_id, email, fields)
+    return _Valid(recipients, rows, changed), invalid
 
 
 @dataclass(frozen=True)
@@ -153,7 +213,7 @@ class _Checked:
 
     provider: Provider
     template: MessageTemplate
-    valid: list[Recipient]
+    valid: _Valid
     invalid: list[dict[str, Any]]
     request_key: str | None
     digest: str | None
@@ -257,15 +317,19 @@ def _provider(value: str) -> Provider:
 
 def _drop_suppressed(
     rt: Runtime, req: CampaignRequest, checked: _Checked
-) -> tuple[list[Recipient], list[dict[str, Any]]]:
+) -> tuple[_Valid, list[dict[str, Any]]]:
     """The recipients left once the agent's suppression list is applied (checked before any
     credit is reserved: reported, never charged), and a report of those left out."""
+    valid = checked.valid
     with rt.sessions() as session:
         user = session.get(User, req.user_id)
         if user is None:
             raise NotFound("user", req.user_id)
-        emails = (r.email for r in checked.valid)
-        blocked = suppression.active(session, req.user_id, emails, rt.clock.now())
+        now = rt.clock.now()
+        blocked = suppression.live_entries(session, req.user_id, now, len(valid))
+        if blocked is None:  # a list longer than the campaign: look its addresses up
+            emails = (email for _, _, email, _ in valid.values(valid.rows))
+            blocked = suppression.active(session, req.user_id, emails, now)
         if checked.provider is Provider.MAILCHIMP and not (
             user.mailchimp_api_key and user.mailchimp_list_id
         ):
@@ -275,24 +339,22 @@ def _drop_suppressed(
                 "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
             )
     if not blocked:
-        return checked.valid, []
-    refused = {bad["index"] for bad in checked.invalid}
-    rows = (i for i in range(len(req.recipients)) if i not in refused)
-    kept: list[Recipient] = []
+        return valid, []
+    kept = array("l")
     skipped: list[dict[str, Any]] = []
-    for row, r in zip(rows, checked.valid, strict=False):
-        why = blocked.get(suppression.normalize(r.email))
+    for row, contact_id, email, _ in valid.values(valid.rows):
+        why = blocked.get(suppression.normalize(email))
         if why is None:
-            kept.append(r)
+            kept.append(row)
         else:
             skipped.append(
-                {"index": row, "contact_id": r.contact_id, "email": r.email, "reason": why.value}
+                {"index": row, "contact_id": contact_id, "email": email, "reason": why.value}
             )
     if not kept:
         raise InvalidInput(
             "recipients", f"all {len(skipped)} valid recipients are on the suppression list"
         )
-    return kept, skipped
+    return valid.only(kept), skipped
 
 
 def _store(
@@ -300,7 +362,7 @@ def _store(
     req: CampaignRequest,
     checked: _Checked,
     campaign_id: str,
-    valid: list[Recipient],
+    valid: _Valid,
     skipped: list[dict[str, Any]],
     grant: GrantRef | None,
 ) -> int:
@@ -408,20 +470,34 @@ def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> N
 def request_digest(
     req: CampaignRequest,
     tpl: MessageTemplate,
-    valid: Sequence[Recipient],
+    valid: _Valid,
     invalid: Sequence[dict[str, Any]],
 ) -> str:
-    """A digest of everything a validated campaign request asks for (recipients in order)."""
-    body = [
+    """A digest of everything a validated campaign request asks for (recipients in order).
+
+    It is the SHA-256 of one JSON document (``[user, provider, [subject, html, text],
+    [from_name, reply_to, name], [[contact id, email, fields], ...], [invalid, ...]]``, keys
+    sorted, no spaces), written a chunk of recipients at a time so that no copy of the whole
+    list is made."""
+    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
+    head = [
         req.user_id,
         req.provider,
         [tpl.subject, tpl.html, tpl.text],
         [req.from_name, req.reply_to, req.name],
-        [[r.contact_id, r.email, r.fields] for r in valid],
-        list(invalid),
     ]
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256()
+    digest.update(dumps(head)[:-1].encode() + b",[")
+    for start in range(0, len(valid.rows), _DIGEST_ROWS):
+        part = valid.rows[start : start + _DIGEST_ROWS]
+        text = dumps([[c, e, f] for _, c, e, f in valid.values(part)])[1:-1]
+        digest.update((b"," if start else b"") + text.encode())
+    digest.update(b"]," + dumps(list(invalid)).encode() + b"]")
+    return digest.hexdigest()
+
+
+#: Recipients written to the request digest at a time.
+_DIGEST_ROWS = 2000
 
 
 def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | None:
@@ -449,39 +525,121 @@ def _insert_sends(
     rt: Runtime,
     campaign_id: str,
     user_id: str,
-    valid: list[Recipient],
+    valid: _Valid,
     grant: GrantRef | None,
     size: int,
     now: datetime,
 ) -> None:
+    """One send per valid recipient, ``queued`` (claimed against ``grant``), written a chunk at
+    a time: only one chunk's rows exist as Python objects at once. The values every row shares
+    are converted for the driver once; per row only its own are."""
     domain = rt.settings.message_id_domain
-    rows = []
-    for i, r in enumerate(valid):
-        key = recipient_key(campaign_id, r.contact_id)
-        rows.append(
-            {
-                "id": str(uuid.uuid4()),
-                "idempotency_key": key,
-                "kind": SendKind.CAMPAIGN,
-                "user_id": user_id,
-                "contact_id": r.contact_id,
-                "contact_email": r.email,
-                "merge_fields": r.fields,
-                "campaign_id": campaign_id,
-                "chunk": i // size,
-                # The message lives on the campaign row, not on 100,000 send rows.
-                "subject": "",
-                "html": "",
-                "status": SendStatus.QUEUED,
-                "period": grant.period if grant else None,
-                "grant_seq": grant.seq if grant else None,
-                "message_id": message_id_for(key, domain),
-                "attempts": 0,
-                "outcome_published": True,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
-    for start in range(0, len(rows), 2000):
-        # Core executemany: the ORM bulk path costs several times the INSERT itself.
-        session.connection().execute(insert(SEND_TABLE), rows[start : start + 2000])
+    shared = {
+        "kind": SendKind.CAMPAIGN,
+        "user_id": user_id,
+        "campaign_id": campaign_id,
+        # The message lives on the campaign row, not on 100,000 send rows.
+        "subject": "",
+        "html": "",
+        "status": SendStatus.QUEUED,
+        "period": grant.period if grant else None,
+        "grant_seq": grant.seq if grant else None,
+        "attempts": 0,
+        "outcome_published": True,
+        "refund_due": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+    own = [
+        "id",
+        "idempotency_key",
+        "contact_id",
+        "contact_email",
+        "merge_fields",
+        "chunk",
+        "message_id",
+    ]
+    writer = bulk_writer(session, SEND_TABLE, shared, own)
+    for chunk, start in enumerate(range(0, len(valid), size)):
+        part = valid.rows[start : start + size]
+        ids = new_ids(len(part))
+        rows = []
+        for send_id, (_, contact_id, email, fields) in zip(ids, valid.values(part), strict=True):
+            key = recipient_key(campaign_id, contact_id)
+            rows.append(
+                (send_id, key, contact_id, email, fields, chunk, message_id_for(key, domain))
+            )
+        writer(rows)
+
+
+def new_ids(n: int) -> list[str]:
+    """``n`` random (version 4) UUIDs as text: what ``str(uuid.uuid4())`` gives, from one
+    call for random bytes instead of one per id."""
+    hexed = os.urandom(16 * n).hex()
+    ids = []
+    for at in range(0, 32 * n, 32):
+        h = hexed[at : at + 32]
+        variant = "89ab"[int(h[16], 16) & 3]
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    return ids
+
+
+def bulk_writer(
+    session: Session, table: Table, shared: dict[str, Any], own: Sequence[str]
+) -> Callable[[list[tuple[Any, ...]]], None]:
+    """A function that inserts rows of ``table`` in the session's transaction, each row the
+    values of the columns ``own`` (in order) plus the ``shared`` values every row has: by
+    COPY on PostgreSQL, by the driver's executemany elsewhere. Values are converted as the
+    columns' types convert them (enums to their values, datetimes, JSON), the shared ones
+    once. Bypasses SQLAlchemy's per-row statement processing, which costs more than the
+    insert itself."""
+    conn = session.connection()
+    dialect = conn.dialect
+    names = [*own, *shared]
+    converted = tuple(_to_driver(table.c[name], value, dialect) for name, value in shared.items())
+    converters = [
+        (at, proc)
+        for at, name in enumerate(own)
+        if (proc := _processor(table.c[name], dialect)) is not None
+    ]
+
+    def each(rows: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for row in rows:
+            if converters:
+                values = list(row)
+                for at, proc in converters:
+                    values[at] = proc(values[at])
+                row = tuple(values)
+            yield row + converted
+
+    columns = ", ".join(names)
+    if dialect.name == "postgresql":
+        driver = conn.connection.driver_connection
+        assert driver is not None  # a live connection in the session's transaction
+        copy_sql = f"COPY {table.name} ({columns}) FROM STDIN"
+
+        def write_copy(rows: list[tuple[Any, ...]]) -> None:
+            with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:
+                for row in each(rows):
+                    copy.write_row(row)
+
+        return write_copy
+    marks = ", ".join("?" * len(names))
+    insert_sql = f"INSERT INTO {table.name} ({columns}) VALUES ({marks})"
+
+    def write_many(rows: list[tuple[Any, ...]]) -> None:
+        conn.exec_driver_sql(insert_sql, list(each(rows)))
+
+    return write_many
+
+
+def _processor(column: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """How the column's type converts a value for this dialect's driver (None: as it is)."""
+    proc: Callable[[Any], Any] | None = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return proc
+
+
+def _to_driver(column: Any, value: Any, dialect: Any) -> Any:
+    """``value`` as the column's type hands it to the driver."""
+    proc = _processor(column, dialect)
+    return value if proc is None else proc(value)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, case, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher.credits import refunds
@@ -305,14 +305,15 @@ def settle(
     refund_rows: list[Any] = []
     smartplan_rows: list[Any] = []
     with rt.sessions.begin() as session:
-        for (status, reason, detail), group in groupby(
-            ordered, key=lambda o: (o.status, o.reason, o.detail)
-        ):
+        # One UPDATE per outcome class (status and reason) and batch, whatever the details:
+        # an SMTP server's reply often names its queue id, so each message's differs.
+        for (status, reason), group in groupby(ordered, key=lambda o: (o.status, o.reason)):
             refund = status is SendStatus.FAILED
             items = list(group)
             subjects = {o.send_id: o.subject for o in items}
             for start_at in range(0, len(items), _BATCH):
-                ids = [o.send_id for o in items[start_at : start_at + _BATCH]]
+                part = items[start_at : start_at + _BATCH]
+                ids = [o.send_id for o in part]
                 rows = _settle_rows(
                     session,
                     ids,
@@ -320,7 +321,7 @@ def settle(
                     lease_seen,
                     status=status,
                     reason=None if reason is None else str(reason),
-                    detail=detail,
+                    detail=_details(part),
                     lease_until=None,
                     finished_at=now,
                     updated_at=now,
@@ -342,6 +343,14 @@ def settle(
         log.info("send %s id=%s reason=%s", r.status.value, r.id, r.reason)
     publish_settled(rt, smartplan_rows)
     return settled
+
+
+def _details(outcomes: Sequence[Outcome]) -> Any:
+    """The ``detail`` of a batch's UPDATE: the one value they share, or each send's own."""
+    first = outcomes[0].detail
+    if all(o.detail == first for o in outcomes):
+        return first
+    return case({o.send_id: o.detail for o in outcomes}, value=Send.id)
 
 
 def _settle_rows(

@@ -145,6 +145,22 @@ def active(
     return found
 
 
+def live_entries(
+    session: Session, user_id: str, now: datetime, limit: int
+) -> dict[str, SuppressionReason] | None:
+    """Every live entry of the agent's list (address lower-cased -> reason) when there are at
+    most ``limit`` of them, else None: for a large campaign, one query instead of one per 500
+    addresses, and no lower-cased copy of every recipient's address."""
+    rows = session.execute(
+        select(Suppression.email, Suppression.reason)
+        .where(Suppression.user_id == user_id, _live(now))
+        .limit(limit + 1)
+    ).all()
+    if len(rows) > limit:
+        return None
+    return {e: r for e, r in rows}
+
+
 def reason_for(session: Session, user_id: str, email: str, now: datetime) -> str | None:
     """Why ``email`` is suppressed for ``user_id``, or None when it is not."""
     reason = active(session, user_id, [email], now).get(normalize(email))

@@ -64,6 +64,7 @@ SUPPRESSION = {"email": "x@example.org", "reason": "manual", "detail": "asked"}
 #: (method, path template, a valid body): every write endpoint.
 ENDPOINTS: list[tuple[str, str, Any]] = [
     ("POST", "/v1/sends", SEND),
+    ("POST", "/v1/sends/batch", {"sends": [SEND, {**SEND, "user_id": "nobody"}]}),
     ("POST", "/v1/campaigns", CAMPAIGN),
     ("PUT", "/v1/users/{}", USER),
     ("POST", "/v1/users/{}/subscription", SUBSCRIPTION),

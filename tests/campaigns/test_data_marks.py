@@ -8,23 +8,28 @@ at RCPT and after the final dot), and settle a lost worker's claims against mark
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline
 from sqlalchemy import select
 
 from devstack.devsmtp import DROP_BEFORE_DATA, Action, DevSMTPServer, Received, reply
 from dispatcher import keys
-from dispatcher.campaigns import control, create
+from dispatcher.campaigns import chunks, control, create
 from dispatcher.campaigns.chunks import IN_DATA, OPEN_MARK
 from dispatcher.campaigns.run import deliver as deliver_chunk
 from dispatcher.clock import FrozenClock
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import lifecycle
-from dispatcher.errors import DeliveryDeferred, NotAttempted
+from dispatcher.delivery.transports.base import Delivery
+from dispatcher.errors import DeliveryDeferred, DeliveryRejected, NotAttempted
 from dispatcher.models import CampaignStatus, Send, SendStatus
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -192,3 +197,64 @@ def test_a_lost_workers_recipients_are_settled_by_their_data_marks(
     assert credits(rt, "agent-1").used == 4
     view = control.view(rt, cid)
     assert view.counts["unknown"] == (1 if marks_whole else 3)
+
+
+def test_marks_asked_during_a_round_trip_share_the_next_one_and_each_waits_for_its_own(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Given a batch of eight messages: the first two reach DATA one after the other and end
+    # (one accepted, one refused); the third asks for its mark, and while that round trip is
+    # under way the other five ask for theirs
+    rows = [SimpleNamespace(id=f"send-{i}", attempts=1) for i in range(8)]
+    batch = chunks._Batch(ready=[(row, "subject", b"") for row in rows])
+    key = "ced:test:{marks}:0:data"
+    round_trips: list[int] = []
+
+    async def scenario() -> list[dict[bytes, bytes]]:
+        client = AsyncRedis.from_url(redis_url)
+        execute = Pipeline.execute
+
+        async def counted(pipe: Pipeline, raise_on_error: bool = True) -> list[object]:
+            round_trips.append(len(pipe.command_stack))
+            return await execute(pipe, raise_on_error)
+
+        marks = chunks._DataMarks(client, key, batch)
+        seen: list[dict[bytes, bytes]] = []
+
+        async def conversation(item: int) -> None:
+            await marks.before_data(item)
+            seen.append(redis_client.hgetall(key))  # what the server may have from here on
+
+        try:
+            Pipeline.execute = counted  # type: ignore[method-assign]
+            await conversation(0)
+            await conversation(1)
+            marks.after_data(0, Delivery(250, "2.0.0 OK"))
+            marks.after_data(1, DeliveryRejected(Reason.HARD_BOUNCE, "550 no such user"))
+
+            async def the_others() -> None:
+                await asyncio.sleep(0)  # the third's round trip is under way
+                await asyncio.gather(*(conversation(i) for i in range(3, 8)))
+
+            await asyncio.gather(conversation(2), the_others())
+        finally:
+            Pipeline.execute = execute  # type: ignore[method-assign]
+            await client.aclose()
+        return seen
+
+    # When they ask for their marks
+    seen = asyncio.run(scenario())
+
+    # Then each went on to DATA only once its own mark was stored for this claim
+    for item, stored in zip((0, 1, 2), seen[:3], strict=True):
+        assert stored[f"send-{item}".encode()] == f"{IN_DATA}1".encode()
+    for stored in seen[3:]:
+        assert all(stored[f"send-{i}".encode()] == f"{IN_DATA}1".encode() for i in range(3, 8))
+    final = redis_client.hgetall(key)
+    assert {k.decode(): v.decode() for k, v in final.items()} == {
+        "send-0": "250 2.0.0 OK",  # how DATA ended went with the next mark
+        **{f"send-{i}": f"{IN_DATA}1" for i in range(2, 8)},
+    }
+    # And the five marks asked during a round trip went together in the next one: four round
+    # trips for eight marks (the third's carried the two ends: an HDEL and one HSET)
+    assert round_trips == [1, 1, 2, 1]

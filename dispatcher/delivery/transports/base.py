@@ -44,9 +44,11 @@ class DataMarks(Protocol):
     """Told, message by message, when a batch's item reaches DATA: the one point of the
     conversation after which the server may have the message.
 
-    ``before_data(item)`` is called once the item's recipient was accepted at RCPT, immediately
-    before the DATA command, and never for an item whose conversation stopped earlier. When it
-    raises :class:`NotAttempted` the message is not sent (the pending MAIL and RCPT are reset or
+    ``before_data(item)`` is awaited once the item's recipient was accepted at RCPT, immediately
+    before the DATA command, and never for an item whose conversation stopped earlier (it is a
+    coroutine, so that the other connections go on while a mark is written, and marks of
+    several connections can share one round trip). When it raises :class:`NotAttempted` the
+    message is not sent (the pending MAIL and RCPT are reset or
     the connection dropped) and it and the rest of the batch come back as that NotAttempted.
     ``after_data(item, outcome)`` follows as soon as DATA ended, with what it ended in (a
     :class:`Delivery`, a refusal, a deferral, or :class:`DeliveryUnknown` when the connection was
@@ -54,7 +56,7 @@ class DataMarks(Protocol):
     around each item they attempt.
     """
 
-    def before_data(self, item: int) -> None: ...
+    async def before_data(self, item: int) -> None: ...
 
     def after_data(self, item: int, outcome: Outcome) -> None: ...
 

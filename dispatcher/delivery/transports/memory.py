@@ -54,7 +54,7 @@ class MemoryTransport:
         for i, (envelope, message) in enumerate(items):
             if held is None and marks is not None:
                 try:
-                    marks.before_data(i)
+                    await marks.before_data(i)
                 except NotAttempted as exc:
                     held = exc
             if held is not None:

@@ -394,7 +394,7 @@ async def _converse(
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         raise DeliveryDeferred(Reason.CONNECTION_LOST, _describe(exc)) from None
     if marks is not None:
-        marks.before_data(item)
+        await marks.before_data(item)
     outcome: Outcome
     try:
         response = await client.data(message)

@@ -1,0 +1,102 @@
+"""Accepting a campaign writes its recipients in bulk (COPY on PostgreSQL, the driver's
+executemany on SQLite), a chunk at a time, from the request's rows as they are: what is stored
+must be exactly what the ORM would have stored, whatever shape the rows were given in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from dispatcher.campaigns import create
+from dispatcher.delivery.message import message_id_for
+from dispatcher.models import Campaign, Send, SendKind, SendStatus
+from dispatcher.runtime import Runtime
+from tests.helpers import campaign_request, make_user
+
+
+@pytest.mark.parametrize("shape", ["objects", "mappings"])
+def test_bulk_written_recipients_read_back_as_the_orm_stores_them(
+    make_runtime: Callable[..., Runtime], shape: str
+) -> None:
+    # Given a request (as Recipient objects, or as the API's parsed mappings) whose rows are
+    # plain, need normalising (a number as id, spaces around an address), carry non-ASCII
+    # merge fields, or are invalid, over chunks of 3
+    rt = make_runtime(campaign_chunk_size=3)
+    make_user(rt)
+    given: list[tuple[Any, str, dict[str, Any] | None]] = [
+        ("c0", "person0@example.org", {"first_name": "Zoë", "n": 3, "ok": True, "x": None}),
+        (7, "  person1@example.org ", None),
+        ("c2", "not an address", {}),
+        ("c3", "person3@example.org", {"note": "line one\nline two"}),
+        ("c4", "person4@example.org", {}),
+        ("c0", "again@example.org", {}),  # listed twice
+        ("c6", "person6@example.org", {"first_name": "P6"}),
+    ]
+    rows: list[Any] = [
+        create.Recipient(c, e, f or {})
+        if shape == "objects"
+        else {"id": c, "email": e, **({} if f is None else {"fields": f})}
+        for c, e, f in given
+    ]
+    view, chunks = create.create(rt, campaign_request(0, recipients=rows))
+
+    # Then every valid recipient has one queued send with what the ORM reads back as given
+    with rt.sessions() as session:
+        sends = session.scalars(
+            select(Send).where(Send.campaign_id == view.id).order_by(Send.chunk, Send.contact_id)
+        ).all()
+        campaign = session.get(Campaign, view.id)
+        assert campaign is not None
+        period, seq = campaign.period, campaign.grant_seq
+    assert view.recipients == 5 and view.invalid == 2 and chunks == [0, 1]
+    assert [(s.contact_id, s.contact_email, s.merge_fields, s.chunk) for s in sends] == [
+        ("7", "person1@example.org", {}, 0),
+        ("c0", "person0@example.org", {"first_name": "Zoë", "n": 3, "ok": True, "x": None}, 0),
+        ("c3", "person3@example.org", {"note": "line one\nline two"}, 0),
+        ("c4", "person4@example.org", {}, 1),
+        ("c6", "person6@example.org", {"first_name": "P6"}, 1),
+    ]
+    for s in sends:
+        key = create.recipient_key(view.id, s.contact_id)
+        assert s.idempotency_key == key
+        assert s.message_id == message_id_for(key, rt.settings.message_id_domain)
+        assert s.kind is SendKind.CAMPAIGN and s.status is SendStatus.RESERVED
+        assert (s.period, s.grant_seq) == (period, seq) and s.period is not None
+        assert s.attempts == 0 and s.outcome_published is True and s.refund_due is False
+        assert s.created_at == rt.clock.now() and s.created_at.tzinfo is not None
+        assert s.subject == "" and s.html == "" and s.lease_until is None
+    assert len({s.id for s in sends}) == 5
+
+
+def test_recipients_are_written_one_chunk_at_a_time(
+    make_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a campaign of 25 recipients in chunks of 4, and a count of the rows each write holds
+    rt = make_runtime(campaign_chunk_size=4)
+    make_user(rt)
+    writes: list[int] = []
+    bulk_writer = create.bulk_writer
+
+    def counting(*args: Any) -> Callable[[list[tuple[Any, ...]]], None]:
+        write = bulk_writer(*args)
+
+        def counted(rows: list[tuple[Any, ...]]) -> None:
+            writes.append(len(rows))
+            write(rows)
+
+        return counted
+
+    monkeypatch.setattr(create, "bulk_writer", counting)
+
+    # When it is accepted
+    view, chunks = create.create(rt, campaign_request(25))
+
+    # Then no write held more than one chunk's rows, and every recipient was written once
+    assert writes == [4, 4, 4, 4, 4, 4, 1]
+    assert len(chunks) == 7 and view.recipients == 25
+    with rt.sessions() as session:
+        keys = session.scalars(select(Send.idempotency_key).where(Send.campaign_id == view.id))
+        assert len(set(keys)) == 25
