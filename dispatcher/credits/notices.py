@@ -83,6 +83,9 @@ def after_reservation(rt: Runtime, grant: GrantRef, reservation: Reservation) ->
         grant.seq,
         threshold,
     )
+    # Redis set it when the reservation crossed, but a rebuild (Redis lost its data) that read
+    # the ledger before this commit may have set it lower again.
+    rt.quota.mark_notified(grant, threshold)
     if email_id:
         system_mail.enqueue_system_emails(rt, [email_id])
     return threshold

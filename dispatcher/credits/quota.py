@@ -107,6 +107,7 @@ class QuotaLedger:
         self._refund: Script = redis.register_script(_load("refund.lua"))
         self._rebuild: Script = redis.register_script(_load("rebuild.lua"))
         self._refund_parts: Script = redis.register_script(_load("refund_parts.lua"))
+        self._notified: Script = redis.register_script(_load("notified.lua"))
 
     def reserve(self, grant: GrantRef, key: str, credits: int = 1) -> Reservation:
         """Take ``credits`` for ``key`` from ``grant``, all or nothing."""
@@ -199,6 +200,12 @@ class QuotaLedger:
         if used is None or total is None:
             return None
         return int(used), int(total), int(notified or 0)
+
+    def mark_notified(self, grant: GrantRef, threshold: int) -> bool:
+        """Raise the grant's notified threshold to ``threshold`` once the ledger recorded that
+        notification: a rebuild that read the ledger just before may have lowered it. Nothing
+        happens to a missing grant (its rebuild reads the ledger)."""
+        return bool(self._call(self._notified, grant.keys[:1], [threshold]))
 
     def drop(self, grant: GrantRef) -> None:
         """Forget the grant in Redis; the next use rebuilds it from SQL."""

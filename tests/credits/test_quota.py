@@ -220,3 +220,20 @@ def test_lua_logic_on_fakeredis(fake_ledger: Callable[[int], QuotaLedger]) -> No
     assert [ledger.reserve(g("u"), k).granted for k in "abca"] == [True, True, False, True]
     assert ledger.refund(g("u"), "b")
     assert ledger.reserve(g("u"), "d").granted
+
+
+def test_a_notice_recorded_after_a_stale_rebuild_raises_notified_again(
+    redis_client: redis.Redis,
+) -> None:
+    # A rebuild that read the ledger before the 100% notice was committed set notified to 95.
+    ledger = ledger_over(redis_client, 20, charged=[f"k{i}" for i in range(20)], notified=95)
+    grant = g("u-notified")
+    ledger.ensure(grant)
+    assert ledger.state(grant) == (20, 20, 95)
+    assert ledger.mark_notified(grant, 100)
+    assert ledger.state(grant) == (20, 20, 100)
+    assert not ledger.mark_notified(grant, 90)  # never lowered
+    assert ledger.state(grant) == (20, 20, 100)
+    ledger.drop(grant)
+    assert not ledger.mark_notified(grant, 100)  # a missing grant is not half-created
+    assert ledger.state(grant) is None
