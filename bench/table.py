@@ -19,6 +19,10 @@ class Row:
     goal: str = "-"
     met: str = "-"
     notes: str = ""
+    #: A rate compared with a ceiling known only later (see :func:`settle`).
+    rate: float = math.nan
+    goal_ratio: float = math.nan
+    unit: str = ""
 
     def cells(self) -> tuple[str, ...]:
         return (
@@ -67,6 +71,14 @@ def ratio_row(
         yes(ratio >= goal) if math.isfinite(ratio) else "n/a",
         notes,
     )
+
+
+def settle(row: Row, ceiling: float) -> None:
+    """Fill in a pending rate row's ceiling, ratio and verdict."""
+    ratio = row.rate / ceiling if ceiling > 0 and math.isfinite(row.rate) else math.nan
+    row.ceiling = num(ceiling, row.unit)
+    row.ratio = num(ratio, digits=2)
+    row.met = yes(ratio >= row.goal_ratio) if math.isfinite(ratio) else "n/a"
 
 
 def na_row(section: str, figure: str, database: str, why: str) -> Row:
