@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from .stack import Stack, Unavailable, rss_mb
+from .stack import Stack, Unavailable, cpu_seconds, rss_mb
 
 TERMINAL = ("completed", "cancelled", "failed")
 
@@ -259,6 +259,7 @@ class CampaignRun:
     rss_start: float = math.nan
     rss_peak: float = math.nan
     rss_end: float = math.nan
+    cpu_s: float = math.nan  # CPU time of worker_campaign (parent and pool) during the run
     problem: str | None = None
 
     @property
@@ -293,6 +294,7 @@ def run_campaign(
     time.sleep(1.0)  # let the previous phase's stragglers settle before the RSS baseline
     sink.reset("cmp")
     out.rss_start = out.rss_peak = rss_mb(worker.pid)
+    cpu_start = cpu_seconds(worker.pid)
     with stack.api() as api:
         t_post = time.time()
         r = api.post("/v1/campaigns", content=payload, headers={"content-type": "application/json"})
@@ -329,6 +331,7 @@ def run_campaign(
                 break
     time.sleep(1.0)
     stack.campaigns_run += 1
+    out.cpu_s = cpu_seconds(worker.pid) - cpu_start
     out.rss_end = rss_mb(worker.pid)
     out.status = view["status"]
     out.counts = dict(view["counts"])
@@ -342,7 +345,8 @@ def run_campaign(
     say(
         f"  {out.status}: {out.sent:,} sent in {out.seconds:,.1f} s "
         f"({out.rate:,.0f} msg/s end to end, {out.sending_rate:,.0f} msg/s first to last); "
-        f"worker RSS {out.rss_start:,.0f} -> peak {out.rss_peak:,.0f} MB"
+        f"worker RSS {out.rss_start:,.0f} -> peak {out.rss_peak:,.0f} MB, "
+        f"CPU {out.cpu_s * 1000 / max(out.sent, 1):.2f} ms per message"
         + (f"; PROBLEM: {out.problem}" if out.problem else "")
     )
     return out
