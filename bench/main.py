@@ -653,7 +653,7 @@ class Bench:
                 f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
                 f"{time.monotonic() - self.t0:,.0f} s in all.",
                 "",
-                markdown(self.rows) if self.rows else "(no figure measured)",
+                markdown(sorted(self.rows, key=_section)) if self.rows else "(no figure measured)",
                 "",
             ]
         )
@@ -662,6 +662,11 @@ class Bench:
             self.args.results.parent.mkdir(parents=True, exist_ok=True)
             self.args.results.write_text(text)
             print(f"(written to {self.args.results})", flush=True)
+
+
+def _section(row: Row) -> str:
+    """Rows in section order (1 to 6), databases in the order they ran within a section."""
+    return row.section if row.section[:1].isdigit() else "9"
 
 
 def header(args: argparse.Namespace) -> str:
