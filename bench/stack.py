@@ -88,11 +88,19 @@ class Child:
             self.proc.wait(5)
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children, whichever of its threads started them (a prefork pool
+    replaces its processes from a supervisor thread)."""
+    pids = [pid]
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(c) for c in children.read_text().split()]
+    return pids
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (a prefork pool), in MB."""
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    pids = family(pid)
     total = 0
     for p in pids:
         try:
@@ -106,9 +114,7 @@ def rss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) used so far by a process and its children (a prefork pool)."""
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    pids = family(pid)
     ticks = 0
     for p in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
