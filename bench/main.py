@@ -509,11 +509,7 @@ class Bench:
         n = self.args.campaign_recipients
         agent = f"bench-campaign-{n}"
         create_agent(stack, agent)
-        if not stack.campaigns_run:
-            # The first campaign of a worker loads what every later one reuses: not growth.
-            create_agent(stack, "bench-warm-up")
-            self.say("Campaign: a 1,000-recipient warm-up campaign first ...")
-            run_campaign(stack, "bench-warm-up", 1000, self.say)
+        self.warm_up(stack)
         self.say(f"Campaign: {n:,} recipients ...")
         run = run_campaign(stack, agent, n, self.say)
         runs[n] = run
@@ -551,6 +547,13 @@ class Bench:
             )
         )
 
+    def warm_up(self, stack: Stack) -> None:
+        """The first campaign of a worker loads what every later one reuses: not growth."""
+        if not stack.campaigns_run:
+            create_agent(stack, "bench-warm-up")
+            self.say("a 1,000-recipient warm-up campaign first ...")
+            run_campaign(stack, "bench-warm-up", 1000, self.say)
+
     def scale(self, stack: Stack, label: str, runs: dict[int, CampaignRun]) -> None:
         points: dict[int, CampaignRun] = {}
         for n in self.args.scale_sizes:
@@ -559,6 +562,7 @@ class Bench:
                 continue
             run = runs.get(n)
             if run is None:
+                self.warm_up(stack)
                 agent = f"bench-scale-{n}"
                 create_agent(stack, agent)
                 self.say(f"Scale: {n:,} recipients ...")
