@@ -445,12 +445,12 @@ class Bench:
         agent, campaign_agent = "bench-lat", "bench-lat-campaign"
         create_agent(stack, agent)
         create_agent(stack, campaign_agent)
-        self.sink.drain_arrivals()
+        self.sink.drain_arrivals(2.0)
         self.say(
             f"SmartPlan latency: {a.latency_rate:g} sends/s paced while a "
             f"{a.latency_campaign:,}-recipient campaign runs ..."
         )
-        paced = PacedSends(stack, agent, a.latency_rate)
+        paced = PacedSends(stack, agent, a.latency_rate, tag=f"lat-{label}")
         try:
             run = run_campaign(
                 stack, campaign_agent, a.latency_campaign, self.say, on_accepted=paced.start
@@ -461,8 +461,7 @@ class Bench:
         arrivals: dict[str, float] = {}
         deadline = time.time() + a.latency_wait
         while len(arrivals) < len(due) - len(paced.errors) and time.time() < deadline:
-            arrivals.update(self.sink.drain_arrivals())
-        arrivals.update(self.sink.drain_arrivals())
+            arrivals.update(self.sink.drain_arrivals(1.0))
         time.sleep(1.0)
         dropped = stack.purge("smartplan")
         if dropped:
@@ -473,9 +472,13 @@ class Bench:
             (arrivals[k] - at) * 1000 if k in arrivals else math.inf for k, at in due.items()
         )
         p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+
+        def ms(value: float) -> str:
+            return num(value, " ms") if math.isfinite(value) else f"> {a.latency_wait:g} s"
+
         missing = sum(1 for v in latencies if v == math.inf)
         self.say(
-            f"  {len(due):,} sends at {achieved:,.1f}/s: p50 {p50:,.0f} ms, p99 {p99:,.0f} ms, "
+            f"  {len(due):,} sends at {achieved:,.1f}/s: p50 {ms(p50)}, p99 {ms(p99)}, "
             f"{missing:,} not arrived, {len(paced.errors)} refused, POST start lag at worst "
             f"{paced.max_lag * 1000:,.0f} ms"
         )
@@ -486,9 +489,6 @@ class Bench:
         )
         if not due:
             raise Unavailable("no SmartPlan send was made during the campaign")
-
-        def ms(value: float) -> str:
-            return num(value, " ms") if math.isfinite(value) else f"> {a.latency_wait:g} s"
 
         self.add(Row("3", "SmartPlan latency p50 under campaign load", label, ms(p50), notes=notes))
         self.add(

@@ -95,15 +95,18 @@ class Sink:
         with self.stats.get_lock():
             self.stats[i] = self.stats[i + 1] = self.stats[i + 2] = 0
 
-    def drain_arrivals(self) -> dict[str, float]:
-        """Arrival times of the ``lat-`` messages received since the last drain."""
+    def drain_arrivals(self, seconds: float = 0.5) -> dict[str, float]:
+        """Arrival times of the ``lat-`` messages received since the last drain: what comes
+        within ``seconds`` (arrivals may keep coming; this returns all the same)."""
         out: dict[str, float] = {}
-        while True:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
             try:
-                rcpt, at = self.arrivals.get(timeout=0.2)
+                rcpt, at = self.arrivals.get(timeout=0.05)
             except Exception:  # noqa: BLE001 - queue.Empty from another module
-                return out
+                break
             out[rcpt] = at
+        return out
 
     def stop(self) -> None:
         if self.proc.is_alive():
