@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BENCH_POSTGRES ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench drill-kills drill-redis lock clean
+.PHONY: install run test lint typecheck pytest bench bench-quick bench-scale drill-kills drill-redis lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +19,9 @@ run: install ## Run the API, workers, Redis and a .eml SMTP server locally
 	$(BIN)/dispatcher run
 
 lint: install ## ruff, mypy --strict and the import contracts on the packages
-	$(BIN)/ruff check dispatcher workers devstack tests
-	$(BIN)/ruff format --check dispatcher workers devstack tests
-	$(BIN)/mypy dispatcher workers devstack
+	$(BIN)/ruff check dispatcher workers devstack tests bench
+	$(BIN)/ruff format --check dispatcher workers devstack tests bench
+	$(BIN)/mypy dispatcher workers devstack bench
 	$(BIN)/lint-imports
 
 pytest: install ## The test suite only
@@ -37,8 +38,14 @@ lock: install ## Pin what is installed now into requirements.lock (after changin
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dispatcher
 
-bench: install ## Benchmark a 100,000-recipient campaign through the real stack (not a test)
-	$(BIN)/python tests/bench_campaign.py
+bench: install ## Every performance figure beside its ceiling, SQLite and PostgreSQL, ~20-25 min (not a test; ARGS="--help")
+	$(BIN)/python -m bench $(ARGS)
+
+bench-quick: install ## The same benchmark with small sizes: a smoke run of a couple of minutes
+	$(BIN)/python -m bench --quick $(ARGS)
+
+bench-scale: install ## The scale curve on PostgreSQL up to a 1,000,000-recipient campaign (long)
+	$(BIN)/python -m bench --sections scale --million --database-url $(BENCH_POSTGRES) $(ARGS)
 
 drill-kills: install ## SIGKILL campaign workers 20 times during a 3,000-recipient campaign and check what it cost (not a test; ARGS="--help")
 	$(BIN)/python -m tests.drills.campaign_kills $(ARGS)
