@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import text, update
+from sqlalchemy import update
 
 from dispatcher.delivery.outcomes import StepOutcome
 from dispatcher.models import Send, SendKind
@@ -51,10 +51,6 @@ def _publish(rt: Runtime, outcomes: list[StepOutcome]) -> None:
     for outcome in outcomes:
         rt.outcomes.publish(outcome)
     with rt.sessions.begin() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            # Losing this mark to a server crash costs a republish, which consumers dedupe:
-            # not worth a disk flush per send.
-            session.execute(text("SET LOCAL synchronous_commit = off"))
         session.execute(
             update(Send)
             .where(Send.id.in_([o.send_id for o in outcomes]))
