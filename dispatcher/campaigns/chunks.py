@@ -150,12 +150,14 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
             if not claimed:
                 break
             batch = _prepare(rt, c, run, claimed)
+            data_marks = _DataMarks(marks, run.marks, batch)
             results = await bulk.send_many(
                 [(Envelope(bounces, (row.contact_email,)), raw) for row, _, raw in batch.ready],
                 run.deadline,
-                _DataMarks(marks, run.marks, batch),
+                data_marks,
                 stop=_policy_refusal,
             )
+            await data_marks.write_ends()
             _record(rt, c, run, batch, results)
     finally:
         await bulk.close()
@@ -281,6 +283,28 @@ class _DataMarks:
                         stored.set_exception(failed)
         finally:
             self._writer = None
+
+    async def write_ends(self) -> None:
+        """Write how the batch's last messages ended: no next mark will carry them. Should
+        Redis fail here, those marks stay; a mark of an earlier attempt never counts."""
+        if self._writer is not None:
+            await self._writer
+        ended, self._ended = self._ended, {}
+        if not ended:
+            return
+        gone = [send_id for send_id, reply in ended.items() if reply is None]
+        replies: dict[FieldT, EncodableT] = {
+            send_id: reply for send_id, reply in ended.items() if reply is not None
+        }
+        pipe = self._redis.pipeline(transaction=False)
+        if gone:
+            pipe.hdel(self._key, *gone)
+        if replies:
+            pipe.hset(self._key, mapping=replies)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("campaign DATA marks: the batch's last ends were not written: %s", exc)
 
     def after_data(self, item: int, outcome: TransportOutcome) -> None:
         send_id = self._rows[item].id
