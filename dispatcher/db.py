@@ -36,57 +36,7 @@ def make_engine(
     if sqlite_synchronous not in ("normal", "full"):
         raise ValueError(f"sqlite_synchronous must be normal or full, not {sqlite_synchronous!r}")
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # The driver's own transaction handling is switched off so that every transaction
-            # starts with BEGIN IMMEDIATE (below): a deferred transaction that reads and then
-            # writes fails at once with "database is locked" when another process wrote in
-            # between, whatever the busy timeout.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        # SQLite has one writer at a time, and a connection that finds the database locked
-        # sleeps in steps of up to 100 ms before it looks again: a process's threads (a worker
-        # pool's) queue on this lock instead and go the moment the previous one is done. Other
-        # processes still meet SQLite's own busy wait.
-        writer = threading.Lock()
-
-        @event.listens_for(engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            if writer.acquire(timeout=30):
-                conn.info[_HOLDS_WRITER] = True
-            else:
-                log.warning("waited 30 s for this process's SQLite writer lock; going on without")
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except BaseException:
-                _release(conn)
-                raise
-
-        def _release(conn: Any) -> None:
-            if conn.info.pop(_HOLDS_WRITER, False):
-                writer.release()
-
-        event.listen(engine, "commit", _release)
-        event.listen(engine, "rollback", _release)
-
-        @event.listens_for(engine, "checkin")
-        def _checkin(_dbapi_conn: Any, record: Any) -> None:
-            # A connection given back without commit or rollback (invalidated) lets go too.
-            if record.info.pop(_HOLDS_WRITER, False):
-                writer.release()
-
-        return engine
+        return _sqlite_engine(url, sqlite_synchronous, **kwargs)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("postgresql+psycopg://") and "connect_timeout=" not in url:
@@ -106,6 +56,62 @@ def make_engine(
             args = kwargs.get("connect_args", {})
             kwargs["connect_args"] = {**args, "options": " ".join(options)}
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
+    """A SQLite engine API and workers can share: WAL, a busy timeout, every transaction
+    ``BEGIN IMMEDIATE`` behind this process's writer lock, ``PRAGMA synchronous``."""
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # The driver's own transaction handling is switched off so that every transaction
+        # starts with BEGIN IMMEDIATE (below): a deferred transaction that reads and then
+        # writes fails at once with "database is locked" when another process wrote in
+        # between, whatever the busy timeout.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    # SQLite has one writer at a time, and a connection that finds the database locked
+    # sleeps in steps of up to 100 ms before it looks again: a process's threads (a worker
+    # pool's) queue on this lock instead and go the moment the previous one is done. Other
+    # processes still meet SQLite's own busy wait.
+    writer = threading.Lock()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        if writer.acquire(timeout=30):
+            conn.info[_HOLDS_WRITER] = True
+        else:
+            log.warning("waited 30 s for this process's SQLite writer lock; going on without")
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(conn)
+            raise
+
+    def _release(conn: Any) -> None:
+        if conn.info.pop(_HOLDS_WRITER, False):
+            writer.release()
+
+    event.listen(engine, "commit", _release)
+    event.listen(engine, "rollback", _release)
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        # A connection given back without commit or rollback (invalidated) lets go too.
+        if record.info.pop(_HOLDS_WRITER, False):
+            writer.release()
+
+    return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
