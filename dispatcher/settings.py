@@ -105,6 +105,19 @@ SqliteSynchronous = Annotated[
 ]
 
 
+#: The broker URL schemes Celery is run on here: Redis, and RabbitMQ (AMQP 0-9-1).
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "amqp://", "amqps://", "pyamqp://")
+
+#: Variables Celery reads from the environment by itself, over the app's configuration
+#: (``celery -b`` sets the first). Any of them would take the workers to another broker or
+#: result store than the API's, so start-up refuses them: ``BROKER_URL`` is the one setting.
+CELERY_OWN_VARIABLES = (
+    "CELERY_BROKER_URL",
+    "CELERY_BROKER_READ_URL",
+    "CELERY_BROKER_WRITE_URL",
+    "CELERY_RESULT_BACKEND",
+)
+
 #: What a client's token may do (``API_CLIENTS``); see the README's Security section.
 SCOPES = ("smartplan:send", "campaigns:write", "users:write", "billing", "read", "ops")
 #: The scopes of a token listed in ``API_TOKENS`` (all but ``ops``) and in ``OPS_TOKENS``.
@@ -170,6 +183,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", enable_decoding=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Celery broker every process publishes to and consumes from (API included); None is
+    #: ``REDIS_URL``. ``amqp://`` is RabbitMQ (quorum queues). See :attr:`broker`.
+    broker_url: str | None = Field(default=None, repr=False)
     database_url: str = "sqlite:///dispatcher.db"
     #: PostgreSQL only: no statement runs longer, and no lock is waited on longer, than this
     #: (0 turns the limit off); a stuck query frees its worker or request instead of holding it.
@@ -226,6 +242,9 @@ class Settings(BaseSettings):
     outcome_stream: str = "ced:smartplan:outcomes"
     templates_dir: str = str(Path(__file__).resolve().parent.parent / "templates")
     log_level: str = "INFO"
+    #: Workers publish task events (received, started, succeeded, failed) so Flower and
+    #: ``celery events`` can follow them; false saves a broker message per task and state.
+    task_events: Flag = True
     #: Messages the SMTP relay takes from all workers together; None is unlimited.
     smtp_rate_per_second: int | None = None
     smtp_rate_per_hour: int | None = None
@@ -322,6 +341,11 @@ class Settings(BaseSettings):
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if self.broker_url is not None and not self.broker_url.startswith(BROKER_SCHEMES):
+            raise ConfigError(
+                "BROKER_URL",
+                f"must start with {', '.join(BROKER_SCHEMES)} (or be unset: REDIS_URL)",
+            )
         if self.plan_catalog is not None:
             small = [n for n, c, _ in self.plan_catalog if c <= self.free_plan_credits]
             if small:
@@ -423,6 +447,17 @@ class Settings(BaseSettings):
             raise ConfigError("API_CLIENTS", "every token must be at least 8 characters")
 
     @property
+    def broker(self) -> str:
+        """The Celery broker's URL: ``BROKER_URL``, else the credit counters' ``REDIS_URL``."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is a Redis (its messages then come back after the visibility
+        timeout) rather than RabbitMQ (back as soon as the consumer's connection closes)."""
+        return self.broker.startswith(("redis://", "rediss://", "unix://"))
+
+    @property
     def mail_from_address(self) -> str:
         """The bare address of the system sender, used as the SMTP envelope sender."""
         return parseaddr(self.mail_from)[1]
@@ -445,10 +480,18 @@ class Settings(BaseSettings):
         Raises :class:`ConfigError` naming the variable for any invalid value, and for any
         unknown variable in the .env file.
         """
+        environ = os.environ if environ is None else environ
+        for name in CELERY_OWN_VARIABLES:
+            if environ.get(name):
+                raise ConfigError(
+                    name,
+                    "is read by Celery on its own, so the workers would use it and the API "
+                    "would not; set BROKER_URL instead (every process reads it)",
+                )
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():
             values.update(_read_env_file(Path(env_file)))
-        values.update(os.environ if environ is None else environ)
+        values.update(environ)
         return cls(**_Variables(cls, values)())
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from amqp.exceptions import NotFound
 from celery.signals import task_retry
+from kombu import Connection
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher import db
@@ -100,6 +102,63 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+
+
+def _rabbitmq_problem(url: str) -> str | None:
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[str]:
+    """A virtual host of this test session's own on the RabbitMQ at RABBITMQ_URL (with
+    ``rabbitmqctl``; else the default one, whose queues each test empties)."""
+    problem = _rabbitmq_problem(RABBITMQ_URL + "//")
+    if problem is not None:
+        message = f"RabbitMQ not reachable at {RABBITMQ_URL} ({problem})"
+        if IN_CI:
+            pytest.fail(message + "; CI runs the broker tests on RabbitMQ too")
+        pytest.skip(message)
+    if shutil.which("rabbitmqctl") is None:
+        yield RABBITMQ_URL + "//"
+        return
+    vhost = f"ced_test_{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"{RABBITMQ_URL}/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> str | None:
+    """The test's BROKER_URL: None (the test's Redis) unless a test is parametrized with
+    ``@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)``; RabbitMQ's
+    queues are emptied first."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        return None
+    url: str = request.getfixturevalue("rabbitmq_server")
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for name in ("smartplan", "campaign", "system"):
+            try:
+                channel.queue_purge(name)
+            except NotFound:  # a queue not declared yet holds nothing (and closed the channel)
+                channel = conn.channel()
+    return url
 
 
 # --------------------------------------------------------------------------- Databases
@@ -205,7 +264,11 @@ def clock() -> FrozenClock:
 
 @pytest.fixture
 def settings(
-    redis_url: str, database_url: str, smtp_server: DevSMTPServer, clock: FrozenClock
+    redis_url: str,
+    database_url: str,
+    smtp_server: DevSMTPServer,
+    clock: FrozenClock,
+    broker: str | None,
 ) -> Settings:
     """The test's settings. Every runtime built from them without a clock of its own (a
     forked child, a worker process, a CLI command) reads the test's clock: the same offset
@@ -213,6 +276,7 @@ def settings(
     return Settings(
         clock_offset_seconds=(clock.now() - datetime.now(UTC)).total_seconds(),
         redis_url=redis_url,
+        broker_url=broker,
         database_url=database_url,
         smtp_host="127.0.0.1",
         smtp_port=smtp_server.port,
@@ -313,6 +377,7 @@ def api_client(runtime: Runtime, celery_app: Any) -> Iterator[Any]:
     from dispatcher.api.app import create_api
     from workers.queue import CeleryTaskQueue
 
-    app = create_api(runtime, CeleryTaskQueue(celery_app))
+    queue = CeleryTaskQueue(celery_app)
+    app = create_api(runtime, queue, broker=queue)
     with TestClient(app, headers={"Authorization": "Bearer test-token-123"}) as client:
         yield client

@@ -10,8 +10,9 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_shutdown
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
+from dispatcher.errors import ConfigError
 from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -34,21 +35,13 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     """A Celery app for ``settings``; ``runtime`` lets tests share collaborators with it."""
     app = Celery("dispatcher", set_as_current=False)
     app.conf.update(
-        broker_url=settings.redis_url,
+        broker_url=settings.broker,
         broker_connection_retry_on_startup=True,
         # At least once: ack after the task ran, requeue if the worker process dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # A task's message becomes visible again only after every time limit has passed.
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            # Workers look for the messages of dead workers every interval x throttle seconds
-            # (10 x 10 by default): without these a task comes back some 100 s after its worker
-            # died, however short the visibility timeout.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=_transport_options(settings),
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
         # Outcomes live in SQL and on the step-outcome stream, never in a result backend.
@@ -56,7 +49,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_queues=_queues(settings),
         task_default_queue=SMARTPLAN,
         task_routes={
             SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN},
@@ -72,7 +65,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         },
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (received, started, succeeded, ...) for Flower and `celery events`.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=False,
         broker_pool_limit=10,
     )
@@ -92,6 +87,40 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     return app
 
 
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """The broker transport's options: how an unacknowledged message comes back."""
+    if settings.broker_is_redis:
+        return {
+            # A task's message becomes visible again only after every time limit has passed.
+            "visibility_timeout": settings.visibility_timeout,
+            # Workers look for the messages of dead workers every interval x throttle seconds
+            # (10 x 10 by default): without these a task comes back some 100 s after its
+            # worker died, however short the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        }
+    # RabbitMQ gives a message back as soon as its consumer's connection closes; a publish
+    # returns once the broker has confirmed it, so an accepted send is in the queue.
+    return {"confirm_publish": True}
+
+
+def _queues(settings: Settings) -> list[Queue]:
+    """One queue per pool. On RabbitMQ they are quorum queues (replicated, durable), each
+    behind a topic exchange of its name, which Celery's native delayed delivery needs for
+    retries with a countdown (quorum queues cannot hold a task back in the worker)."""
+    if settings.broker_is_redis:
+        return [Queue(name) for name in QUEUES]  # type: ignore[no-untyped-call]
+    return [
+        Queue(  # type: ignore[no-untyped-call]
+            name,
+            Exchange(name, type="topic"),  # type: ignore[no-untyped-call]
+            routing_key=name,
+            queue_arguments={"x-queue-type": "quorum"},
+        )
+        for name in QUEUES
+    ]
+
+
 _default: Celery | None = None
 
 
@@ -100,6 +129,10 @@ def __getattr__(name: str) -> Any:
     global _default
     if name == "app":
         if _default is None:
-            _default = create_app(Settings.from_env())
+            try:
+                _default = create_app(Settings.from_env())
+            except ConfigError as exc:
+                # One line naming the variable, not a traceback, and the process stops.
+                raise SystemExit(f"dispatcher: {exc}") from None
         return _default
     raise AttributeError(name)

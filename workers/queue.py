@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
+from amqp.exceptions import AMQPError, NotFound
 from celery import Celery
-from kombu.exceptions import KombuError
+from kombu.exceptions import ChannelError, KombuError
 from redis.exceptions import RedisError
 
+from dispatcher.db import redact
 from dispatcher.errors import QueueUnavailable
+from dispatcher.ports import QueueState
 from workers.names import (
     CAMPAIGN,
+    QUEUES,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
@@ -20,7 +26,10 @@ from workers.names import (
 
 
 class CeleryTaskQueue:
-    """Publishes sends as tasks on their queue; the broker keeps them until a worker acks."""
+    """Publishes sends as tasks on their queue; the broker keeps them until a worker acks.
+
+    Also the core's :class:`~dispatcher.ports.BrokerView`: what the broker holds per queue.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -51,3 +60,31 @@ class CeleryTaskQueue:
             self.app.send_task(task, args=[item_id], queue=queue)
         except (OSError, KombuError, RedisError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    @property
+    def location(self) -> str:
+        return redact(str(self.app.conf.broker_url))
+
+    def queues(self) -> list[QueueState]:
+        """Each pool's queue: messages waiting and, on RabbitMQ, its consumers (a passive
+        declare, which creates nothing: a queue no worker has declared yet holds nothing)."""
+        try:
+            with self.app.connection_for_read() as connection:
+                return [_state(connection, name) for name in QUEUES]
+        except (OSError, KombuError, RedisError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _state(connection: Any, name: str) -> QueueState:
+    channel = connection.channel()
+    try:
+        _, messages, consumers = channel.queue_declare(queue=name, passive=True)
+    except (ChannelError, NotFound):
+        return QueueState(name, 0, 0 if connection.transport.driver_type == "amqp" else None)
+    finally:
+        # A failed passive declare has closed an AMQP channel already.
+        with contextlib.suppress(OSError, KombuError, AMQPError):
+            channel.close()
+    if connection.transport.driver_type != "amqp":
+        consumers = None
+    return QueueState(name, int(messages), consumers)

@@ -22,6 +22,7 @@ parked in SQL, and the beat's sweep enqueues the item once it is due (within a m
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from enum import StrEnum
@@ -71,7 +72,12 @@ def _retry(
 ) -> str:
     """Have the broker deliver the task again in ``countdown`` seconds (raises Celery's
     ``Retry``). Should the broker not take the retry, Celery would drop the message: the wait
-    is parked in SQL instead, for the beat's sweep to enqueue the item when it is due."""
+    is parked in SQL instead, for the beat's sweep to enqueue the item when it is due.
+
+    On RabbitMQ the wait is whole seconds, at least one: quorum queues cannot hold a task back
+    in the worker, so the broker's delayed delivery holds it, and it counts in seconds."""
+    if not rt.settings.broker_is_redis:
+        countdown = float(max(1, math.ceil(countdown)))
     try:
         raise task.retry(countdown=countdown, max_retries=None, **options)
     except Reject as exc:

@@ -6,15 +6,18 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
-from dispatcher.api.deps import RuntimeDep
+from dispatcher.api.deps import BrokerDep, RuntimeDep
+from dispatcher.errors import QueueUnavailable
 from dispatcher.models import Send
 
 router = APIRouter()
 
 
-@router.get("/healthz", responses={503: {"description": "Redis or the database is down."}})
-def healthz(rt: RuntimeDep) -> JSONResponse:
-    """Redis (quota store and broker) and the database are reachable."""
+@router.get(
+    "/healthz", responses={503: {"description": "Redis, the database or the broker is down."}}
+)
+def healthz(rt: RuntimeDep, broker: BrokerDep) -> JSONResponse:
+    """Redis (the credit counters), the database and the broker are reachable."""
     checks: dict[str, str] = {}
     try:
         rt.redis.ping()
@@ -27,6 +30,12 @@ def healthz(rt: RuntimeDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"error: {type(exc).__name__}"
+    if broker is not None:
+        try:
+            broker.queues()
+            checks["broker"] = "ok"
+        except QueueUnavailable as exc:
+            checks["broker"] = f"error: {exc.detail.partition(':')[0]}"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503
