@@ -31,6 +31,9 @@ class QueueState:
     messages: int
     #: Workers consuming from it, where the broker says (RabbitMQ does, Redis does not).
     consumers: int | None
+    #: Seconds the next message has waited, where the broker lets it be read without taking
+    #: it (Redis; RabbitMQ does not: its own metrics have it).
+    oldest_seconds: float | None = None
 
 
 class BrokerView(Protocol):

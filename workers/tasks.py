@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -33,7 +34,7 @@ from celery.exceptions import Reject
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import recovery
+from dispatcher import metrics, recovery
 from dispatcher.campaigns import control, run
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import smartplan, system_mail
@@ -41,6 +42,7 @@ from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from workers.names import (
+    PUBLISHED_AT,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
@@ -65,6 +67,14 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
     recovery.park_campaign(rt, run.parse(item)[0], seconds)
+
+
+def _observe_wait(task: Task) -> None:
+    """How long a task's first delivery waited in its queue (a retry waits on purpose)."""
+    published = getattr(task.request, PUBLISHED_AT, None)
+    if published is not None and not task.request.retries:
+        queue = (task.request.delivery_info or {}).get("routing_key") or "unknown"
+        metrics.QUEUE_WAIT.labels(queue).observe(max(0.0, time.time() - float(published)))
 
 
 def _retry(
@@ -105,6 +115,7 @@ def _deliver(
     attempts in SQL; ``failures`` counts this item's unforeseen errors only.
     """
     s = rt.settings
+    _observe_wait(task)
     countdown = backoff(task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
     try:
         return deliver(rt, item_id).value

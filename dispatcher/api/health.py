@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, select, text
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
 
+from dispatcher import metrics
 from dispatcher.api.deps import BrokerDep, RuntimeDep
 from dispatcher.errors import QueueUnavailable
-from dispatcher.models import Send
+from dispatcher.monitoring import SnapshotCollector
 
 router = APIRouter()
 
@@ -42,17 +44,12 @@ def healthz(rt: RuntimeDep, broker: BrokerDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def metrics(rt: RuntimeDep) -> str:
-    """Prometheus text: sends by status and the step-outcome stream length."""
-    with rt.sessions() as session:
-        rows = session.execute(select(Send.status, func.count()).group_by(Send.status)).all()
-    lines = [
-        "# HELP dispatcher_sends Sends by status.",
-        "# TYPE dispatcher_sends gauge",
-        *(f'dispatcher_sends{{status="{s.value}"}} {n}' for s, n in rows),
-        "# HELP dispatcher_outcome_stream_length Entries on the step-outcome stream.",
-        "# TYPE dispatcher_outcome_stream_length gauge",
-        f"dispatcher_outcome_stream_length {rt.redis.xlen(rt.settings.outcome_stream)}",
-    ]
-    return "\n".join(lines) + "\n"
+@router.get("/metrics", response_class=Response)
+def metrics_text(rt: RuntimeDep, broker: BrokerDep) -> Response:
+    """Prometheus text: the counters and histograms of every process of this host that shares
+    ``PROMETHEUS_MULTIPROC_DIR`` (of this process alone without it), and the gauges of the
+    queues, the work in flight and the relay, read now (see the README's Metrics section)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(rt, broker))
+    body = metrics.exposition() + generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
