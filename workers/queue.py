@@ -11,6 +11,7 @@ from typing import Any
 from amqp.exceptions import AMQPError, NotFound
 from celery import Celery
 from kombu.exceptions import ChannelError, KombuError
+from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.db import redact
@@ -36,6 +37,13 @@ class CeleryTaskQueue:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        broker = str(app.conf.broker_url)
+        #: The broker's Redis, read directly for queue states (None on RabbitMQ).
+        self._redis: Redis | None = (
+            Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=5)
+            if broker.startswith(("redis://", "rediss://", "unix://"))
+            else None
+        )
 
     def enqueue_send(self, send_id: str) -> None:
         self._send(SEND_SMARTPLAN_TASK, send_id, SMARTPLAN)
@@ -74,12 +82,16 @@ class CeleryTaskQueue:
         return redact(str(self.app.conf.broker_url))
 
     def queues(self) -> list[QueueState]:
-        """Each pool's queue: messages waiting and, on RabbitMQ, its consumers (a passive
-        declare, which creates nothing: a queue no worker has declared yet holds nothing)."""
+        """Each pool's queue: messages waiting, how long the next has waited (Redis) and its
+        consumers (RabbitMQ). On Redis, one pipelined round trip over a kept client; on
+        RabbitMQ, a passive declare per queue over a pooled connection (which creates
+        nothing: a queue no worker has declared yet holds nothing)."""
         try:
-            with self.app.connection_for_read() as connection:
-                return [_state(connection, name) for name in QUEUES]
-        except (OSError, KombuError, RedisError) as exc:
+            if self._redis is not None:
+                return _redis_states(self._redis)
+            with self.app.pool.acquire(block=True) as connection:
+                return [_amqp_state(connection, name) for name in QUEUES]
+        except (OSError, KombuError, RedisError, AMQPError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -89,26 +101,37 @@ def _headers() -> dict[str, float]:
     return {PUBLISHED_AT: time.time()}
 
 
-def _state(connection: Any, name: str) -> QueueState:
-    amqp = connection.transport.driver_type == "amqp"
+def _amqp_state(connection: Any, name: str) -> QueueState:
     channel = connection.channel()
     try:
         _, messages, consumers = channel.queue_declare(queue=name, passive=True)
-        oldest = None if amqp else _oldest_on_redis(channel, name)
     except (ChannelError, NotFound):
-        return QueueState(name, 0, 0 if amqp else None)
+        return QueueState(name, 0, 0)
     finally:
-        # A failed passive declare has closed an AMQP channel already.
+        # A failed passive declare has closed the channel already.
         with contextlib.suppress(OSError, KombuError, AMQPError):
             channel.close()
-    return QueueState(name, int(messages), consumers if amqp else None, oldest)
+    return QueueState(name, int(messages), int(consumers))
 
 
-def _oldest_on_redis(channel: Any, name: str) -> float | None:
-    """Seconds the next message of the queue has waited: kombu's Redis transport pushes on the
-    left and takes from the right, so that message is the list's last; None when the queue is
-    empty or its message is not one of ours (beat's carry no publication time)."""
-    raw = channel.client.lindex(name, -1)
+def _redis_states(client: Redis) -> list[QueueState]:
+    """kombu's Redis transport keeps a queue as a list of its name (and one per priority
+    step, for messages sent with a priority, which ours are not): it pushes on the left and
+    takes from the right, so the next message is the list's last."""
+    pipe = client.pipeline(transaction=False)
+    for name in QUEUES:
+        pipe.llen(name)
+        pipe.lindex(name, -1)
+    replies = pipe.execute()
+    return [
+        QueueState(name, int(replies[2 * i]), None, _waited(replies[2 * i + 1]))
+        for i, name in enumerate(QUEUES)
+    ]
+
+
+def _waited(raw: bytes | None) -> float | None:
+    """Seconds since a queued message was published; None when there is none, or it is not
+    one of ours (beat's carry no publication time)."""
     if raw is None:
         return None
     try:
