@@ -103,12 +103,18 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def registry() -> CollectorRegistry:
+    """The registry to serve: this host's processes sharing the multiprocess directory, or
+    this process's own."""
+    folder = multiprocess_dir()
+    if folder is None:
+        return REGISTRY
+    shared = CollectorRegistry()
+    multiprocess.MultiProcessCollector(shared, path=folder)  # type: ignore[no-untyped-call]
+    return shared
+
+
 def exposition() -> bytes:
     """The Prometheus text of every process of this host that shares the multiprocess
     directory, or of this process alone when there is none."""
-    folder = multiprocess_dir()
-    if folder is None:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-    return generate_latest(registry)
+    return generate_latest(registry())

@@ -245,6 +245,9 @@ class Settings(BaseSettings):
     #: Workers publish task events (received, started, succeeded, failed) so Flower and
     #: ``celery events`` can follow them; false saves a broker message per task and state.
     task_events: Flag = True
+    #: A worker serves its process's metrics (its host's, with PROMETHEUS_MULTIPROC_DIR) on
+    #: this port for Prometheus to scrape; None serves none (the API's /metrics still does).
+    metrics_port: int | None = None
     #: Messages the SMTP relay takes from all workers together; None is unlimited.
     smtp_rate_per_second: int | None = None
     smtp_rate_per_hour: int | None = None
@@ -307,6 +310,8 @@ class Settings(BaseSettings):
             raise ConfigError("FREE_PLAN_CREDITS", "must be zero or more")
         if not 0 < self.smtp_port < 65536:
             raise ConfigError("SMTP_PORT", f"{self.smtp_port} is not a TCP port")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError("METRICS_PORT", f"{self.metrics_port} is not a TCP port")
         if self.max_message_bytes < 1024:
             raise ConfigError("MAX_MESSAGE_BYTES", "must be at least 1024")
         if not 0 < self.template_render_seconds <= self.task_time_limit:

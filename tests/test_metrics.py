@@ -51,7 +51,10 @@ def test_metrics_count_what_the_sink_received_across_processes(
     with Stack(settings, tmp_path) as stack:
         stack.workers.env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
         make_user(stack.rt)
+        worker_port = free_port()
+        stack.workers.env["METRICS_PORT"] = str(worker_port)
         stack.workers.start(SMARTPLAN, pool="threads", concurrency=4, isolated=False)
+        del stack.workers.env["METRICS_PORT"]
         stack.workers.start(CAMPAIGN, pool="prefork", concurrency=2, isolated=False)
         port = free_port()
         web = Child("web", api_command(port), stack.workers.env, tmp_path / "web.log")
@@ -74,6 +77,11 @@ def test_metrics_count_what_the_sink_received_across_processes(
             )
             wait_for(lambda: _drained(client), timeout=30, what="the queues drained")
             scrape = samples(client.get("/metrics").text)
+            # A worker serves the same host-wide figures on its METRICS_PORT
+            served = httpx.get(f"http://127.0.0.1:{worker_port}/metrics").text
+            assert total(samples(served), "dispatcher_sends_total") == total(
+                scrape, "dispatcher_sends_total"
+            )
         finally:
             web.stop()
 

@@ -6,12 +6,15 @@ from the environment, so importing this module connects to nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_shutdown
+from celery.signals import worker_init, worker_shutdown
 from kombu.entity import Exchange, Queue
+from prometheus_client import start_http_server
 
+from dispatcher import metrics
 from dispatcher.errors import ConfigError
 from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
@@ -29,6 +32,8 @@ from workers.names import (
     SYSTEM,
 )
 from workers.queue import CeleryTaskQueue
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
@@ -84,6 +89,21 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
             rt.close()
 
     worker_shutdown.connect(close, weak=False)
+
+    def serve_metrics(sender: Any, **_: Any) -> None:
+        # In the worker's main process, before a prefork pool forks: the children write to
+        # PROMETHEUS_MULTIPROC_DIR, which this server reads.
+        if getattr(sender, "app", None) is not app or settings.metrics_port is None:
+            return
+        try:
+            start_http_server(settings.metrics_port, registry=metrics.registry())
+        except OSError as exc:
+            # Sending matters more than its metrics: the worker goes on, and says so.
+            log.error("metrics not served: port %d: %s", settings.metrics_port, exc)
+            return
+        log.info("metrics served on port %d", settings.metrics_port)
+
+    worker_init.connect(serve_metrics, weak=False)
     return app
 
 
