@@ -12,7 +12,9 @@ from celery import Celery
 from celery.signals import worker_shutdown
 from kombu.entity import Queue
 
+from dispatcher.errors import ConfigError
 from dispatcher.ports import OutboxOnly
+from dispatcher.redisclient import is_cluster
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from workers import tasks
@@ -32,6 +34,14 @@ from workers.queue import CeleryTaskQueue
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     """A Celery app for ``settings``; ``runtime`` lets tests share collaborators with it."""
+    if is_cluster(settings.redis_url):
+        # kombu's Redis transport speaks to one server (its queues, unacked index and mutex
+        # are keys in different slots): a cluster can hold the counters, never the broker.
+        raise ConfigError(
+            "REDIS_URL",
+            "a Redis Cluster can hold the credit counters but not the Celery broker (kombu "
+            "cannot use one), and this version has no separate broker setting",
+        )
     app = Celery("dispatcher", set_as_current=False)
     app.conf.update(
         broker_url=settings.redis_url,

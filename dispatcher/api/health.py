@@ -8,6 +8,7 @@ from sqlalchemy import func, select, text
 
 from dispatcher.api.deps import RuntimeDep
 from dispatcher.models import Send
+from dispatcher.redisclient import ping
 
 router = APIRouter()
 
@@ -17,7 +18,8 @@ def healthz(rt: RuntimeDep) -> JSONResponse:
     """Redis (quota store and broker) and the database are reachable."""
     checks: dict[str, str] = {}
     try:
-        rt.redis.ping()
+        if not ping(rt.redis):
+            raise ConnectionError("no PONG")
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         checks["redis"] = f"error: {type(exc).__name__}"
