@@ -75,9 +75,7 @@ def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) ->
 
 
 def test_a_cluster_url_names_its_seed_nodes_and_keeps_credentials_and_options() -> None:
-    url = (
-        "rediss+cluster://user:p%40ss@10.0.0.1:7000, 10.0.0.2:7001,[::1]:7002/0?ssl=yes"
-    )
+    url = "rediss+cluster://user:p%40ss@10.0.0.1:7000, 10.0.0.2:7001,[::1]:7002/0?ssl=yes"
     s = Settings.from_env({"REDIS_URL": url}, env_file=None)
     assert is_cluster(s.redis_url) and not is_cluster("redis://10.0.0.1:6379/0")
     parsed = parse_cluster_url(s.redis_url)
