@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from dispatcher.errors import ConfigError
+from dispatcher.redisclient import is_cluster, parse_cluster_url
 from dispatcher.sealing import valid_key
 
 #: The plan every user starts on; PLAN_CATALOG lists the paid plans and may not name it.
@@ -344,8 +345,17 @@ class Settings(BaseSettings):
         """Addresses of and rules for Redis, the plans, the SMTP relay and the database."""
         if "@" not in parseaddr(self.mail_from)[1]:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if is_cluster(self.redis_url):
+            try:
+                parse_cluster_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError("REDIS_URL", f"Redis Cluster: {exc}") from None
+        elif not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "REDIS_URL",
+                "must start with redis://, rediss:// or unix:// (one server), or "
+                "redis+cluster:// or rediss+cluster:// (a Redis Cluster)",
+            )
         if self.broker_url is not None and not self.broker_url.startswith(BROKER_SCHEMES):
             raise ConfigError(
                 "BROKER_URL",

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from dispatcher import metrics
 from dispatcher.errors import ConfigError
 from dispatcher.ports import OutboxOnly
+from dispatcher.redisclient import is_cluster
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from workers import tasks
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     """A Celery app for ``settings``; ``runtime`` lets tests share collaborators with it."""
+    if is_cluster(settings.broker):
+        # kombu's Redis transport speaks to one server (its queues, unacked index and mutex
+        # are keys in different slots): a cluster can hold the counters, never the broker.
+        raise ConfigError(
+            "BROKER_URL",
+            "must be set when REDIS_URL is a Redis Cluster: the cluster can hold the credit "
+            "counters but not the Celery broker (kombu cannot use one)",
+        )
     app = Celery("dispatcher", set_as_current=False)
     app.conf.update(
         broker_url=settings.broker,

@@ -11,6 +11,7 @@ from dispatcher import metrics
 from dispatcher.api.deps import BrokerDep, RuntimeDep
 from dispatcher.errors import QueueUnavailable
 from dispatcher.monitoring import SnapshotCollector
+from dispatcher.redisclient import ping
 
 router = APIRouter()
 
@@ -22,7 +23,8 @@ def healthz(rt: RuntimeDep, broker: BrokerDep) -> JSONResponse:
     """Redis (the credit counters), the database and the broker are reachable."""
     checks: dict[str, str] = {}
     try:
-        rt.redis.ping()
+        if not ping(rt.redis):
+            raise ConnectionError("no PONG")
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         checks["redis"] = f"error: {type(exc).__name__}"

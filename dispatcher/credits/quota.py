@@ -9,12 +9,12 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any
 
-from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from dispatcher import keys, metrics
 from dispatcher.credits.periods import Period
+from dispatcher.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class QuotaLedger:
     (first use in a period, or Redis lost its data).
     """
 
-    def __init__(self, redis: Redis, snapshot: SnapshotSource) -> None:
+    def __init__(self, redis: RedisClient, snapshot: SnapshotSource) -> None:
         self._redis = redis
         self._snapshot = snapshot
         self._reserve: Script = redis.register_script(_load("reserve.lua"))

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
-from redis import Redis
 from redis.commands.core import Script
 
 from dispatcher import keys, metrics
 from dispatcher.errors import TransientError
 from dispatcher.reasons import Reason
+from dispatcher.redisclient import RedisClient
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class RelayRateLimiter:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         relay: str,
         limit: RateLimit,
         clock: Callable[[], float] = time.time,
