@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
+from devstack.devsmtp import DevSMTPServer
 from dispatcher import keys
 from dispatcher.api.app import create_api
 from dispatcher.campaigns import chunks
@@ -62,10 +64,11 @@ from tests.credits.test_refunds import (  # noqa: F401 - collected again, on the
     test_a_cancel_whose_refund_redis_refused_is_refunded_by_the_sweep_once,
     test_a_smartplan_refund_redis_refused_is_made_by_the_sweep,
 )
-from tests.helpers import make_user, send_request
+from tests.helpers import make_user, seed_used_credits, send_request, statuses, wait_for
 from tests.test_recovery import (  # noqa: F401 - collected again, on the cluster
     test_step_outcomes_lost_with_redis_are_published_again,
 )
+from tests.test_smartplan_e2e import all_terminal, send_body
 
 # Collected again, on the cluster (its marks came from its module's ``pytestmark``).
 test_credits_stay_exact_when_redis_is_flushed_during_concurrent_work = pytest.mark.slow(
@@ -206,3 +209,29 @@ def test_counters_are_rebuilt_exactly_after_one_primary_lost_its_data(
         assert not client.exists(keys.grant(USERS[0], "2026-11", 1))
 
     _lose_and_rebuild(rt, lose_one)
+
+
+@pytest.fixture
+def broker(redis_server: str) -> str:
+    """The broker: a single Redis (database 1 of the private server), as BROKER_URL names it
+    beside a cluster REDIS_URL."""
+    return redis_server.rsplit("/", 1)[0] + "/1"
+
+
+def test_smartplan_sends_through_a_real_worker_with_the_counters_on_the_cluster(
+    runtime: Runtime, api_client: Any, worker: Any, smtp_server: DevSMTPServer
+) -> None:
+    # Given an agent with 2 credits left, their grant on the cluster
+    assert isinstance(runtime.redis, RedisCluster)
+    make_user(runtime)
+    seed_used_credits(runtime, "agent-1", runtime.settings.free_plan_credits - 2)
+    # When a SmartPlan posts 4 sends through the API and a worker consuming the single broker
+    for n in range(4):
+        assert api_client.post("/v1/sends", json=send_body(n)).status_code == 202
+    wait_for(lambda: all_terminal(runtime, "agent-1", 4), what="4 terminal outcomes")
+    # Then 2 are sent, 2 fail for quota, and the cluster's counters agree with the ledger
+    assert statuses(runtime, "agent-1") == {"sent": 2, "failed": 2}
+    to_contacts = [m for m in smtp_server.messages if m.rcpt_tos[0].startswith("contact")]
+    assert len(to_contacts) == 2
+    assert credits(runtime, "agent-1").remaining == 0
+    wait_for(lambda: runtime.redis.xlen(runtime.settings.outcome_stream) == 4, what="4 outcomes")
