@@ -109,9 +109,11 @@ SqliteSynchronous = Annotated[
 #: The broker URL schemes Celery is run on here: Redis, and RabbitMQ (AMQP 0-9-1).
 BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "amqp://", "amqps://", "pyamqp://")
 
-#: Variables Celery reads from the environment by itself, over the app's configuration
-#: (``celery -b`` sets the first). Any of them would take the workers to another broker or
-#: result store than the API's, so start-up refuses them: ``BROKER_URL`` is the one setting.
+#: Variables Celery reads from the environment by itself, over the app's configuration (the
+#: ``celery`` command sets the first from ``-b`` or ``BROKER_URL``, the last from
+#: ``--result-backend`` or ``RESULT_BACKEND``). Any of them naming another broker or a result
+#: store would take the workers elsewhere than the API, so start-up refuses them:
+#: ``BROKER_URL`` is the one setting.
 CELERY_OWN_VARIABLES = (
     "CELERY_BROKER_URL",
     "CELERY_BROKER_READ_URL",
@@ -496,17 +498,11 @@ class Settings(BaseSettings):
         unknown variable in the .env file.
         """
         environ = os.environ if environ is None else environ
-        for name in CELERY_OWN_VARIABLES:
-            if environ.get(name):
-                raise ConfigError(
-                    name,
-                    "is read by Celery on its own, so the workers would use it and the API "
-                    "would not; set BROKER_URL instead (every process reads it)",
-                )
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():
             values.update(_read_env_file(Path(env_file)))
         values.update(environ)
+        _refuse_celerys_own(environ, values.get("BROKER_URL"))
         return cls(**_Variables(cls, values)())
 
 
@@ -527,6 +523,23 @@ class _Variables(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return {k.lower(): v for k, v in self._variables.items()}
+
+
+def _refuse_celerys_own(environ: Mapping[str, str], broker_url: str | None) -> None:
+    """Stop on a variable Celery would follow on its own (see :data:`CELERY_OWN_VARIABLES`).
+
+    The ``celery`` command copies ``BROKER_URL`` (and ``celery -b``) into ``CELERY_BROKER_URL``
+    before the app loads: that copy names the same broker, and passes.
+    """
+    for name in CELERY_OWN_VARIABLES:
+        value = environ.get(name)
+        if not value or (name == "CELERY_BROKER_URL" and value == broker_url):
+            continue
+        raise ConfigError(
+            name,
+            "is read by Celery on its own, so the workers would use it and the API would "
+            "not; set BROKER_URL instead (every process reads it)",
+        )
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

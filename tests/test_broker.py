@@ -12,9 +12,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from devstack.devsmtp import DevSMTPServer
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from tests.helpers import make_user
+from tests.crashkit import Stack
+from tests.helpers import make_user, statuses, wait_for
 from tests.test_smartplan_e2e import send_body
 from workers.app import create_app
 from workers.names import QUEUES, SMARTPLAN
@@ -68,3 +70,22 @@ def test_the_api_publishes_where_the_workers_consume(
     health = api.get("/healthz")
     assert health.status_code == 200
     assert health.json()["broker"] == "ok"
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_worker_started_with_broker_url_consumes_what_the_api_published(
+    settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path, broker: str
+) -> None:
+    """``celery worker`` as the Procfile runs it, with BROKER_URL in its environment (which the
+    ``celery`` command copies into CELERY_BROKER_URL) and the API's producer on the same."""
+    with Stack(settings, tmp_path) as stack:
+        assert stack.workers.env["BROKER_URL"] == broker
+        make_user(stack.rt)
+        api = TestClient(create_web(settings), headers={"Authorization": "Bearer test-token-123"})
+        for n in range(5):
+            assert api.post("/v1/sends", json=send_body(n)).status_code == 202
+        stack.workers.start(SMARTPLAN, pool="threads", concurrency=2)
+        stack.workers.wait_ready(1, timeout=60)
+        wait_for(lambda: statuses(stack.rt, "agent-1") == {"sent": 5}, timeout=60)
+    assert len(smtp_server.messages) == 5
