@@ -6,12 +6,15 @@ from the environment, so importing this module connects to nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_shutdown
 from kombu.entity import Queue
 
+from dispatcher import db, logs
+from dispatcher.errors import SchemaNotReady
 from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -28,6 +31,8 @@ from workers.names import (
     SYSTEM,
 )
 from workers.queue import CeleryTaskQueue
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
@@ -92,14 +97,34 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     return app
 
 
+def wait_for_schema(settings: Settings) -> None:
+    """Return once the database is migrated to the code's revision; a process started beside
+    a release still migrating (``honcho start``) waits ``SCHEMA_WAIT_SECONDS``, saying so,
+    then exits 1 with one line saying what to run."""
+    # An engine of its own, disposed before any fork: a prefork pool's children must not
+    # inherit its connections.
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.wait_until_migrated(engine, settings.schema_wait_seconds)
+    except SchemaNotReady as exc:
+        log.error("not starting: %s", exc)
+        raise SystemExit(1) from None
+    finally:
+        engine.dispose()
+
+
 _default: Celery | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A workers.app` reads `app`: build it from the environment on first access.
+    # `celery -A workers.app` reads `app`: build it from the environment on first access,
+    # once the database is migrated (a worker or beat process is starting).
     global _default
     if name == "app":
         if _default is None:
-            _default = create_app(Settings.from_env())
+            settings = Settings.from_env()
+            logs.configure(settings.log_level)
+            wait_for_schema(settings)
+            _default = create_app(settings)
         return _default
     raise AttributeError(name)

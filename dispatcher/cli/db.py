@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import threading
+from types import FrameType
 
 from dispatcher import db
 from dispatcher.cli.common import Commands
@@ -27,6 +31,16 @@ def add_commands(commands: Commands) -> None:
     upgrade.add_argument(
         "--database-url", metavar="URL", help="SQLAlchemy URL instead of DATABASE_URL"
     )
+    upgrade.add_argument(
+        "--release",
+        action="store_true",
+        help=(
+            "run as the Procfile's release process: exit after migrating when the platform "
+            "runs it once per deploy (DYNO=release.N, as Heroku does), else stay up idle "
+            "until SIGTERM or Ctrl-C, since honcho and foreman stop every process as soon as "
+            "one exits"
+        ),
+    )
     upgrade.set_defaults(handler=_upgrade)
 
 
@@ -39,5 +53,27 @@ def _upgrade(args: argparse.Namespace) -> int:
         revision = db.current_revision(engine)
     finally:
         engine.dispose()
-    print(f"{redact(url)} is at revision {revision}")
+    print(f"{redact(url)} is at revision {revision}", flush=True)
+    dyno = os.environ.get("DYNO", "")
+    if args.release and not dyno.startswith("release."):
+        print(
+            f"migrated; staying up until SIGTERM or Ctrl-C (DYNO={dyno or '(unset)'} is not "
+            "release.N, so this looks like honcho or foreman, which stop every process when "
+            "one exits)",
+            flush=True,
+        )
+        _idle_until_stopped()
     return 0
+
+
+def _idle_until_stopped() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    while not stop.wait(1.0):
+        pass
