@@ -21,9 +21,9 @@ from typing import Any, TextIO
 import httpx
 from sqlalchemy import insert
 
-from devstack.localstack import StackInfo
 from devstack.processes import StackError
 from dispatcher import db
+from dispatcher.cli.stack import StackInfo
 from dispatcher.delivery.message import message_id_for
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.reasons import Reason

@@ -8,16 +8,15 @@ server (see :mod:`devstack.localredis`). Everything the stack starts is stopped 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import httpx
 
@@ -33,57 +32,12 @@ from devstack.processes import (
     port_in_use,
 )
 from dispatcher import db
+from dispatcher.cli.stack import STACK_FILE, StackInfo
 from dispatcher.db import redact
 from dispatcher.settings import Settings
 
-STACK_FILE = "stack.json"
 TOKEN_FILE = "api-token"
 QUEUES = "smartplan,campaign,system"
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """What a running stack tells its clients (``dispatcher demo``), saved as ``stack.json``."""
-
-    api_url: str
-    token: str
-    database_url: str
-    redis_url: str
-    redis_kind: str
-    smtp_host: str
-    smtp_port: int
-    outbox: str
-    logs: str
-    free_plan_credits: int
-    pid: int
-    children: dict[str, int] = field(default_factory=dict)
-
-    def save(self, directory: Path) -> Path:
-        """Write ``stack.json`` readable by the owner only (it holds the API token)."""
-        path = directory / STACK_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, directory: Path) -> StackInfo:
-        """Read ``stack.json`` of the stack running in ``directory``."""
-        path = directory / STACK_FILE
-        try:
-            raw: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise StackError(
-                f"no {path}: start the stack first with `dispatcher run --dir {directory}`"
-            ) from None
-        except ValueError as exc:
-            raise StackError(f"{path} is not valid JSON ({exc})") from None
-        try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise StackError(f"{path} is from another version of dispatcher ({exc})") from None
 
 
 @dataclass(frozen=True)
