@@ -1,6 +1,7 @@
-"""The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API and worker.
+"""The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API, worker
+and beat.
 
-The API and the Celery worker run as child processes (the core never imports Celery); they get
+The API, the Celery worker and beat run as child processes (the core never imports Celery); they get
 their configuration through the environment variables :meth:`Settings.from_env` reads. Redis is
 ``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process fakeredis TCP
 server (see :mod:`devstack.localredis`). Everything the stack starts is stopped when it stops.
@@ -104,6 +105,19 @@ def worker_command(name: str) -> list[str]:
     ]
 
 
+def beat_command() -> list[str]:
+    """Celery beat of the local stack: the Procfile's, schedule in memory (no file)."""
+    return [
+        *(sys.executable, "-m", "celery", "-A", "workers.app", "beat"),
+        *("-S", "celery.beat:Scheduler", "--loglevel", "INFO"),
+    ]
+
+
+def _beat_ready(line: str) -> bool:
+    """Beat's "beat: Starting..." line: it schedules from now on."""
+    return "beat: Starting..." in line
+
+
 def api_command(port: int) -> list[str]:
     """The HTTP API of the local stack, on loopback."""
     return [
@@ -130,7 +144,8 @@ def child_environment(base: Settings, **values: str) -> dict[str, str]:
 
 
 class LocalStack:
-    """Database, Redis, SMTP, worker and API for one run directory, started and stopped in order."""
+    """Database, Redis, SMTP, worker, beat and API for one run directory, started and stopped
+    in order."""
 
     def __init__(self, options: RunOptions, say: Say, stop: threading.Event) -> None:
         self.options = options
@@ -192,13 +207,22 @@ class LocalStack:
             echo=echo,
             ready_marker=_worker_ready,
         )
+        beat = Child(
+            "beat",
+            beat_command(),
+            env,
+            self.logs / "beat.log",
+            echo=echo,
+            ready_marker=_beat_ready,
+        )
         api = Child("api", api_command(opts.api_port), env, self.logs / "api.log", echo=echo)
-        for child in (worker, api):
+        for child in (worker, beat, api):
             child.start()
             self.children.append(child)
         api_url = f"http://{HOST}:{opts.api_port}"
         self._wait(lambda: _api_healthy(api_url), f"the API at {api_url}/healthz")
         self._wait(worker.ready.is_set, "the Celery worker")
+        self._wait(beat.ready.is_set, "Celery beat")
 
         pids = {c.name: c.pid for c in self.children}
         if isinstance(self.redis, PrivateRedisServer):
@@ -251,7 +275,7 @@ class LocalStack:
             if self.redis is not None and not self.redis.alive():
                 self.say(f"Redis ({self.redis.description}) stopped; stopping the stack")
                 return 1
-        self.say("stopping: API, worker, Redis, SMTP")
+        self.say("stopping: API, beat, worker, Redis, SMTP")
         return 0
 
     def stop(self) -> None:
