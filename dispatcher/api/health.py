@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from dispatcher.api.deps import RuntimeDep
-from dispatcher.models import Send
+from dispatcher.models import Send, SendKind
 
 router = APIRouter()
 
@@ -35,11 +35,16 @@ def healthz(rt: RuntimeDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(rt: RuntimeDep) -> str:
-    """Prometheus text: sends by status and the step-outcome stream length."""
+    """Prometheus text: sends by status (imported usage left out) and the step-outcome stream
+    length."""
     with rt.sessions() as session:
-        rows = session.execute(select(Send.status, func.count()).group_by(Send.status)).all()
+        rows = session.execute(
+            select(Send.status, func.count())
+            .where(Send.kind != SendKind.IMPORTED)
+            .group_by(Send.status)
+        ).all()
     lines = [
-        "# HELP dispatcher_sends Sends by status.",
+        "# HELP dispatcher_sends Sends by status (imported usage, such as demo seeds, left out).",
         "# TYPE dispatcher_sends gauge",
         *(f'dispatcher_sends{{status="{s.value}"}} {n}' for s, n in rows),
         "# HELP dispatcher_outcome_stream_length Entries on the step-outcome stream.",
