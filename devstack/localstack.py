@@ -1,10 +1,11 @@
 """The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API, worker
 and beat.
 
-The API, the Celery worker and beat run as child processes (the core never imports Celery); they get
-their configuration through the environment variables :meth:`Settings.from_env` reads. Redis is
-``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process fakeredis TCP
-server (see :mod:`devstack.localredis`). Everything the stack starts is stopped when it stops.
+The API, the Celery worker and beat run as child processes (the core never imports Celery);
+they get their configuration through the environment variables :meth:`Settings.from_env` reads.
+Redis is ``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process
+fakeredis TCP server (see :mod:`devstack.localredis`). Everything the stack starts is stopped
+when it stops.
 """
 
 from __future__ import annotations
