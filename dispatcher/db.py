@@ -162,8 +162,9 @@ def wait_until_migrated(
 
     A revision these migrations do not know (newer code migrated the database) is logged and
     accepted: refusing would stop a rollback of the code. Raises :class:`SchemaNotReady` when
-    the head is not reached in time; a database that cannot be reached meanwhile counts as not
-    migrated yet.
+    the database answers at an older revision, or none, once the time is up. A database that
+    does not answer until then is logged and given up on (returns None): the process starts
+    and meets the outage as it would meet one later (503, retried tasks), rather than exit.
     """
     scripts = ScriptDirectory.from_config(alembic_config(engine))
     head = head_revision(engine)
@@ -174,8 +175,10 @@ def wait_until_migrated(
         try:
             current = current_revision(engine)
         except DBAPIError as exc:
-            current, problem = None, f"not reachable yet ({type(exc.orig).__name__})"
+            current, unreachable = None, True
+            problem = f"not reachable ({type(exc.orig).__name__})"
         else:
+            unreachable = False
             problem = f"at revision {current}" if current else "not migrated"
             if current == head:
                 if waiting_since is not None:
@@ -204,6 +207,14 @@ def wait_until_migrated(
                 head,
             )
         if time.monotonic() >= deadline:
+            if unreachable:
+                log.warning(
+                    "database %s still %s after %.0fs; starting without knowing its revision",
+                    engine.url.render_as_string(hide_password=True),
+                    problem,
+                    time.monotonic() - waiting_since,
+                )
+                return None
             raise SchemaNotReady(current, head, time.monotonic() - waiting_since)
         sleep(interval)
 

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from dispatcher import db
 from dispatcher.errors import SchemaNotReady
 from dispatcher.models import Base
+from tests.conftest import free_port
 
 NOW = datetime(2026, 11, 10, tzinfo=UTC)
 
@@ -143,5 +144,15 @@ def test_a_database_migrated_by_newer_code_does_not_stop_a_rollback(tmp_path: Pa
         with engine.begin() as conn:
             conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
         assert db.wait_until_migrated(engine, timeout=0) == "0099"
+    finally:
+        engine.dispose()
+
+
+def test_a_database_that_does_not_answer_is_met_as_an_outage_not_a_reason_to_exit() -> None:
+    # Given a PostgreSQL URL where nothing listens
+    engine = db.make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    try:
+        # Then, the wait over, the process starts without knowing the revision
+        assert db.wait_until_migrated(engine, timeout=0) is None
     finally:
         engine.dispose()
