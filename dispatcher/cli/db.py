@@ -10,6 +10,7 @@ from types import FrameType
 
 from dispatcher import db
 from dispatcher.cli.common import Commands
+from dispatcher.cli.stack import command_settings
 from dispatcher.db import redact
 from dispatcher.settings import Settings
 
@@ -24,8 +25,10 @@ def add_commands(commands: Commands) -> None:
         "upgrade",
         help="apply every migration to DATABASE_URL",
         description=(
-            "Apply every migration (Alembic) to DATABASE_URL, or to --database-url. Safe to "
-            "repeat: a database already at the latest revision is left as it is."
+            "Apply every migration (Alembic) to --database-url, else DATABASE_URL, else (neither "
+            "DATABASE_URL nor REDIS_URL set, and not --release) the running local stack's "
+            "database. Safe to repeat: a database already at the latest revision is left as it "
+            "is."
         ),
     )
     upgrade.add_argument(
@@ -46,7 +49,13 @@ def add_commands(commands: Commands) -> None:
 
 def _upgrade(args: argparse.Namespace) -> int:
     """``dispatcher db upgrade``."""
-    url = args.database_url or Settings.from_env().database_url
+    if args.database_url:
+        url = args.database_url
+    elif args.release:
+        # A Procfile process: the environment's settings, as web and the workers read them.
+        url = Settings.from_env().database_url
+    else:
+        url = command_settings(args).database_url
     engine = db.make_engine(url)
     try:
         db.upgrade(engine)

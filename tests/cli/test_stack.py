@@ -140,3 +140,14 @@ def test_a_missing_file_is_one_line_not_a_traceback(
     assert main([*argv, "--api-url", "http://127.0.0.1:9", "--token", "t" * 12]) == 2
     err = capsys.readouterr().err
     assert err == "dispatcher campaign: missing.html: No such file or directory\n"
+
+
+def test_db_upgrade_migrates_the_running_stack_s_database_not_a_stray_one(
+    settings: Settings, newcomer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack_db = f"sqlite:///{newcomer / 'stack.db'}"
+    _stack(settings.with_overrides(database_url=stack_db), newcomer / ".dispatcher")
+    assert main(["db", "upgrade"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{stack_db} is at revision ") and "using the local stack" in err
+    assert list(newcomer.glob("dispatcher.db*")) == []
