@@ -18,6 +18,7 @@ from devstack.localredis import RedisChoice
 from dispatcher.cli.common import Commands, port
 from dispatcher.cli.main import build_parser, run
 from dispatcher.cli.stack import DEFAULT_DIR, DIR_VARIABLE, stack_dir
+from workers import status
 
 _RUN_DESCRIPTION = (
     "Start everything a newcomer needs, in the foreground until Ctrl-C (SIGINT, SIGTERM "
@@ -178,7 +179,7 @@ def _serve_smtp(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dispatcher`` console script; returns the exit code."""
-    return run(build_parser(extra=(add_commands,)), argv)
+    return run(build_parser(extra=(add_commands, status.add_commands)), argv)
 
 
 if __name__ == "__main__":

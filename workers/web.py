@@ -25,5 +25,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logs.configure(settings.log_level)
         wait_for_schema(settings)
     runtime = Runtime(settings)
-    celery = create_celery(settings, runtime)
-    return create_api(runtime, CeleryTaskQueue(celery))
+    queue = CeleryTaskQueue(create_celery(settings, runtime))
+    return create_api(runtime, queue, broker=queue)

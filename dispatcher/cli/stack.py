@@ -115,14 +115,14 @@ def _configured(name: str, env_file: Path) -> bool:
 def command_settings(args: argparse.Namespace | None = None, err: TextIO | None = None) -> Settings:
     """The settings an ops command works with.
 
-    ``DATABASE_URL`` or ``REDIS_URL`` set (environment or ``.env``): the environment's
-    settings, as every process of the Procfile reads them. Neither set: the running local
-    stack's database, Redis and SMTP relay (its ``stack.json``), named in one line on stderr.
-    Neither set and no stack: :class:`StackNotFound`, rather than a stray ``dispatcher.db``
-    in the working directory and whatever Redis answers on the default port.
+    ``DATABASE_URL``, ``REDIS_URL`` or ``BROKER_URL`` set (environment or ``.env``): the
+    environment's settings, as every process of the Procfile reads them. None set: the running
+    local stack's database, Redis and SMTP relay (its ``stack.json``), named in one line on
+    stderr. None set and no stack: :class:`StackNotFound`, rather than a stray
+    ``dispatcher.db`` in the working directory and whatever Redis answers on the default port.
     """
     env_file = Path(".env")
-    if any(_configured(name, env_file) for name in ("DATABASE_URL", "REDIS_URL")):
+    if any(_configured(name, env_file) for name in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")):
         return Settings.from_env()
     directory = stack_dir(args)
     if not (directory / STACK_FILE).is_file():

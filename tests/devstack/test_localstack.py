@@ -19,7 +19,6 @@ from email.policy import default
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from devstack.processes import free_port
@@ -169,9 +168,14 @@ def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_q
         # and the agent was told in the app and by email (95% reached, then the limit)
         assert "limit reached" in demo.stdout.lower()
         assert len(to_agent) == 2
-        # and the seeded earlier sends are not counted as sends of this stack
-        metrics = httpx.get(stack.info["api_url"] + "/metrics", timeout=10).text
-        assert 'dispatcher_sends{status="sent"} 3\n' in metrics
+        # and `dispatcher status`, run where the stack runs, counts the demo's 3 sends, not the
+        # 4,997 earlier ones it seeded into the ledger
+        status = stack.command("status", "--json", DISPATCHER_DIR=str(stack.directory))
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert json.loads(status.stdout)["last_minute"] == {
+            "smartplan sent": 3,
+            "smartplan failed": 2,
+        }
 
         # When a newcomer asks for the demo agent's credits (the stack's folder given after
         # the command) and upgrades the agent (the folder in DISPATCHER_DIR)
