@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +95,17 @@ def honcho(
     output = workdir / f"{name}.out"
     command = [str(HONCHO), "-f", str(ROOT / "Procfile"), "start", "--no-colour", "-p", str(base)]
     with output.open("wb") as sink:
+        # A session of its own: honcho's helper processes share its group, so a failed test
+        # can stop them all.
         proc = subprocess.Popen(
-            [*command, *processes], stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=workdir
+            [*command, *processes],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
         )
     run = Honcho(proc, output, base)
-    groups: list[int] = []
     try:
         yield run
         groups = list(run.started().values())
@@ -111,11 +117,13 @@ def honcho(
         assert left == {}, f"still running after honcho stopped: {left}\n{run.text()}"
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pgid in groups:
+            proc.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+        for pgid in [proc.pid, *run.started().values()]:
             if _group(pgid):
                 os.killpg(pgid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def _wait_healthy(run: Honcho, url: str, timeout: float = 45) -> None:
