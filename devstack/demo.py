@@ -55,7 +55,8 @@ def seed_earlier_sends(database_url: str, user_id: str, count: int) -> str:
 
     They stand for the agent's earlier activity this month: the quota ledger counts them when
     it builds the user's Redis grant on the first reservation. They are marked
-    :attr:`SendKind.IMPORTED`, so ``/metrics`` does not count them as sends.
+    :attr:`SendKind.IMPORTED`, so the outcome counts operators read (``dispatcher status``)
+    leave them out.
     """
     now = datetime.now(UTC)
     engine = db.make_engine(database_url)

@@ -93,8 +93,8 @@ class SendKind(enum.StrEnum):
     SMARTPLAN = "smartplan"
     CAMPAIGN = "campaign"
     #: Usage recorded from outside the dispatcher (``dispatcher demo``'s earlier sends): it
-    #: takes credits of its grant like a send, but was never sent here, so the send counts
-    #: operators read (``/metrics``) leave it out.
+    #: takes credits of its grant like a send, but was never sent here, so the outcome counts
+    #: operators read (``dispatcher status``) leave it out.
     IMPORTED = "imported"
 
 
