@@ -17,9 +17,8 @@ from devstack.devsmtp import serve_forever
 from devstack.localredis import RedisChoice
 from dispatcher.cli.common import Commands, port
 from dispatcher.cli.main import build_parser, run
+from dispatcher.cli.stack import DEFAULT_DIR, DIR_VARIABLE, stack_dir
 from workers import status
-
-DEFAULT_DIR = Path(".dispatcher")
 
 _RUN_DESCRIPTION = (
     "Start everything a newcomer needs, in the foreground until Ctrl-C (SIGINT, SIGTERM "
@@ -27,10 +26,12 @@ _RUN_DESCRIPTION = (
     "DATABASE_URL, else a SQLite file in DIR), migrated; Redis "
     "(REDIS_URL when it answers PING, else a private redis-server, else an embedded "
     "in-memory stand-in); an SMTP server that writes every accepted message as a .eml "
-    "file in DIR/outbox/; the HTTP API; and a Celery worker for the smartplan, campaign "
-    "and system queues. The API token is API_TOKENS, or one generated, kept in "
-    "DIR/api-token and printed. The API's and worker's output goes to DIR/logs/. "
-    "DIR/stack.json tells `dispatcher demo` where everything is."
+    "file in DIR/outbox/; the HTTP API; a Celery worker for the smartplan, campaign "
+    "and system queues; and Celery beat (renewals, the outbox and recovery sweeps: a "
+    "receipt or notice queued by a command arrives within a minute). The API token is "
+    "API_TOKENS, or one generated, kept in DIR/api-token and printed. The API's, worker's "
+    "and beat's output goes to DIR/logs/. DIR/stack.json tells the other commands "
+    "(`dispatcher demo`, `credits`, `subscription`, ...) where everything is."
 )
 
 
@@ -50,8 +51,11 @@ def _add_run(commands: Commands) -> None:
     command.add_argument(
         "--dir",
         type=Path,
-        default=DEFAULT_DIR,
-        help="folder for the database, outbox, logs and stack.json (default: %(default)s)",
+        default=argparse.SUPPRESS,
+        help=(
+            "folder for the database, outbox, logs and stack.json (default: "
+            f"{DIR_VARIABLE}, else {DEFAULT_DIR})"
+        ),
     )
     command.add_argument(
         "--api-port",
@@ -112,8 +116,8 @@ def _add_demo(commands: Commands) -> None:
     command.add_argument(
         "--dir",
         type=Path,
-        default=DEFAULT_DIR,
-        help="the folder `dispatcher run` uses (default: %(default)s)",
+        default=argparse.SUPPRESS,
+        help=f"the folder `dispatcher run` uses (default: {DIR_VARIABLE}, else {DEFAULT_DIR})",
     )
     command.add_argument(
         "--timeout",
@@ -149,7 +153,7 @@ def _add_serve_smtp(commands: Commands) -> None:
 def _run(args: argparse.Namespace) -> int:
     """``dispatcher run``."""
     options = localstack.RunOptions(
-        directory=args.dir,
+        directory=stack_dir(args),
         api_port=args.api_port,
         smtp_port=args.smtp_port,
         redis=RedisChoice(args.redis),
@@ -162,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """``dispatcher demo``."""
-    return demo.run(args.dir, timeout=args.timeout)
+    return demo.run(stack_dir(args), timeout=args.timeout)
 
 
 def _serve_smtp(args: argparse.Namespace) -> int:

@@ -21,9 +21,9 @@ from typing import Any, TextIO
 import httpx
 from sqlalchemy import insert
 
-from devstack.localstack import StackInfo
 from devstack.processes import StackError
 from dispatcher import db
+from dispatcher.cli.stack import StackInfo
 from dispatcher.delivery.message import message_id_for
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.reasons import Reason
@@ -54,7 +54,9 @@ def seed_earlier_sends(database_url: str, user_id: str, count: int) -> str:
     """Write ``count`` sent SmartPlan sends of the user's current grant; returns its period.
 
     They stand for the agent's earlier activity this month: the quota ledger counts them when
-    it builds the user's Redis grant on the first reservation.
+    it builds the user's Redis grant on the first reservation. They are marked
+    :attr:`SendKind.IMPORTED`, so the outcome counts operators read (``dispatcher status``)
+    leave them out.
     """
     now = datetime.now(UTC)
     engine = db.make_engine(database_url)
@@ -81,7 +83,9 @@ def seed_earlier_sends(database_url: str, user_id: str, count: int) -> str:
             {
                 "id": str(uuid.uuid4()),
                 "idempotency_key": key,
-                "kind": SendKind.SMARTPLAN,
+                # Not a send of this dispatcher: counted against the grant, left out of the
+                # send counts operators read.
+                "kind": SendKind.IMPORTED,
                 "user_id": user_id,
                 "contact_id": request.contact_id,
                 "contact_email": request.contact_email,

@@ -1,23 +1,24 @@
-"""The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API and worker.
+"""The local stack behind ``dispatcher run``: database, Redis, a .eml SMTP server, API, worker
+and beat.
 
-The API and the Celery worker run as child processes (the core never imports Celery); they get
-their configuration through the environment variables :meth:`Settings.from_env` reads. Redis is
-``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process fakeredis TCP
-server (see :mod:`devstack.localredis`). Everything the stack starts is stopped when it stops.
+The API, the Celery worker and beat run as child processes (the core never imports Celery);
+they get their configuration through the environment variables :meth:`Settings.from_env` reads.
+Redis is ``REDIS_URL`` when it answers, else a private ``redis-server``, else an in-process
+fakeredis TCP server (see :mod:`devstack.localredis`). Everything the stack starts is stopped
+when it stops.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import httpx
 
@@ -33,57 +34,12 @@ from devstack.processes import (
     port_in_use,
 )
 from dispatcher import db
+from dispatcher.cli.stack import STACK_FILE, StackInfo
 from dispatcher.db import redact
 from dispatcher.settings import Settings
 
-STACK_FILE = "stack.json"
 TOKEN_FILE = "api-token"
 QUEUES = "smartplan,campaign,system"
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """What a running stack tells its clients (``dispatcher demo``), saved as ``stack.json``."""
-
-    api_url: str
-    token: str
-    database_url: str
-    redis_url: str
-    redis_kind: str
-    smtp_host: str
-    smtp_port: int
-    outbox: str
-    logs: str
-    free_plan_credits: int
-    pid: int
-    children: dict[str, int] = field(default_factory=dict)
-
-    def save(self, directory: Path) -> Path:
-        """Write ``stack.json`` readable by the owner only (it holds the API token)."""
-        path = directory / STACK_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, directory: Path) -> StackInfo:
-        """Read ``stack.json`` of the stack running in ``directory``."""
-        path = directory / STACK_FILE
-        try:
-            raw: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise StackError(
-                f"no {path}: start the stack first with `dispatcher run --dir {directory}`"
-            ) from None
-        except ValueError as exc:
-            raise StackError(f"{path} is not valid JSON ({exc})") from None
-        try:
-            return cls(**raw)
-        except TypeError as exc:
-            raise StackError(f"{path} is from another version of dispatcher ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -150,6 +106,19 @@ def worker_command(name: str) -> list[str]:
     ]
 
 
+def beat_command() -> list[str]:
+    """Celery beat of the local stack: the Procfile's, schedule in memory (no file)."""
+    return [
+        *(sys.executable, "-m", "celery", "-A", "workers.app", "beat"),
+        *("-S", "celery.beat:Scheduler", "--loglevel", "INFO"),
+    ]
+
+
+def _beat_ready(line: str) -> bool:
+    """Beat's "beat: Starting..." line: it schedules from now on."""
+    return "beat: Starting..." in line
+
+
 def api_command(port: int) -> list[str]:
     """The HTTP API of the local stack, on loopback."""
     return [
@@ -176,7 +145,8 @@ def child_environment(base: Settings, **values: str) -> dict[str, str]:
 
 
 class LocalStack:
-    """Database, Redis, SMTP, worker and API for one run directory, started and stopped in order."""
+    """Database, Redis, SMTP, worker, beat and API for one run directory, started and stopped
+    in order."""
 
     def __init__(self, options: RunOptions, say: Say, stop: threading.Event) -> None:
         self.options = options
@@ -238,13 +208,22 @@ class LocalStack:
             echo=echo,
             ready_marker=_worker_ready,
         )
+        beat = Child(
+            "beat",
+            beat_command(),
+            env,
+            self.logs / "beat.log",
+            echo=echo,
+            ready_marker=_beat_ready,
+        )
         api = Child("api", api_command(opts.api_port), env, self.logs / "api.log", echo=echo)
-        for child in (worker, api):
+        for child in (worker, beat, api):
             child.start()
             self.children.append(child)
         api_url = f"http://{HOST}:{opts.api_port}"
         self._wait(lambda: _api_healthy(api_url), f"the API at {api_url}/healthz")
         self._wait(worker.ready.is_set, "the Celery worker")
+        self._wait(beat.ready.is_set, "Celery beat")
 
         pids = {c.name: c.pid for c in self.children}
         if isinstance(self.redis, PrivateRedisServer):
@@ -297,7 +276,7 @@ class LocalStack:
             if self.redis is not None and not self.redis.alive():
                 self.say(f"Redis ({self.redis.description}) stopped; stopping the stack")
                 return 1
-        self.say("stopping: API, worker, Redis, SMTP")
+        self.say("stopping: API, beat, worker, Redis, SMTP")
         return 0
 
     def stop(self) -> None:

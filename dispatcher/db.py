@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher.errors import SchemaNotReady
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -135,6 +141,82 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision(engine: Engine) -> str:
+    """The revision the code's migrations end at."""
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    assert head is not None, "the migrations have one head"
+    return head
+
+
+def wait_until_migrated(
+    engine: Engine,
+    timeout: float,
+    *,
+    interval: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """Return the database's revision once it is the migrations' head, waiting up to
+    ``timeout`` seconds (a release process still migrating) and logging once that it waits.
+
+    A revision these migrations do not know (newer code migrated the database) is logged and
+    accepted: refusing would stop a rollback of the code. Raises :class:`SchemaNotReady` when
+    the database answers at an older revision, or none, once the time is up. A database that
+    does not answer until then is logged and given up on (returns None): the process starts
+    and meets the outage as it would meet one later (503, retried tasks), rather than exit.
+    """
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    head = head_revision(engine)
+    known = {script.revision for script in scripts.walk_revisions()}
+    deadline = time.monotonic() + timeout
+    waiting_since: float | None = None
+    while True:
+        try:
+            current = current_revision(engine)
+        except DBAPIError as exc:
+            current, unreachable = None, True
+            problem = f"not reachable ({type(exc.orig).__name__})"
+        else:
+            unreachable = False
+            problem = f"at revision {current}" if current else "not migrated"
+            if current == head:
+                if waiting_since is not None:
+                    log.info(
+                        "database migrated to %s after %.1fs",
+                        head,
+                        time.monotonic() - waiting_since,
+                    )
+                return current
+            if current is not None and current not in known:
+                log.warning(
+                    "database at revision %s, which this code's migrations (head %s) do not "
+                    "know: newer code migrated it; starting anyway",
+                    current,
+                    head,
+                )
+                return current
+        if waiting_since is None:
+            waiting_since = time.monotonic()
+            log.warning(
+                "database %s is %s; waiting up to %.0fs for it to reach %s (the release "
+                "process, `dispatcher db upgrade`, migrates it)",
+                engine.url.render_as_string(hide_password=True),
+                problem,
+                timeout,
+                head,
+            )
+        if time.monotonic() >= deadline:
+            if unreachable:
+                log.warning(
+                    "database %s still %s after %.0fs; starting without knowing its revision",
+                    engine.url.render_as_string(hide_password=True),
+                    problem,
+                    time.monotonic() - waiting_since,
+                )
+                return None
+            raise SchemaNotReady(current, head, time.monotonic() - waiting_since)
+        sleep(interval)
 
 
 def redact(url: str) -> str:

@@ -20,6 +20,20 @@ class ConfigError(DispatcherError):
         self.problem = problem
 
 
+class SchemaNotReady(DispatcherError):
+    """The database is not migrated to the revision the code needs (the release process has
+    not run, or is still running)."""
+
+    def __init__(self, current: str | None, head: str, waited: float) -> None:
+        super().__init__(
+            f"the database is at revision {current or '(none: not migrated)'} after waiting "
+            f"{waited:.0f}s, and this code needs {head}: run `dispatcher db upgrade` (the "
+            "Procfile's release process)"
+        )
+        self.current = current
+        self.head = head
+
+
 class InvalidInput(DispatcherError, ValueError):
     """A producer sent something we cannot accept; nothing was stored or enqueued.
 

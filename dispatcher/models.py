@@ -92,6 +92,10 @@ CHARGED_STATUSES = (SendStatus.RESERVED, SendStatus.SENDING, SendStatus.SENT, Se
 class SendKind(enum.StrEnum):
     SMARTPLAN = "smartplan"
     CAMPAIGN = "campaign"
+    #: Usage recorded from outside the dispatcher (``dispatcher demo``'s earlier sends): it
+    #: takes credits of its grant like a send, but was never sent here, so the outcome counts
+    #: operators read (``dispatcher status``) leave it out.
+    IMPORTED = "imported"
 
 
 class Provider(enum.StrEnum):

@@ -265,6 +265,12 @@ class Settings(BaseSettings):
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
     relay_halt_seconds: int = 900
+    #: Port of the inbound SMTP server (``serve-unsubscribe``); None: the platform's ``PORT``,
+    #: else 2526. ``UNSUBSCRIBE_SMTP_PORT``, its earlier name, is read too.
+    inbound_smtp_port: int | None = None
+    #: How long the API and workers wait at start for the database schema to reach the
+    #: migrations' head (a release still migrating) before giving up.
+    schema_wait_seconds: float = 60.0
     #: Seconds added to the wall clock by every process built from these settings: tests and
     #: rehearsals (a month end, a renewal) run real processes in another period. 0 in production.
     clock_offset_seconds: float = 0.0
@@ -403,6 +409,10 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_CA_FILE", f"{self.smtp_ca_file} is not a readable file")
         if self.relay_halt_seconds < 1:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
+        if self.inbound_smtp_port is not None and not 0 < self.inbound_smtp_port < 65536:
+            raise ConfigError("INBOUND_SMTP_PORT", f"{self.inbound_smtp_port} is not a TCP port")
+        if not (math.isfinite(self.schema_wait_seconds) and self.schema_wait_seconds >= 0):
+            raise ConfigError("SCHEMA_WAIT_SECONDS", "must be a number of seconds (0: no wait)")
 
     def _check_public(self) -> None:
         """What a deployment reachable from the internet needs (keys of its own)."""
@@ -503,11 +513,27 @@ class Settings(BaseSettings):
             values.update(_read_env_file(Path(env_file)))
         values.update(environ)
         _refuse_celerys_own(environ, values.get("BROKER_URL"))
-        return cls(**_Variables(cls, values)())
+        read_as: dict[str, str] = {}
+        for alias, name in ALIASES.items():
+            # The variable's own name wins over its earlier one, wherever each was set.
+            if values.get(alias) and not values.get(name):
+                values[name] = values[alias]
+                read_as[name] = alias
+            values.pop(alias, None)
+        try:
+            return cls(**_Variables(cls, values)())
+        except ConfigError as error:
+            if error.variable not in read_as:
+                raise
+            raise ConfigError(read_as[error.variable], error.problem) from None
+
+
+#: Earlier names of variables, still read: {earlier name: name}.
+ALIASES = {"UNSUBSCRIBE_SMTP_PORT": "INBOUND_SMTP_PORT"}
 
 
 #: Variables this project reads; anything else in a .env file is a typo and stops the process.
-KNOWN_VARIABLES = tuple(name.upper() for name in Settings.model_fields)
+KNOWN_VARIABLES = (*(name.upper() for name in Settings.model_fields), *ALIASES)
 
 
 class _Variables(EnvSettingsSource):

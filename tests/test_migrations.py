@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from dispatcher import db
+from dispatcher.errors import SchemaNotReady
 from dispatcher.models import Base
+from tests.conftest import free_port
 
 NOW = datetime(2026, 11, 10, tzinfo=UTC)
 
@@ -99,4 +104,55 @@ def test_0008_moves_a_campaign_s_invalid_and_suppressed_lists_to_rows_and_back(
             conn.execute(text("DELETE FROM campaign_exclusions"))
             conn.execute(text("DELETE FROM campaigns"))
             conn.execute(text("DELETE FROM users"))
+        engine.dispose()
+
+
+def test_processes_wait_for_the_release_to_migrate_then_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an empty database, as web and the workers find it when honcho starts them beside
+    # the release process
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        with pytest.raises(SchemaNotReady) as info:
+            db.wait_until_migrated(engine, timeout=0)
+        assert info.value.current is None
+        assert "dispatcher db upgrade" in str(info.value)
+
+        # When the release migrates it while they wait
+        def release_migrates(_seconds: float) -> None:
+            polls.append(1)
+            db.upgrade(engine, "0007" if len(polls) == 1 else "head")
+
+        polls: list[int] = []
+        with caplog.at_level(logging.INFO, logger="dispatcher.db"):
+            revision = db.wait_until_migrated(engine, timeout=30, sleep=release_migrates)
+
+        # Then they start once it is at the head, having said once why they waited
+        assert revision == db.head_revision(engine) and len(polls) == 2
+        waiting = [r for r in caplog.records if "waiting up to 30s" in r.getMessage()]
+        assert len(waiting) == 1 and "not migrated" in waiting[0].getMessage()
+        assert any("migrated to" in r.getMessage() for r in caplog.records)
+    finally:
+        engine.dispose()
+
+
+def test_a_database_migrated_by_newer_code_does_not_stop_a_rollback(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'newer.db'}")
+    try:
+        db.upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        assert db.wait_until_migrated(engine, timeout=0) == "0099"
+    finally:
+        engine.dispose()
+
+
+def test_a_database_that_does_not_answer_is_met_as_an_outage_not_a_reason_to_exit() -> None:
+    # Given a PostgreSQL URL where nothing listens
+    engine = db.make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    try:
+        # Then, the wait over, the process starts without knowing the revision
+        assert db.wait_until_migrated(engine, timeout=0) is None
+    finally:
         engine.dispose()

@@ -68,6 +68,7 @@ def test_defaults_and_parsing() -> None:
         ({"TEMPLATE_MAX_OUTPUT_BYTES": "100"}, "TEMPLATE_MAX_OUTPUT_BYTES"),
         ({"SQLITE_SYNCHRONOUS": "off"}, "SQLITE_SYNCHRONOUS"),
         ({"SMTP_IDLE_SECONDS": "0"}, "SMTP_IDLE_SECONDS"),
+        ({"SCHEMA_WAIT_SECONDS": "-1"}, "SCHEMA_WAIT_SECONDS"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -140,3 +141,21 @@ def test_sqlite_commits_are_synced_as_configured(tmp_path: Path, level: str, pra
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == pragma
     engine.dispose()
+
+
+def test_inbound_smtp_port_is_read_under_its_earlier_name_too(tmp_path: Path) -> None:
+    assert Settings.from_env({}, env_file=None).inbound_smtp_port is None
+    earlier = Settings.from_env({"UNSUBSCRIBE_SMTP_PORT": "2600"}, env_file=None)
+    assert earlier.inbound_smtp_port == 2600
+    both = {"UNSUBSCRIBE_SMTP_PORT": "2600", "INBOUND_SMTP_PORT": "2700"}
+    assert Settings.from_env(both, env_file=None).inbound_smtp_port == 2700
+    # Given the earlier name in a .env file: known, and a bad value names it
+    env = tmp_path / ".env"
+    env.write_text("UNSUBSCRIBE_SMTP_PORT=2800\n")
+    assert Settings.from_env({}, env_file=env).inbound_smtp_port == 2800
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"UNSUBSCRIBE_SMTP_PORT": "70000"}, env_file=None)
+    assert info.value.variable == "UNSUBSCRIBE_SMTP_PORT"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"INBOUND_SMTP_PORT": "smtp"}, env_file=None)
+    assert info.value.variable == "INBOUND_SMTP_PORT"

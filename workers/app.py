@@ -14,8 +14,8 @@ from celery.signals import worker_init, worker_shutdown
 from kombu.entity import Exchange, Queue
 from prometheus_client import start_http_server
 
-from dispatcher import metrics
-from dispatcher.errors import ConfigError
+from dispatcher import db, logs, metrics
+from dispatcher.errors import ConfigError, SchemaNotReady
 from dispatcher.ports import OutboxOnly
 from dispatcher.redisclient import is_cluster
 from dispatcher.runtime import Runtime
@@ -116,6 +116,22 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     return app
 
 
+def wait_for_schema(settings: Settings) -> None:
+    """Return once the database is migrated to the code's revision; a process started beside
+    a release still migrating (``honcho start``) waits ``SCHEMA_WAIT_SECONDS``, saying so,
+    then exits 1 with one line saying what to run."""
+    # An engine of its own, disposed before any fork: a prefork pool's children must not
+    # inherit its connections.
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.wait_until_migrated(engine, settings.schema_wait_seconds)
+    except SchemaNotReady as exc:
+        log.error("not starting: %s", exc)
+        raise SystemExit(1) from None
+    finally:
+        engine.dispose()
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     """The broker transport's options: how an unacknowledged message comes back."""
     if settings.broker_is_redis:
@@ -154,12 +170,16 @@ _default: Celery | None = None
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A workers.app` reads `app`: build it from the environment on first access.
+    # `celery -A workers.app` reads `app`: build it from the environment on first access,
+    # once the database is migrated (a worker or beat process is starting).
     global _default
     if name == "app":
         if _default is None:
             try:
-                _default = create_app(Settings.from_env())
+                settings = Settings.from_env()
+                logs.configure(settings.log_level)
+                wait_for_schema(settings)
+                _default = create_app(settings)
             except ConfigError as exc:
                 # One line naming the variable, not a traceback, and the process stops.
                 raise SystemExit(f"dispatcher: {exc}") from None

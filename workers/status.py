@@ -50,7 +50,8 @@ def add_commands(commands: Commands) -> None:
             "concurrency and running tasks (asked over the broker; a worker that does not "
             "answer within a second is not listed), sends finished in the last minute by "
             "outcome, sends in flight, campaigns running, the relay's state and the latest "
-            "alerts. Reads the settings of the environment (and .env) like every process."
+            "alerts. Reads the settings of the environment (and .env), or, with neither "
+            "DATABASE_URL nor REDIS_URL set, the running local stack's (`dispatcher run`)."
         ),
     )
     command.add_argument(
@@ -66,7 +67,7 @@ def add_commands(commands: Commands) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    rt = runtime()
+    rt = runtime(args)
     app = create_app(rt.settings, rt)
     queue = CeleryTaskQueue(app)
     try:

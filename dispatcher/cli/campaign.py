@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any, TextIO
 import httpx
 
 from dispatcher.cli.common import Commands
+from dispatcher.cli.stack import STACK_FILE, StackInfo, stack_dir
 from dispatcher.errors import DispatcherError
 from dispatcher.pages import MAX_LIMIT, Page, walk
 
@@ -32,18 +32,12 @@ def add_commands(commands: Commands) -> None:
         help="start, follow, pause, resume or cancel a campaign (through the HTTP API)",
         description=(
             "Campaign commands talk to the HTTP API: --api-url and --token, else "
-            "DISPATCHER_API_URL and DISPATCHER_API_TOKEN, else the local stack's "
-            ".dispatcher/stack.json, else http://127.0.0.1:8000."
+            "DISPATCHER_API_URL and DISPATCHER_API_TOKEN, else the running local stack's "
+            "(stack.json in --dir, DISPATCHER_DIR or .dispatcher), else http://127.0.0.1:8000."
         ),
     )
     campaign.add_argument("--api-url", help="base URL of the dispatcher API")
     campaign.add_argument("--token", help="bearer token for the API")
-    campaign.add_argument(
-        "--dir",
-        type=Path,
-        default=Path(".dispatcher"),
-        help="local stack folder with stack.json (default: %(default)s)",
-    )
     campaign.set_defaults(handler=run)
     sub = campaign.add_subparsers(dest="campaign_command", required=True, metavar="COMMAND")
     _add_send(sub)
@@ -99,10 +93,11 @@ def _client(args: argparse.Namespace) -> httpx.Client:
         args.api_url or os.environ.get("DISPATCHER_API_URL"),
         (args.token or os.environ.get("DISPATCHER_API_TOKEN")),
     )
-    stack = args.dir / "stack.json"
-    if (url is None or token is None) and stack.is_file():
-        info = json.loads(stack.read_text())
-        url, token = url or info.get("api_url"), token or info.get("token")
+    directory = stack_dir(args)
+    if (url is None or token is None) and (directory / STACK_FILE).is_file():
+        info = StackInfo.load(directory)
+        url, token = url or info.api_url, token or info.token
+        print(f"using {info.describe(directory)}, API {url}", file=sys.stderr, flush=True)
     if token is None:
         raise CampaignCommandError("no API token: pass --token or set DISPATCHER_API_TOKEN")
     return httpx.Client(

@@ -1,5 +1,5 @@
-"""What the command modules share: the handler type, a port argument, a Runtime from the
-environment."""
+"""What the command modules share: the handler type, a port argument, a Runtime over the
+command's settings (the environment's, or the running local stack's)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from dispatcher.cli.stack import command_settings
 from dispatcher.runtime import Runtime
-from dispatcher.settings import Settings
 
 #: Carries out one command from its parsed arguments; returns the exit code. Each command's
 #: parser names its handler with ``set_defaults(handler=...)``.
@@ -29,6 +29,8 @@ def port(text: str) -> int:
     return number
 
 
-def runtime() -> Runtime:
-    """A Runtime over the settings of the environment (and .env); the caller closes it."""
-    return Runtime(Settings.from_env())
+def runtime(args: argparse.Namespace | None = None) -> Runtime:
+    """A Runtime over the command's settings: the environment's (and .env's) when they name a
+    database or Redis, else the running local stack's (see :func:`command_settings`); the
+    caller closes it."""
+    return Runtime(command_settings(args))

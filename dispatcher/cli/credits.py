@@ -85,7 +85,7 @@ def _add_reconcile(commands: Commands) -> None:
 
 def _show(args: argparse.Namespace) -> int:
     """``dispatcher credits show USER``."""
-    rt = runtime()
+    rt = runtime(args)
     try:
         c = credits(rt, args.user_id)
     finally:
@@ -104,7 +104,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _subscription(args: argparse.Namespace) -> int:
     """``dispatcher subscription ACTION USER [PLAN]``."""
-    rt = runtime()
+    rt = runtime(args)
     try:
         result = change(rt, args.user_id, args.action, args.plan)
     finally:
@@ -131,7 +131,7 @@ def _plans(_args: argparse.Namespace) -> int:
 
 def _reconcile(args: argparse.Namespace) -> int:
     """``dispatcher reconcile [--repair]``."""
-    rt = runtime()
+    rt = runtime(args)
     checked = differing = 0
     try:
         for check in reconcile(rt, repair=args.repair):

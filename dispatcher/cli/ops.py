@@ -92,7 +92,7 @@ def add_commands(commands: Commands) -> None:
 
 def _command(args: argparse.Namespace) -> int:
     """The handler of :data:`COMMANDS`: :func:`run` with a Runtime from the environment."""
-    rt = runtime()
+    rt = runtime(args)
     try:
         return run(args, rt)
     finally:

@@ -31,7 +31,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.secrets_command == "new-key":
         print(Fernet.generate_key().decode())
         return 0
-    rt = runtime()
+    rt = runtime(args)
     try:
         print(f"{reseal_secrets(rt)} stored secrets sealed with the first key")
     finally:

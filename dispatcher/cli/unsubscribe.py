@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import threading
 
-from dispatcher.cli.common import Commands, port, runtime
+from dispatcher.cli.common import Commands, port
 from dispatcher.delivery import inbound
+from dispatcher.errors import ConfigError
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+DEFAULT_PORT = 2526
 
 
 def add_commands(commands: Commands) -> None:
@@ -21,23 +27,31 @@ def add_commands(commands: Commands) -> None:
             "the token in the subject and suppresses the contact for the agent, like the "
             "one-click POST. It refuses mail for any other address, so give the mailbox a "
             "domain of its own (UNSUBSCRIBE_MAILTO=unsubscribe@unsub.example.com) and point "
-            "that domain's MX at it (port 25, forwarded to PORT). Runs until Ctrl-C."
+            "that domain's MX at it (port 25, forwarded to this server's port). Runs until Ctrl-C."
         ),
     )
     command.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
     )
     command.add_argument(
-        "--port", type=port, default=2526, metavar="PORT", help="port (default: %(default)s)"
+        "--port",
+        type=port,
+        metavar="PORT",
+        help=(
+            "port (default: INBOUND_SMTP_PORT, or its earlier name UNSUBSCRIBE_SMTP_PORT, else "
+            f"PORT as honcho and platforms give each process, else {DEFAULT_PORT})"
+        ),
     )
     command.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     """``dispatcher serve-unsubscribe``."""
-    rt = runtime()
+    # A Procfile process: configured by the environment alone, like web and the workers.
+    settings = Settings.from_env()
+    rt = Runtime(settings)
     try:
-        controller = inbound.start(rt, args.host, args.port)
+        controller = inbound.start(rt, args.host, listen_port(args.port, settings))
         try:
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
@@ -46,3 +60,18 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         rt.close()
     return 0
+
+
+def listen_port(given: int | None, settings: Settings) -> int:
+    """--port, else INBOUND_SMTP_PORT, else the process's PORT, else 2526."""
+    if given is not None:
+        return given
+    if settings.inbound_smtp_port is not None:
+        return settings.inbound_smtp_port
+    platform = os.environ.get("PORT", "").strip()
+    if not platform:
+        return DEFAULT_PORT
+    try:
+        return port(platform)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError("PORT", str(exc)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,17 @@ class Stack:
         return subprocess.run(
             [*DISPATCHER, "demo", "--dir", str(self.directory), "--timeout", "30"],
             env=self.env,
+            cwd=self.directory.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def command(self, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """A `dispatcher` command run from the stack's parent folder, as a newcomer would."""
+        return subprocess.run(
+            [*DISPATCHER, *argv],
+            env={**self.env, **env},
             cwd=self.directory.parent,
             capture_output=True,
             text=True,
@@ -128,6 +140,7 @@ def running_stack(tmp_path: Path, *args: str, **env: str) -> Iterator[Stack]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(240)
 def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_quota(
     tmp_path: Path,
 ) -> None:
@@ -136,7 +149,7 @@ def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_q
         console = stack.console()
         if shutil.which("redis-server"):
             assert "private redis-server" in console
-            assert set(stack.info["children"]) == {"api", "worker", "redis"}
+            assert set(stack.info["children"]) == {"api", "worker", "beat", "redis"}
         else:
             assert "embedded fakeredis" in console
         token = stack.info["token"]
@@ -155,6 +168,42 @@ def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_q
         # and the agent was told in the app and by email (95% reached, then the limit)
         assert "limit reached" in demo.stdout.lower()
         assert len(to_agent) == 2
+        # and `dispatcher status`, run where the stack runs, counts the demo's 3 sends, not the
+        # 4,997 earlier ones it seeded into the ledger
+        status = stack.command("status", "--json", DISPATCHER_DIR=str(stack.directory))
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert json.loads(status.stdout)["last_minute"] == {
+            "smartplan sent": 3,
+            "smartplan failed": 2,
+        }
+
+        # When a newcomer asks for the demo agent's credits (the stack's folder given after
+        # the command) and upgrades the agent (the folder in DISPATCHER_DIR)
+        user = re.search(r"^agent (demo-\S+) ", demo.stdout, re.M)
+        assert user is not None, demo.stdout
+        shown = stack.command("credits", "show", user[1], "--dir", str(stack.directory))
+        upgraded = stack.command(
+            "subscription", "upgrade", user[1], "25k", DISPATCHER_DIR=str(stack.directory)
+        )
+        upgraded_at = time.monotonic()
+
+        # Then both talk to the running stack and say so
+        for done in (shown, upgraded):
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert f"using the local stack in {stack.directory} (sqlite:///" in done.stderr
+            assert "Traceback" not in done.stderr
+        assert "0 remaining" in shown.stdout
+        order = re.search(r"^order (CE-\S+):", upgraded.stdout, re.M)
+        assert order is not None, upgraded.stdout
+        # and beat's outbox sweep hands the receipt to the worker: it is in the outbox within
+        # a minute
+        receipt: list[str] = []
+        while not receipt and time.monotonic() - upgraded_at < 65:
+            time.sleep(1)
+            receipt = [s for s in subjects(stack.directory) if order[1] in s]
+        assert receipt, f"no receipt for {order[1]} after 65s: {subjects(stack.directory)}"
+        assert not list(tmp_path.glob("dispatcher.db*"))  # nothing stray where they ran
+
         # and neither the token nor a message body reached a log
         for log in (stack.directory / "logs").glob("*.log"):
             text = log.read_text(errors="replace")
@@ -170,7 +219,7 @@ def test_run_with_embedded_redis_serves_the_demo_from_an_in_process_fakeredis(
         console = stack.console()
         assert "embedded fakeredis" in console
         assert "in-memory stand-in" in console
-        assert set(stack.info["children"]) == {"api", "worker"}
+        assert set(stack.info["children"]) == {"api", "worker", "beat"}
 
         # When the demo runs twice (each run makes a new agent with 3 credits left)
         first, second = stack.demo(), stack.demo()
@@ -192,6 +241,14 @@ def mail_by_recipient(directory: Path) -> tuple[list[str], list[str]]:
     ]
     return [t for t in to if not t.endswith("@kw.example.com")], [
         t for t in to if t.endswith("@kw.example.com")
+    ]
+
+
+def subjects(directory: Path) -> list[str]:
+    """Subjects of the .eml files in the outbox."""
+    return [
+        str(message_from_bytes(p.read_bytes(), policy=default)["Subject"])
+        for p in (directory / "outbox").glob("*.eml")
     ]
 
 
