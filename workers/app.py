@@ -15,7 +15,7 @@ from kombu.entity import Queue
 from dispatcher.ports import OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from workers import tasks
+from workers import shutdown, tasks
 from workers.names import (
     CAMPAIGN,
     QUEUES,
@@ -81,6 +81,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
         rt.queue = CeleryTaskQueue(app)
     tasks.register(app, rt)
+    shutdown.install(app, rt)  # SIGTERM: long work hands back at its next safe point
 
     def close(sender: Any, **_: Any) -> None:
         # After the last task: QUIT the SMTP connections this process kept, stop its event
