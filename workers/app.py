@@ -50,7 +50,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
             "unacked_restore_throttle": 1,
         },
         task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
+        # After a campaign chunk's own deadline (half the limit), so a chunk yields between
+        # messages first: a soft limit raised mid-batch leaves its messages in DATA unknown.
+        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit * 3 // 4),
         # Outcomes live in SQL and on the step-outcome stream, never in a result backend.
         task_ignore_result=True,
         result_backend=None,
