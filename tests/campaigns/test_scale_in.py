@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from devstack.devsmtp import DevSMTPServer
+from devstack.devsmtp import Action, DevSMTPServer, Received
 from devstack.processes import Child
-from dispatcher.campaigns import control
+from dispatcher.campaigns import control, create
+from dispatcher.campaigns.run import deliver as deliver_chunk
+from dispatcher.errors import Yielded
+from dispatcher.models import CampaignStatus, Send, SendStatus
+from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from tests import crashkit
-from tests.helpers import make_user
+from tests.helpers import campaign_request, make_user
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+#: Tests with real worker processes.
+processes = pytest.mark.timeout(180)
 
 USER = "scale-agent"
 RECIPIENTS = 4000  # 8 chunks of 500: each node's two pool processes run one at a time
@@ -162,6 +170,70 @@ def long_timings(settings: Settings) -> Settings:
     )
 
 
+def test_a_chunk_of_a_worker_told_to_stop_stops_between_messages_and_gives_the_rest_back(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    # Given a chunk of 60 recipients on 3 SMTP connections
+    rt = make_runtime(campaign_chunk_size=60, smtp_pool_size=3)
+    stopping = threading.Event()
+    rt.stopping = stopping
+    make_user(rt)
+    view, _ = create.create(rt, campaign_request(60))
+
+    # When the worker is told to stop as the fifth message is in DATA
+    def fault(stage: str, _r: Received) -> Action | None:
+        if stage == "data" and smtp_server.handler.attempts >= 5:
+            stopping.set()
+        return None
+
+    smtp_server.handler.fault = fault
+    with pytest.raises(Yielded) as held:
+        deliver_chunk(rt, f"{view.id}:0")
+
+    # Then the messages under way finish, no other starts, and the rest are reserved again,
+    # not an attempt
+    assert held.value.reason == "chunk_yield"
+    after = control.view(rt, view.id)
+    sent = after.counts["sent"]
+    assert 5 <= sent <= 5 + 2, sent  # the other connections' messages in conversation
+    assert (after.counts["reserved"], after.counts["sending"], after.counts["unknown"]) == (
+        60 - sent,
+        0,
+        0,
+    )
+    with rt.sessions() as session:
+        attempts = session.scalars(
+            select(Send.attempts).where(
+                Send.campaign_id == view.id, Send.status == SendStatus.RESERVED
+            )
+        ).all()
+    assert set(attempts) == {0}
+    assert len(smtp_server.messages) == sent
+    # And the next run (another worker) sends the rest, each once
+    smtp_server.handler.fault = None
+    stopping.clear()
+    assert deliver_chunk(rt, f"{view.id}:0") is CampaignStatus.COMPLETED
+    per_address = Counter(rcpt for m in smtp_server.messages for rcpt in m.rcpt_tos)
+    assert len(per_address) == 60 and set(per_address.values()) == {1}
+
+
+def test_a_chunk_started_on_a_stopping_worker_sends_nothing_and_is_handed_back(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    rt = make_runtime(campaign_chunk_size=20)
+    stopping = threading.Event()
+    stopping.set()
+    rt.stopping = stopping
+    make_user(rt)
+    view, _ = create.create(rt, campaign_request(20))
+    with pytest.raises(Yielded):
+        deliver_chunk(rt, f"{view.id}:0")
+    assert control.view(rt, view.id).counts["reserved"] == 20
+    assert smtp_server.messages == []
+
+
+@processes
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
 def test_a_node_told_to_stop_mid_campaign_hands_its_chunks_back_and_nobody_is_lost_or_doubled(
     long_timings: Settings, smtp_server: DevSMTPServer, tmp_path: Path, group: bool
@@ -202,6 +274,8 @@ def short_timings(settings: Settings) -> Settings:
     )
 
 
+@processes
+@pytest.mark.slow
 def test_a_node_killed_mid_campaign_leaves_no_duplicate_and_exact_credits(
     short_timings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
 ) -> None:
