@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BENCH_POSTGRES ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench bench-quick bench-scale drill-kills drill-redis lock clean
+.PHONY: install run test lint typecheck pytest bench bench-quick bench-scale bench-metrics drill-kills drill-redis lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-quick: install ## The same benchmark with small sizes: a smoke run of a co
 
 bench-scale: install ## The scale curve on PostgreSQL up to a 1,000,000-recipient campaign (long)
 	$(BIN)/python -m bench --sections scale --million --database-url $(BENCH_POSTGRES) $(ARGS)
+
+bench-metrics: install ## What one GET /metrics costs with 1,000,000 sends stored, SQLite and PostgreSQL (~2 min)
+	$(BIN)/python -m bench.scrape --database-url $(BENCH_POSTGRES) $(ARGS)
 
 drill-kills: install ## SIGKILL campaign workers 20 times during a 3,000-recipient campaign and check what it cost (not a test; ARGS="--help")
 	$(BIN)/python -m tests.drills.campaign_kills $(ARGS)

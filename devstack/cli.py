@@ -17,6 +17,7 @@ from devstack.devsmtp import serve_forever
 from devstack.localredis import RedisChoice
 from dispatcher.cli.common import Commands, port
 from dispatcher.cli.main import build_parser, run
+from workers import status
 
 DEFAULT_DIR = Path(".dispatcher")
 
@@ -174,7 +175,7 @@ def _serve_smtp(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dispatcher`` console script; returns the exit code."""
-    return run(build_parser(extra=(add_commands,)), argv)
+    return run(build_parser(extra=(add_commands, status.add_commands)), argv)
 
 
 if __name__ == "__main__":

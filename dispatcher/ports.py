@@ -30,6 +30,32 @@ class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """One broker queue as the broker reports it."""
+
+    name: str
+    #: Messages ready for a worker (not those a worker has taken and not yet acknowledged).
+    messages: int
+    #: Workers consuming from it, where the broker says (RabbitMQ does, Redis does not).
+    consumers: int | None
+    #: Seconds the next message has waited, where the broker lets it be read without taking
+    #: it (Redis; RabbitMQ does not: its own metrics have it).
+    oldest_seconds: float | None = None
+
+
+class BrokerView(Protocol):
+    """What ops read of the broker: its queues. Raises :class:`QueueUnavailable` when the
+    broker does not answer."""
+
+    @property
+    def location(self) -> str:
+        """The broker's URL without its password."""
+        ...
+
+    def queues(self) -> list[QueueState]: ...
+
+
 class InlineQueue:
     """Runs nothing: records what would be enqueued (tests drive delivery themselves)."""
 

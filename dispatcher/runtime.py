@@ -8,7 +8,6 @@ from collections.abc import Coroutine
 from functools import cached_property
 from typing import Any, TypeVar
 
-from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +24,7 @@ from dispatcher.delivery.transports.base import Transport
 from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
 from dispatcher.models import AlertKind
 from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, StopFlag, TaskQueue
+from dispatcher.redisclient import RedisClient, connect
 from dispatcher.sealing import Sealer
 from dispatcher.settings import Settings
 
@@ -77,8 +77,9 @@ class Runtime:
         return db.make_sessionmaker(self.engine)
 
     @cached_property
-    def redis(self) -> Redis:
-        return Redis.from_url(
+    def redis(self) -> RedisClient:
+        """The quota store: one Redis, or a Redis Cluster when ``REDIS_URL`` names one."""
+        return connect(
             self.settings.redis_url,
             socket_timeout=10,
             socket_connect_timeout=5,

@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from dispatcher.errors import ConfigError
+from dispatcher.redisclient import is_cluster, parse_cluster_url
 from dispatcher.sealing import valid_key
 
 #: The plan every user starts on; PLAN_CATALOG lists the paid plans and may not name it.
@@ -105,6 +106,19 @@ SqliteSynchronous = Annotated[
 ]
 
 
+#: The broker URL schemes Celery is run on here: Redis, and RabbitMQ (AMQP 0-9-1).
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "amqp://", "amqps://", "pyamqp://")
+
+#: Variables Celery reads from the environment by itself, over the app's configuration
+#: (``celery -b`` sets the first). Any of them would take the workers to another broker or
+#: result store than the API's, so start-up refuses them: ``BROKER_URL`` is the one setting.
+CELERY_OWN_VARIABLES = (
+    "CELERY_BROKER_URL",
+    "CELERY_BROKER_READ_URL",
+    "CELERY_BROKER_WRITE_URL",
+    "CELERY_RESULT_BACKEND",
+)
+
 #: What a client's token may do (``API_CLIENTS``); see the README's Security section.
 SCOPES = ("smartplan:send", "campaigns:write", "users:write", "billing", "read", "ops")
 #: The scopes of a token listed in ``API_TOKENS`` (all but ``ops``) and in ``OPS_TOKENS``.
@@ -170,6 +184,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", enable_decoding=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Celery broker every process publishes to and consumes from (API included); None is
+    #: ``REDIS_URL``. ``amqp://`` is RabbitMQ (quorum queues). See :attr:`broker`.
+    broker_url: str | None = Field(default=None, repr=False)
     database_url: str = "sqlite:///dispatcher.db"
     #: PostgreSQL only: no statement runs longer, and no lock is waited on longer, than this
     #: (0 turns the limit off); a stuck query frees its worker or request instead of holding it.
@@ -226,6 +243,12 @@ class Settings(BaseSettings):
     outcome_stream: str = "ced:smartplan:outcomes"
     templates_dir: str = str(Path(__file__).resolve().parent.parent / "templates")
     log_level: str = "INFO"
+    #: Workers publish task events (received, started, succeeded, failed) so Flower and
+    #: ``celery events`` can follow them; false saves a broker message per task and state.
+    task_events: Flag = True
+    #: A worker serves its process's metrics (its host's, with PROMETHEUS_MULTIPROC_DIR) on
+    #: this port for Prometheus to scrape; None serves none (the API's /metrics still does).
+    metrics_port: int | None = None
     #: Messages the SMTP relay takes from all workers together; None is unlimited.
     smtp_rate_per_second: int | None = None
     smtp_rate_per_hour: int | None = None
@@ -288,6 +311,8 @@ class Settings(BaseSettings):
             raise ConfigError("FREE_PLAN_CREDITS", "must be zero or more")
         if not 0 < self.smtp_port < 65536:
             raise ConfigError("SMTP_PORT", f"{self.smtp_port} is not a TCP port")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError("METRICS_PORT", f"{self.metrics_port} is not a TCP port")
         if self.max_message_bytes < 1024:
             raise ConfigError("MAX_MESSAGE_BYTES", "must be at least 1024")
         if not 0 < self.template_render_seconds <= self.task_time_limit:
@@ -320,8 +345,22 @@ class Settings(BaseSettings):
         """Addresses of and rules for Redis, the plans, the SMTP relay and the database."""
         if "@" not in parseaddr(self.mail_from)[1]:
             raise ConfigError("MAIL_FROM", f"{self.mail_from!r} has no email address")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if is_cluster(self.redis_url):
+            try:
+                parse_cluster_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError("REDIS_URL", f"Redis Cluster: {exc}") from None
+        elif not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                "REDIS_URL",
+                "must start with redis://, rediss:// or unix:// (one server), or "
+                "redis+cluster:// or rediss+cluster:// (a Redis Cluster)",
+            )
+        if self.broker_url is not None and not self.broker_url.startswith(BROKER_SCHEMES):
+            raise ConfigError(
+                "BROKER_URL",
+                f"must start with {', '.join(BROKER_SCHEMES)} (or be unset: REDIS_URL)",
+            )
         if self.plan_catalog is not None:
             small = [n for n, c, _ in self.plan_catalog if c <= self.free_plan_credits]
             if small:
@@ -423,6 +462,17 @@ class Settings(BaseSettings):
             raise ConfigError("API_CLIENTS", "every token must be at least 8 characters")
 
     @property
+    def broker(self) -> str:
+        """The Celery broker's URL: ``BROKER_URL``, else the credit counters' ``REDIS_URL``."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is a Redis (its messages then come back after the visibility
+        timeout) rather than RabbitMQ (back as soon as the consumer's connection closes)."""
+        return self.broker.startswith(("redis://", "rediss://", "unix://"))
+
+    @property
     def mail_from_address(self) -> str:
         """The bare address of the system sender, used as the SMTP envelope sender."""
         return parseaddr(self.mail_from)[1]
@@ -445,10 +495,18 @@ class Settings(BaseSettings):
         Raises :class:`ConfigError` naming the variable for any invalid value, and for any
         unknown variable in the .env file.
         """
+        environ = os.environ if environ is None else environ
+        for name in CELERY_OWN_VARIABLES:
+            if environ.get(name):
+                raise ConfigError(
+                    name,
+                    "is read by Celery on its own, so the workers would use it and the API "
+                    "would not; set BROKER_URL instead (every process reads it)",
+                )
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():
             values.update(_read_env_file(Path(env_file)))
-        values.update(os.environ if environ is None else environ)
+        values.update(environ)
         return cls(**_Variables(cls, values)())
 
 

@@ -4,6 +4,7 @@ in-process Celery worker. Factories clean up after themselves."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,11 +18,14 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from amqp.exceptions import NotFound
 from celery.signals import task_retry
+from kombu import Connection
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher import db
 from dispatcher.clock import FrozenClock
+from dispatcher.redisclient import connect
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -99,6 +103,173 @@ def redis_url(redis_server: str) -> Iterator[str]:
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
+    client.close()
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+
+
+def _rabbitmq_problem(url: str) -> str | None:
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[str]:
+    """A virtual host of this test session's own on the RabbitMQ at RABBITMQ_URL (with
+    ``rabbitmqctl``; else the default one, whose queues each test empties)."""
+    problem = _rabbitmq_problem(RABBITMQ_URL + "//")
+    if problem is not None:
+        message = f"RabbitMQ not reachable at {RABBITMQ_URL} ({problem})"
+        if IN_CI:
+            pytest.fail(message + "; CI runs the broker tests on RabbitMQ too")
+        pytest.skip(message)
+    if shutil.which("rabbitmqctl") is None:
+        yield RABBITMQ_URL + "//"
+        return
+    vhost = f"ced_test_{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield f"{RABBITMQ_URL}/{vhost}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> str | None:
+    """The test's BROKER_URL: None (the test's Redis) unless a test is parametrized with
+    ``@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)``; RabbitMQ's
+    queues are emptied first."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        return None
+    url: str = request.getfixturevalue("rabbitmq_server")
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for name in ("smartplan", "campaign", "system"):
+            try:
+                channel.queue_purge(name)
+            except NotFound:  # a queue not declared yet holds nothing (and closed the channel)
+                channel = conn.channel()
+    return url
+
+
+CLUSTER_NODES = 3
+#: A cluster node also listens on its port + 10000 (the cluster bus).
+BUS_OFFSET = 10000
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and a valid port too."""
+    while True:
+        port = random.randrange(20000, 65536 - BUS_OFFSET)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + BUS_OFFSET))
+            return port
+        except OSError:
+            continue
+
+
+def _start_cluster(folder: Path) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """Three redis-server primaries in cluster mode, no persistence, each in its own folder,
+    joined with ``redis-cli --cluster create`` and waited on until the cluster says ok."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    assert server is not None and cli is not None
+    ports = [free_cluster_port() for _ in range(CLUSTER_NODES)]
+    procs: list[subprocess.Popen[bytes]] = []
+    for port in ports:
+        node = folder / str(port)
+        node.mkdir()
+        procs.append(
+            subprocess.Popen(
+                [
+                    server,
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node / "nodes.conf"),
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(node),
+                    "--loglevel", "warning",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+    nodes = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
+    try:
+        for port, node in zip(ports, nodes, strict=True):
+            _wait_for(lambda n=node: bool(n.ping()), f"node {port} to start")
+        create = [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+        subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for port, node in zip(ports, nodes, strict=True):
+            _wait_for(
+                lambda n=node: n.cluster("INFO").get("cluster_state") == "ok",
+                f"node {port} to see cluster_state:ok",
+            )
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    finally:
+        for node in nodes:
+            node.close()
+    return procs, ports
+
+
+def _wait_for(ready: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"private Redis Cluster: gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis Cluster of three primaries on free ports, as a ``redis+cluster://``
+    URL naming all three; skipped without redis-server and redis-cli (failed when CI=true)."""
+    missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
+    if missing:
+        message = f"{' and '.join(missing)} not on PATH: the Redis Cluster tests need them"
+        if IN_CI:
+            pytest.fail(message + "; CI must run the suite on a Redis Cluster")
+        pytest.skip(message)
+    procs, ports = _start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(10)
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_server: str) -> Iterator[str]:
+    """The private Redis Cluster, every primary empty at the start of the test."""
+    client = connect(redis_cluster_server)
+    client.flushall()  # on every primary
+    yield redis_cluster_server
     client.close()
 
 
@@ -205,7 +376,11 @@ def clock() -> FrozenClock:
 
 @pytest.fixture
 def settings(
-    redis_url: str, database_url: str, smtp_server: DevSMTPServer, clock: FrozenClock
+    redis_url: str,
+    database_url: str,
+    smtp_server: DevSMTPServer,
+    clock: FrozenClock,
+    broker: str | None,
 ) -> Settings:
     """The test's settings. Every runtime built from them without a clock of its own (a
     forked child, a worker process, a CLI command) reads the test's clock: the same offset
@@ -213,6 +388,7 @@ def settings(
     return Settings(
         clock_offset_seconds=(clock.now() - datetime.now(UTC)).total_seconds(),
         redis_url=redis_url,
+        broker_url=broker,
         database_url=database_url,
         smtp_host="127.0.0.1",
         smtp_port=smtp_server.port,
@@ -313,6 +489,7 @@ def api_client(runtime: Runtime, celery_app: Any) -> Iterator[Any]:
     from dispatcher.api.app import create_api
     from workers.queue import CeleryTaskQueue
 
-    app = create_api(runtime, CeleryTaskQueue(celery_app))
+    queue = CeleryTaskQueue(celery_app)
+    app = create_api(runtime, queue, broker=queue)
     with TestClient(app, headers={"Authorization": "Bearer test-token-123"}) as client:
         yield client

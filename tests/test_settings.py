@@ -9,7 +9,9 @@ from sqlalchemy import text
 
 from dispatcher import db
 from dispatcher.errors import ConfigError
+from dispatcher.redisclient import is_cluster, parse_cluster_url
 from dispatcher.settings import KNOWN_VARIABLES, Settings
+from workers.app import create_app
 
 
 def test_defaults_and_parsing() -> None:
@@ -45,6 +47,12 @@ def test_defaults_and_parsing() -> None:
         ({"API_TOKENS": "short"}, "API_TOKENS"),
         ({"MAIL_FROM": "nobody"}, "MAIL_FROM"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"BROKER_URL": "kafka://127.0.0.1:9092"}, "BROKER_URL"),
+        ({"CELERY_BROKER_URL": "amqp://127.0.0.1"}, "CELERY_BROKER_URL"),
+        ({"CELERY_RESULT_BACKEND": "redis://127.0.0.1"}, "CELERY_RESULT_BACKEND"),
+        ({"REDIS_URL": "redis+cluster://10.0.0.1:7000/3"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+cluster://10.0.0.1:7000,10.0.0.2"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+cluster://"}, "REDIS_URL"),
         ({"VISIBILITY_TIMEOUT": "100"}, "RETRY_BACKOFF_MAX_SECONDS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"SMTP_RATE_PER_SECOND": "0"}, "SMTP_RATE_PER_SECOND"),
@@ -67,6 +75,26 @@ def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) ->
         Settings.from_env(env, env_file=None)
     assert info.value.variable == variable
     assert str(info.value).startswith(variable)
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_keeps_credentials_and_options() -> None:
+    url = "rediss+cluster://user:p%40ss@10.0.0.1:7000, 10.0.0.2:7001,[::1]:7002/0?ssl=yes"
+    s = Settings.from_env({"REDIS_URL": url}, env_file=None)
+    assert is_cluster(s.redis_url) and not is_cluster("redis://10.0.0.1:6379/0")
+    parsed = parse_cluster_url(s.redis_url)
+    assert parsed.first == "rediss://user:p%40ss@10.0.0.1:7000/0?ssl=yes"
+    assert parsed.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002))
+
+
+def test_the_celery_broker_refuses_a_cluster_url() -> None:
+    settings = Settings(redis_url="redis+cluster://127.0.0.1:7000")
+    with pytest.raises(ConfigError) as info:
+        create_app(settings)
+    assert info.value.variable == "BROKER_URL"
+    assert "Redis Cluster" in str(info.value)
+    # With a broker of its own, the counters may live on the cluster.
+    app = create_app(settings.with_overrides(broker_url="redis://127.0.0.1:6399/0"))
+    assert app.conf.broker_url == "redis://127.0.0.1:6399/0"
 
 
 def test_env_file_is_read_under_the_environment_and_unknown_names_stop(tmp_path: Path) -> None:

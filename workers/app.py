@@ -6,13 +6,18 @@ from the environment, so importing this module connects to nothing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_shutdown
-from kombu.entity import Queue
+from celery.signals import worker_init, worker_shutdown
+from kombu.entity import Exchange, Queue
+from prometheus_client import start_http_server
 
+from dispatcher import metrics
+from dispatcher.errors import ConfigError
 from dispatcher.ports import OutboxOnly
+from dispatcher.redisclient import is_cluster
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from workers import shutdown, tasks
@@ -29,26 +34,28 @@ from workers.names import (
 )
 from workers.queue import CeleryTaskQueue
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
     """A Celery app for ``settings``; ``runtime`` lets tests share collaborators with it."""
+    if is_cluster(settings.broker):
+        # kombu's Redis transport speaks to one server (its queues, unacked index and mutex
+        # are keys in different slots): a cluster can hold the counters, never the broker.
+        raise ConfigError(
+            "BROKER_URL",
+            "must be set when REDIS_URL is a Redis Cluster: the cluster can hold the credit "
+            "counters but not the Celery broker (kombu cannot use one)",
+        )
     app = Celery("dispatcher", set_as_current=False)
     app.conf.update(
-        broker_url=settings.redis_url,
+        broker_url=settings.broker,
         broker_connection_retry_on_startup=True,
         # At least once: ack after the task ran, requeue if the worker process dies.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # A task's message becomes visible again only after every time limit has passed.
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            # Workers look for the messages of dead workers every interval x throttle seconds
-            # (10 x 10 by default): without these a task comes back some 100 s after its worker
-            # died, however short the visibility timeout.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=_transport_options(settings),
         task_time_limit=settings.task_time_limit,
         # After a campaign chunk's own deadline (half the limit), so a chunk yields between
         # messages first: a soft limit raised mid-batch leaves its messages in DATA unknown.
@@ -58,7 +65,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
+        task_queues=_queues(settings),
         task_default_queue=SMARTPLAN,
         task_routes={
             SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN},
@@ -74,7 +81,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         },
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (received, started, succeeded, ...) for Flower and `celery events`.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_track_started=False,
         broker_pool_limit=10,
     )
@@ -92,7 +101,56 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
             rt.close()
 
     worker_shutdown.connect(close, weak=False)
+
+    def serve_metrics(sender: Any, **_: Any) -> None:
+        # In the worker's main process, before a prefork pool forks: the children write to
+        # PROMETHEUS_MULTIPROC_DIR, which this server reads.
+        if getattr(sender, "app", None) is not app or settings.metrics_port is None:
+            return
+        try:
+            start_http_server(settings.metrics_port, registry=metrics.registry())
+        except OSError as exc:
+            # Sending matters more than its metrics: the worker goes on, and says so.
+            log.error("metrics not served: port %d: %s", settings.metrics_port, exc)
+            return
+        log.info("metrics served on port %d", settings.metrics_port)
+
+    worker_init.connect(serve_metrics, weak=False)
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """The broker transport's options: how an unacknowledged message comes back."""
+    if settings.broker_is_redis:
+        return {
+            # A task's message becomes visible again only after every time limit has passed.
+            "visibility_timeout": settings.visibility_timeout,
+            # Workers look for the messages of dead workers every interval x throttle seconds
+            # (10 x 10 by default): without these a task comes back some 100 s after its
+            # worker died, however short the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        }
+    # RabbitMQ gives a message back as soon as its consumer's connection closes; a publish
+    # returns once the broker has confirmed it, so an accepted send is in the queue.
+    return {"confirm_publish": True}
+
+
+def _queues(settings: Settings) -> list[Queue]:
+    """One queue per pool. On RabbitMQ they are quorum queues (replicated, durable), each
+    behind a topic exchange of its name, which Celery's native delayed delivery needs for
+    retries with a countdown (quorum queues cannot hold a task back in the worker)."""
+    if settings.broker_is_redis:
+        return [Queue(name) for name in QUEUES]  # type: ignore[no-untyped-call]
+    return [
+        Queue(  # type: ignore[no-untyped-call]
+            name,
+            Exchange(name, type="topic"),  # type: ignore[no-untyped-call]
+            routing_key=name,
+            queue_arguments={"x-queue-type": "quorum"},
+        )
+        for name in QUEUES
+    ]
 
 
 _default: Celery | None = None
@@ -103,6 +161,10 @@ def __getattr__(name: str) -> Any:
     global _default
     if name == "app":
         if _default is None:
-            _default = create_app(Settings.from_env())
+            try:
+                _default = create_app(Settings.from_env())
+            except ConfigError as exc:
+                # One line naming the variable, not a traceback, and the process stops.
+                raise SystemExit(f"dispatcher: {exc}") from None
         return _default
     raise AttributeError(name)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
 from collections.abc import Sequence
+from typing import Any
 
+from amqp.exceptions import AMQPError, NotFound
 from celery import Celery
-from kombu.exceptions import KombuError
+from kombu.exceptions import ChannelError, KombuError
+from redis import Redis
 from redis.exceptions import RedisError
 
+from dispatcher.db import redact
 from dispatcher.errors import QueueUnavailable
+from dispatcher.ports import QueueState
 from workers.names import (
     CAMPAIGN,
+    PUBLISHED_AT,
+    QUEUES,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
@@ -20,10 +30,20 @@ from workers.names import (
 
 
 class CeleryTaskQueue:
-    """Publishes sends as tasks on their queue; the broker keeps them until a worker acks."""
+    """Publishes sends as tasks on their queue; the broker keeps them until a worker acks.
+
+    Also the core's :class:`~dispatcher.ports.BrokerView`: what the broker holds per queue.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        broker = str(app.conf.broker_url)
+        #: The broker's Redis, read directly for queue states (None on RabbitMQ).
+        self._redis: Redis | None = (
+            Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=5)
+            if broker.startswith(("redis://", "rediss://", "unix://"))
+            else None
+        )
 
     def enqueue_send(self, send_id: str) -> None:
         self._send(SEND_SMARTPLAN_TASK, send_id, SMARTPLAN)
@@ -33,9 +53,14 @@ class CeleryTaskQueue:
         # taken from the pool and given back per task.
         try:
             with self.app.producer_or_acquire() as producer:
+                headers = _headers()
                 for send_id in send_ids:
                     self.app.send_task(
-                        SEND_SMARTPLAN_TASK, args=[send_id], queue=SMARTPLAN, producer=producer
+                        SEND_SMARTPLAN_TASK,
+                        args=[send_id],
+                        queue=SMARTPLAN,
+                        producer=producer,
+                        headers=headers,
                     )
         except (OSError, KombuError, RedisError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -48,6 +73,69 @@ class CeleryTaskQueue:
 
     def _send(self, task: str, item_id: str, queue: str) -> None:
         try:
-            self.app.send_task(task, args=[item_id], queue=queue)
+            self.app.send_task(task, args=[item_id], queue=queue, headers=_headers())
         except (OSError, KombuError, RedisError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    @property
+    def location(self) -> str:
+        return redact(str(self.app.conf.broker_url))
+
+    def queues(self) -> list[QueueState]:
+        """Each pool's queue: messages waiting, how long the next has waited (Redis) and its
+        consumers (RabbitMQ). On Redis, one pipelined round trip over a kept client; on
+        RabbitMQ, a passive declare per queue over a pooled connection (which creates
+        nothing: a queue no worker has declared yet holds nothing)."""
+        try:
+            if self._redis is not None:
+                return _redis_states(self._redis)
+            with self.app.pool.acquire(block=True) as connection:
+                return [_amqp_state(connection, name) for name in QUEUES]
+        except (OSError, KombuError, RedisError, AMQPError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _headers() -> dict[str, float]:
+    """Headers of a task we publish: when, by the wall clock (a worker and a scrape read how
+    long it waited)."""
+    return {PUBLISHED_AT: time.time()}
+
+
+def _amqp_state(connection: Any, name: str) -> QueueState:
+    channel = connection.channel()
+    try:
+        _, messages, consumers = channel.queue_declare(queue=name, passive=True)
+    except (ChannelError, NotFound):
+        return QueueState(name, 0, 0)
+    finally:
+        # A failed passive declare has closed the channel already.
+        with contextlib.suppress(OSError, KombuError, AMQPError):
+            channel.close()
+    return QueueState(name, int(messages), int(consumers))
+
+
+def _redis_states(client: Redis) -> list[QueueState]:
+    """kombu's Redis transport keeps a queue as a list of its name (and one per priority
+    step, for messages sent with a priority, which ours are not): it pushes on the left and
+    takes from the right, so the next message is the list's last."""
+    pipe = client.pipeline(transaction=False)
+    for name in QUEUES:
+        pipe.llen(name)
+        pipe.lindex(name, -1)
+    replies = pipe.execute()
+    return [
+        QueueState(name, int(replies[2 * i]), None, _waited(replies[2 * i + 1]))
+        for i, name in enumerate(QUEUES)
+    ]
+
+
+def _waited(raw: bytes | None) -> float | None:
+    """Seconds since a queued message was published; None when there is none, or it is not
+    one of ours (beat's carry no publication time)."""
+    if raw is None:
+        return None
+    try:
+        published = json.loads(raw)["headers"].get(PUBLISHED_AT)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return max(0.0, time.time() - float(published)) if published is not None else None

@@ -24,7 +24,9 @@ parked in SQL, and the beat's sweep enqueues the item once it is due (within a m
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -34,7 +36,7 @@ from celery.exceptions import Reject
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from dispatcher import recovery
+from dispatcher import metrics, recovery
 from dispatcher.campaigns import control, run
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import smartplan, system_mail
@@ -42,6 +44,7 @@ from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from workers.names import (
+    PUBLISHED_AT,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
@@ -68,12 +71,25 @@ def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
     recovery.park_campaign(rt, run.parse(item)[0], seconds)
 
 
+def _observe_wait(task: Task) -> None:
+    """How long a task's first delivery waited in its queue (a retry waits on purpose)."""
+    published = getattr(task.request, PUBLISHED_AT, None)
+    if published is not None and not task.request.retries:
+        queue = (task.request.delivery_info or {}).get("routing_key") or "unknown"
+        metrics.QUEUE_WAIT.labels(queue).observe(max(0.0, time.time() - float(published)))
+
+
 def _retry(
     task: Task, rt: Runtime, park: Park, item_id: str, countdown: float, **options: Any
 ) -> str:
     """Have the broker deliver the task again in ``countdown`` seconds (raises Celery's
     ``Retry``). Should the broker not take the retry, Celery would drop the message: the wait
-    is parked in SQL instead, for the beat's sweep to enqueue the item when it is due."""
+    is parked in SQL instead, for the beat's sweep to enqueue the item when it is due.
+
+    On RabbitMQ the wait is whole seconds, at least one: quorum queues cannot hold a task back
+    in the worker, so the broker's delayed delivery holds it, and it counts in seconds."""
+    if not rt.settings.broker_is_redis:
+        countdown = float(max(1, math.ceil(countdown)))
     try:
         raise task.retry(countdown=countdown, max_retries=None, **options)
     except Reject as exc:
@@ -101,6 +117,7 @@ def _deliver(
     attempts in SQL; ``failures`` counts this item's unforeseen errors only.
     """
     s = rt.settings
+    _observe_wait(task)
     countdown = backoff(task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
     try:
         return deliver(rt, item_id).value

@@ -18,5 +18,5 @@ from workers.queue import CeleryTaskQueue
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     runtime = Runtime(settings)
-    celery = create_celery(settings, runtime)
-    return create_api(runtime, CeleryTaskQueue(celery))
+    queue = CeleryTaskQueue(create_celery(settings, runtime))
+    return create_api(runtime, queue, broker=queue)

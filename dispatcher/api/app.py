@@ -12,7 +12,7 @@ from dispatcher.api.bodylimit import BodySizeLimit
 from dispatcher.api.deps import attach
 from dispatcher.api.openapi import document
 from dispatcher.api.problems import answers
-from dispatcher.ports import TaskQueue
+from dispatcher.ports import BrokerView, TaskQueue
 from dispatcher.runtime import Runtime
 
 #: In the order their routes are matched and listed in the OpenAPI document.
@@ -29,8 +29,9 @@ ROUTERS = (
 DOCS_ASSETS = "/docs/assets"
 
 
-def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
-    """The FastAPI application over ``rt``; sends are handed to ``queue`` after they commit."""
+def create_api(rt: Runtime, queue: TaskQueue, broker: BrokerView | None = None) -> FastAPI:
+    """The FastAPI application over ``rt``; sends are handed to ``queue`` after they commit.
+    ``broker`` is what /healthz and /metrics read of the broker's queues."""
     app = FastAPIOffline(
         title="Command Email dispatcher",
         version=__version__,
@@ -43,7 +44,7 @@ def create_api(rt: Runtime, queue: TaskQueue) -> FastAPI:
         responses=answers(413, 500, 503),
         static_url=DOCS_ASSETS,
     )
-    attach(app, rt, queue)
+    attach(app, rt, queue, broker)
     for router in ROUTERS:
         app.include_router(router)
     problems.install(app)

@@ -8,15 +8,17 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from dispatcher import validation
-from dispatcher.ports import TaskQueue
+from dispatcher.ports import BrokerView, TaskQueue
 from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
 
 
-def attach(app: FastAPI, rt: Runtime, queue: TaskQueue) -> None:
-    """Keep ``rt``, ``queue`` and a producer over both on ``app.state`` for the dependencies."""
+def attach(app: FastAPI, rt: Runtime, queue: TaskQueue, broker: BrokerView | None) -> None:
+    """Keep ``rt``, ``queue``, ``broker`` and a producer over the first two on ``app.state``
+    for the dependencies."""
     app.state.runtime = rt
     app.state.queue = queue
+    app.state.broker = broker
     app.state.producer = Producer(rt, queue)
 
 
@@ -30,6 +32,11 @@ def _queue(request: Request) -> TaskQueue:
     return queue
 
 
+def _broker(request: Request) -> BrokerView | None:
+    broker: BrokerView | None = request.app.state.broker
+    return broker
+
+
 def _producer(request: Request) -> Producer:
     producer: Producer = request.app.state.producer
     return producer
@@ -37,6 +44,8 @@ def _producer(request: Request) -> Producer:
 
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 QueueDep = Annotated[TaskQueue, Depends(_queue)]
+#: The broker's queues as ops read them; None where the API was built without a broker.
+BrokerDep = Annotated[BrokerView | None, Depends(_broker)]
 ProducerDep = Annotated[Producer, Depends(_producer)]
 
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, select, text
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
 
-from dispatcher.api.deps import RuntimeDep
-from dispatcher.models import Send
+from dispatcher import metrics
+from dispatcher.api.deps import BrokerDep, RuntimeDep
+from dispatcher.errors import QueueUnavailable
+from dispatcher.monitoring import SnapshotCollector
+from dispatcher.redisclient import ping
 
 router = APIRouter()
 
 
-@router.get("/healthz", responses={503: {"description": "Redis or the database is down."}})
-def healthz(rt: RuntimeDep) -> JSONResponse:
-    """Redis (quota store and broker) and the database are reachable."""
+@router.get(
+    "/healthz", responses={503: {"description": "Redis, the database or the broker is down."}}
+)
+def healthz(rt: RuntimeDep, broker: BrokerDep) -> JSONResponse:
+    """Redis (the credit counters), the database and the broker are reachable."""
     checks: dict[str, str] = {}
     try:
-        rt.redis.ping()
+        if not ping(rt.redis):
+            raise ConnectionError("no PONG")
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         checks["redis"] = f"error: {type(exc).__name__}"
@@ -27,23 +34,24 @@ def healthz(rt: RuntimeDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["database"] = f"error: {type(exc).__name__}"
+    if broker is not None:
+        try:
+            broker.queues()
+            checks["broker"] = "ok"
+        except QueueUnavailable as exc:
+            checks["broker"] = f"error: {exc.detail.partition(':')[0]}"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def metrics(rt: RuntimeDep) -> str:
-    """Prometheus text: sends by status and the step-outcome stream length."""
-    with rt.sessions() as session:
-        rows = session.execute(select(Send.status, func.count()).group_by(Send.status)).all()
-    lines = [
-        "# HELP dispatcher_sends Sends by status.",
-        "# TYPE dispatcher_sends gauge",
-        *(f'dispatcher_sends{{status="{s.value}"}} {n}' for s, n in rows),
-        "# HELP dispatcher_outcome_stream_length Entries on the step-outcome stream.",
-        "# TYPE dispatcher_outcome_stream_length gauge",
-        f"dispatcher_outcome_stream_length {rt.redis.xlen(rt.settings.outcome_stream)}",
-    ]
-    return "\n".join(lines) + "\n"
+@router.get("/metrics", response_class=Response)
+def metrics_text(rt: RuntimeDep, broker: BrokerDep) -> Response:
+    """Prometheus text: the counters and histograms of every process of this host that shares
+    ``PROMETHEUS_MULTIPROC_DIR`` (of this process alone without it), and the gauges of the
+    queues, the work in flight and the relay, read now (see the README's Metrics section)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(rt, broker))
+    body = metrics.exposition() + generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

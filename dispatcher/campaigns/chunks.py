@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime
 from typing import Any
 
-from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 from sqlalchemy import func, select
@@ -46,6 +45,7 @@ from dispatcher.errors import (
 )
 from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus
 from dispatcher.reasons import Reason
+from dispatcher.redisclient import AsyncRedisClient, connect_async
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,9 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
     return run
 
 
-def _async_redis(rt: Runtime) -> AsyncRedis:
+def _async_redis(rt: Runtime) -> AsyncRedisClient:
     """A client for the DATA marks on this chunk run's event loop (one connection)."""
-    return AsyncRedis.from_url(rt.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    return connect_async(rt.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 
 def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Batch:
@@ -259,7 +259,7 @@ class _DataMarks:
     other connections) gather and go together in the next one, one pipeline, so the other
     connections never wait on Redis and a mark costs a fraction of a round trip."""
 
-    def __init__(self, client: AsyncRedis, key: str, batch: _Batch) -> None:
+    def __init__(self, client: AsyncRedisClient, key: str, batch: _Batch) -> None:
         self._redis = client
         self._key = key
         self._rows = [row for row, _, _ in batch.ready]

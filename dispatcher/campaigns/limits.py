@@ -11,13 +11,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
 from dispatcher import keys
 from dispatcher.errors import TransientError
 from dispatcher.reasons import Reason
+from dispatcher.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class RedisSemaphore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         name: str,
         limit: int,
         *,

@@ -9,12 +9,12 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any
 
-from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
-from dispatcher import keys
+from dispatcher import keys, metrics
 from dispatcher.credits.periods import Period
+from dispatcher.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class QuotaLedger:
     (first use in a period, or Redis lost its data).
     """
 
-    def __init__(self, redis: Redis, snapshot: SnapshotSource) -> None:
+    def __init__(self, redis: RedisClient, snapshot: SnapshotSource) -> None:
         self._redis = redis
         self._snapshot = snapshot
         self._reserve: Script = redis.register_script(_load("reserve.lua"))
@@ -114,9 +114,14 @@ class QuotaLedger:
         if credits < 1:
             raise ValueError("credits must be at least 1")
         for _ in range(3):
-            code, used, total, threshold = self._call(
-                self._reserve, grant.keys, [key, credits, grant.expire_at]
-            )
+            with metrics.timed(metrics.RESERVE_SECONDS):
+                code, used, total, threshold = self._call(
+                    self._reserve, grant.keys, [key, credits, grant.expire_at]
+                )
+            if code == 1:
+                metrics.CREDITS_RESERVED.inc(credits)
+            elif code == 0:
+                metrics.RESERVATIONS_DENIED.inc()
             if code != -1:
                 return Reservation(
                     granted=code in (1, 2),
@@ -133,6 +138,8 @@ class QuotaLedger:
         result = self._call(self._refund, grant.keys, [key, credits, grant.expire_at])
         # -1: the grant is gone; the key is marked refunded, and the next reservation rebuilds
         # the grant from SQL, which no longer counts it, so the credit comes back there.
+        if result == 1:
+            metrics.CREDITS_REFUNDED.inc(credits)
         return bool(result == 1)
 
     def refund_parts(self, grant: GrantRef, bulk_key: str, part_keys: Sequence[str]) -> int:
@@ -148,6 +155,7 @@ class QuotaLedger:
                 )
             )
             back += max(result, 0)
+        metrics.CREDITS_REFUNDED.inc(back)
         return back
 
     def rebuild(self, grant: GrantRef) -> bool:

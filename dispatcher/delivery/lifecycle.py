@@ -21,6 +21,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, case, select, update
 from sqlalchemy.orm import Session
 
+from dispatcher import metrics
 from dispatcher.credits import refunds
 from dispatcher.credits.quota import GrantRef
 from dispatcher.delivery import effects
@@ -302,6 +303,7 @@ def settle(
     now = rt.clock.now()
     ordered = sorted(outcomes, key=lambda o: (o.status.value, o.reason or "", o.detail or ""))
     settled: list[str] = []
+    settled_rows: list[Any] = []
     refund_rows: list[Any] = []
     smartplan_rows: list[Any] = []
     with rt.sessions.begin() as session:
@@ -332,6 +334,7 @@ def settle(
                     continue
                 effects.record(session, rows, subjects, campaign, now)
                 settled += [r.id for r in rows]
+                settled_rows += rows
                 if refund:
                     refund_rows += [r for r in rows if r.period is not None]
                 smartplan_rows += [r for r in rows if r.kind is SendKind.SMARTPLAN]
@@ -342,7 +345,22 @@ def settle(
     for r in smartplan_rows:
         log.info("send %s id=%s reason=%s", r.status.value, r.id, r.reason)
     publish_settled(rt, smartplan_rows)
+    _observe(settled_rows, now)
     return settled
+
+
+def _observe(rows: Sequence[Any], now: datetime) -> None:
+    """Count settled sends by kind, outcome and reason, and how long each took from its
+    acceptance."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in rows:
+        labels = (r.kind.value, r.status.value, r.reason or "")
+        counts[labels] = counts.get(labels, 0) + 1
+        metrics.SEND_LATENCY.labels(r.kind.value).observe(
+            max(0.0, (now - r.created_at).total_seconds())
+        )
+    for labels, n in counts.items():
+        metrics.SENDS.labels(*labels).inc(n)
 
 
 def _details(outcomes: Sequence[Outcome]) -> Any:
@@ -383,6 +401,7 @@ _SETTLED = (
     Send.run_id,
     Send.step_id,
     Send.campaign_id,
+    Send.created_at,
 )
 
 
@@ -436,7 +455,7 @@ def finish_system_email(
     expect: tuple[SendStatus, ...] = (SendStatus.SENDING,),
 ) -> SendStatus:
     """Record a system email's terminal outcome (no credit, no timeline: it is ours)."""
-    _move(
+    moved = _move(
         rt,
         SystemEmail,
         email_id,
@@ -447,5 +466,7 @@ def finish_system_email(
         lease_until=None,
         finished_at=rt.clock.now(),
     )
+    if moved:
+        metrics.SYSTEM_EMAILS.labels(status.value).inc()
     log.info("system email %s id=%s reason=%s", status.value, email_id, reason)
     return status

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis import Redis
 from redis.exceptions import ResponseError
+
+from dispatcher.redisclient import RedisClient
 
 #: Entries kept on the stream (approximate trim); consumers ack long before this.
 STREAM_MAXLEN = 1_000_000
@@ -60,7 +61,7 @@ class OutcomeStream:
     it published writes it again, so consumers dedupe on ``send_id``.
     """
 
-    def __init__(self, redis: Redis, stream: str) -> None:
+    def __init__(self, redis: RedisClient, stream: str) -> None:
         self._redis = redis
         self.stream = stream
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
-from redis import Redis
 from redis.commands.core import Script
 
-from dispatcher import keys
+from dispatcher import keys, metrics
 from dispatcher.errors import TransientError
 from dispatcher.reasons import Reason
+from dispatcher.redisclient import RedisClient
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class RelayRateLimiter:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         relay: str,
         limit: RateLimit,
         clock: Callable[[], float] = time.time,
@@ -239,6 +239,8 @@ class RelayRateLimiter:
                 log.debug("relay %s rate limited for %.3fs", self.relay, wait)
                 raise RateLimited(self.relay, wait)
             # Sleeping exactly until the entry leaves its window: no polling in between.
+            metrics.RATE_LIMIT_WAITS.inc()
+            metrics.RATE_LIMIT_WAIT_SECONDS.inc(wait)
             await asyncio.sleep(wait)
             stale = 0  # stale admissions count only in a row
 

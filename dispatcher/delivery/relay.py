@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from dispatcher.delivery import ratelimit
@@ -14,6 +13,7 @@ from dispatcher.delivery.ratelimit import LAG_MARGIN, RateLimit, RateLimited, Re
 from dispatcher.errors import NotAttempted
 from dispatcher.keys import PREFIX
 from dispatcher.reasons import Reason
+from dispatcher.redisclient import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RelayGuard:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         relay: str,
         *,
         limit: RateLimit,

@@ -15,6 +15,7 @@ from typing import Any
 from jinja2 import StrictUndefined, Template, TemplateError, Undefined
 from jinja2.exceptions import SecurityError
 
+from dispatcher import metrics
 from dispatcher.delivery.sandbox import (
     LimitedSandbox,
     LimitExceeded,
@@ -99,6 +100,10 @@ class CompiledTemplate:
     def render(self, context: dict[str, Any], limits: RenderLimits) -> Rendered:
         """Render all parts within ``limits``; sandbox violations, limits exceeded and runtime
         errors become :class:`RenderError`."""
+        with metrics.timed(metrics.RENDER_SECONDS):
+            return self._render(context, limits)
+
+    def _render(self, context: dict[str, Any], limits: RenderLimits) -> Rendered:
         try:
             parts = [("subject", self.subject), ("html", self.html)]
             if self.text is not None:

@@ -137,6 +137,7 @@ def test_invalid_addresses_are_reported_never_sent_never_charged(
     assert events == 497
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_pause_resume_cancel_never_sends_twice_and_returns_unsent_credits(
     runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
 ) -> None:
@@ -210,6 +211,7 @@ def test_a_chunk_delivered_twice_sends_nobody_two_copies(
     assert credits(runtime, "agent-1").used == 300
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
 def test_refused_and_deferred_recipients(
     runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
 ) -> None:

@@ -6,10 +6,9 @@ import hashlib
 import re
 from typing import Any
 
-from redis import Redis
-
 from dispatcher.campaigns.limits import RedisSemaphore
 from dispatcher.campaigns.mailchimp.errors import MailchimpAuthFailed
+from dispatcher.redisclient import RedisClient
 
 #: MailChimp answers 429 beyond this many simultaneous connections per API key.
 MAX_CONNECTIONS = 10
@@ -30,7 +29,7 @@ def datacenter_url(api_key: str) -> str:
     return f"https://{dc}.api.mailchimp.com/3.0"
 
 
-def mailchimp_semaphore(redis: Redis, api_key: str, **options: Any) -> RedisSemaphore:
+def mailchimp_semaphore(redis: RedisClient, api_key: str, **options: Any) -> RedisSemaphore:
     """The cross-process limit of simultaneous requests for one API key."""
     return RedisSemaphore(
         redis, f"mailchimp:{key_fingerprint(api_key)}", MAX_CONNECTIONS, **options

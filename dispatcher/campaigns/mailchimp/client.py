@@ -12,7 +12,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
-from redis import Redis
 
 from dispatcher.campaigns.limits import RedisSemaphore, SemaphoreTimeout
 from dispatcher.campaigns.mailchimp.account import (
@@ -36,6 +35,7 @@ from dispatcher.campaigns.mailchimp.values import (
     Segment,
     UpsertResult,
 )
+from dispatcher.redisclient import RedisClient
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class MailchimpClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, api_key: str, redis: Redis | None = None, **options: Any
+        cls, settings: Settings, api_key: str, redis: RedisClient | None = None, **options: Any
     ) -> MailchimpClient:
         """A client for ``api_key`` honouring ``MAILCHIMP_BASE_URL``, limited through ``redis``."""
         semaphore = mailchimp_semaphore(redis, api_key) if redis is not None else None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from dispatcher import metrics
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.relay import RelayGuard
 from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Stop
@@ -358,6 +359,36 @@ class SMTPBulk:
 
 
 async def _converse(
+    client: aiosmtplib.SMTP,
+    envelope: Envelope,
+    message: bytes,
+    item: int = 0,
+    marks: DataMarks | None = None,
+) -> Delivery:
+    """:func:`_conversation`, timed, with its outcome counted by reply class (a message
+    held back before DATA, never offered, is neither)."""
+    started = time.perf_counter()
+    reply: str | None = "lost"
+    try:
+        delivery = await _conversation(client, envelope, message, item, marks)
+        reply = "2xx"
+        return delivery
+    except DeliveryRejected:
+        reply = "5xx"
+        raise
+    except DeliveryDeferred as exc:
+        reply = "lost" if exc.reason == Reason.CONNECTION_LOST else "4xx"
+        raise
+    except NotAttempted:
+        reply = None
+        raise
+    finally:
+        if reply is not None:
+            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
+            metrics.SMTP_REPLIES.labels(reply).inc()
+
+
+async def _conversation(
     client: aiosmtplib.SMTP,
     envelope: Envelope,
     message: bytes,
