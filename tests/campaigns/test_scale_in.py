@@ -241,6 +241,10 @@ def test_a_node_told_to_stop_mid_campaign_hands_its_chunks_back_and_nobody_is_lo
     run = _stop_one_node_mid_campaign(
         long_timings, smtp_server, tmp_path, signal.SIGTERM, group=group
     )
+    _check_stopped_gracefully(run)
+
+
+def _check_stopped_gracefully(run: Stopped) -> None:
     assert run.view.status == "completed", f"campaign ended {run.view.status}: {run.view.detail}"
     assert run.exit_code == 0, f"{run.node} exited with {run.exit_code}"
     # It stopped mid-chunk and handed the rest back, rather than finishing its chunks first
