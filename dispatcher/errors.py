@@ -140,3 +140,12 @@ class NotAttempted(TransientError):
     def __init__(self, reason: str, detail: str, retry_after: float) -> None:
         super().__init__(reason, detail, retry_after=retry_after)
         self.retry_after: float = retry_after
+
+
+class Yielded(NotAttempted):
+    """Work stopped at a safe point before it was done (its task's time is up, or its worker
+    was told to stop): nothing failed, and what is left goes on in a new task at once, on
+    whichever worker is free (no backoff)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Reason.CHUNK_YIELD, detail, 0.0)

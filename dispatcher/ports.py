@@ -22,6 +22,14 @@ class TaskQueue(Protocol):
     def enqueue_campaign_chunk(self, campaign_id: str, chunk: int) -> None: ...
 
 
+class StopFlag(Protocol):
+    """Whether this process was told to stop (SIGTERM): long work (a campaign chunk) hands
+    back what is left at its next safe point. ``threading.Event`` is one; workers/ sets one
+    that every process of a worker reads."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class QueueState:
     """One broker queue as the broker reports it."""

@@ -40,7 +40,7 @@ class Reason(enum.StrEnum):
     RELAY_HALTED = "relay_halted"  # ops or an auth failure stopped sending
     RATE_LIMITED = "rate_limited"  # the relay's shared rate limit is used up
     GUARD_UNAVAILABLE = "guard_unavailable"  # Redis could not say whether to send
-    CHUNK_YIELD = "chunk_yield"  # a campaign chunk's task ran out of time; it goes on
+    CHUNK_YIELD = "chunk_yield"  # a chunk's task ran out of time or its worker is stopping
     POLICY_STOP = "policy_stop"  # the relay refused a message of the batch on policy grounds
     QUEUE_UNAVAILABLE = "queue_unavailable"
     SEND_BUSY = "send_busy"  # another worker holds the lease

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Coroutine
 from functools import cached_property
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from dispatcher.delivery.relay import RelayGuard, relay_id
 from dispatcher.delivery.transports.base import Transport
 from dispatcher.delivery.transports.smtp import SMTPConfig, SMTPTransport
 from dispatcher.models import AlertKind
-from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, TaskQueue
+from dispatcher.ports import CardOnFileGateway, OutboxOnly, PaymentGateway, StopFlag, TaskQueue
 from dispatcher.redisclient import RedisClient, connect
 from dispatcher.sealing import Sealer
 from dispatcher.settings import Settings
@@ -53,6 +54,8 @@ class Runtime:
         self.gateway: PaymentGateway = gateway or CardOnFileGateway()
         #: The process's warm event loop: SMTP connections opened on it serve the next send.
         self.loop = LoopThread()
+        #: Set when the process was told to stop; workers/ sets the one its pool shares.
+        self.stopping: StopFlag = threading.Event()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the process's event loop from a synchronous caller (a worker

@@ -180,6 +180,17 @@ class Workers:
         self.killed.add(child.name)
         return _kill_group(child)
 
+    def signal(self, child: Child, sig: signal.Signals, *, group: bool = False) -> None:
+        """Send ``sig`` to a worker's main process, as Kubernetes does to a container's first
+        process, or with ``group`` to every process of it (its pool too), as Heroku does to a
+        dyno. The worker is expected to exit from now on."""
+        self.killed.add(child.name)
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(child.pid, sig)
+            else:
+                os.kill(child.pid, sig)
+
     def check_none_died(self) -> None:
         """Fail when a worker exited that the test did not kill (a crash of our code)."""
         for c in self.children:

@@ -20,7 +20,7 @@ from dispatcher.ports import OutboxOnly
 from dispatcher.redisclient import is_cluster
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from workers import tasks
+from workers import shutdown, tasks
 from workers.names import (
     CAMPAIGN,
     QUEUES,
@@ -57,7 +57,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=_transport_options(settings),
         task_time_limit=settings.task_time_limit,
-        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
+        # After a campaign chunk's own deadline (half the limit), so a chunk yields between
+        # messages first: a soft limit raised mid-batch leaves its messages in DATA unknown.
+        task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit * 3 // 4),
         # Outcomes live in SQL and on the step-outcome stream, never in a result backend.
         task_ignore_result=True,
         result_backend=None,
@@ -90,6 +92,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
         rt.queue = CeleryTaskQueue(app)
     tasks.register(app, rt)
+    shutdown.install(app, rt)  # SIGTERM: long work hands back at its next safe point
 
     def close(sender: Any, **_: Any) -> None:
         # After the last task: QUIT the SMTP connections this process kept, stop its event

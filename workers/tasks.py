@@ -7,6 +7,8 @@ The error tree is the retry contract (``dispatcher.errors``):
   settled at once with the error's reason.
 - :class:`~dispatcher.errors.SendBusy`: another delivery holds the lease; looked at again when
   the lease runs out.
+- :class:`~dispatcher.errors.Yielded`: the item stopped at a safe point (its time is up, or
+  this worker is stopping); enqueued again at once, for whichever worker is free.
 - :class:`~dispatcher.errors.TransientError`: retried with capped exponential backoff and
   jitter, never sooner than its ``retry_after``; a wait longer than any countdown is parked
   in SQL for the beat's sweep.
@@ -38,7 +40,7 @@ from dispatcher import metrics, recovery
 from dispatcher.campaigns import control, run
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import smartplan, system_mail
-from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError
+from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError, Yielded
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from workers.names import (
@@ -128,6 +130,10 @@ def _deliver(
     except SendBusy as exc:
         # Another delivery holds the lease; look again when it has run out.
         return _retry(task, rt, park, item_id, exc.retry_after or countdown)
+    except Yielded as exc:
+        # Nothing failed: what is left goes on now, on another worker if this one is stopping.
+        log.info("%s %s handed back: %s", task.name, item_id, exc.detail)
+        return _retry(task, rt, park, item_id, 0.0)
     except TransientError as exc:
         asked = exc.retry_after
         if asked is not None and asked > s.retry_backoff_max_seconds:

@@ -41,6 +41,7 @@ from dispatcher.errors import (
     NotAttempted,
     RenderError,
     SendBusy,
+    Yielded,
 )
 from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus
 from dispatcher.reasons import Reason
@@ -68,8 +69,10 @@ def deliver_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> Campaign
     ``sender``; returns the campaign's status afterwards.
 
     Raises :class:`DeliveryDeferred` when some recipients were deferred (the task retries the
-    chunk; only those are left), :class:`NotAttempted` when the relay held messages back, and
-    :class:`SendBusy` when another worker holds some of them.
+    chunk; only those are left), :class:`NotAttempted` when the relay held messages back,
+    :class:`Yielded` when the run stopped early (its time is up, or its worker is stopping:
+    the rest of the chunk goes on in a new task), and :class:`SendBusy` when another worker
+    holds some of them.
     """
     _settle_lost(rt, c, chunk)
     _refund_failed(rt, c, chunk)
@@ -80,12 +83,14 @@ def deliver_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> Campaign
     busy = _live_lease(rt, c.id, chunk)
     if busy is not None:
         raise SendBusy(f"{c.id}:{chunk}", busy)
-    if run.held is not None:
+    if run.held is not None and not isinstance(run.held, Yielded):
         raise run.held  # the relay is halted or its rate limit used up: come back later
     if run.deferred:
         raise DeliveryDeferred(
             Reason.SMTP_DEFERRED, f"{run.deferred} recipients deferred; retrying"
         )
+    if run.held is not None:
+        raise run.held  # stopped early: the rest goes on in a new task at once
     return complete_if_done(rt, c.id)
 
 
@@ -139,12 +144,14 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
     bounces = rt.settings.mail_from_address  # parsed once, not per message
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
+    stop = _stop_starting(rt)
     try:
         while not run.stop and status_of(rt, c.id) is CampaignStatus.RUNNING:
+            if rt.stopping.is_set():
+                run.held = _handed_back()
+                break
             if time.monotonic() > run.deadline:
-                run.held = NotAttempted(
-                    Reason.CHUNK_YIELD, "the task's time is up; the chunk goes on", 0.0
-                )
+                run.held = Yielded("the task's time is up; the chunk goes on")
                 break
             claimed = lifecycle.claim_batch(rt, c.id, chunk, BATCH)
             if not claimed:
@@ -155,7 +162,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
                 [(Envelope(bounces, (row.contact_email,)), raw) for row, _, raw in batch.ready],
                 run.deadline,
                 data_marks,
-                stop=_policy_refusal,
+                stop=stop,
             )
             await data_marks.write_ends()
             _record(rt, c, run, batch, results)
@@ -210,10 +217,31 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
     return batch
 
 
-def _policy_refusal(outcome: Any) -> bool:
-    """A refusal on policy grounds (content, reputation): no further message of the campaign
-    starts; those already in conversation on other connections finish."""
-    return isinstance(outcome, DeliveryRejected) and outcome.reason == Reason.POLICY_REJECTED
+def _stop_starting(rt: Runtime) -> Callable[[TransportOutcome], NotAttempted | None]:
+    """Asked after each message of a batch: whether the batch's messages not started yet must
+    wait (those already in conversation on other connections finish). After a refusal on
+    policy grounds (content, reputation) no further message of the campaign starts; once the
+    worker is told to stop, no further message of this run starts, and the chunk is handed
+    back (:func:`_handed_back`)."""
+
+    def stop(outcome: TransportOutcome) -> NotAttempted | None:
+        if isinstance(outcome, DeliveryRejected) and outcome.reason == Reason.POLICY_REJECTED:
+            return NotAttempted(
+                Reason.POLICY_STOP, f"not started after an earlier answer: {outcome}", 0.0
+            )
+        if rt.stopping.is_set():
+            return _handed_back()
+        return None
+
+    return stop
+
+
+def _handed_back() -> Yielded:
+    """The worker was told to stop (SIGTERM: scale-in, a deploy): the run stops starting
+    messages, settles what it sent, gives its unstarted claims back (``unclaim``) and yields,
+    so the task is enqueued again at once and another worker goes on with the chunk. The
+    same path as a run whose time is up; nothing waits for a lease or a visibility timeout."""
+    return Yielded("the worker is stopping; the chunk goes on on another worker")
 
 
 class _DataMarks:

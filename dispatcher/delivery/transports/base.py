@@ -8,7 +8,6 @@ from typing import Protocol
 
 from dispatcher.delivery.message import Envelope
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
-from dispatcher.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,18 @@ class DataMarks(Protocol):
 class BulkSender(Protocol):
     """Sends batches of messages; one outcome per item, in order: a :class:`Delivery` or the
     delivery error, returned, not raised. Items not started by ``deadline`` (a
-    ``time.monotonic()`` reading) come back as :class:`NotAttempted`. ``marks`` is told of each
-    item that reaches DATA (see :class:`DataMarks`). Once ``stop(outcome)`` is true for an item,
-    no further item starts (conversations already under way on other connections finish) and
-    the rest come back as :class:`NotAttempted`."""
+    ``time.monotonic()`` reading) come back as :class:`~dispatcher.errors.Yielded`. ``marks`` is
+    told of each item that reaches DATA (see :class:`DataMarks`). ``stop(outcome)`` is asked
+    after each item's outcome: once it answers a :class:`NotAttempted` (a policy refusal, the
+    worker stopping), no further item starts (conversations already under way on other
+    connections finish) and the rest come back as that answer."""
 
     async def send_many(
         self,
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         marks: DataMarks | None = None,
-        stop: Callable[[Outcome], bool] | None = None,
+        stop: Stop | None = None,
     ) -> list[Outcome]: ...
 
     async def close(self) -> None: ...
@@ -83,7 +83,5 @@ class BulkSender(Protocol):
 #: What :meth:`BulkSender.send_many` answers for one item.
 Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | NotAttempted
 
-
-def stopped(detail: str) -> NotAttempted:
-    """The answer for an item not started because ``stop`` said so."""
-    return NotAttempted(Reason.POLICY_STOP, detail, 0.0)
+#: Asked after each outcome of a batch: what the items not started yet answer, or None to go on.
+Stop = Callable[[Outcome], NotAttempted | None]

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from dispatcher.delivery.message import Envelope
-from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, stopped
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Stop
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 
 Behaviour = Callable[[Envelope, bytes], Delivery]
@@ -44,7 +44,7 @@ class MemoryTransport:
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         marks: DataMarks | None = None,
-        stop: Callable[[Outcome], bool] | None = None,
+        stop: Stop | None = None,
     ) -> list[Outcome]:
         """Each item in turn; with no conversation to go through, ``marks`` is told of each
         item just before it is handed over and again with its outcome (see
@@ -68,6 +68,6 @@ class MemoryTransport:
             if marks is not None:
                 marks.after_data(i, outcome)
             out.append(outcome)
-            if stop is not None and stop(outcome):
-                held = stopped("not started after an earlier answer")
+            if stop is not None:
+                held = stop(outcome)
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -13,9 +13,15 @@ import aiosmtplib
 from dispatcher import metrics
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.relay import RelayGuard
-from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, stopped
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Stop
 from dispatcher.delivery.transports.classify import classify
-from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
+from dispatcher.errors import (
+    DeliveryDeferred,
+    DeliveryRejected,
+    DeliveryUnknown,
+    NotAttempted,
+    Yielded,
+)
 from dispatcher.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -292,12 +298,12 @@ class SMTPBulk:
         items: Sequence[tuple[Envelope, bytes]],
         deadline: float | None = None,
         marks: DataMarks | None = None,
-        stop: Callable[[Outcome], bool] | None = None,
+        stop: Stop | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
         (delivery errors are returned, not raised). ``marks`` is told of each message that
         reaches DATA. Items not started by ``deadline`` (a ``time.monotonic()`` reading), or
-        after ``stop`` was true for an outcome, are returned as :class:`NotAttempted` (see
+        after ``stop`` answered a NotAttempted for an outcome, are returned as such (see
         :class:`~dispatcher.delivery.transports.base.BulkSender`)."""
         results: list[Outcome | None] = [None] * len(items)
         pending = iter(range(len(items)))
@@ -314,7 +320,7 @@ class SMTPBulk:
             client = self._clients[slot]
             for i in pending:  # shared by the lanes: each item goes to the first free one
                 if held is None and deadline is not None and time.monotonic() > deadline:
-                    held = NotAttempted(Reason.CHUNK_YIELD, "the task's time is up", 0.0)
+                    held = Yielded("the task's time is up")
                 if held is not None:
                     results[i] = held  # halted, rate-limited or out of time: not attempted
                     continue
@@ -335,8 +341,8 @@ class SMTPBulk:
                     results[i] = exc
                     client = await _reset(client)
                 outcome = results[i]
-                if stop is not None and held is None and outcome and stop(outcome):
-                    held = stopped(f"not started after an earlier answer: {outcome}")
+                if stop is not None and held is None and outcome:
+                    held = stop(outcome)
             self._clients[slot] = client
 
         lanes = max(1, min(len(self._clients), len(items)))
