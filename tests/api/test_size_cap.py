@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from dispatcher import db
 from dispatcher.api.app import create_api
 from dispatcher.api.bodylimit import ANONYMOUS_LIMIT
 from dispatcher.ports import InlineQueue
@@ -143,10 +144,14 @@ def _rss_kib(pid: int) -> int:
 def web(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """The web process as the Procfile starts it (uvicorn, the workers.web factory)."""
     port = free_port()
+    database_url = f"sqlite:///{tmp_path / 'web.db'}"
+    engine = db.make_engine(database_url)
+    db.upgrade(engine)  # migrated, as the release process leaves it (web waits for that)
+    engine.dispose()
     env = {
         **os.environ,
         "API_TOKENS": "test-token-123",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'web.db'}",
+        "DATABASE_URL": database_url,
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # never reached: nothing is sent
     }
     proc = subprocess.Popen(
