@@ -19,6 +19,7 @@ from dispatcher.cli.common import Commands, port
 from dispatcher.cli.main import build_parser, run
 from dispatcher.cli.stack import DEFAULT_DIR, DIR_VARIABLE, stack_dir
 from workers import status
+from workers.app import connect_broker
 
 _RUN_DESCRIPTION = (
     "Start everything a newcomer needs, in the foreground until Ctrl-C (SIGINT, SIGTERM "
@@ -179,7 +180,10 @@ def _serve_smtp(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dispatcher`` console script; returns the exit code."""
-    return run(build_parser(extra=(add_commands, status.add_commands)), argv)
+    parser = build_parser(extra=(add_commands, status.add_commands))
+    # This command can reach the broker: a command's receipt or notice is enqueued at once.
+    parser.set_defaults(connect_broker=connect_broker)
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

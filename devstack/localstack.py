@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -191,6 +192,11 @@ class LocalStack:
         say(f"smtp       {HOST}:{self.smtp.port}, writing every accepted message to {self.outbox}/")
 
         tokens, token, generated = _token(base, self.directory)
+        # One metrics folder for the stack's processes, emptied at each start: the API's
+        # /metrics serves the worker's counters too.
+        metrics_dir = self.directory / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
         env = child_environment(
             base,
             REDIS_URL=self.redis.url,
@@ -198,6 +204,7 @@ class LocalStack:
             SMTP_HOST=HOST,
             SMTP_PORT=str(self.smtp.port),
             API_TOKENS=tokens,
+            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         )
         echo = sys.stdout if opts.echo_children else None
         worker = Child(

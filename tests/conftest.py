@@ -449,7 +449,11 @@ def fake_ledger() -> Iterator[Callable[[int], Any]]:
 def celery_app(runtime: Runtime) -> Any:
     from workers.app import create_app
 
-    return create_app(runtime.settings, runtime)
+    app = create_app(runtime.settings, runtime)
+    # No AMQP heartbeats for the in-process worker: its event loop otherwise sleeps up to 10 s
+    # between heartbeat checks before it notices the fixture stopping it (RabbitMQ tests).
+    app.conf.broker_heartbeat = 0
+    return app
 
 
 @pytest.fixture

@@ -135,6 +135,12 @@ def wait_for_schema(settings: Settings) -> None:
         engine.dispose()
 
 
+def connect_broker(rt: Runtime) -> None:
+    """Have ``rt`` enqueue its follow-up work (receipts, notices) on the broker at once, as a
+    worker's does, instead of leaving it to beat's outbox sweep (the ``dispatcher`` command)."""
+    create_app(rt.settings, rt)
+
+
 def _transport_options(settings: Settings) -> dict[str, Any]:
     """The broker transport's options: how an unacknowledged message comes back."""
     if settings.broker_is_redis:

@@ -29,8 +29,18 @@ def port(text: str) -> int:
     return number
 
 
+#: Wires a command's runtime to the broker, so the follow-up work of a command (a receipt, a
+#: notice) is enqueued at once; the ``dispatcher`` console script gives one as the parser's
+#: ``connect_broker`` default. Without it the work waits for beat's outbox sweep.
+ConnectBroker = Callable[[Runtime], None]
+
+
 def runtime(args: argparse.Namespace | None = None) -> Runtime:
     """A Runtime over the command's settings: the environment's (and .env's) when they name a
-    database or Redis, else the running local stack's (see :func:`command_settings`); the
-    caller closes it."""
-    return Runtime(command_settings(args))
+    database or Redis, else the running local stack's (see :func:`command_settings`), wired to
+    the broker where the command line can reach it; the caller closes it."""
+    rt = Runtime(command_settings(args))
+    connect: ConnectBroker | None = getattr(args, "connect_broker", None)
+    if connect is not None:
+        connect(rt)
+    return rt
