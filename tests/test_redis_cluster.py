@@ -11,7 +11,9 @@ cluster, so these drive the use cases in-process, as the single-server tests do.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,6 +79,15 @@ test_credits_stay_exact_when_redis_is_flushed_during_concurrent_work = pytest.ma
 
 #: Users whose grants lie on the three primaries (checked by the first test).
 USERS = ("agent-1", "agent-2", "agent-3", "agent-4", "agent-5", "agent-6")
+
+
+@pytest.fixture
+def database_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """SQLite only in this module: the cluster is what is under test, and the suite runs the
+    same use cases on PostgreSQL against a single Redis."""
+    path = tmp_path / "dispatcher.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture

@@ -234,7 +234,12 @@ def test_a_chunk_started_on_a_stopping_worker_sends_nothing_and_is_handed_back(
 
 @processes
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+@pytest.mark.parametrize(
+    ("group", "database_url"),
+    [(False, "sqlite"), (True, "postgresql")],
+    ids=["main-process", "process-group"],
+    indirect=["database_url"],
+)
 def test_a_node_told_to_stop_mid_campaign_hands_its_chunks_back_and_nobody_is_lost_or_doubled(
     long_timings: Settings, smtp_server: DevSMTPServer, tmp_path: Path, group: bool
 ) -> None:
@@ -280,6 +285,7 @@ def short_timings(settings: Settings) -> Settings:
 
 @processes
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_node_killed_mid_campaign_leaves_no_duplicate_and_exact_credits(
     short_timings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
 ) -> None:
