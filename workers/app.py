@@ -48,7 +48,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
             "counters but not the Celery broker (kombu cannot use one)",
         )
     app = Celery("dispatcher", set_as_current=False)
-    app.conf.update(
+    app.conf.update(_configuration(settings))
+    rt = runtime or Runtime(settings)
+    if isinstance(rt.queue, OutboxOnly):
+        # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
+        rt.queue = CeleryTaskQueue(app)
+    tasks.register(app, rt)
+    shutdown.install(app, rt)  # SIGTERM: long work hands back at its next safe point
+    _on_worker_start_and_stop(app, rt, settings.metrics_port)
+    return app
+
+
+def _configuration(settings: Settings) -> dict[str, Any]:
+    """The app's Celery settings: at-least-once delivery, JSON only, no result backend."""
+    return dict(
         broker_url=settings.broker,
         broker_connection_retry_on_startup=True,
         # At least once: ack after the task ran, requeue if the worker process dies.
@@ -87,12 +100,24 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         task_track_started=False,
         broker_pool_limit=10,
     )
-    rt = runtime or Runtime(settings)
-    if isinstance(rt.queue, OutboxOnly):
-        # Follow-up work of the use cases (notices, receipts) goes to this app's broker.
-        rt.queue = CeleryTaskQueue(app)
-    tasks.register(app, rt)
-    shutdown.install(app, rt)  # SIGTERM: long work hands back at its next safe point
+
+
+def _on_worker_start_and_stop(app: Celery, rt: Runtime, port: int | None) -> None:
+    """A worker of ``app`` serves its metrics on ``port`` when it starts (``METRICS_PORT``)
+    and closes ``rt`` when it stops."""
+
+    def serve_metrics(sender: Any, **_: Any) -> None:
+        # In the worker's main process, before a prefork pool forks: the children write to
+        # PROMETHEUS_MULTIPROC_DIR, which this server reads.
+        if getattr(sender, "app", None) is not app or port is None:
+            return
+        try:
+            start_http_server(port, registry=metrics.registry())
+        except OSError as exc:
+            # Sending matters more than its metrics: the worker goes on, and says so.
+            log.error("metrics not served: port %d: %s", port, exc)
+            return
+        log.info("metrics served on port %d", port)
 
     def close(sender: Any, **_: Any) -> None:
         # After the last task: QUIT the SMTP connections this process kept, stop its event
@@ -100,23 +125,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
         if getattr(sender, "app", None) is app:
             rt.close()
 
-    worker_shutdown.connect(close, weak=False)
-
-    def serve_metrics(sender: Any, **_: Any) -> None:
-        # In the worker's main process, before a prefork pool forks: the children write to
-        # PROMETHEUS_MULTIPROC_DIR, which this server reads.
-        if getattr(sender, "app", None) is not app or settings.metrics_port is None:
-            return
-        try:
-            start_http_server(settings.metrics_port, registry=metrics.registry())
-        except OSError as exc:
-            # Sending matters more than its metrics: the worker goes on, and says so.
-            log.error("metrics not served: port %d: %s", settings.metrics_port, exc)
-            return
-        log.info("metrics served on port %d", settings.metrics_port)
-
     worker_init.connect(serve_metrics, weak=False)
-    return app
+    worker_shutdown.connect(close, weak=False)
 
 
 def wait_for_schema(settings: Settings) -> None:

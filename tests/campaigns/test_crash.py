@@ -58,6 +58,9 @@ def _summary(name: str, result: crashkit.Audit, seconds: float, extra: str) -> N
     )
 
 
+# Each on one database (the suite's time): random kills on SQLite, whose file locks a killed
+# writer must not leave held; PostgreSQL's kills are the two-node test's (test_scale_in.py).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_campaign_survives_random_sigkills(
     settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
 ) -> None:
@@ -109,6 +112,7 @@ def test_campaign_survives_random_sigkills(
     )
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_redis_restart_mid_campaign_completes_from_sql(
     settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
 ) -> None:

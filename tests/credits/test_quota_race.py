@@ -19,7 +19,7 @@ from dispatcher.redisclient import RedisClient, connect
 
 PERIOD = period_at(datetime(2026, 11, 10, tzinfo=UTC), "UTC")
 PROCESSES = 8
-ROUNDS = 20
+ROUNDS = 12
 CLUSTER_ROUNDS = 6
 GRANT = 5000
 OWN_KEYS = 700  # 8 x 700 own keys + shared keys = 5,800 distinct asks for 5,000 credits
