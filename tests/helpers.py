@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import func, insert, select
 
 from dispatcher.campaigns.create import CampaignRequest, Recipient
@@ -147,3 +148,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env.update(settings_environ(settings))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+#: Runs a test on the Redis broker with both databases, and on RabbitMQ with SQLite (the
+#: broker is what the RabbitMQ run is for).
+ON_BOTH_BROKERS = pytest.mark.parametrize(
+    ("broker", "database_url"),
+    [("redis", "sqlite"), ("redis", "postgresql"), ("rabbitmq", "sqlite")],
+    ids=["sqlite-redis", "postgresql-redis", "sqlite-rabbitmq"],
+    indirect=True,
+)

@@ -4,7 +4,6 @@ sharing PROMETHEUS_MULTIPROC_DIR, after SmartPlan sends and a campaign through t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ from devstack.devsmtp import DevSMTPServer
 from devstack.localstack import api_command
 from devstack.processes import Child, free_port
 from dispatcher.settings import Settings
+from tests.campaigns.test_campaigns import campaign_body
 from tests.crashkit import Stack
 from tests.helpers import make_user, statuses, wait_for
 from tests.test_smartplan_e2e import send_body
@@ -68,7 +68,7 @@ def test_metrics_count_what_the_sink_received_across_processes(
             # When 200 SmartPlan steps and a 1,000-recipient campaign go through the API
             batch = {"sends": [send_body(n) for n in range(SMARTPLAN_SENDS)]}
             assert client.post("/v1/sends/batch", json=batch).status_code == 200
-            campaign = client.post("/v1/campaigns", json=_campaign(RECIPIENTS))
+            campaign = client.post("/v1/campaigns", json=campaign_body(RECIPIENTS))
             assert campaign.status_code == 202
             wait_for(
                 lambda: statuses(stack.rt, "agent-1").get("sent") == SMARTPLAN_SENDS + RECIPIENTS,
@@ -130,18 +130,3 @@ def _drained(client: httpx.Client) -> bool:
         and total(scrape, "dispatcher_sends_in_flight") == 0
         and total(scrape, "dispatcher_campaigns_running") == 0
     )
-
-
-def _campaign(n: int) -> dict[str, Any]:
-    return {
-        "user_id": "agent-1",
-        "name": "Spring open house",
-        "message": {
-            "subject": "Open house this weekend, {{ first_name }}",
-            "html": "<h1>Open house</h1><p>Hi {{ first_name }}, come by!</p>",
-        },
-        "recipients": [
-            {"id": f"c{i}", "email": f"person{i}@example.org", "fields": {"first_name": f"P{i}"}}
-            for i in range(n)
-        ],
-    }

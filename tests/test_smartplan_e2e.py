@@ -16,6 +16,7 @@ from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
 from tests.crashkit import Stack, crash_settings
 from tests.helpers import (
+    ON_BOTH_BROKERS,
     make_user,
     seed_used_credits,
     send_request,
@@ -48,7 +49,7 @@ def all_terminal(rt: Runtime, user: str, count: int) -> bool:
     return sum(s.get(k, 0) for k in ("sent", "failed", "unknown")) == count
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+@ON_BOTH_BROKERS
 def test_two_credits_left_and_four_smartplan_sends(
     runtime: Runtime,
     smtp_server: DevSMTPServer,
@@ -159,7 +160,7 @@ def test_a_task_delivered_twice_sends_one_message_for_one_credit(
     assert runtime.redis.xlen(runtime.settings.outcome_stream) == 1
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+@ON_BOTH_BROKERS
 def test_a_deferred_send_is_retried_by_the_worker_and_sent_once(
     runtime: Runtime,
     smtp_server: DevSMTPServer,

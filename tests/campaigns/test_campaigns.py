@@ -14,7 +14,7 @@ from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign, Send, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from tests.helpers import make_user, seed_used_credits, wait_for
+from tests.helpers import ON_BOTH_BROKERS, make_user, seed_used_credits, wait_for
 from workers.app import CAMPAIGN, SEND_CAMPAIGN_CHUNK_TASK
 
 
@@ -137,7 +137,7 @@ def test_invalid_addresses_are_reported_never_sent_never_charged(
     assert events == 497
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+@ON_BOTH_BROKERS
 def test_pause_resume_cancel_never_sends_twice_and_returns_unsent_credits(
     runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
 ) -> None:
@@ -211,7 +211,7 @@ def test_a_chunk_delivered_twice_sends_nobody_two_copies(
     assert credits(runtime, "agent-1").used == 300
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+@ON_BOTH_BROKERS
 def test_refused_and_deferred_recipients(
     runtime: Runtime, api_client: Any, smtp_server: DevSMTPServer, worker: Any
 ) -> None:

@@ -230,6 +230,7 @@ def test_a_run_that_lost_its_lease_stops_before_it_creates_a_campaign(
     assert fake.send_actions == {} or sum(fake.send_actions.values()) == 0
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # the suite's time
 def test_a_mailchimp_job_counts_its_own_runs_and_waits_for_a_lease_cost_none(
     runtime: Runtime, fake: FakeMailchimp, clock: Any
 ) -> None:
