@@ -53,7 +53,7 @@ class UnsubscribeHandler:
             log.info("unsubscribe mail without a token refused")
             return "550 5.7.1 no unsubscribe token in the subject"
         try:
-            done = await asyncio.to_thread(unsubscribe.unsubscribe, self.rt, token)
+            done = await asyncio.to_thread(unsubscribe.unsubscribe, self.rt, token, "mail")
         except InvalidInput as exc:
             log.info("unsubscribe mail refused: %s", exc.problem)
             return f"550 5.7.1 the unsubscribe token {exc.problem}"

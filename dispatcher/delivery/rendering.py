@@ -143,6 +143,10 @@ def context_for(contact_id: str, email: str, merge_fields: dict[str, Any]) -> di
     return {**merge_fields, "contact": contact}
 
 
+#: Link targets worth writing into a text part (not javascript:, anchors or relative paths).
+_LINK = re.compile(r"(?i)(https?://|mailto:)\S+$")
+
+
 class _TextExtractor(HTMLParser):
     _BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6"})
 
@@ -150,18 +154,29 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._skip = 0
+        #: Open links: (target, where their text starts in ``parts``).
+        self._links: list[tuple[str | None, int]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in ("script", "style", "head"):
             self._skip += 1
         elif tag in self._BLOCK:
             self.parts.append("\n")
+        elif tag == "a":
+            href = (dict(attrs).get("href") or "").strip()
+            self._links.append((href if _LINK.match(href) else None, len(self.parts)))
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style", "head"):
             self._skip = max(self._skip - 1, 0)
         elif tag in self._BLOCK:
             self.parts.append("\n")
+        elif tag == "a" and self._links:
+            # A link keeps its target in the text part: "See the listing (https://...)".
+            href, start = self._links.pop()
+            label = " ".join("".join(self.parts[start:]).split())
+            if href is not None and label not in (href, href.removeprefix("mailto:")):
+                self.parts.append(f" ({href})" if label else href)
 
     def handle_data(self, data: str) -> None:
         if not self._skip:

@@ -140,14 +140,22 @@ def smartplan_headers(settings: Settings, smartplan_id: str, user_id: str) -> Bu
     return bulk_headers(settings, f"plan-{plan}", user_id)
 
 
+def _origin(send: Send) -> str:
+    """The email an unsubscribe came from, as the suppression list shows it."""
+    if send.campaign_id is not None:
+        return f"campaign {send.campaign_id}"
+    return f"SmartPlan {send.smartplan_id} step {send.step_id}"
+
+
 @dataclass(frozen=True)
 class Unsubscribed:
     user_id: str
     contact_id: str
 
 
-def unsubscribe(rt: Runtime, token: str) -> Unsubscribed:
-    """Suppress the contact a token was sent to, for the agent who sent it (idempotent)."""
+def unsubscribe(rt: Runtime, token: str, via: str = "one-click") -> Unsubscribed:
+    """Suppress the contact a token was sent to, for the agent who sent it (idempotent);
+    ``via`` says how the request came (``one-click``, ``mail``) in the entry's detail."""
     send_id = send_id_of(rt.settings, token)
     with rt.sessions.begin() as session:
         send = session.get(Send, send_id)
@@ -161,7 +169,7 @@ def unsubscribe(rt: Runtime, token: str) -> Unsubscribed:
             SuppressionReason.UNSUBSCRIBE,
             rt.clock.now(),
             contact_id=send.contact_id,
-            detail=f"one-click unsubscribe from campaign {send.campaign_id or '-'}",
+            detail=f"{via} unsubscribe from {_origin(send)}",
         )
         done = Unsubscribed(send.user_id, send.contact_id)
     log.info("contact unsubscribed user=%s contact=%s", done.user_id, done.contact_id)

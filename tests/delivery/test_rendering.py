@@ -71,6 +71,20 @@ def test_syntax_errors_name_the_part_and_line() -> None:
     assert "line" in info.value.problem
 
 
+def test_a_derived_text_part_keeps_each_links_target() -> None:
+    html = (
+        '<p>See <a href="https://homes.example/l/42?a=1&amp;b=2">the listing</a> or write to '
+        '<a href="mailto:pat@example.org">pat@example.org</a>.</p>'
+        '<p><a href="https://homes.example/">https://homes.example/</a> '
+        '<a href="#top">top</a> <a href="javascript:alert(1)">here</a> '
+        '<a href="https://img.example/open"><img src="x.png"></a></p>'
+    )
+    assert html_to_text(html) == (
+        "See the listing (https://homes.example/l/42?a=1&b=2) or write to pat@example.org.\n\n"
+        "https://homes.example/ top here https://img.example/open"
+    )
+
+
 def test_text_part_is_derived_from_html_when_absent() -> None:
     assert html_to_text("<style>p{}</style><p>Hello&nbsp;Pat</p><p>Bye &amp; thanks</p>") == (
         "Hello Pat\n\nBye & thanks"

@@ -281,6 +281,10 @@ def test_smartplan_mail_unsubscribes_in_one_click_and_the_next_step_is_skipped_u
     assert r.status_code == 200, r.text
     listed = api_client.get("/v1/users/agent-1/suppressions").json()["items"]
     assert [s["reason"] for s in listed] == ["unsubscribe"]
+    # recorded as what it was: a SmartPlan step's email, not "campaign -"
+    assert [s["detail"] for s in listed] == [
+        "one-click unsubscribe from SmartPlan buyers-drip step step-1"
+    ]
 
     second = api_client.post("/v1/sends", json=smartplan_body("step-2")).json()["id"]
     wait_for(
@@ -350,6 +354,8 @@ def test_an_unsubscribe_by_mail_suppresses_the_contact_and_a_forged_one_is_refus
             session, "agent-1", "contact1@example.org", runtime.clock.now()
         )
     assert reason is not None and "unsubscribe" in reason
+    [entry] = suppression.listing(runtime, "agent-1").items
+    assert entry.detail == "mail unsubscribe from SmartPlan plan-7 step step-1"
     # The plan's next email to the contact is not sent and costs nothing.
     second = submit_send(runtime, InlineQueue(), send_request(step_id="step-2")).send_id
     assert delivery.deliver(runtime, second).value == "failed"
