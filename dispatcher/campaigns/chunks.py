@@ -29,7 +29,12 @@ from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
 from dispatcher.delivery.relay import unavailable
-from dispatcher.delivery.rendering import CompiledTemplate, MessageTemplate, context_for
+from dispatcher.delivery.rendering import (
+    CompiledTemplate,
+    MessageTemplate,
+    context_for,
+    subjects,
+)
 from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.delivery.transports.base import Delivery
 from dispatcher.delivery.transports.base import Outcome as TransportOutcome
@@ -406,7 +411,7 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
         return
     found = rt.redis.hmget(keys.chunk_data(c.id, chunk), [OPEN_MARK, *(row.id for row in lost)])
     whole = found[0] is not None
-    subject = _subjects(c, RenderLimits.of(rt.settings))
+    subject = subjects(c.subject, RenderLimits.of(rt.settings))
     never: list[str] = []
     outcomes: list[Outcome] = []
     for row, raw in zip(lost, found[1:], strict=True):
@@ -429,23 +434,6 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
             len(never),
         )
     lifecycle.settle(rt, outcomes, _SENDING, campaign=c)
-
-
-def _subjects(c: Campaign, limits: RenderLimits) -> Callable[[Any], str | None]:
-    """Each recipient's rendered subject, as its timeline shows it (None: the campaign's)."""
-    try:
-        compiled = MessageTemplate(c.subject, c.html, c.text).compile()
-    except RenderError:
-        return lambda _row: None
-
-    def subject(row: Any) -> str | None:
-        try:
-            fields = context_for(row.contact_id, row.contact_email, row.merge_fields)
-            return compiled.render(fields, limits).subject
-        except RenderError:
-            return None
-
-    return subject
 
 
 def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:

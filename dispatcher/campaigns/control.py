@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 from dispatcher import alerts
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
+from dispatcher.delivery.rendering import subjects
+from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.errors import DispatcherError, NotFound, QueueUnavailable
 from dispatcher.models import (
     AlertKind,
@@ -277,22 +279,25 @@ def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> Campaig
         user_id,
     )
     with rt.sessions.begin() as session:
-        ids = list(
-            session.scalars(
-                select(Send.id).where(
-                    Send.campaign_id == campaign_id,
-                    Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
-                )
-            ).all()
-        )
+        rows = session.execute(
+            select(Send.id, Send.contact_id, Send.contact_email, Send.merge_fields).where(
+                Send.campaign_id == campaign_id,
+                Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
+            )
+        ).all()
     detail = "the campaign was cancelled before this email was sent"
+    # Each contact's timeline shows the subject as that contact would have read it.
+    subject = subjects(c.subject, RenderLimits.of(rt.settings))
     lifecycle.settle(
         rt,
-        [Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_CANCELLED, detail) for i in ids],
+        [
+            Outcome(r.id, SendStatus.FAILED, Reason.CAMPAIGN_CANCELLED, detail, subject(r))
+            for r in rows
+        ],
         (SendStatus.QUEUED, SendStatus.RESERVED),
         campaign=c,
     )
-    log.info("campaign cancelled id=%s unsent=%d", campaign_id, len(ids))
+    log.info("campaign cancelled id=%s unsent=%d", campaign_id, len(rows))
     return view(rt, campaign_id)
 
 

@@ -7,6 +7,7 @@ one render; every part of a message renders within one :class:`RenderLimits`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from html.parser import HTMLParser
@@ -135,6 +136,25 @@ class CompiledTemplate:
                 f"(limit {HEADER_MAX})"
             )
         return Rendered(subject=subject, html=body_html, text=text)
+
+
+def subjects(subject: str, limits: RenderLimits) -> Callable[[Any], str | None]:
+    """Each recipient's rendered subject, as a timeline shows it, from a row with
+    ``contact_id``, ``contact_email`` and ``merge_fields``; None where it does not render (the
+    stored subject is shown then). Only the subject is rendered: the body is not needed."""
+    try:
+        compiled = MessageTemplate(subject, "", None).compile()
+    except RenderError:
+        return lambda _row: None
+
+    def render(row: Any) -> str | None:
+        try:
+            fields = context_for(row.contact_id, row.contact_email, row.merge_fields)
+            return compiled.render(fields, limits).subject
+        except RenderError:
+            return None
+
+    return render
 
 
 def context_for(contact_id: str, email: str, merge_fields: dict[str, Any]) -> dict[str, Any]:

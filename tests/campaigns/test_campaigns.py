@@ -14,7 +14,7 @@ from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign, Send, TimelineEvent
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from tests.helpers import ON_BOTH_BROKERS, make_user, seed_used_credits, wait_for
+from tests.helpers import ON_BOTH_BROKERS, make_user, seed_used_credits, timeline_rows, wait_for
 from workers.app import CAMPAIGN, SEND_CAMPAIGN_CHUNK_TASK
 
 
@@ -238,3 +238,20 @@ def test_refused_and_deferred_recipients(
     assert len(got) == 249 and len({m.message_id for m in got}) == 249
     assert len(deferred_once) == 61  # person2, person20-29, person200-249
     assert credits(runtime, "agent-1").used == 249
+
+
+def test_a_cancelled_recipients_timeline_shows_the_subject_as_rendered_for_them(
+    runtime: Runtime, api_client: Any
+) -> None:
+    # Given a campaign accepted but not yet sent (no worker runs in this test)
+    make_user(runtime)
+    cid = api_client.post("/v1/campaigns", json=campaign_body(3)).json()["id"]
+    # When the agent cancels it
+    cancelled = api_client.post(f"/v1/campaigns/{cid}/cancel", params={"user_id": "agent-1"})
+    assert cancelled.json()["status"] == "cancelled"
+    # Then each contact's timeline shows their own subject, not the template's merge field
+    events = timeline_rows(runtime, "agent-1")
+    assert sorted((e.contact_id, e.reason, e.subject) for e in events) == [
+        (f"c{i}", "campaign_cancelled", f"Open house this weekend, P{i}") for i in range(3)
+    ]
+    assert credits(runtime, "agent-1").used == 0
