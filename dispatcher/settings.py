@@ -106,8 +106,10 @@ SqliteSynchronous = Annotated[
 ]
 
 
+#: URL schemes of a single Redis server.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: The broker URL schemes Celery is run on here: Redis, and RabbitMQ (AMQP 0-9-1).
-BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "amqp://", "amqps://", "pyamqp://")
+BROKER_SCHEMES = (*REDIS_SCHEMES, "amqp://", "amqps://", "pyamqp://")
 
 #: Variables Celery reads from the environment by itself, over the app's configuration (the
 #: ``celery`` command sets the first from ``-b`` or ``BROKER_URL``, the last from
@@ -358,7 +360,7 @@ class Settings(BaseSettings):
                 parse_cluster_url(self.redis_url)
             except ValueError as exc:
                 raise ConfigError("REDIS_URL", f"Redis Cluster: {exc}") from None
-        elif not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        elif not self.redis_url.startswith(REDIS_SCHEMES):
             raise ConfigError(
                 "REDIS_URL",
                 "must start with redis://, rediss:// or unix:// (one server), or "
@@ -482,7 +484,7 @@ class Settings(BaseSettings):
     def broker_is_redis(self) -> bool:
         """Whether the broker is a Redis (its messages then come back after the visibility
         timeout) rather than RabbitMQ (back as soon as the consumer's connection closes)."""
-        return self.broker.startswith(("redis://", "rediss://", "unix://"))
+        return self.broker.startswith(REDIS_SCHEMES)
 
     @property
     def mail_from_address(self) -> str:

@@ -28,6 +28,7 @@ from dispatcher.clock import FrozenClock
 from dispatcher.redisclient import connect
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
+from workers.names import QUEUES
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -155,7 +156,7 @@ def broker(request: pytest.FixtureRequest) -> str | None:
     url: str = request.getfixturevalue("rabbitmq_server")
     with Connection(url) as conn:
         channel = conn.channel()
-        for name in ("smartplan", "campaign", "system"):
+        for name in QUEUES:
             try:
                 channel.queue_purge(name)
             except NotFound:  # a queue not declared yet holds nothing (and closed the channel)

@@ -158,3 +158,15 @@ ON_BOTH_BROKERS = pytest.mark.parametrize(
     ids=["sqlite-redis", "postgresql-redis", "sqlite-rabbitmq"],
     indirect=True,
 )
+
+
+def reserved_attempts(rt: Runtime, campaign_id: str) -> set[int]:
+    """The SMTP attempts counted on a campaign's recipients still waiting (``reserved``)."""
+    with rt.sessions() as session:
+        return set(
+            session.scalars(
+                select(Send.attempts).where(
+                    Send.campaign_id == campaign_id, Send.status == SendStatus.RESERVED
+                )
+            ).all()
+        )

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from dispatcher.db import redact
 from dispatcher.errors import QueueUnavailable
 from dispatcher.ports import QueueState
+from dispatcher.settings import REDIS_SCHEMES
 from workers.names import (
     CAMPAIGN,
     PUBLISHED_AT,
@@ -41,7 +42,7 @@ class CeleryTaskQueue:
         #: The broker's Redis, read directly for queue states (None on RabbitMQ).
         self._redis: Redis | None = (
             Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=5)
-            if broker.startswith(("redis://", "rediss://", "unix://"))
+            if broker.startswith(REDIS_SCHEMES)
             else None
         )
 

@@ -17,18 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from devstack.devsmtp import Action, DevSMTPServer, Received
 from devstack.processes import Child
 from dispatcher.campaigns import control, create
 from dispatcher.campaigns.run import deliver as deliver_chunk
 from dispatcher.errors import Yielded
-from dispatcher.models import CampaignStatus, Send, SendStatus
+from dispatcher.models import CampaignStatus
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from tests import crashkit
-from tests.helpers import campaign_request, make_user
+from tests.helpers import campaign_request, make_user, reserved_attempts
 
 #: Tests with real worker processes.
 processes = pytest.mark.timeout(180)
@@ -201,13 +200,7 @@ def test_a_chunk_of_a_worker_told_to_stop_stops_between_messages_and_gives_the_r
         0,
         0,
     )
-    with rt.sessions() as session:
-        attempts = session.scalars(
-            select(Send.attempts).where(
-                Send.campaign_id == view.id, Send.status == SendStatus.RESERVED
-            )
-        ).all()
-    assert set(attempts) == {0}
+    assert reserved_attempts(rt, view.id) == {0}
     assert len(smtp_server.messages) == sent
     # And the next run (another worker) sends the rest, each once
     smtp_server.handler.fault = None

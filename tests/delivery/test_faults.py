@@ -39,7 +39,13 @@ from dispatcher.models import CampaignStatus, Send, SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
-from tests.helpers import campaign_request, make_user, send_request, timeline_rows
+from tests.helpers import (
+    campaign_request,
+    make_user,
+    reserved_attempts,
+    send_request,
+    timeline_rows,
+)
 
 ADDRESS = "contact1@example.org"
 
@@ -487,13 +493,7 @@ def test_a_throttled_chunk_yields_before_its_time_limit_leaving_nobody_behind(
     assert 1 <= sent <= 45, sent  # about three seconds' worth at 10/s, never all 50
     assert after.counts["reserved"] == 50 - sent  # the rest waits for the retry, unattempted
     assert after.counts["sending"] == after.counts["unknown"] == 0
-    with rt.sessions() as session:
-        attempts = session.scalars(
-            select(Send.attempts).where(
-                Send.campaign_id == view.id, Send.status == SendStatus.RESERVED
-            )
-        ).all()
-    assert set(attempts) == {0}
+    assert reserved_attempts(rt, view.id) == {0}
     assert len(smtp_server.messages) == sent
 
 
