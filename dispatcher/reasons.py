@@ -44,4 +44,5 @@ class Reason(enum.StrEnum):
     POLICY_STOP = "policy_stop"  # the relay refused a message of the batch on policy grounds
     QUEUE_UNAVAILABLE = "queue_unavailable"
     SEND_BUSY = "send_busy"  # another worker holds the lease
+    EARLIER_NOTICE_PENDING = "earlier_notice_pending"  # a lower usage notice goes out first
     SEMAPHORE_TIMEOUT = "semaphore_timeout"  # no MailChimp connection slot came free in time

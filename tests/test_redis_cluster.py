@@ -39,7 +39,7 @@ from tests.credits.test_notifications import (  # noqa: F401 - collected again, 
     test_a_jump_over_several_thresholds_notifies_the_highest_once,
     test_a_redelivered_send_does_not_notify_again,
     test_each_threshold_is_notified_once_in_app_and_by_email,
-    test_racing_processes_across_80_and_95_percent_notify_each_threshold_once,
+    test_racing_processes_across_80_and_100_percent_notify_in_order_at_most_once,
     test_redis_flushed_mid_stream_neither_overspends_nor_notifies_twice,
     test_upgrade_re_arms_thresholds_against_the_new_total,
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import finish_system_email
@@ -28,7 +28,7 @@ from dispatcher.errors import (
     QueueUnavailable,
     SendBusy,
 )
-from dispatcher.models import SendStatus, SystemEmail, SystemEmailKind, User
+from dispatcher.models import Notification, SendStatus, SystemEmail, SystemEmailKind, User
 from dispatcher.ports import DeferredToOutbox
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -121,6 +121,12 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
         if email.lease_until > now:
             raise SendBusy(email_id, (email.lease_until - now).total_seconds() + 1)
         return finish_system_email(rt, email_id, SendStatus.UNKNOWN, Reason.WORKER_LOST, None)
+    if email.kind is SystemEmailKind.USAGE_NOTICE and _earlier_notice_pending(rt, email):
+        raise NotAttempted(
+            Reason.EARLIER_NOTICE_PENDING,
+            "a lower usage notice of the same grant has not gone out yet",
+            retry_after=NOTICE_ORDER_WAIT_SECONDS,
+        )
     if not lifecycle.start_system_email(rt, email_id):
         raise SendBusy(email_id, 1.0)
     message = build_message(
@@ -154,6 +160,34 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
         return finish_system_email(rt, email_id, SendStatus.UNKNOWN, exc.reason, exc.detail)
     detail = f"{delivery.code} {delivery.reply}"
     return finish_system_email(rt, email_id, SendStatus.SENT, None, detail)
+
+
+#: How long a usage notice waits for a lower one of the same grant before it looks again.
+NOTICE_ORDER_WAIT_SECONDS = 2.0
+
+
+def _earlier_notice_pending(rt: Runtime, email: SystemEmail) -> bool:
+    """Whether a lower threshold's notice email of the same grant is still to be sent, so
+    that this one, sent now, would reach the agent first ("limit reached" before "95% used")."""
+    if email.notification_id is None:
+        return False
+    mine = aliased(Notification)
+    lower = aliased(Notification)
+    with rt.sessions() as session:
+        pending = session.scalar(
+            select(SystemEmail.id)
+            .join(lower, SystemEmail.notification_id == lower.id)
+            .join(mine, mine.id == email.notification_id)
+            .where(
+                SystemEmail.user_id == email.user_id,  # (user_id, ...) is indexed
+                SystemEmail.kind == SystemEmailKind.USAGE_NOTICE,
+                lower.grant_id == mine.grant_id,
+                lower.threshold < mine.threshold,
+                SystemEmail.status.in_((SendStatus.QUEUED, SendStatus.SENDING)),
+            )
+            .limit(1)
+        )
+    return pending is not None
 
 
 def give_up(rt: Runtime, email_id: str, reason: str, detail: str) -> SendStatus:

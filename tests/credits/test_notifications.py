@@ -14,12 +14,16 @@ from sqlalchemy import select
 
 from devstack.devsmtp import DevSMTPServer
 from dispatcher.api.app import create_api
-from dispatcher.credits.subscriptions import change, credits
+from dispatcher.credits import notices
+from dispatcher.credits.quota import Reservation
+from dispatcher.credits.subscriptions import change, credits, ensure_current
 from dispatcher.delivery import smartplan as delivery
 from dispatcher.delivery import system_mail
 from dispatcher.delivery.transports.memory import MemoryTransport
+from dispatcher.errors import NotAttempted
 from dispatcher.models import Notification, SystemEmail
 from dispatcher.ports import InlineQueue
+from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
@@ -76,8 +80,9 @@ def test_each_threshold_is_notified_once_in_app_and_by_email(
         f"You have used {t}% of your Command Email sends this month" for t in (80, 85, 90, 95)
     ] + ["Command Email limit reached: sends are now failing"]
     body = notices[0].parsed().get_body(("plain",)).get_content()
-    assert "16 of 20 sends" in body
-    assert "period ending November 30, 2026" in body
+    assert "Used: 16 of 20 sends, 4 left." in body
+    assert "This period ends on November 30, 2026" in body
+    assert "((" not in body and "))" not in body
     api = TestClient(create_api(rt, queue), headers={"Authorization": "Bearer test-token-123"})
     items = api.get("/v1/users/agent-1/notifications").json()["items"]
     assert [n["threshold"] for n in items] == [100, 95, 90, 85, 80]
@@ -135,12 +140,13 @@ def _race(settings: Settings, send_ids: list[str], start: Any) -> None:
 
 
 @pytest.mark.slow
-def test_racing_processes_across_80_and_95_percent_notify_each_threshold_once(
+def test_racing_processes_across_80_and_100_percent_notify_in_order_at_most_once(
     make_runtime: Any, smtp_server: DevSMTPServer
 ) -> None:
     rt = make_runtime(free_plan_credits=100, transport=MemoryTransport())
     mailer = make_runtime()  # the same database, with the real SMTP transport
     ctx = mp.get_context("fork")
+    sent = 0
     for round_ in range(4):
         user = f"racer-{round_}"
         make_user(rt, user)
@@ -154,15 +160,20 @@ def test_racing_processes_across_80_and_95_percent_notify_each_threshold_once(
         for p in procs:
             p.join(120)
             assert p.exitcode == 0
-        assert sorted(notified(rt, user)) == [80, 85, 90, 95, 100], f"round {round_}"
+        # Each threshold at most once, never a lower one after a higher one, and the limit
+        # always (a threshold is skipped only when a racer's higher one committed first).
+        got = notified(rt, user)
+        assert got == sorted(set(got)) and got[-1] == 100, f"round {round_}: {got}"
+        sent += len(got)
         c = credits(rt, user)
         assert (c.used, c.remaining) == (100, 0)
         emails = notice_emails(rt, user)
-        assert len(emails) == 5
-        for e in emails:
+        assert len(emails) == len(got)
+        for e in sorted(emails, key=lambda e: e.notification_id or 0):
             system_mail.deliver(mailer, e.id)
     subjects = Counter(m.parsed()["Subject"] for m in smtp_server.messages)
-    assert len(subjects) == 5 and set(subjects.values()) == {4}
+    assert sum(subjects.values()) == sent and set(subjects.values()) <= {1, 2, 3, 4}
+    assert subjects["Command Email limit reached: sends are now failing"] == 4
 
 
 def test_redis_flushed_mid_stream_neither_overspends_nor_notifies_twice(
@@ -202,3 +213,62 @@ def test_redis_flushed_mid_stream_neither_overspends_nor_notifies_twice(
     assert sent >= 60 - 4 * flushes
     thresholds = notified(rt, "agent-1")
     assert len(thresholds) == len(set(thresholds))
+
+
+def _notice_text(message: Any) -> str:
+    return str(message.parsed().get_body(("plain",)).get_content())
+
+
+def test_notices_state_the_crossing_figures_and_arrive_in_threshold_order(
+    make_runtime: Any, smtp_server: DevSMTPServer
+) -> None:
+    """A bulk reservation from 78% to 99% names 95% with 95's figures (and says how far it
+    went); the limit notice that follows waits until the 95% one has gone out."""
+    rt = make_runtime(free_plan_credits=100)
+    make_user(rt)
+    seed_used_credits(rt, "agent-1", 78)
+    _, grant = ensure_current(rt, "agent-1")
+    jump = rt.quota.reserve(grant, "bulk-order", credits=21)
+    assert notices.after_reservation(rt, grant, jump) == 95
+    [send_id] = submit(rt, "agent-1", 1)
+    assert delivery.deliver(rt, send_id).value == "sent"  # 100 of 100
+    assert notified(rt, "agent-1") == [95, 100]
+    with rt.sessions() as s:
+        body95 = s.scalar(select(Notification.body).where(Notification.threshold == 95))
+    assert body95 is not None and body95.startswith("95 of 100 sends used this month, 5 left.")
+    assert "took usage on to 99" in body95
+    by_threshold = {
+        t: e.id
+        for e in notice_emails(rt, "agent-1")
+        for t in notified(rt, "agent-1")
+        if e.subject.startswith("Command Email limit") == (t == 100)
+    }
+    # The limit notice is asked first: it waits, without an attempt, for the 95% one.
+    with pytest.raises(NotAttempted) as waited:
+        system_mail.deliver(rt, by_threshold[100])
+    assert waited.value.reason == Reason.EARLIER_NOTICE_PENDING
+    assert system_mail.deliver(rt, by_threshold[95]).value == "sent"
+    assert system_mail.deliver(rt, by_threshold[100]).value == "sent"
+    mails = [m for m in smtp_server.messages if m.rcpt_tos == ("agent-1@kw.example.com",)]
+    assert [m.parsed()["Subject"] for m in mails] == [
+        "You have used 95% of your Command Email sends this month",
+        "Command Email limit reached: sends are now failing",
+    ]
+    text95 = _notice_text(mails[0])
+    assert "Used: 95 of 100 sends, 5 left. The same send or campaign took usage on to 99." in text95
+    for line in text95.splitlines():  # sentences are never broken across lines
+        assert not line or line.endswith((".", ":")), line
+
+
+def test_a_threshold_crossed_after_a_higher_one_was_notified_is_not(make_runtime: Any) -> None:
+    """Two racers crossed 95% and 100%, and the 100% one committed first: no 95% after it."""
+    rt = make_runtime(free_plan_credits=100, transport=MemoryTransport())
+    make_user(rt)
+    seed_used_credits(rt, "agent-1", 99)
+    [send_id] = submit(rt, "agent-1", 1)
+    delivery.deliver(rt, send_id)
+    assert notified(rt, "agent-1") == [100]
+    _, grant = ensure_current(rt, "agent-1")
+    late = Reservation(granted=True, replay=False, used=96, total=100, threshold=95)
+    assert notices.after_reservation(rt, grant, late) is None
+    assert notified(rt, "agent-1") == [100]
