@@ -99,6 +99,8 @@ class Received:
     data: bytes
     #: The message came over an encrypted connection.
     tls: bool = False
+    #: MAIL asked for SMTPUTF8 (RFC 6531).
+    smtputf8: bool = False
 
     @property
     def message_id(self) -> str:
@@ -201,6 +203,7 @@ class RecordingHandler:
             data=data,
             tls=server.transport is not None
             and server.transport.get_extra_info("ssl_object") is not None,
+            smtputf8=envelope.smtp_utf8,
         )
         with self._lock:
             self.attempts += 1
@@ -251,8 +254,11 @@ class DevSMTPServer:
         credentials: tuple[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
+        smtputf8: bool = True,
     ) -> None:
         self.handler = RecordingHandler(folder, fault)
+        #: Offer SMTPUTF8 (RFC 6531) in the EHLO answer, as common relays do.
+        self.smtputf8 = smtputf8
         self.host = host
         self._port = port
         self._controller: Controller | None = None
@@ -277,6 +283,7 @@ class DevSMTPServer:
             port=self._port or _free_port(self.host),
             ready_timeout=10,
             data_size_limit=50 * 1024 * 1024,
+            enable_SMTPUTF8=self.smtputf8,
             **self._auth_options(),
             **self._tls_options(),
         )

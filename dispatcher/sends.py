@@ -6,7 +6,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -117,26 +117,30 @@ class SendView:
 
 def validate(
     rt: Runtime, req: SendRequest, messages: MessageCache | None = None
-) -> tuple[MessageTemplate, dict[str, Any]]:
+) -> tuple[SendRequest, MessageTemplate, dict[str, Any]]:
     """Check everything a producer sent; raise :class:`InvalidInput` naming every bad field
     (the first in ``field``). ``messages`` keeps each distinct message's check for the next
-    request that carries the same one (a batch's steps mostly do)."""
+    request that carries the same one (a batch's steps mostly do). Returns the request with
+    its addresses as stored (stripped, an internationalised domain in punycode)."""
     found = validation.Findings()
     found.check(validation.identifier, "user_id", req.user_id)
     found.check(validation.identifier, "contact.id", req.contact_id)
-    found.check(validation.address, "contact.email", req.contact_email)
+    email = found.check(validation.address, "contact.email", req.contact_email, utf8_local=True)
     found.check(validation.identifier, "smartplan.plan_id", req.smartplan_id)
     found.check(validation.identifier, "smartplan.run_id", req.run_id)
     found.check(validation.identifier, "smartplan.step_id", req.step_id)
     merge = found.check(validation.merge_fields, "contact.fields", req.merge_fields)
     if req.from_name is not None:
         found.check(validation.header_text, "from_name", req.from_name, max_len=validation.NAME_MAX)
+    reply_to = None
     if req.reply_to is not None:
-        found.check(validation.address, "reply_to", req.reply_to)
+        reply_to = found.check(validation.address, "reply_to", req.reply_to)
     tpl = found.check(_checked_message, rt, req, messages)
     found.done()
-    assert tpl is not None and merge is not None  # done() raised otherwise
-    return tpl, merge
+    assert tpl is not None and merge is not None and email is not None  # done() raised otherwise
+    if email != req.contact_email or reply_to != req.reply_to:
+        req = replace(req, contact_email=email, reply_to=reply_to)
+    return req, tpl, merge
 
 
 def _checked_message(rt: Runtime, req: SendRequest, cache: MessageCache | None) -> MessageTemplate:
@@ -199,7 +203,7 @@ def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult
     nothing (unless the broker never took the first one). Invalid input raises
     :class:`InvalidInput`, an unknown user :class:`NotFound`, with nothing stored.
     """
-    tpl, merge = validate(rt, req)
+    req, tpl, merge = validate(rt, req)
     (result,) = _submit(rt, queue, [_Checked(req, req.idempotency_key, tpl, merge)])
     if isinstance(result, NotFound):
         raise result
@@ -230,7 +234,7 @@ def submit_batch(rt: Runtime, queue: TaskQueue, requests: Sequence[SendRequest])
     slots: list[int] = []
     for req in requests:
         try:
-            tpl, merge = validate(rt, req, messages)
+            req, tpl, merge = validate(rt, req, messages)
         except InvalidInput as exc:
             answers.append(exc)
             continue
@@ -376,7 +380,7 @@ def _row(item: _Checked, send_id: str, now: datetime, domain: str) -> dict[str, 
         "kind": SendKind.SMARTPLAN,
         "user_id": req.user_id,
         "contact_id": req.contact_id,
-        "contact_email": req.contact_email.strip(),
+        "contact_email": req.contact_email,
         "merge_fields": item.merge,
         "smartplan_id": req.smartplan_id,
         "run_id": req.run_id,

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
+import idna
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dispatcher.errors import InvalidInput
@@ -45,6 +46,11 @@ MERGE_NAME_MAX = ID_MAX
 MERGE_VALUE_MAX = 10_000
 
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+#: RFC 6531's local part: the dot-atom's characters plus any non-ASCII character (the text
+#: policy has already refused controls, line separators and lone surrogates).
+_LOCAL_UTF8 = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*"
+)
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
 #: An address :func:`address` takes exactly as it is: at most 64 characters before the @, a
@@ -103,19 +109,44 @@ def text(
     return value
 
 
-def address(field: str, value: object) -> str:
-    """A deliverable mailbox address (dot-atom local part, DNS domain); returns it stripped."""
+def address(field: str, value: object, *, utf8_local: bool = False) -> str:
+    """A deliverable mailbox address (dot-atom local part, DNS domain); returns it stripped,
+    an internationalised domain as its ASCII (punycode) form (``bücher.example`` is
+    ``xn--bcher-kva.example``), so one mailbox has one spelling in SQL and on the wire.
+
+    ``utf8_local`` accepts non-ASCII characters before the @ (RFC 6531): a contact's address,
+    sent with SMTPUTF8 when the relay offers it (:attr:`~dispatcher.delivery.message.
+    Envelope.smtputf8`). The agents' own addresses stay ASCII: they appear in every header a
+    recipient's server must read."""
     addr = text(field, value, max_len=HEADER_MAX).strip()
-    if len(addr) > ADDRESS_MAX:
-        raise InvalidInput(field, f"is longer than {ADDRESS_MAX} characters")
     local, at, domain = addr.rpartition("@")
     if not at or not local or not domain:
         raise InvalidInput(field, f"{shown(addr)} is not a valid email address (no local@domain)")
-    if len(local) > 64 or not _LOCAL.fullmatch(local):
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise InvalidInput(
+                field, f"{shown(addr)} is not a valid email address (domain: {exc})"
+            ) from None
+    if local.isascii():
+        valid_local = len(local) <= 64 and _LOCAL.fullmatch(local) is not None
+    elif not utf8_local:
+        raise InvalidInput(
+            field,
+            f"{shown(addr)} is not accepted here: non-ASCII characters before the @ are "
+            "accepted for contacts' addresses only",
+        )
+    else:
+        valid_local = len(local.encode("utf-8")) <= 64 and _LOCAL_UTF8.fullmatch(local) is not None
+    if not valid_local:
         raise InvalidInput(field, f"{shown(addr)} is not a valid email address (local part)")
     labels = domain.split(".")
     if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidInput(field, f"{shown(addr)} is not a valid email address (domain)")
+    addr = f"{local}@{domain}"
+    if len(addr) > ADDRESS_MAX:
+        raise InvalidInput(field, f"is longer than {ADDRESS_MAX} characters")
     return addr
 
 

@@ -185,7 +185,7 @@ def _check_recipients(
         where = f"recipients[{i}]"
         try:
             contact_id = validation.identifier(f"{where}.id", given_id)
-            email = validation.address(f"{where}.email", given_email)
+            email = validation.address(f"{where}.email", given_email, utf8_local=True)
             fields = validation.merge_fields(f"{where}.fields", given_fields)
             if contact_id in seen:
                 raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime
 
 from dispatcher.delivery.rendering import Rendered
@@ -26,6 +26,12 @@ class Envelope:
     mail_from: str
     recipients: tuple[str, ...]
 
+    @property
+    def smtputf8(self) -> bool:
+        """Whether an address has non-ASCII characters (before the @: domains are punycode),
+        so the conversation needs the relay's SMTPUTF8 (RFC 6531)."""
+        return not (self.mail_from.isascii() and all(r.isascii() for r in self.recipients))
+
 
 def build_message(
     rendered: Rendered,
@@ -38,8 +44,9 @@ def build_message(
     date: datetime,
     extra_headers: dict[str, str] | None = None,
 ) -> EmailMessage:
-    """A multipart/alternative message (text first, HTML preferred) under the SMTP policy."""
-    msg = EmailMessage(policy=SMTP)
+    """A multipart/alternative message (text first, HTML preferred) under the SMTP policy, or
+    its UTF-8 variant (RFC 6532 headers) for a recipient whose address is not ASCII."""
+    msg = EmailMessage(policy=SMTP if to_address.isascii() else SMTPUTF8)
     msg["From"] = _address(from_address, from_name)
     msg["To"] = _address(to_address, None)
     if reply_to:

@@ -95,12 +95,13 @@ class BulkMessage:
         extra: bytes = b"",
     ) -> bytes:
         """The bytes of one recipient's message; ``extra`` is header fields of this copy only
-        (complete, folded and CRLF-terminated)."""
+        (complete, folded and CRLF-terminated). A non-ASCII address (RFC 6531 local part) is
+        written as UTF-8 (RFC 6532): it goes only to a relay that offers SMTPUTF8."""
         return b"".join(
             (
                 self._head,
                 extra,
-                _header("To", to),
+                _header("To", to) if to.isascii() else b"To: " + to.encode() + b"\r\n",
                 _header("Subject", subject),
                 b"Date: " + date.encode("ascii") + b"\r\n",
                 b"Message-ID: " + message_id.encode("ascii") + b"\r\n",

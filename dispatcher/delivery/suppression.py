@@ -180,7 +180,7 @@ def suppress(
     detail: str | None = None,
 ) -> SuppressionView:
     """Add (or renew) an entry by hand; ``expires_at`` must lie in the future."""
-    address = validation.address("email", email)
+    address = validation.address("email", email, utf8_local=True)
     try:
         why = SuppressionReason(reason)
     except ValueError:

@@ -405,8 +405,9 @@ async def _conversation(
     MAIL and RCPT left pending.
     """
     refused: dict[str, tuple[int, str]] = {}
+    options, encoding = _utf8_options(client, envelope)
     try:
-        await client.mail(envelope.mail_from)
+        await client.mail(envelope.mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == 421:  # the server is closing this connection
             detail = f"{exc.code} {exc.message} (at mail)"
@@ -417,7 +418,7 @@ async def _conversation(
     try:
         for rcpt in envelope.recipients:
             try:
-                reply = await client.rcpt(rcpt)
+                reply = await client.rcpt(rcpt, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
                 refused[rcpt] = (exc.code, exc.message)
                 continue
@@ -473,6 +474,20 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _utf8_options(client: aiosmtplib.SMTP, envelope: Envelope) -> tuple[list[str], str]:
+    """MAIL's options and the envelope's encoding: SMTPUTF8 for a non-ASCII address, refused
+    for good (before MAIL, nothing sent) when the relay does not offer it."""
+    if not envelope.smtputf8:
+        return [], "ascii"
+    if not client.supports_extension("smtputf8"):
+        raise DeliveryRejected(
+            Reason.SMTP_REJECTED,
+            "the relay does not offer SMTPUTF8, which an address with non-ASCII characters "
+            "before the @ needs",
+        )
+    return ["SMTPUTF8"], "utf-8"
 
 
 def _classify(exc: aiosmtplib.SMTPResponseException, stage: str) -> Exception:
