@@ -352,6 +352,9 @@ class Campaign(Base):
     #: :class:`CampaignExclusion`.
     invalid_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     suppressed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Recipients lacking a merge field the message uses without a default, per field (their
+    #: copy shows it empty); None when none does.
+    missing_fields: Mapped[dict[str, Any] | None]
     chunks: Mapped[int] = mapped_column(Integer)
     period: Mapped[str | None] = mapped_column(String(16))
     grant_seq: Mapped[int | None] = mapped_column(Integer)

@@ -101,7 +101,9 @@ def get_campaign(
     """Status, counts by outcome and progress: small whatever the campaign's size, to be
     polled. ``cancelled`` counts recipients failed because the campaign was cancelled (also
     in ``counts.failed`` and ``failed_by_reason``); ``invalid`` and ``suppressed`` are counts,
-    their recipients are listed by ``/invalid`` and ``/suppressed``. Scope ``read``."""
+    their recipients are listed by ``/invalid`` and ``/suppressed``; ``missing_fields``
+    counts, per merge field the message uses without a default, the recipients lacking it
+    (sent with it empty). Scope ``read``."""
     return control.view(rt, campaign_id, user_id)
 
 

@@ -57,6 +57,9 @@ class CampaignView:
     #: sent nor charged. Who they are: :func:`excluded` (``/invalid``, ``/suppressed``).
     invalid: int
     suppressed: int
+    #: Recipients lacking a merge field the message uses without a default (no
+    #: ``|default(...)``, ``or``, ``if``), per field: sent, with the field empty in their copy.
+    missing_fields: dict[str, int]
     counts: dict[str, int]
     failed_by_reason: dict[str, int]
     #: Recipients failed because the campaign was cancelled before their turn (also counted
@@ -98,6 +101,7 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
         recipients=c.recipients,
         invalid=c.invalid_count,
         suppressed=c.suppressed_count,
+        missing_fields=dict(c.missing_fields or {}),
         counts=counts,
         failed_by_reason=failed,
         cancelled=failed.get(Reason.CAMPAIGN_CANCELLED.value, 0),

@@ -217,6 +217,8 @@ class _Checked:
     invalid: list[dict[str, Any]]
     request_key: str | None
     digest: str | None
+    #: The reply-to address as stored (stripped, its domain in punycode).
+    reply_to: str | None = None
 
 
 def create(
@@ -291,8 +293,9 @@ def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
         )
     if req.from_name is not None:
         found.check(validation.header_text, "from_name", req.from_name, max_len=validation.NAME_MAX)
+    reply_to = None
     if req.reply_to is not None:
-        found.check(validation.address, "reply_to", req.reply_to)
+        reply_to = found.check(validation.address, "reply_to", req.reply_to)
     if req.name is not None:
         found.check(validation.header_text, "name", req.name, max_len=validation.NAME_MAX)
     found.done()
@@ -304,7 +307,7 @@ def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
         raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
     # Of the request as validated: a contact id sent as 5 or "5" is the same request.
     digest = None if request_key is None else request_digest(req, tpl, valid, invalid)
-    return _Checked(provider, tpl, valid, invalid, request_key, digest)
+    return _Checked(provider, tpl, valid, invalid, request_key, digest, reply_to)
 
 
 def _provider(value: str) -> Provider:
@@ -357,6 +360,20 @@ def _drop_suppressed(
     return valid.only(kept), skipped
 
 
+def _missing_fields(tpl: MessageTemplate, valid: _Valid) -> dict[str, int]:
+    """How many recipients lack (or have empty) each merge field the message uses without a
+    default: never silent, the campaign's view shows it (a field only, never a list)."""
+    names = sorted(tpl.unguarded_fields())
+    if not names:
+        return {}
+    counts = dict.fromkeys(names, 0)
+    for _, _, _, fields in valid.values(valid.rows):
+        for name in names:
+            if fields.get(name) in (None, ""):
+                counts[name] += 1
+    return {name: n for name, n in counts.items() if n}
+
+
 def _store(
     rt: Runtime,
     req: CampaignRequest,
@@ -383,10 +400,11 @@ def _store(
                 html=tpl.html,
                 text=tpl.text,
                 from_name=req.from_name,
-                reply_to=req.reply_to,
+                reply_to=checked.reply_to,
                 recipients=len(valid),
                 invalid_count=len(checked.invalid),
                 suppressed_count=len(skipped),
+                missing_fields=_missing_fields(tpl, valid) or None,
                 chunks=chunks,
                 period=grant.period if grant else None,
                 grant_seq=grant.seq if grant else None,

@@ -13,7 +13,7 @@ from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, Undefined
+from jinja2 import StrictUndefined, Template, TemplateError, Undefined, meta, nodes
 from jinja2.exceptions import SecurityError
 
 from dispatcher import metrics
@@ -51,6 +51,56 @@ def _compiled(subject: str, html: str, text: str | None) -> CompiledTemplate:
         raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
 
 
+#: ``contact``'s own keys besides the merge fields: always present.
+_CONTACT_KEYS = frozenset({"id", "email"})
+
+
+@lru_cache(maxsize=COMPILED_KEPT)
+def _unguarded_fields(subject: str, html: str, text: str | None) -> frozenset[str]:
+    unguarded: set[str] = set()
+    for source in (subject, html, text):
+        if source is None:
+            continue
+        try:
+            tree = _STRICT_CHECK.parse(source)
+        except TemplateError:
+            continue  # refused elsewhere (MessageTemplate.check)
+        free = meta.find_undeclared_variables(tree)
+        guarded: set[str] = set()
+        for node in tree.find_all((nodes.Filter, nodes.Or, nodes.Test, nodes.If, nodes.CondExpr)):
+            if isinstance(node, nodes.Filter) and node.name in ("default", "d"):
+                guarded |= _field_refs(node.node, free) if node.node else set()
+            elif isinstance(node, nodes.Or):
+                guarded |= _field_refs(node.left, free)
+            elif isinstance(node, nodes.Test):
+                guarded |= _field_refs(node.node, free)
+            elif isinstance(node, nodes.If | nodes.CondExpr) and node.test is not None:
+                guarded |= _field_refs(node.test, free)
+        unguarded |= _field_refs(tree, free) - guarded
+    return frozenset(unguarded)
+
+
+def _field_refs(tree: nodes.Node, free: set[str]) -> set[str]:
+    """The merge fields a subtree reads: free names, and ``contact``'s keys."""
+    refs: set[str] = set()
+    candidates = [tree, *tree.find_all((nodes.Name, nodes.Getattr, nodes.Getitem))]
+    for node in candidates:
+        if isinstance(node, nodes.Name) and node.ctx == "load" and node.name in free:
+            if node.name != "contact":
+                refs.add(node.name)
+        elif isinstance(node, nodes.Getattr | nodes.Getitem) and (
+            isinstance(node.node, nodes.Name) and node.node.name == "contact" and "contact" in free
+        ):
+            key = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
+            if key is not None and key not in _CONTACT_KEYS:
+                refs.add(key)
+    return refs
+
+
+def _const(node: nodes.Node) -> str | None:
+    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
+
+
 @dataclass(frozen=True)
 class Rendered:
     subject: str
@@ -79,6 +129,16 @@ class MessageTemplate:
                 raise InvalidInput(
                     f"{field_prefix}.{name}", f"template syntax error{where}: {exc}"
                 ) from None
+
+    def unguarded_fields(self) -> frozenset[str]:
+        """The merge fields the message uses with no fallback: a recipient without one of
+        them (or with it empty) gets an empty spot where the field goes. A field the message
+        guards (``|default(...)``, ``or``, ``is defined``, an ``if`` or a conditional
+        expression's test) counts as handled. Names set or looped over inside the template are
+        not fields; a part's guard holds in that part only (subject, HTML, text); ``contact.x``
+        and ``contact["x"]`` are field ``x`` (``contact.id`` and
+        ``contact.email`` are always there)."""
+        return _unguarded_fields(self.subject, self.html, self.text)
 
     def compile(self) -> CompiledTemplate:
         """Compile every part once (about 0.5 ms); render many times (microseconds each).

@@ -100,3 +100,38 @@ def test_recipients_are_written_one_chunk_at_a_time(
     with rt.sessions() as session:
         keys = session.scalars(select(Send.idempotency_key).where(Send.campaign_id == view.id))
         assert len(set(keys)) == 25
+
+
+def test_recipients_lacking_an_unguarded_merge_field_are_counted_in_the_view(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    """A field the message uses with no default shows empty in a copy: never silently, the
+    campaign's view counts who lacks it; guarded fields and international addresses pass."""
+    rt = make_runtime()
+    make_user(rt)
+    rows = [
+        create.Recipient("c0", "ann@bücher.example", {"first_name": "Ann", "city": "Austin"}),
+        create.Recipient("c1", "bo@example.org", {"first_name": "", "city": "Waco"}),
+        create.Recipient("c2", "cy@example.org", {}),
+    ]
+    req = campaign_request(
+        0,
+        recipients=rows,
+        subject="Homes in {{ city }}",
+        html="<p>Hi {{ first_name }}, {{ price|default('ask me') }} {{ contact.zip or '' }}</p>",
+        reply_to="Agent@Bücher.example",
+    )
+    view, _ = create.create(rt, req)
+    assert view.missing_fields == {"city": 1, "first_name": 2}
+    with rt.sessions() as session:
+        campaign = session.get(Campaign, view.id)
+        assert campaign is not None and campaign.reply_to == "Agent@xn--bcher-kva.example"
+        emails = session.scalars(select(Send.contact_email).where(Send.campaign_id == view.id))
+        assert "ann@xn--bcher-kva.example" in set(emails)
+    guarded = campaign_request(
+        0,
+        recipients=rows[2:],
+        subject="Open house, {{ first_name|default('neighbour') }}",
+        html="<p>Hi {% if first_name %}{{ first_name }}{% else %}there{% endif %}</p>",
+    )
+    assert create.create(rt, guarded)[0].missing_fields == {}
