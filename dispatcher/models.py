@@ -142,12 +142,14 @@ class AlertKind(enum.StrEnum):
     POLICY_REJECTED = "policy_rejected"  # the relay refused content or reputation: campaign paused
     SMTP_AUTH_FAILED = "smtp_auth_failed"  # the relay refused our credentials: sending stopped
     INTERNAL_ERROR = "internal_error"  # an item kept failing for an unforeseen cause: gave up
+    EVENTS_WEBHOOK_FAILING = "events_webhook_failing"  # the CRM's receiver keeps refusing
 
 
 class TimelineKind(enum.StrEnum):
     EMAIL_SENT = "email_sent"
     EMAIL_FAILED = "email_failed"
     EMAIL_UNKNOWN = "email_unknown"
+    UNSUBSCRIBED = "unsubscribed"  # the contact unsubscribed from one of the agent's emails
 
 
 class User(Base):
@@ -454,3 +456,21 @@ class Alert(Base):
     relay: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
+
+
+class EventCursor(Base):
+    """How far a consumer of the timeline has got: the events webhook delivers every event
+    after ``last_id`` (in id order, gaps waited for; see ``delivery/webhooks.py``)."""
+
+    __tablename__ = "event_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
+    #: Failed POSTs in a row; the next is not tried before ``retry_at``.
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    retry_at: Mapped[datetime | None]
+    #: Since when the next id has been missing (a transaction not yet committed, or rolled
+    #: back): after ``GAP_WAIT`` it is taken as rolled back and passed.
+    gap_since: Mapped[datetime | None]
+    detail: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]

@@ -267,6 +267,15 @@ class Settings(BaseSettings):
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
     relay_halt_seconds: int = 900
+    #: Where the dispatcher POSTs its events (sent, failed, unknown, unsubscribed, bounced,
+    #: complained), signed with ``EVENTS_WEBHOOK_SECRET``; None sends none.
+    events_webhook_url: str | None = None
+    #: The HMAC-SHA256 key of the events webhook's signature (at least 32 characters).
+    events_webhook_secret: str | None = Field(default=None, repr=False)
+    #: How often beat asks for the events not yet delivered to be pushed.
+    events_push_seconds: float = 5.0
+    #: Events per POST (one JSON document ``{"events": [...]}``).
+    events_batch_size: int = 500
     #: Port of the inbound SMTP server (``serve-unsubscribe``); None: the platform's ``PORT``,
     #: else 2526. ``UNSUBSCRIBE_SMTP_PORT``, its earlier name, is read too.
     inbound_smtp_port: int | None = None
@@ -447,6 +456,25 @@ class Settings(BaseSettings):
             )
         if not all(valid_key(k) for k in self.secret_keys):
             raise ConfigError("SECRET_KEYS", "every key must be a Fernet key (44 characters)")
+        self._check_events_webhook()
+
+    def _check_events_webhook(self) -> None:
+        """The events webhook: an http(s) address with a signing key of its own."""
+        url = self.events_webhook_url
+        if url is None:
+            return
+        if not url.startswith(("https://", "http://")):
+            raise ConfigError("EVENTS_WEBHOOK_URL", "must be an https:// (or http://) address")
+        if self.events_webhook_secret is None or len(self.events_webhook_secret) < 32:
+            raise ConfigError(
+                "EVENTS_WEBHOOK_SECRET",
+                "must be set, at least 32 characters, when EVENTS_WEBHOOK_URL is (the receiver "
+                "checks each POST's signature with it)",
+            )
+        if not (math.isfinite(self.events_push_seconds) and self.events_push_seconds >= 1):
+            raise ConfigError("EVENTS_PUSH_SECONDS", "must be at least 1 second")
+        if not 1 <= self.events_batch_size <= 5000:
+            raise ConfigError("EVENTS_BATCH_SIZE", "must be between 1 and 5000")
 
     @property
     def request_limit(self) -> int:

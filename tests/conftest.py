@@ -325,6 +325,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 TABLES = (
     "alerts",
+    "event_cursors",
     "suppressions",
     "campaign_exclusions",
     "campaigns",

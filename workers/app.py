@@ -23,6 +23,7 @@ from dispatcher.settings import Settings
 from workers import shutdown, tasks
 from workers.names import (
     CAMPAIGN,
+    PUSH_EVENTS_TASK,
     QUEUES,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
@@ -35,6 +36,22 @@ from workers.names import (
 from workers.queue import CeleryTaskQueue
 
 log = logging.getLogger(__name__)
+
+
+def _beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The periodic tasks: renewals, the outbox sweep, and (with a webhook set) the events
+    push, each push dropped when the next is due (a slow receiver never piles them up)."""
+    schedule: dict[str, dict[str, Any]] = {
+        "renew-due": {"task": RENEW_DUE_TASK, "schedule": settings.renewal_sweep_seconds},
+        "sweep-outbox": {"task": SWEEP_OUTBOX_TASK, "schedule": 60.0},
+    }
+    if settings.events_webhook_url is not None:
+        schedule["push-events"] = {
+            "task": PUSH_EVENTS_TASK,
+            "schedule": settings.events_push_seconds,
+            "options": {"expires": settings.events_push_seconds},
+        }
+    return schedule
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> Celery:
@@ -86,12 +103,10 @@ def _configuration(settings: Settings) -> dict[str, Any]:
             SEND_CAMPAIGN_CHUNK_TASK: {"queue": CAMPAIGN},
             RENEW_DUE_TASK: {"queue": SYSTEM},
             SWEEP_OUTBOX_TASK: {"queue": SYSTEM},
+            PUSH_EVENTS_TASK: {"queue": SYSTEM},
         },
         # Exactly one beat process schedules these (Procfile `beat`).
-        beat_schedule={
-            "renew-due": {"task": RENEW_DUE_TASK, "schedule": settings.renewal_sweep_seconds},
-            "sweep-outbox": {"task": SWEEP_OUTBOX_TASK, "schedule": 60.0},
-        },
+        beat_schedule=_beat_schedule(settings),
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
         # Task events (received, started, succeeded, ...) for Flower and `celery events`.

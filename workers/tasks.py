@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -37,14 +36,16 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import metrics, recovery
+from dispatcher.backoff import backoff
 from dispatcher.campaigns import control, run
 from dispatcher.credits import refunds, subscriptions
-from dispatcher.delivery import smartplan, system_mail
+from dispatcher.delivery import smartplan, system_mail, webhooks
 from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError, Yielded
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from workers.names import (
     PUBLISHED_AT,
+    PUSH_EVENTS_TASK,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
@@ -60,11 +61,6 @@ Park = Callable[[Runtime, str, float], None]  # store a long wait for the beat s
 
 #: Errors of our own infrastructure: nothing was decided, every step is idempotent.
 INFRASTRUCTURE = (RedisError, SQLAlchemyError, OSError)
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with full jitter, in seconds."""
-    return random.uniform(base / 2, min(cap, base * (2**attempt)))
 
 
 def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
@@ -236,7 +232,13 @@ def register(app: Celery, rt: Runtime) -> None:
             refunds.retry_due(rt),
         ]
 
+    @task(name=PUSH_EVENTS_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def push_events() -> str:
+        pushed = webhooks.push(rt)
+        return f"{pushed.stopped}: {pushed.delivered} events in {pushed.posts} posts"
+
     del (
+        push_events,
         send_smartplan,
         send_system_email,
         send_campaign_chunk,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from dispatcher.delivery import suppression
+from dispatcher.delivery.timeline import source_of
 from dispatcher.errors import InvalidInput
-from dispatcher.models import Send, SuppressionReason
+from dispatcher.models import Send, SuppressionReason, TimelineEvent, TimelineKind
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -162,15 +163,34 @@ def unsubscribe(rt: Runtime, token: str, via: str = "one-click") -> Unsubscribed
         if send is None:
             # A valid signature on a send we no longer have: nothing to suppress.
             raise InvalidInput("token", "refers to an email this service no longer knows")
+        now = rt.clock.now()
+        already = suppression.reason_for(session, send.user_id, send.contact_email, now)
+        detail = f"{via} unsubscribe from {_origin(send)}"
         suppression.add(
             session,
             send.user_id,
             send.contact_email,
             SuppressionReason.UNSUBSCRIBE,
-            rt.clock.now(),
+            now,
             contact_id=send.contact_id,
-            detail=f"{via} unsubscribe from {_origin(send)}",
+            detail=detail,
         )
+        if already != SuppressionReason.UNSUBSCRIBE:
+            # On the contact's timeline (and so to the events webhook), once.
+            session.add(
+                TimelineEvent(
+                    user_id=send.user_id,
+                    contact_id=send.contact_id,
+                    send_id=send.id,
+                    kind=TimelineKind.UNSUBSCRIBED,
+                    status=send.status,
+                    reason=SuppressionReason.UNSUBSCRIBE.value,
+                    detail=detail,
+                    subject=None,
+                    source=source_of(send),
+                    occurred_at=now,
+                )
+            )
         done = Unsubscribed(send.user_id, send.contact_id)
     log.info("contact unsubscribed user=%s contact=%s", done.user_id, done.contact_id)
     return done
