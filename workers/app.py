@@ -29,6 +29,7 @@ from workers.names import (
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SMARTPLAN,
+    START_SCHEDULED_TASK,
     SWEEP_OUTBOX_TASK,
     SYSTEM,
 )
@@ -86,11 +87,19 @@ def _configuration(settings: Settings) -> dict[str, Any]:
             SEND_CAMPAIGN_CHUNK_TASK: {"queue": CAMPAIGN},
             RENEW_DUE_TASK: {"queue": SYSTEM},
             SWEEP_OUTBOX_TASK: {"queue": SYSTEM},
+            START_SCHEDULED_TASK: {"queue": SYSTEM},
         },
         # Exactly one beat process schedules these (Procfile `beat`).
         beat_schedule={
             "renew-due": {"task": RENEW_DUE_TASK, "schedule": settings.renewal_sweep_seconds},
             "sweep-outbox": {"task": SWEEP_OUTBOX_TASK, "schedule": 60.0},
+            # Often enough that a scheduled campaign starts within a minute of its time.
+            "start-scheduled": {
+                "task": START_SCHEDULED_TASK,
+                "schedule": float(settings.schedule_sweep_seconds),
+                # A start sent when no worker was there is stale once the next one is due.
+                "options": {"expires": float(settings.schedule_sweep_seconds)},
+            },
         },
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
