@@ -31,7 +31,7 @@ from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import InvalidInput, NotFound
-from dispatcher.models import Campaign, CampaignStatus, Provider, User
+from dispatcher.models import Campaign, CampaignStatus, Provider, Send, SendStatus, User
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
 
@@ -86,6 +86,7 @@ def _take_credits(rt: Runtime, c: Campaign, user: User, grant: GrantRef, now: da
     nothing, and start it; True once it runs. Credits it held of an earlier month go back."""
     earlier = grant_ref(c.user_id, c.period, c.grant_seq, user.timezone)
     rt.quota.ensure(grant)
+    held: list[str] = []
     with rt.sessions.begin() as session:
         if not control.begin_scheduled(
             session,
@@ -96,12 +97,21 @@ def _take_credits(rt: Runtime, c: Campaign, user: User, grant: GrantRef, now: da
             grant_seq=grant.seq,
         ):
             return False
+        if earlier is not None:
+            held = list(
+                session.scalars(
+                    select(Send.idempotency_key).where(
+                        Send.campaign_id == c.id, Send.status == SendStatus.RESERVED
+                    )
+                ).all()
+            )
         size = lifecycle.claim_campaign(session, c.id, grant, now)
     key = campaign_key(c.id)
     try:
         if earlier is not None:
-            # Its month ended before it started: that month's credits go back to it.
-            rt.quota.refund(earlier, key, size)
+            # Its month ended before it started: that month's credits go back to it, part by
+            # part (a rebuild of that grant holds them per recipient, not under one key).
+            rt.quota.refund_parts(earlier, key, held)
         reservation = rt.quota.reserve(grant, key, size)
     except RedisError:
         with rt.sessions.begin() as session:

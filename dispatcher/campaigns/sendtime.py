@@ -20,6 +20,8 @@ def parse(value: object) -> datetime:
     if not isinstance(value, str):
         raise InvalidInput(FIELD, "must be an ISO 8601 date and time, e.g. 2026-12-01T09:00:00")
     text = value.strip()
+    if not text:
+        raise InvalidInput(FIELD, "must not be empty (leave send_at out to send now)")
     if "T" not in text and " " not in text:
         # A date alone would mean midnight, which nobody means by a send time.
         raise InvalidInput(FIELD, f"{shown(value)} has no time of day (e.g. {text}T09:00:00)")

@@ -55,7 +55,10 @@ def agent(rt: Runtime) -> str:
 def body(n: int, send_at: str | None, **extra: Any) -> dict[str, Any]:
     return {
         "user_id": "agent-1",
-        "message": {"subject": "Open house, {{ first_name }}", "html": "<p>Hi {{ first_name }}</p>"},
+        "message": {
+            "subject": "Open house, {{ first_name }}",
+            "html": "<p>Hi {{ first_name }}</p>",
+        },
         "recipients": [
             {"id": f"c{i}", "email": f"person{i}@example.org", "fields": {"first_name": f"P{i}"}}
             for i in range(n)
@@ -245,9 +248,15 @@ def test_a_scheduled_campaign_cancelled_before_it_starts_gives_every_credit_back
         (SendStatus.FAILED, "campaign_cancelled")
     }
     assert sum(e.reason == "campaign_cancelled" for e in timeline_rows(runtime, "agent-1")) == 40
-    clock.set(datetime(2026, 11, 10, 18, 30, tzinfo=UTC))  # past its time: beat starts nothing
+    # One for next month holds nothing: its cancel gives nothing back and takes nothing.
+    later = api_client.post("/v1/campaigns", json=body(7, "2026-12-02T11:00:00")).json()
+    assert used(runtime, "2026-11") == (10, 10)
+    r = api_client.post(f"/v1/campaigns/{later['id']}/cancel", params={"user_id": "agent-1"})
+    assert r.json()["status"] == "cancelled" and used(runtime, "2026-11") == (10, 10)
+    clock.set(datetime(2026, 12, 2, 18, 30, tzinfo=UTC))  # past both times: nothing starts
     assert schedule.start_due(runtime) == 0
     assert smtp_server.messages == []
+    assert credits(runtime, "agent-1").used == 0  # December's grant, untouched
 
 
 # --------------------------------------------------------------------------- month ends
@@ -296,11 +305,14 @@ def test_a_campaign_holding_november_s_credits_that_starts_in_december_is_charge
     runtime: Runtime, clock: FrozenClock
 ) -> None:
     """Beat was down across the month end: the campaign due at 23:55 on 30 November starts at
-    00:02 on 1 December. Its November credits go back to November; December pays."""
+    00:02 on 1 December. Its November credits go back to November (Redis having lost its data
+    and rebuilt November's grant meanwhile, which holds them per recipient); December pays."""
     clock.set(LAST_MINUTES)
     agent(runtime)
     late, _ = create(runtime, campaign_request(8, send_at="2026-11-30T23:55:00"))
     assert used(runtime, "2026-11") == (8, 8)
+    runtime.redis.flushall()
+    assert used(runtime, "2026-11") == (8, 8)  # rebuilt from the ledger
     clock.set(MONTH_END + timedelta(minutes=2))
     assert schedule.start_due(runtime) == 1
     assert used(runtime, "2026-11") == (0, 0)
