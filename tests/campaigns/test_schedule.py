@@ -197,6 +197,21 @@ def test_two_sweeps_at_once_start_a_campaign_once_and_take_its_credits_once(
     assert used(runtime, "2026-12") == (30, 30)
 
 
+def test_a_scheduled_mailchimp_campaign_waits_costs_nothing_and_starts_at_its_time(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    make_user(runtime, timezone=ZONE, mailchimp_api_key="k" * 32 + "-us1", mailchimp_list_id="L1")
+    at = datetime(2026, 11, 10, 18, 0, tzinfo=UTC)
+    view, work = create(runtime, campaign_request(6, provider="mailchimp", send_at=at))
+    assert (view.status, work, view.counts["queued"]) == ("scheduled", [], 6)
+    clock.set(at - timedelta(seconds=1))
+    assert schedule.start_due(runtime) == 0
+    clock.set(at)
+    assert schedule.start_due(runtime) == 1
+    assert control.view(runtime, view.id).status == "running"
+    assert credits(runtime, "agent-1").used == 0
+
+
 # --------------------------------------------------------------------------- editing, cancelling
 
 
