@@ -97,8 +97,6 @@ def _configuration(settings: Settings) -> dict[str, Any]:
             "start-scheduled": {
                 "task": START_SCHEDULED_TASK,
                 "schedule": float(settings.schedule_sweep_seconds),
-                # A start sent when no worker was there is stale once the next one is due.
-                "options": {"expires": float(settings.schedule_sweep_seconds)},
             },
         },
         task_create_missing_queues=False,
