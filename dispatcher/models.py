@@ -105,6 +105,8 @@ class Provider(enum.StrEnum):
 
 class CampaignStatus(enum.StrEnum):
     RESERVING = "reserving"  # recipients stored, credits being reserved
+    #: Waiting for its ``send_at``; credits held only when that falls in the current period.
+    SCHEDULED = "scheduled"
     RUNNING = "running"
     PAUSED = "paused"
     CANCELLED = "cancelled"
@@ -336,7 +338,11 @@ class Campaign(Base):
     """One email to many contacts of one agent, through Command Email or MailChimp."""
 
     __tablename__ = "campaigns"
-    __table_args__ = (UniqueConstraint("user_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        # The beat's start of scheduled campaigns: those due, by status and time.
+        Index("ix_campaigns_status_send_at", "status", "send_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
@@ -376,6 +382,8 @@ class Campaign(Base):
     #: that request: a repeat answers with this campaign, a different request is refused.
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     request_digest: Mapped[str | None] = mapped_column(String(64))
+    #: When a scheduled campaign is to start (UTC); None for one started at once.
+    send_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

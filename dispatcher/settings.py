@@ -222,6 +222,11 @@ class Settings(BaseSettings):
     #: Paid plans as (name, monthly credits, price in cents); None keeps the built-in tiers.
     plan_catalog: Catalog = None
     renewal_sweep_seconds: int = 300
+    #: How often beat starts the scheduled campaigns that are due (a campaign starts at most
+    #: this long after its ``send_at``; under a minute, as promised to agents).
+    schedule_sweep_seconds: int = 15
+    #: How far ahead a campaign may be scheduled (``send_at``), in days.
+    schedule_max_days: int = 365
     #: SMTP connections a worker process keeps open (and a campaign chunk reuses).
     smtp_pool_size: int = 8
     #: An SMTP connection kept open between SmartPlan and system sends is closed after this
@@ -398,6 +403,12 @@ class Settings(BaseSettings):
             raise ConfigError("MAX_REQUEST_BYTES", "must be at least 1024 (or unset)")
         if self.renewal_sweep_seconds < 10:
             raise ConfigError("RENEWAL_SWEEP_SECONDS", "must be at least 10")
+        if not 1 <= self.schedule_sweep_seconds <= 50:
+            # A due campaign must start within a minute of its time, the sweep's own run
+            # included.
+            raise ConfigError("SCHEDULE_SWEEP_SECONDS", "must be between 1 and 50")
+        if self.schedule_max_days < 1:
+            raise ConfigError("SCHEDULE_MAX_DAYS", "must be at least 1")
         for name, rate in (
             ("SMTP_RATE_PER_SECOND", self.smtp_rate_per_second),
             ("SMTP_RATE_PER_HOUR", self.smtp_rate_per_hour),

@@ -30,6 +30,7 @@ from workers.names import (
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SMARTPLAN,
+    START_SCHEDULED_TASK,
     SWEEP_OUTBOX_TASK,
     SYSTEM,
 )
@@ -39,11 +40,17 @@ log = logging.getLogger(__name__)
 
 
 def _beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The periodic tasks: renewals, the outbox sweep, and (with a webhook set) the events
-    push, each push dropped when the next is due (a slow receiver never piles them up)."""
+    """The periodic tasks: renewals, the outbox sweep, scheduled campaigns' starts, and (with
+    a webhook set) the events push, each push dropped when the next is due (a slow receiver
+    never piles them up)."""
     schedule: dict[str, dict[str, Any]] = {
         "renew-due": {"task": RENEW_DUE_TASK, "schedule": settings.renewal_sweep_seconds},
         "sweep-outbox": {"task": SWEEP_OUTBOX_TASK, "schedule": 60.0},
+        # Often enough that a scheduled campaign starts within a minute of its time.
+        "start-scheduled": {
+            "task": START_SCHEDULED_TASK,
+            "schedule": float(settings.schedule_sweep_seconds),
+        },
     }
     if settings.events_webhook_url is not None:
         schedule["push-events"] = {
@@ -104,6 +111,7 @@ def _configuration(settings: Settings) -> dict[str, Any]:
             RENEW_DUE_TASK: {"queue": SYSTEM},
             SWEEP_OUTBOX_TASK: {"queue": SYSTEM},
             PUSH_EVENTS_TASK: {"queue": SYSTEM},
+            START_SCHEDULED_TASK: {"queue": SYSTEM},
         },
         # Exactly one beat process schedules these (Procfile `beat`).
         beat_schedule=_beat_schedule(settings),

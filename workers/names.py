@@ -14,6 +14,7 @@ SEND_CAMPAIGN_CHUNK_TASK = "dispatcher.send_campaign_chunk"
 RENEW_DUE_TASK = "dispatcher.renew_due"
 SWEEP_OUTBOX_TASK = "dispatcher.sweep_outbox"
 PUSH_EVENTS_TASK = "dispatcher.push_events"
+START_SCHEDULED_TASK = "dispatcher.start_scheduled"
 
 #: The header of a task we publish that says when (wall clock, Unix seconds).
 PUBLISHED_AT = "published_at"

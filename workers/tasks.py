@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import metrics, recovery
 from dispatcher.backoff import backoff
-from dispatcher.campaigns import control, run
+from dispatcher.campaigns import control, run, schedule
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import smartplan, system_mail, webhooks
 from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError, Yielded
@@ -50,6 +50,7 @@ from workers.names import (
     SEND_CAMPAIGN_CHUNK_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
+    START_SCHEDULED_TASK,
     SWEEP_OUTBOX_TASK,
 )
 
@@ -220,6 +221,10 @@ def register(app: Celery, rt: Runtime) -> None:
     def renew_due() -> int:
         return subscriptions.renew_due(rt)
 
+    @task(name=START_SCHEDULED_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def start_scheduled() -> int:
+        return schedule.start_due(rt)
+
     @task(name=SWEEP_OUTBOX_TASK, shared=False)  # type: ignore[untyped-decorator]
     def sweep_outbox() -> list[int]:
         return [
@@ -243,5 +248,6 @@ def register(app: Celery, rt: Runtime) -> None:
         send_system_email,
         send_campaign_chunk,
         renew_due,
+        start_scheduled,
         sweep_outbox,
     )  # kept by the app

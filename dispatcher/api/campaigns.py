@@ -13,7 +13,7 @@ from dispatcher.api.bodies import MessageIn, StrictBody
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, QueueDep, RuntimeDep
 from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
-from dispatcher.campaigns import control, create
+from dispatcher.campaigns import control, create, schedule
 from dispatcher.errors import NotFound
 from dispatcher.models import ExclusionKind, Provider
 from dispatcher.pages import DEFAULT_LIMIT, Page
@@ -38,6 +38,19 @@ class RecipientIn(TypedDict):
     fields: NotRequired[dict[str, Any]]
 
 
+SEND_AT = (
+    "When to start the campaign (it is `scheduled` until then; beat starts it within a minute "
+    "of this time, never before): an ISO 8601 instant with its offset "
+    "(`2026-12-01T09:00:00-07:00`, `...Z`), or a local time without one "
+    "(`2026-12-01T09:00:00`), read in the agent's time zone (their `timezone`). It must be in "
+    "the future and at most `SCHEDULE_MAX_DAYS` (365) days ahead. Command Email: when it falls "
+    "in the current month (agent's zone) the credits are reserved now (all or nothing, 409 if "
+    "short); in a later month none are held now, and that month's credits are reserved when it "
+    "starts (all or nothing: if the balance is then short the campaign fails, every recipient "
+    "`quota_exhausted`). Leave it out to start now."
+)
+
+
 class CampaignIn(StrictBody):
     user_id: str
     provider: Provider = Field(
@@ -54,6 +67,7 @@ class CampaignIn(StrictBody):
         "repeating the same request with it answers 200 with the campaign the first one "
         "created, without sending or charging again; another request with it is refused (409).",
     )
+    send_at: str | None = Field(default=None, description=SEND_AT)
 
 
 @router.post(
@@ -72,7 +86,8 @@ def post_campaign(
     rows they were, and why, is listed a page at a time by ``GET
     /v1/campaigns/{id}/invalid`` and ``/suppressed`` (fetch them when a count is not 0).
     MailChimp: sent through the agent's account, no credits. ``replayed`` is true when this
-    answers a repeat of an earlier request. Scope ``campaigns:write``."""
+    answers a repeat of an earlier request. With ``send_at`` it is ``scheduled`` until that
+    time (``send_at`` in the answer, UTC). Scope ``campaigns:write``."""
     caller.check_user(body.user_id)
     req = create.CampaignRequest(
         user_id=body.user_id,
@@ -85,6 +100,7 @@ def post_campaign(
         from_name=body.from_name,
         reply_to=body.reply_to,
         idempotency_key=body.idempotency_key,
+        send_at=body.send_at,
     )
     created = producer.create_campaign(req)
     if created.replayed:
@@ -153,6 +169,45 @@ def get_suppressed(
     return control.excluded(rt, campaign_id, kind, user_id, cursor=cursor, limit=limit)
 
 
+class MessageEdit(StrictBody):
+    subject: str | None = Field(default=None, description="New subject template.")
+    html: str | None = Field(default=None, description="New HTML body template.")
+    text: str | None = Field(default=None, description="New plain-text body.")
+
+
+class CampaignEdit(StrictBody):
+    send_at: str | None = Field(
+        default=None,
+        description="New start time, as for `POST /v1/campaigns`. A campaign holding this "
+        "month's credits can only move within this month (cancel and create it again to move "
+        "it to another); one holding none can move to any time.",
+    )
+    message: MessageEdit | None = None
+    name: str | None = None
+
+
+@router.patch(
+    "/v1/campaigns/{campaign_id}",
+    response_model=control.CampaignView,
+    responses=answers(404, 409),
+)
+def patch_campaign(
+    campaign_id: str, body: CampaignEdit, rt: RuntimeDep, _caller: CampaignCaller, user_id: Owner
+) -> control.CampaignView:
+    """Change a scheduled campaign before it starts: ``send_at``, the message's subject and
+    bodies, its name (fields left out stay as they are). 409 once it has started or was
+    cancelled. Scope ``campaigns:write``."""
+    message = body.message or MessageEdit()
+    change = schedule.Edit(
+        send_at=body.send_at,
+        subject=message.subject,
+        html=message.html,
+        text=message.text,
+        name=body.name,
+    )
+    return schedule.edit(rt, campaign_id, change, user_id)
+
+
 @router.post(
     "/v1/campaigns/{campaign_id}/{action}",
     response_model=control.CampaignView,
@@ -169,7 +224,8 @@ def campaign_action(
     user_id: Owner,
 ) -> control.CampaignView:
     """``pause`` (recipients in flight finish, nobody gets two copies), ``resume``, or
-    ``cancel`` (unsent recipients fail as cancelled and their credits come back). Scope
+    ``cancel`` (unsent recipients fail as cancelled and their credits come back; a scheduled
+    campaign can be cancelled until it starts, every credit it holds back). Scope
     ``campaigns:write``."""
     if action == "pause":
         return control.pause(rt, campaign_id, user_id)

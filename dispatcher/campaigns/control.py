@@ -70,6 +70,8 @@ class CampaignView:
     detail: str | None
     created_at: datetime
     finished_at: datetime | None
+    #: When a scheduled campaign starts (UTC); None for one started at once.
+    send_at: datetime | None = None
     #: True when this answers a repeated request (same idempotency key): nothing new was made.
     replayed: bool = False
 
@@ -110,6 +112,7 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
         detail=c.detail,
         created_at=c.created_at,
         finished_at=c.finished_at,
+        send_at=c.send_at,
     )
 
 
@@ -272,12 +275,13 @@ def resume(
 
 def cancel(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
     """Stop for good: recipients not yet handed out fail as cancelled and their credits come
-    back; those in flight finish. A MailChimp campaign MailChimp was already asked to send
-    cannot be cancelled (it may have gone out; its job records what happened)."""
+    back (a scheduled campaign's: every credit it holds); those in flight finish. A MailChimp
+    campaign MailChimp was already asked to send cannot be cancelled (it may have gone out;
+    its job records what happened)."""
     c = _transition(
         rt,
         campaign_id,
-        (CampaignStatus.RUNNING, CampaignStatus.PAUSED),
+        (CampaignStatus.RUNNING, CampaignStatus.PAUSED, CampaignStatus.SCHEDULED),
         CampaignStatus.CANCELLED,
         "cancel",
         user_id,
@@ -358,21 +362,46 @@ def expire_reserving(rt: Runtime, limit: int = 100) -> int:
     return failed
 
 
-def _settle_not_started(rt: Runtime, c: Campaign) -> None:
+def _settle_not_started(
+    rt: Runtime,
+    c: Campaign,
+    reason: Reason = Reason.CAMPAIGN_NOT_STARTED,
+    detail: str = "the campaign could not be started; nothing was sent",
+) -> None:
     with rt.sessions() as session:
         ids = list(
             session.scalars(
                 select(Send.id).where(Send.campaign_id == c.id, Send.status.in_(OPEN_STATUSES))
             ).all()
         )
-    detail = "the campaign could not be started; nothing was sent"
     lifecycle.settle(
         rt,
-        [Outcome(i, SendStatus.FAILED, Reason.CAMPAIGN_NOT_STARTED, detail) for i in ids],
+        [Outcome(i, SendStatus.FAILED, reason, detail) for i in ids],
         OPEN_STATUSES,
         campaign=c,
     )
     log.warning("campaign %s never started: failed, %d recipients settled", c.id, len(ids))
+
+
+def refuse_start(rt: Runtime, campaign_id: str, detail: str) -> bool:
+    """A scheduled campaign whose credits could not be reserved when it was due (its period's
+    balance was short) fails whole: ``reserving`` -> ``failed``, every recipient ``failed``
+    ``quota_exhausted`` on their timelines (rule R4), nothing sent, no credit kept. False
+    when it was no longer ``reserving`` (the reserving sweep failed it first)."""
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        won = session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+            .values(status=CampaignStatus.FAILED, detail=detail, finished_at=now, updated_at=now)
+        )
+        if cast(CursorResult[Any], won).rowcount != 1:
+            return False
+        c = session.get(Campaign, campaign_id)
+        assert c is not None
+        session.expunge(c)
+    _settle_not_started(rt, c, Reason.QUOTA_EXHAUSTED, detail)
+    return True
 
 
 def complete_if_done(rt: Runtime, campaign_id: str) -> CampaignStatus:
@@ -462,15 +491,73 @@ def fail(rt: Runtime, campaign_id: str, detail: str) -> None:
         )
 
 
-def start(session: Session, campaign_id: str, now: datetime) -> bool:
-    """A campaign whose credits were all reserved starts running, with its recipients
-    ``reserved`` (in the caller's transaction); False when the reserving sweep failed it first."""
+def start(
+    session: Session, campaign_id: str, now: datetime, to: CampaignStatus = CampaignStatus.RUNNING
+) -> bool:
+    """A campaign whose credits were all reserved starts running (or, ``to`` scheduled, waits
+    for its time holding them), with its recipients ``reserved`` (in the caller's
+    transaction); False when the reserving sweep failed it first."""
     started = session.execute(
         update(Campaign)
         .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
-        .values(status=CampaignStatus.RUNNING, updated_at=now)
+        .values(status=to, updated_at=now)
     )
     if cast(CursorResult[Any], started).rowcount != 1:
         return False
     lifecycle.start_all_reserved(session, campaign_id, now)
+    return True
+
+
+def begin_scheduled(
+    session: Session, campaign_id: str, now: datetime, to: CampaignStatus, **values: Any
+) -> bool:
+    """A scheduled campaign that is due leaves ``scheduled`` for ``to`` (``running`` when its
+    credits are held or it needs none, ``reserving`` when they are to be taken now), with
+    ``values`` set on its row, in the caller's transaction. The compare-and-set on the status
+    and the time is what makes two beats, or a redelivered sweep, start it once: False for
+    every caller but the first (or when it was cancelled or moved meanwhile)."""
+    won = session.execute(
+        update(Campaign)
+        .where(
+            Campaign.id == campaign_id,
+            Campaign.status == CampaignStatus.SCHEDULED,
+            Campaign.send_at <= now,
+        )
+        .values(status=to, updated_at=now, **values)
+    )
+    return cast(CursorResult[Any], won).rowcount == 1
+
+
+def edit_scheduled(
+    session: Session, campaign_id: str, user_id: str | None, now: datetime, **values: Any
+) -> Campaign:
+    """Change a campaign that has not started (``send_at``, subject, bodies, name), in the
+    caller's transaction: a compare-and-set on ``scheduled``, so an edit that loses the race
+    with the beat's start changes nothing and raises :class:`CampaignStateError`."""
+    c = session.get(Campaign, campaign_id)
+    if c is None or (user_id is not None and c.user_id != user_id):
+        raise NotFound("campaign", campaign_id)
+    won = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.SCHEDULED)
+        .values(updated_at=now, **values)
+    )
+    session.refresh(c)
+    if cast(CursorResult[Any], won).rowcount != 1:
+        raise CampaignStateError(campaign_id, c.status.value, "be changed once it has started")
+    return c
+
+
+def back_to_scheduled(session: Session, campaign_id: str, now: datetime) -> bool:
+    """A start that could not ask Redis for the credits hands the campaign back: ``reserving``
+    -> ``scheduled``, no grant recorded (in the caller's transaction), so the next sweep
+    starts it again."""
+    moved = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+        .values(status=CampaignStatus.SCHEDULED, period=None, grant_seq=None, updated_at=now)
+    )
+    if cast(CursorResult[Any], moved).rowcount != 1:
+        return False
+    lifecycle.claim_campaign(session, campaign_id, None, now)
     return True

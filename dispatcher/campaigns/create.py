@@ -20,11 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import validation
-from dispatcher.campaigns import control
+from dispatcher.campaigns import control, sendtime
 from dispatcher.campaigns.control import CampaignStateError, CampaignView, view
 from dispatcher.credits import notices, refunds
 from dispatcher.credits.grants import campaign_key
-from dispatcher.credits.quota import GrantRef
+from dispatcher.credits.periods import period_at
+from dispatcher.credits.quota import GrantRef, Reservation
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import suppression
 from dispatcher.delivery.message import message_id_for
@@ -88,6 +89,9 @@ class CampaignRequest:
     #: The producer's key for this request: repeating the request with it (say after a
     #: timeout) answers with the campaign the first one created instead of a second campaign.
     idempotency_key: str | None = None
+    #: When to start it (``scheduled`` until then): an instant with its offset, or a local
+    #: time read in the agent's zone (see :mod:`dispatcher.campaigns.sendtime`). None: now.
+    send_at: str | datetime | None = None
 
 
 class RequestKeyReused(DispatcherError):
@@ -219,6 +223,8 @@ class _Checked:
     digest: str | None
     #: The reply-to address as stored (stripped, its domain in punycode).
     reply_to: str | None = None
+    #: ``send_at`` as given (naive: a local time in the agent's zone), or None.
+    send_at: datetime | None = None
 
 
 def create(
@@ -236,15 +242,20 @@ def create(
         if earlier is not None:
             return earlier, []
     valid, skipped = _drop_suppressed(rt, req, checked)
+    send_at = None if checked.send_at is None else _send_at(rt, req.user_id, checked.send_at)
     grant: GrantRef | None = None
     if checked.provider is Provider.COMMAND_EMAIL:
-        _, grant = ensure_current(rt, req.user_id)
-        rt.quota.ensure(grant)
+        user, grant = ensure_current(rt, req.user_id)
+        if send_at is not None and period_at(send_at, user.timezone).id != grant.period:
+            # Sent in a later month: that month's grant pays, taken when it starts.
+            grant = None
+        else:
+            rt.quota.ensure(grant)
     campaign_id = str(uuid.uuid4())
     # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
     #    meanwhile counts them as pending under the campaign's bulk key, which step 2 takes).
     try:
-        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant)
+        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant, send_at)
     except IntegrityError:
         if checked.request_key is None or checked.digest is None:
             raise
@@ -258,10 +269,11 @@ def create(
         return earlier, []
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:
-        _reserve_all(rt, campaign_id, grant, len(valid))
+        then = CampaignStatus.RUNNING if send_at is None else CampaignStatus.SCHEDULED
+        _reserve_all(rt, campaign_id, grant, len(valid), then)
     log.info(
         "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
-        "chunks=%d",
+        "chunks=%d send_at=%s",
         campaign_id,
         req.user_id,
         checked.provider.value,
@@ -269,20 +281,31 @@ def create(
         len(checked.invalid),
         len(skipped),
         chunks,
+        send_at.isoformat() if send_at else "now",
     )
-    # A MailChimp campaign is one job: MailChimp sends it whole.
-    work = [0] if checked.provider is Provider.MAILCHIMP else list(range(chunks))
-    return view(rt, campaign_id), work
+    return view(rt, campaign_id), [] if send_at else work_items(checked.provider, chunks)
+
+
+def work_items(provider: Provider, chunks: int) -> list[int]:
+    """The work items of a campaign that starts: its chunks, or for MailChimp its one job
+    (MailChimp sends it whole)."""
+    return [0] if provider is Provider.MAILCHIMP else list(range(chunks))
+
+
+def _send_at(rt: Runtime, user_id: str, given: datetime) -> datetime:
+    """``send_at`` as an instant, a local time read in the agent's zone."""
+    with rt.sessions() as session:
+        tz = session.scalar(select(User.timezone).where(User.id == user_id))
+    if tz is None:
+        raise NotFound("user", user_id)
+    return sendtime.resolve(given, tz, rt.clock.now(), rt.settings.schedule_max_days)
 
 
 def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
     """Validate everything a request asks for; raises :class:`InvalidInput` naming the field."""
     found = validation.Findings()
     provider = found.check(_provider, req.provider)
-    limit = rt.settings.max_message_bytes
-    subject = found.check(validation.header_text, "message.subject", req.subject)
-    html = found.check(validation.body, "message.html", req.html, max_bytes=limit)
-    text = found.check(validation.body, "message.text", req.text, max_bytes=limit, required=False)
+    subject, html, text = message_fields(rt, found, req.subject, req.html, req.text)
     request_key = None
     if req.idempotency_key is not None:
         request_key = found.check(
@@ -298,6 +321,7 @@ def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
         reply_to = found.check(validation.address, "reply_to", req.reply_to)
     if req.name is not None:
         found.check(validation.header_text, "name", req.name, max_len=validation.NAME_MAX)
+    send_at = None if req.send_at is None else found.check(sendtime.parse, req.send_at)
     found.done()
     assert provider is not None  # done() raised otherwise
     tpl = MessageTemplate(subject=subject or "", html=html or "", text=text)
@@ -307,7 +331,22 @@ def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
         raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
     # Of the request as validated: a contact id sent as 5 or "5" is the same request.
     digest = None if request_key is None else request_digest(req, tpl, valid, invalid)
-    return _Checked(provider, tpl, valid, invalid, request_key, digest, reply_to)
+    return _Checked(
+        provider, tpl, valid, invalid, request_key, digest, reply_to=reply_to, send_at=send_at
+    )
+
+
+def message_fields(
+    rt: Runtime, found: validation.Findings, subject: object, html: object, text: object
+) -> tuple[str | None, str | None, str | None]:
+    """A campaign message's subject, HTML and text under the text policy (None where refused,
+    the refusal kept in ``found``)."""
+    limit = rt.settings.max_message_bytes
+    return (
+        found.check(validation.header_text, "message.subject", subject),
+        found.check(validation.body, "message.html", html, max_bytes=limit),
+        found.check(validation.body, "message.text", text, max_bytes=limit, required=False),
+    )
 
 
 def _provider(value: str) -> Provider:
@@ -382,6 +421,7 @@ def _store(
     valid: _Valid,
     skipped: list[dict[str, Any]],
     grant: GrantRef | None,
+    send_at: datetime | None,
 ) -> int:
     """Store the campaign and its recipients in one transaction; how many chunks it has."""
     now = rt.clock.now()
@@ -394,7 +434,14 @@ def _store(
                 id=campaign_id,
                 user_id=req.user_id,
                 provider=checked.provider,
-                status=CampaignStatus.RESERVING if grant else CampaignStatus.RUNNING,
+                status=(
+                    CampaignStatus.RESERVING
+                    if grant
+                    else CampaignStatus.SCHEDULED
+                    if send_at
+                    else CampaignStatus.RUNNING
+                ),
+                send_at=send_at,
                 name=req.name,
                 subject=tpl.subject,
                 html=tpl.html,
@@ -442,9 +489,12 @@ def _insert_exclusions(
         session.connection().execute(insert(EXCLUSION_TABLE), rows[start : start + 2000])
 
 
-def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> None:
-    """Reserve the credits of every recipient in one step and start the campaign, or leave
-    nothing behind and raise :class:`InsufficientCredits`."""
+def _reserve_all(
+    rt: Runtime, campaign_id: str, grant: GrantRef, size: int, then: CampaignStatus
+) -> None:
+    """Reserve the credits of every recipient in one step and start the campaign (``then``
+    running, or scheduled to wait for its time holding them), or leave nothing behind and
+    raise :class:`InsufficientCredits`."""
     now = rt.clock.now()
     reservation = rt.quota.reserve(grant, campaign_key(campaign_id), size)
     if not reservation.granted:
@@ -466,9 +516,24 @@ def _reserve_all(rt: Runtime, campaign_id: str, grant: GrantRef, size: int) -> N
         # they were removed counts them as pending: uncount them (nothing to do otherwise).
         rt.quota.refund(grant, campaign_key(campaign_id), size)
         raise InsufficientCredits(size, reservation.remaining, reservation.total)
+    reserved(rt, campaign_id, grant, reservation, then)
+
+
+def reserved(
+    rt: Runtime,
+    campaign_id: str,
+    grant: GrantRef,
+    reservation: Reservation,
+    then: CampaignStatus = CampaignStatus.RUNNING,
+) -> None:
+    """A ``reserving`` campaign's bulk reservation was granted: usage notices, then the
+    campaign goes on to ``then`` with its recipients ``reserved``. Should the reserving sweep
+    have failed it meanwhile, the reservation goes back and :class:`CampaignStateError` is
+    raised."""
     notices.after_reservation(rt, grant, reservation)
+    now = rt.clock.now()
     with rt.sessions.begin() as session:
-        if control.start(session, campaign_id, now):
+        if control.start(session, campaign_id, now, then):
             return
     # The sweep gave up on this campaign (this request took far too long): it was failed and
     # its recipients settled; this reservation goes back too, part by part (the sweep may
@@ -495,15 +560,17 @@ def request_digest(
 
     It is the SHA-256 of one JSON document (``[user, provider, [subject, html, text],
     [from_name, reply_to, name], [[contact id, email, fields], ...], [invalid, ...]]``, keys
-    sorted, no spaces), written a chunk of recipients at a time so that no copy of the whole
-    list is made."""
+    sorted, no spaces; ``send_at`` after the names when given), written a chunk of recipients
+    at a time so that no copy of the whole list is made."""
     dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
-    head = [
+    head: list[object] = [
         req.user_id,
         req.provider,
         [tpl.subject, tpl.html, tpl.text],
         [req.from_name, req.reply_to, req.name],
     ]
+    if req.send_at is not None:  # only then: digests of earlier requests stay as they were
+        head.append(req.send_at)
     digest = hashlib.sha256()
     digest.update(dumps(head)[:-1].encode() + b",[")
     for start in range(0, len(valid.rows), _DIGEST_ROWS):

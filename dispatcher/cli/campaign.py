@@ -85,6 +85,12 @@ def _add_send(sub: Commands) -> None:
         help="idempotency key: running the same command again with it (say after a timeout) "
         "shows the campaign the first run made instead of sending a second one",
     )
+    send.add_argument(
+        "--send-at",
+        metavar="TIME",
+        help="schedule it: an ISO 8601 time with offset, or a local time in the agent's zone "
+        "(e.g. 2026-12-01T09:00:00); beat starts it within a minute of that time",
+    )
     send.add_argument("--follow", action="store_true", help="show a live progress bar")
 
 
@@ -211,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                 },
                 "recipients": read_recipients(args.recipients),
                 "idempotency_key": args.key,
+                "send_at": args.send_at,
             }
             view = _call(client, "POST", "/v1/campaigns", json=body)
             if view.get("replayed"):
@@ -226,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
             if view["suppressed"]:
                 for one in excluded(client, view["id"], args.user, "suppressed"):
                     print(f"  suppressed: {one['email']!r} ({one['reason']})")
-            if args.follow:
+            if view.get("send_at"):
+                print(f"scheduled for {view['send_at']} (UTC)")
+            elif args.follow:
                 follow(client, view["id"], args.user)
             return 0
         if command == "show":

@@ -281,6 +281,31 @@ def start_all_reserved(session: Session, campaign_id: str, now: datetime) -> Non
     )
 
 
+def claim_campaign(
+    session: Session, campaign_id: str, grant: GrantRef | None, now: datetime
+) -> int:
+    """A scheduled campaign's recipients not yet handed out are claimed against ``grant`` (the
+    grant of the month it starts in) and ``queued``, in the caller's transaction, before its
+    bulk reservation is asked for: a Redis rebuild meanwhile counts them as pending under the
+    campaign's key. ``reserved`` ones held another month's credits (a start after that month
+    ended), which the caller gives back. ``grant`` None unclaims them (the reservation could
+    not be asked for). Returns how many recipients."""
+    moved = session.execute(
+        update(Send)
+        .where(
+            Send.campaign_id == campaign_id,
+            Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),
+        )
+        .values(
+            status=SendStatus.QUEUED,
+            period=grant.period if grant else None,
+            grant_seq=grant.seq if grant else None,
+            updated_at=now,
+        )
+    )
+    return cast(CursorResult[Any], moved).rowcount
+
+
 # --------------------------------------------------------------------------- finishing
 
 
