@@ -152,6 +152,8 @@ class TimelineKind(enum.StrEnum):
     EMAIL_FAILED = "email_failed"
     EMAIL_UNKNOWN = "email_unknown"
     UNSUBSCRIBED = "unsubscribed"  # the contact unsubscribed from one of the agent's emails
+    OPENED = "opened"  # the tracking pixel was loaded (TRACK_OPENS)
+    CLICKED = "clicked"  # a tracked link was followed (TRACK_CLICKS); detail: its target
 
 
 class User(Base):

@@ -272,6 +272,10 @@ class Settings(BaseSettings):
     unsubscribe_mailto: str | None = None
     #: How long sending stops after the relay refused our credentials (ops can resume sooner).
     relay_halt_seconds: int = 900
+    #: Open tracking: a 1x1 image in each copy's HTML (off: see the README on privacy).
+    track_opens: Flag = False
+    #: Click tracking: each copy's http(s) links through a signed redirect (off by default).
+    track_clicks: Flag = False
     #: Where the dispatcher POSTs its events (sent, failed, unknown, unsubscribed, bounced,
     #: complained), signed with ``EVENTS_WEBHOOK_SECRET``; None sends none.
     events_webhook_url: str | None = None

@@ -36,6 +36,7 @@ from dispatcher.delivery.rendering import (
     subjects,
 )
 from dispatcher.delivery.sandbox import RenderLimits
+from dispatcher.delivery.tracking import Tracker
 from dispatcher.delivery.transports.base import Delivery
 from dispatcher.delivery.transports.base import Outcome as TransportOutcome
 from dispatcher.delivery.unsubscribe import BulkHeaders, bulk_headers
@@ -107,6 +108,7 @@ class _Run:
     limits: RenderLimits
     headers: BulkHeaders
     skeleton: BulkMessage
+    tracker: Tracker
     marks: str  # the chunk's DATA marks in Redis
     deadline: float
     deferred: int = 0
@@ -135,6 +137,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
             reply_to=c.reply_to,
             extra_headers=headers.constant,
         ),
+        tracker=Tracker.of(rt.settings),
         marks=keys.chunk_data(c.id, chunk),
         # Stop claiming (and starting messages) well before the task's time limit, so a
         # throttled relay never leaves claimed recipients behind a killed task.
@@ -207,7 +210,7 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
                 message_id=row.message_id,
                 date=date,
                 text=rendered.text,
-                html=rendered.html,
+                html=run.tracker.html(rendered.html, row.id),
                 extra=run.headers.list_unsubscribe_field(row.id),
             )
         except RenderError as exc:

@@ -24,6 +24,7 @@ from dispatcher.delivery.mime import skeleton
 from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered, context_for
 from dispatcher.delivery.sandbox import RenderLimits
+from dispatcher.delivery.tracking import Tracker
 from dispatcher.delivery.unsubscribe import smartplan_headers
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -165,7 +166,7 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
         message_id=send.message_id,
         date=format_datetime(now),
         text=rendered.text,
-        html=rendered.html,
+        html=Tracker.of(rt.settings).html(rendered.html, send.id),
         extra=bulk.list_unsubscribe_field(send.id),
     )
     return rendered, message

@@ -68,6 +68,8 @@ TYPE_OF = {
     TimelineKind.EMAIL_FAILED: "failed",
     TimelineKind.EMAIL_UNKNOWN: "unknown",
     TimelineKind.UNSUBSCRIBED: "unsubscribed",
+    TimelineKind.OPENED: "opened",
+    TimelineKind.CLICKED: "clicked",
 }
 
 
