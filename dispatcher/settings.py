@@ -16,6 +16,8 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import (
     BeforeValidator,
     Field,
@@ -176,6 +178,98 @@ def _clients_text(value: Any) -> Any:
 
 Clients = Annotated[tuple[ApiClient, ...], BeforeValidator(_clients_text)]
 
+#: A domain name as DNS writes it (lower case, ASCII: an IDN domain as xn--...).
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
+#: A DKIM selector: one or more DNS labels (RFC 6376 section 3.1).
+_SELECTOR = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*")
+
+
+def _domains_text(value: Any) -> Any:
+    """``SENDER_DOMAINS``: ``a.example,b.example``, each a domain name (any case)."""
+    if not isinstance(value, str):
+        return value
+    domains = tuple(dict.fromkeys(d.strip().lower() for d in value.split(",") if d.strip()))
+    for domain in domains:
+        if not _DOMAIN.fullmatch(domain):
+            raise ConfigError("SENDER_DOMAINS", f"{domain!r} is not a domain name")
+    return domains
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    """The DKIM key of one sending domain: the selector its public key is published under
+    (``<selector>._domainkey.<domain>``; None: ``DKIM_SELECTOR``) and the RSA private key."""
+
+    domain: str
+    selector: str | None
+    private_key_pem: str = field(repr=False)
+
+
+def _dkim_keys_text(value: Any) -> Any:
+    """``DKIM_KEYS`` as JSON: ``{"<domain>": {"selector": "...", "private_key": "<PEM>"}}``,
+    or ``"private_key_file": "<path of a PEM file>"`` instead of ``private_key``. Each key is
+    read and parsed here, at start: a bad one names the variable and its domain (never the key)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        items = json.loads(value) if value.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError("DKIM_KEYS", f"is not JSON: {exc.msg} at {exc.pos}") from None
+    if not isinstance(items, dict):
+        raise ConfigError("DKIM_KEYS", "must be a JSON object of domain -> key")
+    keys = []
+    for raw_domain, item in items.items():
+        domain = str(raw_domain).strip().lower()
+        if not _DOMAIN.fullmatch(domain):
+            raise ConfigError("DKIM_KEYS", f"{raw_domain!r} is not a domain name")
+        if not isinstance(item, dict) or set(item) - {
+            "selector",
+            "private_key",
+            "private_key_file",
+        }:
+            raise ConfigError(
+                "DKIM_KEYS", f"{domain}: has selector and private_key or private_key_file only"
+            )
+        selector = item.get("selector")
+        if selector is not None and not (
+            isinstance(selector, str) and _SELECTOR.fullmatch(selector)
+        ):
+            raise ConfigError("DKIM_KEYS", f"{domain}: selector must be a DNS label")
+        keys.append(DkimKey(domain, selector, _private_key(domain, item)))
+    return tuple(keys)
+
+
+def _private_key(domain: str, item: dict[str, Any]) -> str:
+    """The PEM text of a ``DKIM_KEYS`` entry, checked to be an RSA key of 1024 bits or more."""
+    inline, path = item.get("private_key"), item.get("private_key_file")
+    if (inline is None) == (path is None):
+        raise ConfigError("DKIM_KEYS", f"{domain}: give private_key or private_key_file (one)")
+    if path is not None:
+        if not isinstance(path, str):
+            raise ConfigError("DKIM_KEYS", f"{domain}: private_key_file must be a path")
+        try:
+            inline = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                "DKIM_KEYS",
+                f"{domain}: private_key_file {path} cannot be read ({exc.__class__.__name__})",
+            ) from None
+    if not isinstance(inline, str):
+        raise ConfigError("DKIM_KEYS", f"{domain}: private_key must be PEM text")
+    try:
+        key = load_pem_private_key(inline.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise ConfigError(
+            "DKIM_KEYS", f"{domain}: the private key is not an unencrypted PEM private key"
+        ) from None
+    if not isinstance(key, RSAPrivateKey) or key.key_size < 1024:
+        raise ConfigError("DKIM_KEYS", f"{domain}: the private key must be RSA, 1024 bits or more")
+    return inline
+
+
+Domains = Annotated[tuple[str, ...], BeforeValidator(_domains_text)]
+DkimKeys = Annotated[tuple[DkimKey, ...], BeforeValidator(_dkim_keys_text)]
+
 
 class Settings(BaseSettings):
     """Everything the dispatcher needs to know about its environment.
@@ -211,6 +305,17 @@ class Settings(BaseSettings):
     smtp_allow_plaintext_auth: Flag = False
     smtp_timeout: float = 30.0
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
+    #: Domains agents may send as (their own address in the From field), each with a key in
+    #: DKIM_KEYS; an agent on another domain sends as the platform (see delivery/identity.py).
+    #: The platform's own domain (MAIL_FROM's) may be listed too: its mail is then signed.
+    sender_domains: Domains = ()
+    #: The DKIM key of each domain of SENDER_DOMAINS (JSON, see :class:`DkimKey`).
+    dkim_keys: DkimKeys = Field(default=(), repr=False)
+    #: The selector of a DKIM_KEYS entry that names none.
+    dkim_selector: str | None = None
+    #: The folder of the compliance footer every campaign and SmartPlan email carries
+    #: (``_footer.html``, ``_footer.txt``); None: TEMPLATES_DIR's ``email`` folder.
+    footer_dir: str | None = None
     mailchimp_base_url: str | None = None
     #: Named API clients with scopes and, optionally, the agents they may act for (JSON).
     api_clients: Clients = Field(default=(), repr=False)
@@ -310,6 +415,7 @@ class Settings(BaseSettings):
         self._check_tokens()
         self._check_services()
         self._check_public()
+        self._check_identity()
         if not math.isfinite(self.clock_offset_seconds):
             raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -447,6 +553,42 @@ class Settings(BaseSettings):
             )
         if not all(valid_key(k) for k in self.secret_keys):
             raise ConfigError("SECRET_KEYS", "every key must be a Fernet key (44 characters)")
+
+    def _check_identity(self) -> None:
+        """Every sending domain has its DKIM key and selector, and the footer is there."""
+        if self.dkim_selector is not None and not _SELECTOR.fullmatch(self.dkim_selector):
+            raise ConfigError("DKIM_SELECTOR", "must be a DNS label")
+        keyed = {k.domain for k in self.dkim_keys}
+        for domain in self.sender_domains:
+            if domain not in keyed:
+                raise ConfigError(
+                    "DKIM_KEYS", f"has no key for {domain} (listed in SENDER_DOMAINS)"
+                )
+        for key in self.dkim_keys:
+            if key.domain not in self.sender_domains:
+                raise ConfigError("DKIM_KEYS", f"{key.domain} is not listed in SENDER_DOMAINS")
+            if key.selector is None and self.dkim_selector is None:
+                raise ConfigError(
+                    "DKIM_KEYS", f"{key.domain}: names no selector and DKIM_SELECTOR is unset"
+                )
+        for name in ("_footer.html", "_footer.txt"):
+            if not (Path(self.footer_folder) / name).is_file():
+                raise ConfigError(
+                    "FOOTER_DIR" if self.footer_dir else "TEMPLATES_DIR",
+                    f"{self.footer_folder} has no {name} (the campaign footer)",
+                )
+
+    @property
+    def footer_folder(self) -> str:
+        """Where the campaign footer's templates are: ``FOOTER_DIR``, else TEMPLATES_DIR/email."""
+        return self.footer_dir or str(Path(self.templates_dir) / "email")
+
+    def dkim_key(self, domain: str) -> tuple[str, str] | None:
+        """The selector and PEM private key that sign mail of ``domain``; None: not signed."""
+        for key in self.dkim_keys:
+            if key.domain == domain:
+                return key.selector or self.dkim_selector or "", key.private_key_pem
+        return None
 
     @property
     def request_limit(self) -> int:
