@@ -24,7 +24,13 @@ def queue() -> InlineQueue:
 @pytest.fixture
 def client(runtime: Runtime, queue: InlineQueue) -> TestClient:
     c = TestClient(create_api(runtime, queue), headers=HEADERS)
-    c.put("/v1/users/agent-1", json={"platform_email": "agent1@kw.example.com"})
+    c.put(
+        "/v1/users/agent-1",
+        json={
+            "platform_email": "agent1@kw.example.com",
+            "postal_address": "350 Main St, Austin, TX 78701",
+        },
+    )
     return c
 
 
