@@ -8,6 +8,7 @@ import base64
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dkim
@@ -269,3 +270,30 @@ def test_sender_domains_and_dkim_keys_are_checked_at_start(
         Settings.from_env(environ, env_file=None)
     assert info.value.variable in ("DKIM_KEYS", "SENDER_DOMAINS")
     assert problem in info.value.problem
+
+
+@SQLITE
+def test_operators_change_the_footer_with_a_folder_of_their_own(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_runtime(footer_dir=str(tmp_path))
+    assert (info.value.variable, "has no _footer.html" in info.value.problem) == (
+        "FOOTER_DIR",
+        True,
+    )
+    (tmp_path / "_footer.html").write_text(
+        '<p class="legal">Sent for {{ sender_name }} &middot; {{ postal_address }} &middot; '
+        '<a href="{{ unsubscribe_url }}">Stop these emails</a></p>'
+    )
+    (tmp_path / "_footer.txt").write_text("Stop these emails: {{ unsubscribe_url }}\n")
+    rt = make_runtime(footer_dir=str(tmp_path))
+    make_user(rt, postal_address="1 <Main> St")
+    result = submit_send(rt, InlineQueue(), send_request())
+    assert smartplan.deliver(rt, result.send_id) is SendStatus.SENT
+
+    [got] = smtp_server.messages
+    link, html, text = _footer(got)
+    assert "Stop these emails</a></p>" in html and f'href="{link}"' in html
+    assert "1 &lt;Main&gt; St" in html  # the agent's text is escaped in HTML
+    assert f"Stop these emails: {link}" in text
