@@ -297,3 +297,22 @@ def test_operators_change_the_footer_with_a_folder_of_their_own(
     assert "Stop these emails</a></p>" in html and f'href="{link}"' in html
     assert "1 &lt;Main&gt; St" in html  # the agent's text is escaped in HTML
     assert f"Stop these emails: {link}" in text
+
+
+@SQLITE
+def test_the_api_refuses_a_campaign_without_a_postal_address_naming_the_field(
+    runtime: Runtime, api_client: Any
+) -> None:
+    assert api_client.put(
+        "/v1/users/agent-1", json={"platform_email": "jo@kw.example.com"}
+    ).is_success
+    body = {
+        "user_id": "agent-1",
+        "provider": "command_email",
+        "message": {"subject": "Open house", "html": "<p>Come by</p>"},
+        "recipients": [{"id": "c-1", "email": "pat@example.org"}],
+    }
+    r = api_client.post("/v1/campaigns", json=body)
+    assert r.status_code == 422
+    assert (r.json()["code"], r.json()["field"]) == ("invalid_field", "postal_address")
+    assert api_client.get("/v1/users/agent-1/credits").json()["used"] == 0
