@@ -15,9 +15,17 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
+from jinja2 import (
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    select_autoescape,
+)
 
 from dispatcher.delivery.rendering import Rendered
+from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
 
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
@@ -33,6 +41,21 @@ def _templates(folder: str) -> tuple[Template, Template]:
         keep_trailing_newline=True,
     )
     return env.get_template("_footer.html"), env.get_template("_footer.txt")
+
+
+def check(settings: Settings) -> None:
+    """Render the footer once with sample values, at start: an operator's template that does
+    not compile or names a value it is not given stops the process (:class:`ConfigError`)
+    instead of failing every campaign message."""
+    try:
+        Footer(settings, postal_address="1 Main St", sender_name="Agent").add(
+            Rendered("", "", ""), "https://example.org/u/token"
+        )
+    except (TemplateError, OSError) as exc:
+        variable = "FOOTER_DIR" if settings.footer_dir else "TEMPLATES_DIR"
+        raise ConfigError(
+            variable, f"the footer in {settings.footer_folder} cannot be rendered: {exc}"
+        ) from None
 
 
 class Footer:

@@ -316,3 +316,12 @@ def test_the_api_refuses_a_campaign_without_a_postal_address_naming_the_field(
     assert r.status_code == 422
     assert (r.json()["code"], r.json()["field"]) == ("invalid_field", "postal_address")
     assert api_client.get("/v1/users/agent-1/credits").json()["used"] == 0
+
+
+def test_a_footer_that_cannot_render_stops_the_process_at_start(tmp_path: Path) -> None:
+    (tmp_path / "_footer.html").write_text("<p>{{ agent_phone }}</p>")  # not a footer value
+    (tmp_path / "_footer.txt").write_text("{{ unsubscribe_url }}")
+    with pytest.raises(ConfigError) as info:
+        Runtime(Settings(footer_dir=str(tmp_path)))  # fails before it connects anywhere
+    assert info.value.variable == "FOOTER_DIR"
+    assert "agent_phone" in info.value.problem
