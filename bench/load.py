@@ -38,7 +38,13 @@ def smartplan_body(agent: str, tag: str, n: int) -> dict[str, Any]:
 
 def create_agent(stack: Stack, agent: str) -> None:
     with stack.api() as api:
-        r = api.put(f"/v1/users/{agent}", json={"platform_email": f"{agent}@agents.example"})
+        r = api.put(
+            f"/v1/users/{agent}",
+            json={
+                "platform_email": f"{agent}@agents.example",
+                "postal_address": "350 Main St, Austin, TX 78701",
+            },
+        )
         if r.status_code not in (200, 201):
             raise RuntimeError(f"PUT /v1/users/{agent}: {r.status_code} {r.text[:300]}")
 

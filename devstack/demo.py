@@ -32,6 +32,8 @@ from dispatcher.sends import SendRequest
 CREDITS_LEFT = 3
 CONTACTS = ("Avery", "Blake", "Casey", "Devon", "Emerson")
 TIMEZONE = "America/Chicago"
+#: The demo agent's postal address (the footer of their mail shows it).
+DEMO_POSTAL_ADDRESS = "350 Main St, Austin, TX 78701"
 TERMINAL = {s.value for s in SendStatus if s.terminal}
 
 
@@ -161,7 +163,12 @@ class Demo:
         self.call(
             "PUT",
             f"/v1/users/{self.user_id}",
-            json={"platform_email": f"{self.user_id}@kw.example.com", "timezone": TIMEZONE},
+            json={
+                "platform_email": f"{self.user_id}@kw.example.com",
+                "timezone": TIMEZONE,
+                # Shown in the footer of the agent's mail; campaigns need one.
+                "postal_address": DEMO_POSTAL_ADDRESS,
+            },
         )
         period = seed_earlier_sends(info.database_url, self.user_id, total - CREDITS_LEFT)
         self.say(

@@ -355,7 +355,8 @@ def _banner(options: RunOptions, info: StackInfo, generated: bool) -> str:
             "Try it from another terminal:",
             f"  {_self_command()} demo --dir {options.directory}",
             f"  curl -s -X PUT {api_url}/v1/users/agent-1 {auth} \\",
-            '    -d \'{"platform_email": "jo@kw.example.com"}\'',
+            '    -d \'{"platform_email": "jo@kw.example.com",'
+            ' "postal_address": "350 Main St, Austin, TX 78701"}\'',
             f"  curl -s -X POST {api_url}/v1/sends {auth} \\",
             f"    -d '{send}'",
             "",

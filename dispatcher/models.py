@@ -168,6 +168,8 @@ class User(Base):
     plan: Mapped[str] = mapped_column(String(64), default="free")
     mailchimp_api_key: Mapped[str | None] = mapped_column(String(512))  # sealed: sealing.py
     mailchimp_list_id: Mapped[str | None] = mapped_column(String(64))
+    #: Shown in the footer of the agent's mail (CAN-SPAM, CASL); a campaign needs one.
+    postal_address: Mapped[str | None] = mapped_column(String(300))
     pending_plan: Mapped[str | None] = mapped_column(String(64))  # a downgrade, at next period
     period: Mapped[str | None] = mapped_column(String(16))  # period of the current grant
     grant_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

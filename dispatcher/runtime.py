@@ -17,6 +17,7 @@ from dispatcher.alerts import raise_alert
 from dispatcher.clock import Clock, clock_for
 from dispatcher.credits.ledger import snapshot_source
 from dispatcher.credits.quota import QuotaLedger
+from dispatcher.delivery import footer
 from dispatcher.delivery.outcomes import OutcomeStream
 from dispatcher.delivery.ratelimit import RateLimit
 from dispatcher.delivery.relay import RelayGuard, relay_id
@@ -47,6 +48,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         logs.configure(settings.log_level)
+        footer.check(settings)  # the operator's footer, rendered once before anything is sent
         self.clock: Clock = clock or clock_for(settings.clock_offset_seconds)
         self._transport = transport
         #: Where follow-up work (notices, receipts) is enqueued; workers/ sets the Celery one.

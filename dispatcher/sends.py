@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher import validation
+from dispatcher.delivery import identity
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.delivery.templates import load_template
@@ -302,7 +303,7 @@ def _store_in(
     (nothing committed yet)."""
     sends, users_c = SEND_TABLE.c, USER_TABLE.c
     found = {}
-    users: set[str] = set()
+    users: dict[str, str] = {}  # user id -> the domain of their Message-IDs
     for start in range(0, len(items), _IN_MAX):
         part = items[start : start + _IN_MAX]
         keys = list(dict.fromkeys(item.key for item in part))
@@ -312,6 +313,8 @@ def _store_in(
         rows = conn.execute(
             select(
                 users_c.id.label("user_id"),
+                users_c.platform_email,
+                users_c.communications_email,
                 sends.idempotency_key,
                 sends.id,
                 sends.status,
@@ -326,11 +329,13 @@ def _store_in(
             .where(_among(conn, users_c.id, user_ids))
         )
         for row in rows:
-            users.add(row.user_id)
+            # Aligned with the From of the user's mail (the platform's domain, or their own).
+            users[row.user_id] = identity.envelope_domain(
+                rt.settings, row.platform_email or row.communications_email
+            )
             if row.id is not None:
                 found[row.idempotency_key] = row
     now = rt.clock.now()
-    domain = rt.settings.message_id_domain  # parsed from MAIL_FROM on every read
     made: dict[str, str] = {}  # key -> id of the send this call makes
     rows_new: list[dict[str, Any]] = []
     results: list[SubmitResult | NotFound] = []
@@ -349,7 +354,7 @@ def _store_in(
         else:
             send_id = str(uuid.uuid4())
             made[item.key] = send_id
-            rows_new.append(_row(item, send_id, now, domain))
+            rows_new.append(_row(item, send_id, now, users[item.req.user_id]))
             to_enqueue.append(send_id)
             results.append(SubmitResult(send_id, created=True))
     if rows_new:

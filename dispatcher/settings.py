@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dispatcher.dkimkeys import SELECTOR, DkimKey, dkim_keys_text, domains_text
 from dispatcher.errors import ConfigError
 from dispatcher.redisclient import is_cluster, parse_cluster_url
 from dispatcher.sealing import valid_key
@@ -176,6 +177,9 @@ def _clients_text(value: Any) -> Any:
 
 Clients = Annotated[tuple[ApiClient, ...], BeforeValidator(_clients_text)]
 
+Domains = Annotated[tuple[str, ...], BeforeValidator(domains_text)]
+DkimKeys = Annotated[tuple[DkimKey, ...], BeforeValidator(dkim_keys_text)]
+
 
 class Settings(BaseSettings):
     """Everything the dispatcher needs to know about its environment.
@@ -211,6 +215,17 @@ class Settings(BaseSettings):
     smtp_allow_plaintext_auth: Flag = False
     smtp_timeout: float = 30.0
     mail_from: str = "Command Email <no-reply@command-email.localhost>"
+    #: Domains agents may send as (their own address in the From field), each with a key in
+    #: DKIM_KEYS; an agent on another domain sends as the platform (see delivery/identity.py).
+    #: The platform's own domain (MAIL_FROM's) may be listed too: its mail is then signed.
+    sender_domains: Domains = ()
+    #: The DKIM key of each domain of SENDER_DOMAINS (JSON, see :class:`DkimKey`).
+    dkim_keys: DkimKeys = Field(default=(), repr=False)
+    #: The selector of a DKIM_KEYS entry that names none.
+    dkim_selector: str | None = None
+    #: The folder of the compliance footer every campaign and SmartPlan email carries
+    #: (``_footer.html``, ``_footer.txt``); None: TEMPLATES_DIR's ``email`` folder.
+    footer_dir: str | None = None
     mailchimp_base_url: str | None = None
     #: Named API clients with scopes and, optionally, the agents they may act for (JSON).
     api_clients: Clients = Field(default=(), repr=False)
@@ -328,6 +343,7 @@ class Settings(BaseSettings):
         self._check_tokens()
         self._check_services()
         self._check_public()
+        self._check_identity()
         if not math.isfinite(self.clock_offset_seconds):
             raise ConfigError("CLOCK_OFFSET_SECONDS", "must be a finite number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -490,6 +506,42 @@ class Settings(BaseSettings):
             raise ConfigError("EVENTS_PUSH_SECONDS", "must be at least 1 second")
         if not 1 <= self.events_batch_size <= 5000:
             raise ConfigError("EVENTS_BATCH_SIZE", "must be between 1 and 5000")
+
+    def _check_identity(self) -> None:
+        """Every sending domain has its DKIM key and selector, and the footer is there."""
+        if self.dkim_selector is not None and not SELECTOR.fullmatch(self.dkim_selector):
+            raise ConfigError("DKIM_SELECTOR", "must be a DNS label")
+        keyed = {k.domain for k in self.dkim_keys}
+        for domain in self.sender_domains:
+            if domain not in keyed:
+                raise ConfigError(
+                    "DKIM_KEYS", f"has no key for {domain} (listed in SENDER_DOMAINS)"
+                )
+        for key in self.dkim_keys:
+            if key.domain not in self.sender_domains:
+                raise ConfigError("DKIM_KEYS", f"{key.domain} is not listed in SENDER_DOMAINS")
+            if key.selector is None and self.dkim_selector is None:
+                raise ConfigError(
+                    "DKIM_KEYS", f"{key.domain}: names no selector and DKIM_SELECTOR is unset"
+                )
+        for name in ("_footer.html", "_footer.txt"):
+            if not (Path(self.footer_folder) / name).is_file():
+                raise ConfigError(
+                    "FOOTER_DIR" if self.footer_dir else "TEMPLATES_DIR",
+                    f"{self.footer_folder} has no {name} (the campaign footer)",
+                )
+
+    @property
+    def footer_folder(self) -> str:
+        """Where the campaign footer's templates are: ``FOOTER_DIR``, else TEMPLATES_DIR/email."""
+        return self.footer_dir or str(Path(self.templates_dir) / "email")
+
+    def dkim_key(self, domain: str) -> tuple[str, str] | None:
+        """The selector and PEM private key that sign mail of ``domain``; None: not signed."""
+        for key in self.dkim_keys:
+            if key.domain == domain:
+                return key.selector or self.dkim_selector or "", key.private_key_pem
+        return None
 
     @property
     def request_limit(self) -> int:

@@ -34,6 +34,7 @@ class UserView:
     plan: str
     mailchimp_connected: bool
     mailchimp_list_id: str | None
+    postal_address: str | None = None
 
 
 def upsert_user(
@@ -46,11 +47,13 @@ def upsert_user(
     plan: str = _UNSET,
     mailchimp_api_key: str | None = _UNSET,
     mailchimp_list_id: str | None = _UNSET,
+    postal_address: str | None = _UNSET,
 ) -> tuple[UserView, bool]:
     """Create or update an agent; returns the user and whether it was created.
 
     Fields left out keep their value. ``plan`` is accepted only on creation: changing it is a
-    subscription change.
+    subscription change. ``postal_address`` is shown in the footer of the agent's mail; a
+    Command Email campaign needs one (None removes it).
     """
     changes = _checked_changes(
         user_id,
@@ -60,6 +63,7 @@ def upsert_user(
         plan=plan,
         mailchimp_api_key=mailchimp_api_key,
         mailchimp_list_id=mailchimp_list_id,
+        postal_address=postal_address,
     )
     if changes.get("mailchimp_api_key") is not None:
         changes["mailchimp_api_key"] = rt.sealer.seal(changes["mailchimp_api_key"])
@@ -110,6 +114,10 @@ def _checked_changes(user_id: str, **given: Any) -> dict[str, Any]:
     for name in ("platform_email", "communications_email"):
         if changes.get(name) is not None:
             changes[name] = found.check(validation.address, name, changes[name])
+    if changes.get("postal_address") is not None:
+        changes["postal_address"] = found.check(
+            validation.postal_address, "postal_address", changes["postal_address"]
+        )
     if "timezone" in changes:
         tz = found.check(
             validation.text, "timezone", changes["timezone"], max_len=validation.TIMEZONE_MAX
@@ -152,6 +160,7 @@ def view(user: User) -> UserView:
         plan=user.plan,
         mailchimp_connected=bool(user.mailchimp_api_key),
         mailchimp_list_id=user.mailchimp_list_id,
+        postal_address=user.postal_address,
     )
 
 

@@ -39,6 +39,7 @@ PLAN_MAX = column_length(User.plan)
 MAILCHIMP_KEY_MAX = 128
 MAILCHIMP_LIST_MAX = column_length(User.mailchimp_list_id)
 REQUEST_KEY_MAX = column_length(Campaign.idempotency_key)
+POSTAL_ADDRESS_MAX = column_length(User.postal_address)
 #: A subject or other header line: RFC 5322's line length.
 HEADER_MAX = 998
 #: A merge field: names as long as an id, values up to 10,000 characters each.
@@ -159,6 +160,12 @@ def is_plain_address(value: object) -> bool:
         and len(value) <= ADDRESS_MAX
         and _PLAIN_ADDRESS.fullmatch(value) is not None
     )
+
+
+def postal_address(field: str, value: object) -> str:
+    """An agent's postal address as their mail's footer shows it: one line (its parts separated
+    by commas), not blank, at most ``POSTAL_ADDRESS_MAX`` characters; returned stripped."""
+    return text(field, value, max_len=POSTAL_ADDRESS_MAX).strip()
 
 
 def header_text(

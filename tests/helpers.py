@@ -21,6 +21,7 @@ from dispatcher.users import upsert_user
 
 def make_user(rt: Runtime, user_id: str = "agent-1", **fields: Any) -> str:
     fields.setdefault("platform_email", f"{user_id}@kw.example.com")
+    fields.setdefault("postal_address", "350 Main St, Austin, TX 78701")
     upsert_user(rt, user_id, **fields)
     return user_id
 

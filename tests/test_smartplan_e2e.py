@@ -222,7 +222,7 @@ def test_the_python_producer_api_enqueues_for_the_workers(
         [event] = producer.timeline("agent-py", "c-9").items
         assert (event.kind, event.subject) == ("email_sent", "Checking in, Lee")
         [got] = smtp_server.messages
-        assert got.parsed()["From"] == "py@agents.example.com"
+        assert got.parsed()["Reply-To"] == "py@agents.example.com"  # sent as the platform
     finally:
         producer.runtime.close()
 

@@ -34,6 +34,13 @@ class UserIn(StrictBody):
     timezone: str | None = None
     plan: str | None = None
     mailchimp: MailchimpIn | None = None
+    postal_address: str | None = Field(
+        default=None,
+        description=(
+            "The agent's postal address, one line (e.g. '350 Main St, Austin, TX 78701'), shown "
+            "in the footer of their mail; a Command Email campaign needs one. null removes it."
+        ),
+    )
 
 
 class SubscriptionIn(StrictBody):

@@ -24,7 +24,9 @@ from dispatcher import keys
 from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import identity, lifecycle, suppression
+from dispatcher.delivery.footer import Footer
+from dispatcher.delivery.identity import Identity
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
@@ -49,7 +51,7 @@ from dispatcher.errors import (
     SendBusy,
     Yielded,
 )
-from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus
+from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, User
 from dispatcher.reasons import Reason
 from dispatcher.redisclient import AsyncRedisClient, connect_async
 from dispatcher.runtime import Runtime
@@ -70,9 +72,10 @@ _SENDING = (SendStatus.SENDING,)
 _WORKER_LOST = "the worker was lost while talking to the SMTP server; not resent"
 
 
-def deliver_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> CampaignStatus:
-    """Send the open recipients of chunk ``chunk`` of the running campaign ``c`` from
-    ``sender``; returns the campaign's status afterwards.
+def deliver_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> CampaignStatus:
+    """Send the open recipients of chunk ``chunk`` of the running campaign ``c`` of ``agent``
+    (from the identity :mod:`dispatcher.delivery.identity` gives them, with their footer);
+    returns the campaign's status afterwards.
 
     Raises :class:`DeliveryDeferred` when some recipients were deferred (the task retries the
     chunk; only those are left), :class:`NotAttempted` when the relay held messages back,
@@ -82,7 +85,7 @@ def deliver_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> Campaign
     """
     _settle_lost(rt, c, chunk)
     _refund_failed(rt, c, chunk)
-    run = asyncio.run(_run_chunk(rt, c, chunk, sender))
+    run = asyncio.run(_run_chunk(rt, c, chunk, agent))
     now_status = status_of(rt, c.id)
     if now_status is not CampaignStatus.RUNNING and now_status is not None:
         return now_status  # paused or cancelled meanwhile: a resume enqueues what is left
@@ -109,6 +112,8 @@ class _Run:
     headers: BulkHeaders
     skeleton: BulkMessage
     tracker: Tracker
+    footer: Footer
+    sender: Identity
     marks: str  # the chunk's DATA marks in Redis
     deadline: float
     deferred: int = 0
@@ -124,20 +129,29 @@ class _Batch:
     ready: list[tuple[Any, str, bytes]] = field(default_factory=list)
 
 
-async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
+async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
     """Send the chunk's reserved recipients batch by batch while the campaign runs."""
     headers = bulk_headers(rt.settings, c.id, c.user_id)
+    address = agent.sender_address
+    assert address is not None  # run.deliver checked it
+    sender = identity.for_agent(rt.settings, address, from_name=c.from_name, reply_to=c.reply_to)
     run = _Run(
         compiled=MessageTemplate(c.subject, c.html, c.text).compile(),
         limits=RenderLimits.of(rt.settings),
         headers=headers,
         skeleton=BulkMessage(
-            from_address=sender,
-            from_name=c.from_name,
-            reply_to=c.reply_to,
+            from_address=sender.from_address,
+            from_name=sender.from_name,
+            reply_to=sender.reply_to,
             extra_headers=headers.constant,
         ),
         tracker=Tracker.of(rt.settings),
+        footer=Footer(
+            rt.settings,
+            postal_address=agent.postal_address,
+            sender_name=c.from_name or address,
+        ),
+        sender=sender,
         marks=keys.chunk_data(c.id, chunk),
         # Stop claiming (and starting messages) well before the task's time limit, so a
         # throttled relay never leaves claimed recipients behind a killed task.
@@ -149,7 +163,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
     pipe.hset(run.marks, OPEN_MARK, "1")
     pipe.expire(run.marks, rt.settings.send_lease_seconds + MARKS_TTL)
     pipe.execute()
-    bounces = rt.settings.mail_from_address  # parsed once, not per message
+    bounces = identity.envelope_sender(rt.settings, sender)  # once, not per message
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
     stop = _stop_starting(rt)
@@ -204,6 +218,8 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
             rendered = run.compiled.render(
                 context_for(row.contact_id, row.contact_email, row.merge_fields), run.limits
             )
+            link, unsubscribe_field = run.headers.for_send(row.id)
+            rendered = run.footer.add(rendered, link)
             raw = run.skeleton.render(
                 to=row.contact_email,
                 subject=rendered.subject,
@@ -211,8 +227,10 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
                 date=date,
                 text=rendered.text,
                 html=run.tracker.html(rendered.html, row.id),
-                extra=run.headers.list_unsubscribe_field(row.id),
+                extra=unsubscribe_field,
             )
+            if run.sender.signer is not None:
+                raw = run.sender.signer.sign(raw, now)
         except RenderError as exc:
             batch.outcomes.append(Outcome(row.id, SendStatus.FAILED, exc.reason, exc.detail))
             continue

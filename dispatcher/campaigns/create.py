@@ -27,7 +27,7 @@ from dispatcher.credits.grants import campaign_key
 from dispatcher.credits.periods import period_at
 from dispatcher.credits.quota import GrantRef, Reservation
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import suppression
+from dispatcher.delivery import identity, suppression
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound
@@ -380,6 +380,13 @@ def _drop_suppressed(
                 "the user has no connected MailChimp account "
                 "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
             )
+        if checked.provider is Provider.COMMAND_EMAIL and not user.postal_address:
+            # The law of most markets (CAN-SPAM, CASL) asks for it in every campaign's footer.
+            raise InvalidInput(
+                "postal_address",
+                "the user has no postal address, which every campaign's footer shows "
+                "(PUT /v1/users/{id} with postal_address); nothing was stored or charged",
+            )
     if not blocked:
         return valid, []
     kept = array("l")
@@ -618,7 +625,9 @@ def _insert_sends(
     """One send per valid recipient, ``queued`` (claimed against ``grant``), written a chunk at
     a time: only one chunk's rows exist as Python objects at once. The values every row shares
     are converted for the driver once; per row only its own are."""
-    domain = rt.settings.message_id_domain
+    user = session.get(User, user_id)
+    assert user is not None  # checked by _drop_suppressed
+    domain = identity.envelope_domain(rt.settings, user.sender_address)
     shared = {
         "kind": SendKind.CAMPAIGN,
         "user_id": user_id,

@@ -37,7 +37,7 @@ def deliver(rt: Runtime, item: str) -> CampaignStatus:
         return c.status
     if user.sender_address is None:
         raise RenderError("the user has no platform or communications email to send from")
-    return chunks.deliver_chunk(rt, c, chunk, user.sender_address)
+    return chunks.deliver_chunk(rt, c, chunk, user)
 
 
 def _load(rt: Runtime, campaign_id: str) -> tuple[Campaign, User]:

@@ -17,7 +17,8 @@ from dispatcher.credits import notices
 from dispatcher.credits.grants import grant_ref
 from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import identity, lifecycle, suppression
+from dispatcher.delivery.footer import Footer
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import skeleton
@@ -75,7 +76,7 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
         return _finish(rt, outcome, _OPEN)
     try:
         # Rendered before a credit is taken: a template that cannot render costs nothing.
-        rendered, message = _build(rt, send, user, now)
+        rendered, message, mail_from = _build(rt, send, user, now)
     except RenderError as exc:
         outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail)
         return _finish(rt, outcome, _OPEN)
@@ -88,7 +89,7 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
     status = _reserve(rt, send, grant)
     if status is not None:
         return status
-    return _converse(rt, send, rendered, message)
+    return _converse(rt, send, rendered, message, mail_from)
 
 
 _WORKER_LOST = "the worker was lost while talking to the SMTP server; not resent"
@@ -149,17 +150,29 @@ def _reserve(rt: Runtime, send: Send, grant: GrantRef) -> SendStatus | None:
     return None
 
 
-def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered, bytes]:
-    """Render the agent's template and build the message's bytes."""
+def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered, bytes, str]:
+    """Render the agent's template, add the footer, and build and sign the message's bytes;
+    with the envelope sender aligned with its ``From``."""
     if user.sender_address is None:
         raise RenderError("the user has no platform or communications email to send from")
+    sender = identity.for_agent(
+        rt.settings, user.sender_address, from_name=send.from_name, reply_to=send.reply_to
+    )
     rendered = MessageTemplate(send.subject, send.html, send.text).render(
         context_for(send.contact_id, send.contact_email, send.merge_fields),
         RenderLimits.of(rt.settings),
     )
     bulk = smartplan_headers(rt.settings, send.smartplan_id or "", send.user_id)
+    link, unsubscribe_field = bulk.for_send(send.id)
+    # A drip step is commercial mail too: the same footer as a campaign's.
+    footer = Footer(
+        rt.settings,
+        postal_address=user.postal_address,
+        sender_name=send.from_name or user.sender_address,
+    )
+    rendered = footer.add(rendered, link)
     message = skeleton(
-        user.sender_address, send.from_name, send.reply_to, tuple(bulk.constant.items())
+        sender.from_address, sender.from_name, sender.reply_to, tuple(bulk.constant.items())
     ).render(
         to=send.contact_email,
         subject=rendered.subject,
@@ -167,14 +180,18 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
         date=format_datetime(now),
         text=rendered.text,
         html=Tracker.of(rt.settings).html(rendered.html, send.id),
-        extra=bulk.list_unsubscribe_field(send.id),
+        extra=unsubscribe_field,
     )
-    return rendered, message
+    if sender.signer is not None:
+        message = sender.signer.sign(message, now)
+    return rendered, message, identity.envelope_sender(rt.settings, sender)
 
 
-def _converse(rt: Runtime, send: Send, rendered: Rendered, message: bytes) -> SendStatus:
+def _converse(
+    rt: Runtime, send: Send, rendered: Rendered, message: bytes, mail_from: str
+) -> SendStatus:
     """The SMTP conversation, under the send's lease, and its outcome."""
-    envelope = Envelope(mail_from=rt.settings.mail_from_address, recipients=(send.contact_email,))
+    envelope = Envelope(mail_from=mail_from, recipients=(send.contact_email,))
     sending = (SendStatus.SENDING,)
     subject = rendered.subject
     try:

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
-from dispatcher.delivery import lifecycle
+from dispatcher.delivery import identity, lifecycle
 from dispatcher.delivery.lifecycle import finish_system_email
 from dispatcher.delivery.message import Envelope, build_message, message_id_for
 from dispatcher.delivery.rendering import Rendered
@@ -129,16 +129,19 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
         )
     if not lifecycle.start_system_email(rt, email_id):
         raise SendBusy(email_id, 1.0)
+    platform = identity.for_platform(rt.settings)
     message = build_message(
         Rendered(email.subject, email.html, email.text),
-        from_address=rt.settings.mail_from_address,
-        from_name=rt.settings.mail_from.partition("<")[0].strip() or None,
+        from_address=platform.from_address,
+        from_name=platform.from_name,
         to_address=email.to_address,
         reply_to=None,
         message_id=email.message_id,
         date=now,
     ).as_bytes()
-    envelope = Envelope(rt.settings.mail_from_address, (email.to_address,))
+    if platform.signer is not None:
+        message = platform.signer.sign(message, now)
+    envelope = Envelope(identity.envelope_sender(rt.settings, platform), (email.to_address,))
     try:
         delivery = rt.run(rt.transport.send(envelope, message))
     except NotAttempted:

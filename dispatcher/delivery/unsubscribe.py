@@ -102,13 +102,14 @@ class BulkHeaders:
         self._base = settings.public_base_url.rstrip("/") + "/u/"
         self._mailto = "mailto:" + mailbox(settings)
 
-    def list_unsubscribe_field(self, send_id: str) -> bytes:
-        """The ``List-Unsubscribe`` field: the one-click HTTPS link, then the mailto; folded
-        after the comma (both parts are ASCII)."""
+    def for_send(self, send_id: str) -> tuple[str, bytes]:
+        """One copy's visible unsubscribe link (its footer's) and its ``List-Unsubscribe``
+        field, with the same token: the one-click HTTPS link, then the mailto; folded after
+        the comma (both parts are ASCII)."""
         token = token_for(self.settings, send_id)
-        return (f"List-Unsubscribe: <{self.link(token)}>,\r\n <{self.mailto(token)}>\r\n").encode(
-            "ascii"
-        )
+        link = self.link(token)
+        field = f"List-Unsubscribe: <{link}>,\r\n <{self.mailto(token)}>\r\n".encode("ascii")
+        return link, field
 
     def link(self, token: str) -> str:
         """The one-click HTTPS link for ``token``."""
@@ -135,7 +136,7 @@ def bulk_headers(settings: Settings, campaign_id: str, user_id: str) -> BulkHead
 def smartplan_headers(settings: Settings, smartplan_id: str, user_id: str) -> BulkHeaders:
     """The same bulk-sender headers for a SmartPlan's mail (a drip plan's mail is bulk mail
     too): ``List-Id`` names the plan under the agent, the link unsubscribes from the agent.
-    The ``List-Unsubscribe`` field goes in as the bytes :meth:`BulkHeaders.list_unsubscribe_field`
+    The ``List-Unsubscribe`` field goes in as the bytes :meth:`BulkHeaders.for_send`
     makes: the email package would fold its long link into encoded words no provider reads."""
     plan = hashlib.sha256(smartplan_id.encode()).hexdigest()[:12]
     return bulk_headers(settings, f"plan-{plan}", user_id)

@@ -24,7 +24,13 @@ def queue() -> InlineQueue:
 @pytest.fixture
 def client(runtime: Runtime, queue: InlineQueue) -> TestClient:
     c = TestClient(create_api(runtime, queue), headers=HEADERS)
-    c.put("/v1/users/agent-1", json={"platform_email": "agent1@kw.example.com"})
+    c.put(
+        "/v1/users/agent-1",
+        json={
+            "platform_email": "agent1@kw.example.com",
+            "postal_address": "350 Main St, Austin, TX 78701",
+        },
+    )
     return c
 
 
@@ -153,12 +159,16 @@ def test_put_user_creates_then_updates_and_never_returns_the_mailchimp_key(
     assert r.status_code == 201
     assert r.json()["mailchimp_connected"] is True
     assert "abc123" not in r.text
-    r = client.put("/v1/users/agent-2", json={"timezone": "Pacific/Auckland"})
+    r = client.put(
+        "/v1/users/agent-2",
+        json={"timezone": "Pacific/Auckland", "postal_address": " 1 Queen St, Auckland 1010 "},
+    )
     assert r.status_code == 200
     assert (r.json()["timezone"], r.json()["communications_email"]) == (
         "Pacific/Auckland",
         "a2@example.org",
     )
+    assert r.json()["postal_address"] == "1 Queen St, Auckland 1010"
 
 
 @pytest.mark.parametrize(
@@ -168,6 +178,8 @@ def test_put_user_creates_then_updates_and_never_returns_the_mailchimp_key(
         ({"platform_email": "nope"}, "platform_email"),
         ({"timezone": "UTC"}, "platform_email"),
         ({"platform_email": "x@y.org", "plan": "platinum"}, "plan"),
+        ({"platform_email": "x@y.org", "postal_address": "1 Main St\r\nAustin"}, "postal_address"),
+        ({"platform_email": "x@y.org", "postal_address": "x" * 301}, "postal_address"),
     ],
 )
 def test_put_user_refuses_bad_fields(

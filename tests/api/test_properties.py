@@ -122,7 +122,14 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
     c = TestClient(create_api(runtime, InlineQueue()), raise_server_exceptions=False)
-    r = c.put("/v1/users/agent-1", json={"platform_email": "a1@kw.example.com"}, headers=HEADERS)
+    r = c.put(
+        "/v1/users/agent-1",
+        json={
+            "platform_email": "a1@kw.example.com",
+            "postal_address": "350 Main St, Austin, TX 78701",
+        },
+        headers=HEADERS,
+    )
     assert r.is_success
     return c
 

@@ -114,7 +114,13 @@ def test_an_unauthenticated_oversize_body_is_refused_before_it_is_read(runtime: 
 def test_a_producers_body_may_be_larger_up_to_max_request_bytes(make_runtime: Any) -> None:
     rt = make_runtime(max_request_bytes=300_000)
     client = TestClient(create_api(rt, InlineQueue()), headers=HEADERS)
-    client.put("/v1/users/agent-1", json={"platform_email": "agent1@kw.example.com"})
+    client.put(
+        "/v1/users/agent-1",
+        json={
+            "platform_email": "agent1@kw.example.com",
+            "postal_address": "350 Main St, Austin, TX 78701",
+        },
+    )
     send = {
         "user_id": "agent-1",
         "contact": {"id": "c-1", "email": "pat@example.org"},

@@ -30,7 +30,13 @@ HALF_EMOJI = "Pat \ud83d"
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
     c = RawJsonClient(create_api(runtime, InlineQueue()), headers=HEADERS)
-    assert c.put("/v1/users/agent-1", json={"platform_email": "a1@kw.example.com"}).is_success
+    assert c.put(
+        "/v1/users/agent-1",
+        json={
+            "platform_email": "a1@kw.example.com",
+            "postal_address": "350 Main St, Austin, TX 78701",
+        },
+    ).is_success
     return c
 
 

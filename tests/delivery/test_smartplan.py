@@ -36,7 +36,9 @@ def test_a_send_is_rendered_sent_and_written_to_the_timeline(
     assert got.rcpt_tos == ("contact1@example.org",)
     assert got.mail_from == "bounces@mail.example.com"
     assert msg["Subject"] == "Hello <Ann>"
-    assert msg["From"] == "agent-1@kw.example.com"
+    # kw.example.com is not a sending domain: the platform sends for the agent.
+    assert msg["From"] == "Command Email <bounces@mail.example.com>"
+    assert msg["Reply-To"] == "agent-1@kw.example.com"
     assert msg["Message-ID"] == get_send(runtime, result.send_id).message_id
     assert msg["Date"]
     html = msg.get_body(("html",)).get_content()
