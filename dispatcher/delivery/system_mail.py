@@ -125,7 +125,8 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
         raise NotAttempted(
             Reason.EARLIER_NOTICE_PENDING,
             "a lower usage notice of the same grant has not gone out yet",
-            retry_after=NOTICE_ORDER_WAIT_SECONDS,
+            # Never longer than a countdown may be (a longer wait is parked for the sweep).
+            retry_after=min(NOTICE_ORDER_WAIT_SECONDS, rt.settings.retry_backoff_max_seconds),
         )
     if not lifecycle.start_system_email(rt, email_id):
         raise SendBusy(email_id, 1.0)
