@@ -472,7 +472,7 @@ class Alert(Base):
 
 class EventCursor(Base):
     """How far a consumer of the timeline has got: the events webhook delivers every event
-    after ``last_id`` (in id order, gaps waited for; see ``delivery/webhooks.py``)."""
+    after ``last_id`` (in id order, gaps waited for; see ``delivery/events_webhook.py``)."""
 
     __tablename__ = "event_cursors"
 

@@ -39,7 +39,7 @@ from dispatcher import metrics, recovery
 from dispatcher.backoff import backoff
 from dispatcher.campaigns import control, run, schedule
 from dispatcher.credits import refunds, subscriptions
-from dispatcher.delivery import smartplan, system_mail, webhooks
+from dispatcher.delivery import events_webhook, smartplan, system_mail
 from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError, Yielded
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -239,7 +239,7 @@ def register(app: Celery, rt: Runtime) -> None:
 
     @task(name=PUSH_EVENTS_TASK, shared=False)  # type: ignore[untyped-decorator]
     def push_events() -> str:
-        pushed = webhooks.push(rt)
+        pushed = events_webhook.push(rt)
         return f"{pushed.stopped}: {pushed.delivered} events in {pushed.posts} posts"
 
     del (

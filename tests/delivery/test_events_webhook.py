@@ -15,8 +15,9 @@ from sqlalchemy import func, insert, select
 
 from dispatcher import alerts
 from dispatcher.clock import FrozenClock
+from dispatcher.delivery import events_webhook as webhooks
 from dispatcher.delivery import smartplan as delivery
-from dispatcher.delivery import suppression, unsubscribe, webhooks
+from dispatcher.delivery import suppression, unsubscribe
 from dispatcher.models import (
     AlertKind,
     EventCursor,
