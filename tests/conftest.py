@@ -333,6 +333,7 @@ TABLES = (
     "orders",
     "grants",
     "timeline_events",
+    "feedback_events",
     "sends",
     "users",
 )

@@ -24,7 +24,7 @@ from dispatcher import keys
 from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import lifecycle, returnpath, suppression
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import BulkMessage
@@ -146,7 +146,6 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
     pipe.hset(run.marks, OPEN_MARK, "1")
     pipe.expire(run.marks, rt.settings.send_lease_seconds + MARKS_TTL)
     pipe.execute()
-    bounces = rt.settings.mail_from_address  # parsed once, not per message
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
     stop = _stop_starting(rt)
@@ -164,7 +163,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
             batch = _prepare(rt, c, run, claimed)
             data_marks = _DataMarks(marks, run.marks, batch)
             results = await bulk.send_many(
-                [(Envelope(bounces, (row.contact_email,)), raw) for row, _, raw in batch.ready],
+                [(_envelope(rt, row), raw) for row, _, raw in batch.ready],
                 run.deadline,
                 data_marks,
                 stop=stop,
@@ -175,6 +174,11 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, sender: str) -> _Run:
         await bulk.close()
         await marks.aclose()
     return run
+
+
+def _envelope(rt: Runtime, row: Any) -> Envelope:
+    """One recipient's envelope: its own return path (VERP), so its bounces name it."""
+    return Envelope(returnpath.address_for(rt.settings, row.id), (row.contact_email,))
 
 
 def _async_redis(rt: Runtime) -> AsyncRedisClient:

@@ -17,7 +17,7 @@ from dispatcher.credits import notices
 from dispatcher.credits.grants import grant_ref
 from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import lifecycle, returnpath, suppression
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.mime import skeleton
@@ -173,7 +173,9 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
 
 def _converse(rt: Runtime, send: Send, rendered: Rendered, message: bytes) -> SendStatus:
     """The SMTP conversation, under the send's lease, and its outcome."""
-    envelope = Envelope(mail_from=rt.settings.mail_from_address, recipients=(send.contact_email,))
+    envelope = Envelope(
+        mail_from=returnpath.address_for(rt.settings, send.id), recipients=(send.contact_email,)
+    )
     sending = (SendStatus.SENDING,)
     subject = rendered.subject
     try:

@@ -1,0 +1,81 @@
+"""The per-message return path (VERP): the envelope sender that names the send it belongs to.
+
+Every campaign and SmartPlan email goes out with ``MAIL FROM:<bounce+<send>-<tag>@<domain>>``:
+``<send>`` is the send's id (32 hex digits), ``<tag>`` an HMAC-SHA256 tag over it (80 bits,
+base32), so a bounce or complaint that reaches the inbound SMTP server names its send, and a
+forged or altered address names none. Lower case only: relays may change the case of the local
+part. The local part is 56 characters (RFC 5321 allows 64).
+
+``bounce@<domain>`` (no tag) is the plain bounce mailbox: reports that arrive there (a feedback
+loop registered with a mailbox provider) are identified by a signed reference in the attached
+original instead (see :mod:`dispatcher.delivery.feedback`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import uuid
+from dataclasses import dataclass
+
+from dispatcher.errors import InvalidInput
+from dispatcher.sealing import signing_key
+from dispatcher.settings import Settings
+
+LOCAL = "bounce"
+_PURPOSE = b"ced-return-path-v1:"
+_TAG_BYTES = 10  # 16 base32 characters, no padding
+_VERP = re.compile(rf"{LOCAL}\+([0-9a-f]{{32}})-([a-z2-7]{{16}})")
+
+
+def domain(settings: Settings) -> str:
+    """The domain of every return path: the platform's mail domain (the one place to change
+    when the envelope domain follows the agent's sender identity)."""
+    return settings.message_id_domain
+
+
+def _tag(settings: Settings, raw: bytes) -> str:
+    key = signing_key(settings.unsubscribe_secret, _PURPOSE)
+    digest = hmac.new(key, _PURPOSE + raw, hashlib.sha256).digest()[:_TAG_BYTES]
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def address_for(settings: Settings, send_id: str) -> str:
+    """The envelope sender of one send's email."""
+    raw = uuid.UUID(send_id)
+    return f"{LOCAL}+{raw.hex}-{_tag(settings, raw.bytes)}@{domain(settings)}"
+
+
+def mailbox(settings: Settings) -> str:
+    """The plain bounce mailbox (feedback loops), without a send in it."""
+    return f"{LOCAL}@{domain(settings)}"
+
+
+@dataclass(frozen=True)
+class ReturnPath:
+    """An address of ours the inbound server takes reports at: ``send_id`` is None for the
+    plain bounce mailbox."""
+
+    send_id: str | None
+
+
+def parse(settings: Settings, address: str) -> ReturnPath | None:
+    """What ``address`` is: None when it is not a bounce address of ours (another mailbox,
+    another domain); :class:`InvalidInput` on ``return_path`` when it looks like one but its
+    tag does not match (forged or altered; compared in constant time)."""
+    local, at, host = address.strip().strip("<>").lower().rpartition("@")
+    if not at or host != domain(settings).lower():
+        return None
+    if local == LOCAL:
+        return ReturnPath(None)
+    if not local.startswith(LOCAL + "+"):
+        return None
+    found = _VERP.fullmatch(local)
+    if found is None:
+        raise InvalidInput("return_path", "is not a return path of ours (malformed)")
+    raw = bytes.fromhex(found[1])
+    if not hmac.compare_digest(found[2], _tag(settings, raw)):
+        raise InvalidInput("return_path", "is not valid (forged or altered)")
+    return ReturnPath(str(uuid.UUID(bytes=raw)))

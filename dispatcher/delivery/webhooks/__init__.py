@@ -1,0 +1,1 @@
+"""Relays' webhooks about emails already sent: signature checks and their events as reports."""
