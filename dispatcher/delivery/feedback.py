@@ -31,10 +31,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from dispatcher.delivery import returnpath, suppression, unsubscribe
+from dispatcher.delivery import returnpath, suppression, unsubscribe, webhooks
 from dispatcher.delivery.outcomes import StepOutcome
 from dispatcher.delivery.reports import Report
 from dispatcher.delivery.timeline import KIND_OF, source_of
+from dispatcher.delivery.webhooks.common import Headers
+from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import (
     FeedbackEvent,
     FeedbackKind,
@@ -170,6 +172,42 @@ def handle(rt: Runtime, report: Report, *, verified: bool = False) -> Recorded |
         log.info("report matched no send source=%s kind=%s", report.source, report.kind.value)
         return None
     return record(rt, send_id, report)
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    """What one webhook request did: its reports, how many were new, how many matched no
+    email of ours (another sender's mail on the same relay account, or a send deleted)."""
+
+    provider: str
+    reports: int
+    recorded: int
+    unmatched: int
+
+
+def from_webhook(rt: Runtime, provider: str, headers: Headers, body: bytes) -> WebhookResult:
+    """A relay's webhook request: its signature checked (:class:`WebhookRefused` otherwise,
+    before anything is read or recorded), then each of its reports handled on its own."""
+    reader = webhooks.PROVIDERS.get(provider)
+    if reader is None:
+        raise NotFound("webhook provider", provider)
+    found = reader(rt.settings, headers, body, rt.clock.now())
+    recorded = unmatched = 0
+    for report in found:
+        try:
+            done = handle(rt, report, verified=True)
+        except InvalidInput as exc:
+            # A return path of ours in it does not check: that email is not ours to act on.
+            log.warning("%s webhook report refused: %s %s", provider, exc.field, exc.problem)
+            done = None
+        if done is None:
+            unmatched += 1
+        elif done.new:
+            recorded += 1
+    log.info(
+        "%s webhook reports=%d recorded=%d unmatched=%d", provider, len(found), recorded, unmatched
+    )
+    return WebhookResult(provider, len(found), recorded, unmatched)
 
 
 def _insert(session: Session, send: Send, email: str, report: Report, now: datetime) -> bool:
