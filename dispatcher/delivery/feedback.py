@@ -210,6 +210,39 @@ def from_webhook(rt: Runtime, provider: str, headers: Headers, body: bytes) -> W
     return WebhookResult(provider, len(found), recorded, unmatched)
 
 
+def publish_pending(rt: Runtime, before: datetime, limit: int = 2000) -> int:
+    """Put on the stream the SmartPlan entries recorded before ``before`` but never published
+    (the process died, or Redis was away, between the two); how many were published."""
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(FeedbackEvent.id, FeedbackEvent.kind, Send)
+            .join(Send, Send.id == FeedbackEvent.send_id)
+            .where(FeedbackEvent.outcome_published.is_(False), FeedbackEvent.occurred_at < before)
+            .order_by(FeedbackEvent.id)
+            .limit(limit)
+        ).all()
+        pending = [(row.id, _outcome(row.Send, row.kind)) for row in rows]
+    for event_id, outcome in pending:
+        _publish(rt, event_id, outcome)
+    return len(pending)
+
+
+def mark_unpublished(session: Session, since: datetime) -> int:
+    """Flag the SmartPlan entries recorded since ``since`` to be published again (the stream
+    was lost with Redis), in the caller's transaction; how many were flagged."""
+    smartplan = select(Send.id).where(Send.kind == SendKind.SMARTPLAN)
+    done = session.execute(
+        update(FeedbackEvent)
+        .where(
+            FeedbackEvent.outcome_published.is_(True),
+            FeedbackEvent.occurred_at >= since,
+            FeedbackEvent.send_id.in_(smartplan),
+        )
+        .values(outcome_published=False)
+    )
+    return int(getattr(done, "rowcount", 0) or 0)
+
+
 def _insert(session: Session, send: Send, email: str, report: Report, now: datetime) -> bool:
     """The report's row, unless this send has one of this kind (then False)."""
     dialect = session.get_bind().dialect.name

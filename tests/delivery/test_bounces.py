@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -18,6 +19,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from devstack.devsmtp import DevSMTPServer, Received
+from dispatcher import recovery
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import inbound, returnpath, suppression
 from dispatcher.delivery import smartplan as delivery
@@ -223,6 +225,15 @@ def test_a_complaint_report_suppresses_and_is_on_the_timeline_and_the_outcome_st
         "complaint",
         "step-1",
     )
+    # Should Redis lose the stream, beat's sweep publishes the entry again (with the outcome).
+    runtime.redis.delete(
+        runtime.settings.outcome_stream, f"{runtime.settings.outcome_stream}:epoch"
+    )
+    runtime.clock.advance(timedelta(minutes=1))  # type: ignore[attr-defined]
+    assert recovery.republish_outcomes(runtime) == 2
+    again = runtime.outcomes.read("plans", "c1")
+    assert sorted(o.status for _, o in again) == ["complained", "sent"]
+
     # The plan's next email to the contact is not sent and costs nothing.
     used = credits(runtime, "agent-1").used
     second = submit_send(runtime, InlineQueue(), send_request(step_id="step-2")).send_id
