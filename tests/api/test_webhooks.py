@@ -231,6 +231,38 @@ def test_ses_notifications_are_verified_and_mapped_and_a_bad_signature_records_n
     assert r.json() == {"provider": "ses", "reports": 1, "recorded": 1, "unmatched": 0}
     assert reason_of(runtime, "contact2@example.org") == "complaint"
 
+    # A subscription confirmation, signed over its own fields, is taken and only logged.
+    confirmation = {
+        "Type": "SubscriptionConfirmation",
+        "MessageId": "165545c9-2a5c-472c-8df2-7ff2be2b3b1b",
+        "Token": "2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a747ba6f"
+        "3beb71854e285d6ad02428b09ceece29417f1f02d609c582afbacc99c583a916b9981dd2728f4ae6fdb82e",
+        "TopicArn": "arn:aws:sns:us-west-2:123456789012:ses-feedback",
+        "Message": "You have chosen to subscribe to the topic "
+        "arn:aws:sns:us-west-2:123456789012:ses-feedback.",
+        "SubscribeURL": "https://sns.us-west-2.amazonaws.com/?Action=ConfirmSubscription",
+        "Timestamp": runtime.clock.now().strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "SignatureVersion": "1",
+        "SigningCertURL": "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-f3ecfb7224c7233fe7bb5f59f96de52f.pem",
+    }
+    signed = "".join(
+        f"{name}\n{confirmation[name]}\n"
+        for name in (
+            "Message",
+            "MessageId",
+            "SubscribeURL",
+            "Timestamp",
+            "Token",
+            "TopicArn",
+            "Type",
+        )
+    ).encode()
+    confirmation["Signature"] = base64.b64encode(
+        keys.sns.sign(signed, padding.PKCS1v15(), hashes.SHA1())
+    ).decode()
+    r = api_client.post("/v1/webhooks/ses", json=confirmation, headers=ANONYMOUS)
+    assert r.json() == {"provider": "ses", "reports": 0, "recorded": 0, "unmatched": 0}
+
 
 # --------------------------------------------------------------------------- SendGrid
 
