@@ -277,6 +277,10 @@ class Settings(BaseSettings):
     #: signs with. None: the certificate at the message's ``SigningCertURL`` (HTTPS, an
     #: ``sns.<region>.amazonaws.com`` host only), fetched once per process.
     ses_signing_cert_file: str | None = None
+    #: The SNS topics (ARNs, comma-separated) SES notifications may come from; none refuses
+    #: the route. SNS signs every AWS account's messages with the same certificate, so a
+    #: message signed for someone else's topic must not be taken.
+    ses_topic_arns: Tokens = ()
     #: SendGrid's Event Webhook verification key (``POST /v1/webhooks/sendgrid``): the
     #: base64 public key SendGrid shows for signed event webhooks; None refuses the route.
     sendgrid_webhook_public_key: str | None = Field(default=None, repr=False)
@@ -437,6 +441,8 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "SES_SIGNING_CERT_FILE", f"{self.ses_signing_cert_file} is not a readable file"
             )
+        if not all(a.startswith("arn:aws") and ":sns:" in a for a in self.ses_topic_arns):
+            raise ConfigError("SES_TOPIC_ARNS", "every entry must be an SNS topic ARN")
         if self.postmark_webhook_auth is not None and ":" not in self.postmark_webhook_auth:
             raise ConfigError("POSTMARK_WEBHOOK_AUTH", "must be user:password")
         if not (math.isfinite(self.schema_wait_seconds) and self.schema_wait_seconds >= 0):

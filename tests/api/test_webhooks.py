@@ -33,6 +33,7 @@ from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
 from tests.helpers import make_user, send_request, timeline_rows
 
+TOPIC = "arn:aws:sns:us-west-2:123456789012:ses-feedback"
 POSTMARK_AUTH = "postmark-hook:s3cret-password"
 MAILGUN_KEY = "key-3ax6xnjp29jd6fds4gc373sgvjxteol0"
 ANONYMOUS = {"Authorization": ""}  # a relay carries no bearer token
@@ -74,6 +75,7 @@ def settings(settings: Settings, keys: Keys) -> Settings:
     """The suite's settings with every relay's webhook key configured."""
     return settings.with_overrides(
         ses_signing_cert_file=str(keys.sns_cert),
+        ses_topic_arns=(TOPIC,),
         sendgrid_webhook_public_key=keys.sendgrid_public,
         postmark_webhook_auth=POSTMARK_AUTH,
         mailgun_signing_key=MAILGUN_KEY,
@@ -102,12 +104,13 @@ def reason_of(rt: Runtime, email: str) -> str | None:
 # --------------------------------------------------------------------------- Amazon SES
 
 
-def sns(keys: Keys, rt: Runtime, notification: dict[str, Any], **changes: Any) -> bytes:
-    """An SNS Notification carrying ``notification``, signed (SignatureVersion 2)."""
+def sns(keys: Keys, rt: Runtime, notification: dict[str, Any], topic: str = TOPIC) -> bytes:
+    """An SNS Notification carrying ``notification`` from ``topic``, signed (SignatureVersion
+    2)."""
     message = {
         "Type": "Notification",
         "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
-        "TopicArn": "arn:aws:sns:us-west-2:123456789012:ses-feedback",
+        "TopicArn": topic,
         "Message": json.dumps(notification),
         "Timestamp": rt.clock.now().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
         "SignatureVersion": "2",
@@ -121,7 +124,6 @@ def sns(keys: Keys, rt: Runtime, notification: dict[str, Any], **changes: Any) -
     message["Signature"] = base64.b64encode(
         keys.sns.sign(signed, padding.PKCS1v15(), hashes.SHA256())
     ).decode()
-    message.update(changes)
     return json.dumps(message).encode()
 
 
@@ -197,13 +199,14 @@ def test_ses_notifications_are_verified_and_mapped_and_a_bad_signature_records_n
     _, to_second = sent(runtime, smtp_server, 2)
     bounce = ses_bounce(to_first, source=to_first.mail_from)
 
-    # A tampered message, a signature by another key, or an unknown certificate URL (with no
-    # certificate configured) are refused, and nothing is recorded.
+    # A tampered message, a signature by another key, or a message signed for another
+    # account's topic are refused, and nothing is recorded.
     stranger = Keys.__new__(Keys)
     stranger.sns = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     tampered = json.loads(sns(keys, runtime, bounce))
     tampered["Message"] = tampered["Message"].replace("Permanent", "Transient")
-    for body in (json.dumps(tampered).encode(), sns(stranger, runtime, bounce)):
+    elsewhere = sns(keys, runtime, bounce, topic="arn:aws:sns:us-west-2:999999999999:theirs")
+    for body in (json.dumps(tampered).encode(), sns(stranger, runtime, bounce), elsewhere):
         r = api_client.post("/v1/webhooks/ses", content=body, headers=ANONYMOUS)
         assert r.status_code == 401, r.text
         assert r.json()["code"] == "webhook_unauthorized"
@@ -439,10 +442,14 @@ def test_a_relay_without_a_configured_key_is_refused_and_an_unknown_relay_is_inv
     make_runtime: Any,
 ) -> None:
     rt: Runtime = make_runtime(
-        sendgrid_webhook_public_key=None, postmark_webhook_auth=None, mailgun_signing_key=None
+        ses_topic_arns=(),
+        sendgrid_webhook_public_key=None,
+        postmark_webhook_auth=None,
+        mailgun_signing_key=None,
     )
     with TestClient(create_api(rt, InlineQueue())) as client:
         for provider, variable in (
+            ("ses", "SES_TOPIC_ARNS"),
             ("sendgrid", "SENDGRID_WEBHOOK_PUBLIC_KEY"),
             ("postmark", "POSTMARK_WEBHOOK_AUTH"),
             ("mailgun", "MAILGUN_SIGNING_KEY"),

@@ -4,7 +4,9 @@ SNS signs every message (RFC: its "Verifying the signatures of Amazon SNS messag
 fields ``Message``, ``MessageId``, ``Subject`` (if present), ``Timestamp``, ``TopicArn`` and
 ``Type`` (a subscription confirmation: ``SubscribeURL`` and ``Token`` instead of ``Subject``),
 each as its name and value on lines of their own, signed with RSA (``SignatureVersion`` 1:
-SHA1, 2: SHA256) by the key of the certificate at ``SigningCertURL``. The certificate is the one
+SHA1, 2: SHA256) by the key of the certificate at ``SigningCertURL``. SNS signs every AWS
+account's messages with the same certificates, so the topic must also be one of
+``SES_TOPIC_ARNS``. The certificate is the one
 in ``SES_SIGNING_CERT_FILE`` when set, else the one at that URL (HTTPS, an
 ``sns.<region>.amazonaws.com`` host only), fetched once per process.
 
@@ -50,7 +52,11 @@ def reports(settings: Settings, headers: Headers, body: bytes, now: datetime) ->
     message = json_body(body)
     if not isinstance(message, dict):
         raise InvalidInput("body", "is not an SNS message (a JSON object)")
+    if not settings.ses_topic_arns:
+        raise WebhookRefused(NAME, "SES_TOPIC_ARNS is not set", configured=False)
     _verify(settings, message, now)
+    if message.get("TopicArn") not in settings.ses_topic_arns:
+        raise WebhookRefused(NAME, "the message is from a topic not in SES_TOPIC_ARNS")
     kind = message.get("Type")
     if kind == "SubscriptionConfirmation":
         # Confirming is ops' step (the URL in the log): nobody can subscribe us to a topic.
