@@ -212,7 +212,8 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
                 date=date,
                 text=rendered.text,
                 html=rendered.html,
-                extra=run.headers.list_unsubscribe_field(row.id),
+                extra=run.headers.list_unsubscribe_field(row.id)
+                + returnpath.relay_fields(rt.settings, row.id),
             )
         except RenderError as exc:
             batch.outcomes.append(Outcome(row.id, SendStatus.FAILED, exc.reason, exc.detail))

@@ -48,6 +48,21 @@ def address_for(settings: Settings, send_id: str) -> str:
     return f"{LOCAL}+{raw.hex}-{_tag(settings, raw.bytes)}@{domain(settings)}"
 
 
+#: The metadata key our return path travels under to Postmark, which echoes only metadata
+#: (``X-PM-Metadata-<key>`` fields, removed before delivery) in its webhooks.
+POSTMARK_METADATA = "ced_return_path"
+
+
+def relay_fields(settings: Settings, send_id: str) -> bytes:
+    """Header fields of one copy that hand its return path to a relay that reports by
+    metadata only: with ``POSTMARK_WEBHOOK_AUTH`` set (mail goes out through Postmark), the
+    ``X-PM-Metadata-ced_return_path`` field; nothing otherwise."""
+    if settings.postmark_webhook_auth is None:
+        return b""
+    field = f"X-PM-Metadata-{POSTMARK_METADATA}: {address_for(settings, send_id)}\r\n"
+    return field.encode("ascii") if field.isascii() else b""
+
+
 def mailbox(settings: Settings) -> str:
     """The plain bounce mailbox (feedback loops), without a send in it."""
     return f"{LOCAL}@{domain(settings)}"

@@ -166,7 +166,7 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
         date=format_datetime(now),
         text=rendered.text,
         html=rendered.html,
-        extra=bulk.list_unsubscribe_field(send.id),
+        extra=bulk.list_unsubscribe_field(send.id) + returnpath.relay_fields(rt.settings, send.id),
     )
     return rendered, message
 

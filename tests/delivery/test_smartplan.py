@@ -39,6 +39,7 @@ def test_a_send_is_rendered_sent_and_written_to_the_timeline(
     # The return path names this send, signed (VERP): its bounces come back to us.
     assert got.mail_from == returnpath.address_for(runtime.settings, result.send_id)
     assert re.fullmatch(r"bounce\+[0-9a-f]{32}-[a-z2-7]{16}@mail\.example\.com", got.mail_from)
+    assert msg["X-PM-Metadata-ced_return_path"] is None  # only when mail goes through Postmark
     assert msg["Subject"] == "Hello <Ann>"
     assert msg["From"] == "agent-1@kw.example.com"
     assert msg["Message-ID"] == get_send(runtime, result.send_id).message_id

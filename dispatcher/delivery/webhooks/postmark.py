@@ -5,8 +5,9 @@ Postmark secures a webhook with HTTP basic auth written into its URL
 ``user:password``, compared in constant time. A ``Bounce`` record (``Type`` ``HardBounce``,
 ``BadEmailAddress``: hard; ``SoftBounce``, ``Transient``, ``DnsError``: soft) or a
 ``SpamComplaint`` record is a report; Postmark names the email by its own ``MessageID``, so the
-send is found by the ``ced_return_path`` metadata (our signed return path, sent as the
-``X-PM-Metadata-ced_return_path`` header).
+send is found by the ``ced_return_path`` metadata: our signed return path, which every email
+carries as the ``X-PM-Metadata-ced_return_path`` field while ``POSTMARK_WEBHOOK_AUTH`` is set
+(:func:`dispatcher.delivery.returnpath.relay_fields`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hmac
 from datetime import datetime
 from typing import Any
 
+from dispatcher.delivery import returnpath
 from dispatcher.delivery.reports import Report
 from dispatcher.delivery.webhooks.common import Headers, address, json_body, text
 from dispatcher.errors import InvalidInput, WebhookRefused
@@ -24,7 +26,7 @@ from dispatcher.models import FeedbackKind
 from dispatcher.settings import Settings
 
 NAME = "postmark"
-METADATA = "ced_return_path"
+METADATA = returnpath.POSTMARK_METADATA
 _HARD = {"HardBounce", "BadEmailAddress"}
 _SOFT = {"SoftBounce", "Transient", "DnsError"}
 
