@@ -149,3 +149,14 @@ class Yielded(NotAttempted):
 
     def __init__(self, detail: str) -> None:
         super().__init__(Reason.CHUNK_YIELD, detail, 0.0)
+
+
+class WebhookRefused(DispatcherError, PermissionError):
+    """A relay's webhook request whose signature or credentials do not check (answered 401,
+    nothing recorded), or that names a relay this deployment has no key for (404)."""
+
+    def __init__(self, provider: str, problem: str, *, configured: bool = True) -> None:
+        super().__init__(f"{provider} webhook: {problem}")
+        self.provider = provider
+        self.problem = problem
+        self.configured = configured

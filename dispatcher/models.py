@@ -138,6 +138,8 @@ class SuppressionReason(enum.StrEnum):
     HARD_BOUNCE = "hard_bounce"  # the relay said the address does not exist
     UNSUBSCRIBE = "unsubscribe"  # the contact asked (one-click or the link)
     MANUAL = "manual"  # the agent or ops added it
+    SOFT_BOUNCE = "soft_bounce"  # SOFT_BOUNCE_LIMIT temporary failures reported after delivery
+    COMPLAINT = "complaint"  # the contact reported the email as spam (a feedback report)
 
 
 class AlertKind(enum.StrEnum):
@@ -154,6 +156,24 @@ class TimelineKind(enum.StrEnum):
     UNSUBSCRIBED = "unsubscribed"  # the contact unsubscribed from one of the agent's emails
     OPENED = "opened"  # the tracking pixel was loaded (TRACK_OPENS)
     CLICKED = "clicked"  # a tracked link was followed (TRACK_CLICKS); detail: its target
+    #: Reported after the relay took the email (a DSN or a relay's webhook): the send's terminal
+    #: outcome stays what it was; this event refers to it.
+    EMAIL_BOUNCED = "email_bounced"
+    EMAIL_COMPLAINED = "email_complained"
+
+
+class FeedbackKind(enum.StrEnum):
+    """What a report about an email already sent says."""
+
+    HARD_BOUNCE = "hard_bounce"  # permanent failure (DSN 5.x.x): the address is suppressed
+    SOFT_BOUNCE = "soft_bounce"  # temporary failure (4.x.x, delayed): counted
+    COMPLAINT = "complaint"  # the contact marked it as spam: suppressed
+
+    @property
+    def timeline_kind(self) -> TimelineKind:
+        if self is FeedbackKind.COMPLAINT:
+            return TimelineKind.EMAIL_COMPLAINED
+        return TimelineKind.EMAIL_BOUNCED
 
 
 class User(Base):
@@ -223,7 +243,8 @@ class Send(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     period: Mapped[str | None] = mapped_column(String(16))
     grant_seq: Mapped[int | None] = mapped_column(Integer)
-    message_id: Mapped[str] = mapped_column(String(200))
+    #: Indexed: a relay's webhook names the email by it.
+    message_id: Mapped[str] = mapped_column(String(200), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: While ``sending``: the conversation's lease. While ``reserved``: how long the credit
     #: may be held without progress before the sweeper returns it.
@@ -256,6 +277,32 @@ class TimelineEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     subject: Mapped[str | None] = mapped_column(Text)
     source: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    occurred_at: Mapped[datetime]
+
+
+class FeedbackEvent(Base):
+    """A bounce or complaint reported for one send after the relay took it: at most one of
+    each kind per send (a report delivered twice is recorded once)."""
+
+    __tablename__ = "feedback_events"
+    __table_args__ = (
+        UniqueConstraint("send_id", "kind"),
+        # Soft bounces of one address of one agent are counted here.
+        Index("ix_feedback_events_user_email_kind", "user_id", "email", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    send_id: Mapped[str] = mapped_column(ForeignKey("sends.id"))
+    email: Mapped[str] = mapped_column(String(254))  # lower-cased
+    kind: Mapped[FeedbackKind] = mapped_column(_enum(FeedbackKind, "feedback_kind"))
+    #: Where the report came from: ``dsn``, ``arf``, ``ses``, ``sendgrid``, ``postmark``,
+    #: ``mailgun``.
+    source: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str | None] = mapped_column(String(64))  # e.g. 5.1.1, or abuse
+    detail: Mapped[str | None] = mapped_column(Text)
+    #: A SmartPlan send's event is on the outcome stream (at least once).
+    outcome_published: Mapped[bool] = mapped_column(Boolean, server_default=false())
     occurred_at: Mapped[datetime]
 
 

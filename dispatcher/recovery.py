@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from dispatcher import keys
 from dispatcher.campaigns.control import enqueue as enqueue_campaign
 from dispatcher.campaigns.control import open_chunks
-from dispatcher.delivery import lifecycle
+from dispatcher.delivery import feedback, lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, stale_after
 from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.smartplan import expire_reservation
@@ -150,7 +150,8 @@ PUBLISH_GRACE = timedelta(seconds=30)
 def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
     """Publish SmartPlan step outcomes the stream may not hold: those recorded but never
     published (a crash between the two), and, when Redis lost its data (its epoch marker is
-    gone), every outcome of the last :data:`REPUBLISH_WINDOW` again. Consumers dedupe on
+    gone), every outcome of the last :data:`REPUBLISH_WINDOW` again; the same for the bounce
+    and complaint entries reported after them. Consumers dedupe on
     ``send_id`` (delivery is at least once). Returns how many were published."""
     now = rt.clock.now()
     terminal = (SendStatus.SENT, SendStatus.FAILED, SendStatus.UNKNOWN)
@@ -167,6 +168,7 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
                 )
                 .values(outcome_published=False)
             )
+            feedback.mark_unpublished(session, now - REPUBLISH_WINDOW)
         # Set after flagging: should this process die in between, the next sweep flags again.
         rt.redis.set(epoch, now.isoformat())
         count = getattr(flagged, "rowcount", 0)
@@ -186,7 +188,8 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
         ).all()
     for send_id in ids:
         publish_outcome(rt, send_id)
-    return len(ids)
+    # Bounces and complaints reported after a SmartPlan send's outcome: their own entries.
+    return len(ids) + feedback.publish_pending(rt, now - PUBLISH_GRACE, limit)
 
 
 def expire_reservations(rt: Runtime, limit: int = 1000) -> int:

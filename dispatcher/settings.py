@@ -303,6 +303,25 @@ class Settings(BaseSettings):
     #: Port of the inbound SMTP server (``serve-unsubscribe``); None: the platform's ``PORT``,
     #: else 2526. ``UNSUBSCRIBE_SMTP_PORT``, its earlier name, is read too.
     inbound_smtp_port: int | None = None
+    #: Temporary failures reported after delivery (DSN 4.x.x or delayed, a relay's soft
+    #: bounce), each on a different email, after which an address is suppressed.
+    soft_bounce_limit: int = 3
+    #: Amazon SES through SNS (``POST /v1/webhooks/ses``): a PEM file of the certificate SNS
+    #: signs with. None: the certificate at the message's ``SigningCertURL`` (HTTPS, an
+    #: ``sns.<region>.amazonaws.com`` host only), fetched once per process.
+    ses_signing_cert_file: str | None = None
+    #: The SNS topics (ARNs, comma-separated) SES notifications may come from; none refuses
+    #: the route. SNS signs every AWS account's messages with the same certificate, so a
+    #: message signed for someone else's topic must not be taken.
+    ses_topic_arns: Tokens = ()
+    #: SendGrid's Event Webhook verification key (``POST /v1/webhooks/sendgrid``): the
+    #: base64 public key SendGrid shows for signed event webhooks; None refuses the route.
+    sendgrid_webhook_public_key: str | None = Field(default=None, repr=False)
+    #: Postmark (``POST /v1/webhooks/postmark``): ``user:password`` of the basic auth set in
+    #: the webhook's URL; None refuses the route.
+    postmark_webhook_auth: str | None = Field(default=None, repr=False)
+    #: Mailgun's HTTP webhook signing key (``POST /v1/webhooks/mailgun``); None refuses it.
+    mailgun_signing_key: str | None = Field(default=None, repr=False)
     #: How long the API and workers wait at start for the database schema to reach the
     #: migrations' head (a release still migrating) before giving up.
     schema_wait_seconds: float = 60.0
@@ -453,6 +472,19 @@ class Settings(BaseSettings):
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
         if self.inbound_smtp_port is not None and not 0 < self.inbound_smtp_port < 65536:
             raise ConfigError("INBOUND_SMTP_PORT", f"{self.inbound_smtp_port} is not a TCP port")
+        if self.soft_bounce_limit < 1:
+            raise ConfigError("SOFT_BOUNCE_LIMIT", "must be at least 1")
+        if (
+            self.ses_signing_cert_file is not None
+            and not Path(self.ses_signing_cert_file).is_file()
+        ):
+            raise ConfigError(
+                "SES_SIGNING_CERT_FILE", f"{self.ses_signing_cert_file} is not a readable file"
+            )
+        if not all(a.startswith("arn:aws") and ":sns:" in a for a in self.ses_topic_arns):
+            raise ConfigError("SES_TOPIC_ARNS", "every entry must be an SNS topic ARN")
+        if self.postmark_webhook_auth is not None and ":" not in self.postmark_webhook_auth:
+            raise ConfigError("POSTMARK_WEBHOOK_AUTH", "must be user:password")
         if not (math.isfinite(self.schema_wait_seconds) and self.schema_wait_seconds >= 0):
             raise ConfigError("SCHEMA_WAIT_SECONDS", "must be a number of seconds (0: no wait)")
 

@@ -334,6 +334,7 @@ TABLES = (
     "orders",
     "grants",
     "timeline_events",
+    "feedback_events",
     "sends",
     "users",
 )

@@ -171,3 +171,34 @@ def reserved_attempts(rt: Runtime, campaign_id: str) -> set[int]:
                 )
             ).all()
         )
+
+
+def campaign_body(contacts: range, name: str = "Open house") -> dict[str, Any]:
+    """A campaign request body of agent-1 to contacts c{i} (person{i}@example.org)."""
+    return {
+        "user_id": "agent-1",
+        "name": name,
+        "message": {"subject": "Open house, {{ first_name }}", "html": "<p>Hi</p>"},
+        "recipients": [
+            {"id": f"c{i}", "email": f"person{i}@example.org", "fields": {"first_name": f"P{i}"}}
+            for i in contacts
+        ],
+    }
+
+
+def run_campaign(api: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Create the campaign through the HTTP API and wait until it completed."""
+    r = api.post("/v1/campaigns", json=body)
+    assert r.status_code == 202, r.text
+    created: dict[str, Any] = r.json()
+
+    def done() -> bool:
+        return bool(
+            api.get(f"/v1/campaigns/{created['id']}", params={"user_id": "agent-1"}).json()[
+                "status"
+            ]
+            == "completed"
+        )
+
+    wait_for(done, timeout=60, what="campaign completed")
+    return created

@@ -69,6 +69,10 @@ def test_defaults_and_parsing() -> None:
         ({"SQLITE_SYNCHRONOUS": "off"}, "SQLITE_SYNCHRONOUS"),
         ({"SMTP_IDLE_SECONDS": "0"}, "SMTP_IDLE_SECONDS"),
         ({"SCHEMA_WAIT_SECONDS": "-1"}, "SCHEMA_WAIT_SECONDS"),
+        ({"SOFT_BOUNCE_LIMIT": "0"}, "SOFT_BOUNCE_LIMIT"),
+        ({"SES_SIGNING_CERT_FILE": "/nonexistent/sns.pem"}, "SES_SIGNING_CERT_FILE"),
+        ({"SES_TOPIC_ARNS": "my-topic-name"}, "SES_TOPIC_ARNS"),
+        ({"POSTMARK_WEBHOOK_AUTH": "no-colon-here"}, "POSTMARK_WEBHOOK_AUTH"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:

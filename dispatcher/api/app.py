@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__
-from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users
+from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users, webhooks
 from dispatcher.api.access import access_log
 from dispatcher.api.bodylimit import BodySizeLimit
 from dispatcher.api.deps import attach
@@ -22,6 +22,7 @@ ROUTERS = (
     campaigns.router,
     ops.router,
     recipients.router,
+    webhooks.router,
     health.router,
 )
 

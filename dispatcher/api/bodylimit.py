@@ -14,12 +14,18 @@ from dispatcher.settings import Settings
 #: What a request without a producer's or operator's token may carry (the unsubscribe POST
 #: carries a few bytes): a stranger cannot make the server hold ``MAX_REQUEST_BYTES`` of body.
 ANONYMOUS_LIMIT = 64 * 1024
+#: What a relay's webhook may carry (signed, not token-bearing): a SendGrid batch of events
+#: or an SNS message with the original's headers runs past 64 KiB.
+WEBHOOK_PREFIX = "/v1/webhooks/"
+WEBHOOK_LIMIT = 1024 * 1024
 
 
-def limit_for(headers: Headers, settings: Settings) -> int:
-    """The largest body a request with these headers may carry."""
+def limit_for(headers: Headers, settings: Settings, path: str = "") -> int:
+    """The largest body a request with these headers, to this path, may carry."""
     if carries_a_token(headers.get("authorization"), settings):
         return settings.request_limit
+    if path.startswith(WEBHOOK_PREFIX):
+        return min(WEBHOOK_LIMIT, settings.request_limit)
     return min(ANONYMOUS_LIMIT, settings.request_limit)
 
 
@@ -37,7 +43,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        limit = limit_for(headers, self.settings)
+        limit = limit_for(headers, self.settings, str(scope.get("path", "")))
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await _refuse(send, limit)
@@ -91,7 +97,8 @@ async def _refuse(send: Send, limit: int) -> None:
         413,
         "request_too_large",
         f"the request body is larger than {limit:,} bytes, the most this request may carry "
-        f"(MAX_REQUEST_BYTES with a producer's token, {ANONYMOUS_LIMIT // 1024} KiB without)",
+        f"(MAX_REQUEST_BYTES with a producer's token, {ANONYMOUS_LIMIT // 1024} KiB without, "
+        f"{WEBHOOK_LIMIT // 1024} KiB to a relay's webhook)",
         headers={"Connection": "close"},
     )
     await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dispatcher.api.auth import Forbidden, Unauthorized
 from dispatcher.campaigns.control import CampaignStateError
 from dispatcher.campaigns.create import InsufficientCredits, RequestInProgress, RequestKeyReused
-from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable
+from dispatcher.errors import InvalidInput, NotFound, QueueUnavailable, WebhookRefused
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,11 @@ class Problem(BaseModel):
 #: The codes each status may carry, as the OpenAPI document lists them per operation.
 _CODES_BY_STATUS = {
     400: "`bad_request`: the body could not be read",
-    401: "`unauthorized`: no valid bearer token (a `WWW-Authenticate: Bearer` challenge)",
+    401: "`unauthorized`: no valid bearer token (a `WWW-Authenticate: Bearer` challenge); "
+    "on a relay's webhook, `webhook_unauthorized`: its signature or credentials do not check",
     403: "`forbidden`: no operator token is configured (`OPS_TOKENS`)",
-    404: "`not_found`: the user, send, campaign or other resource does not exist",
+    404: "`not_found`: the user, send, campaign or other resource does not exist; "
+    "`webhook_not_configured`: this deployment has no key for that relay's webhook",
     405: "`method_not_allowed`: the route does not take this method (see `Allow`)",
     409: "`insufficient_credits` (with `needed`, `remaining`, `total`), "
     "`idempotency_key_reused`, `request_in_progress` (with `Retry-After`) or `invalid_state`",
@@ -136,6 +138,13 @@ async def _unauthorized(_r: Request, _e: Unauthorized) -> JSONResponse:
         "a valid bearer token is required",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+async def _webhook_refused(_r: Request, exc: WebhookRefused) -> JSONResponse:
+    log.warning("%s webhook refused: %s", exc.provider, exc.problem)
+    if not exc.configured:
+        return problem(404, "webhook_not_configured", str(exc), "provider")
+    return problem(401, "webhook_unauthorized", str(exc), "signature")
 
 
 async def _forbidden(_r: Request, exc: Forbidden) -> JSONResponse:
@@ -280,6 +289,7 @@ async def _unexpected(_r: Request, exc: Exception) -> JSONResponse:
 _HANDLERS: tuple[tuple[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]], ...] = (
     (Unauthorized, _unauthorized),
     (Forbidden, _forbidden),
+    (WebhookRefused, _webhook_refused),
     (InvalidInput, _invalid),
     (NotFound, _not_found),
     (QueueUnavailable, _queue_down),

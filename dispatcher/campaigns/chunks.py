@@ -24,7 +24,7 @@ from dispatcher import keys
 from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
-from dispatcher.delivery import identity, lifecycle, suppression
+from dispatcher.delivery import identity, lifecycle, returnpath, suppression
 from dispatcher.delivery.footer import Footer
 from dispatcher.delivery.identity import Identity
 from dispatcher.delivery.lifecycle import Outcome
@@ -163,7 +163,6 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
     pipe.hset(run.marks, OPEN_MARK, "1")
     pipe.expire(run.marks, rt.settings.send_lease_seconds + MARKS_TTL)
     pipe.execute()
-    bounces = identity.envelope_sender(rt.settings, sender)  # once, not per message
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
     stop = _stop_starting(rt)
@@ -181,7 +180,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
             batch = _prepare(rt, c, run, claimed)
             data_marks = _DataMarks(marks, run.marks, batch)
             results = await bulk.send_many(
-                [(Envelope(bounces, (row.contact_email,)), raw) for row, _, raw in batch.ready],
+                [(_envelope(rt, run, row), raw) for row, _, raw in batch.ready],
                 run.deadline,
                 data_marks,
                 stop=stop,
@@ -192,6 +191,12 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
         await bulk.close()
         await marks.aclose()
     return run
+
+
+def _envelope(rt: Runtime, run: _Run, row: Any) -> Envelope:
+    """One recipient's envelope: its own return path (VERP) at the domain aligned with the
+    campaign's ``From``, so its bounces name it."""
+    return Envelope(identity.envelope_sender(rt.settings, run.sender, row.id), (row.contact_email,))
 
 
 def _async_redis(rt: Runtime) -> AsyncRedisClient:
@@ -227,7 +232,7 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
                 date=date,
                 text=rendered.text,
                 html=run.tracker.html(rendered.html, row.id),
-                extra=unsubscribe_field,
+                extra=unsubscribe_field + returnpath.relay_fields(rt.settings, row.id),
             )
             if run.sender.signer is not None:
                 raw = run.sender.signer.sign(raw, now)

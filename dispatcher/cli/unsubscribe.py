@@ -1,4 +1,5 @@
-"""``dispatcher serve-unsubscribe``: the SMTP server behind the List-Unsubscribe mailto."""
+"""``dispatcher serve-unsubscribe``: the inbound SMTP server (the List-Unsubscribe mailto, and
+the return paths bounces and complaints come back to)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ def add_commands(commands: Commands) -> None:
     """Add ``serve-unsubscribe`` to the ``dispatcher`` parser's subcommands."""
     command = commands.add_parser(
         "serve-unsubscribe",
-        help="run the SMTP server that takes unsubscribe requests by mail",
+        help="run the SMTP server that takes unsubscribe requests, bounces and complaints",
         description=(
             "The server behind the List-Unsubscribe mailto (UNSUBSCRIBE_MAILTO, else "
-            "unsubscribe@ the MAIL_FROM domain): it takes mail for that address only, checks "
-            "the token in the subject and suppresses the contact for the agent, like the "
-            "one-click POST. It refuses mail for any other address, so give the mailbox a "
-            "domain of its own (UNSUBSCRIBE_MAILTO=unsubscribe@unsub.example.com) and point "
-            "that domain's MX at it (port 25, forwarded to this server's port). Runs until Ctrl-C."
+            "unsubscribe@ the MAIL_FROM domain): it checks the token in the subject and "
+            "suppresses the contact for the agent, like the one-click POST. It also takes the "
+            "delivery status notifications and complaint reports sent to each email's return "
+            "path (bounce+<send>-<tag>@ the MAIL_FROM domain) or to bounce@ that domain, and "
+            "suppresses bounced and complaining addresses. It refuses mail for any other "
+            "address. Point the MAIL_FROM domain's MX (and the mailbox's, if it has a domain "
+            "of its own) at it (port 25, forwarded to this server's port). Runs until Ctrl-C."
         ),
     )
     command.add_argument(

@@ -70,6 +70,8 @@ TYPE_OF = {
     TimelineKind.UNSUBSCRIBED: "unsubscribed",
     TimelineKind.OPENED: "opened",
     TimelineKind.CLICKED: "clicked",
+    TimelineKind.EMAIL_BOUNCED: "bounced",
+    TimelineKind.EMAIL_COMPLAINED: "complained",
 }
 
 

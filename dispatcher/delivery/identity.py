@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dispatcher.delivery import returnpath
 from dispatcher.delivery.signing import DkimSigner, signer
 from dispatcher.settings import Settings
 
@@ -48,9 +49,15 @@ def envelope_domain(settings: Settings, agent_address: str | None) -> str:
     return settings.message_id_domain.lower()
 
 
-def envelope_sender(settings: Settings, identity: Identity) -> str:
-    """The SMTP envelope sender (``MAIL FROM``): ``MAIL_FROM``'s local part at the identity's
-    domain."""
+def envelope_sender(settings: Settings, identity: Identity, send_id: str) -> str:
+    """The SMTP envelope sender (``MAIL FROM``) of one send: its signed return path (VERP,
+    :mod:`dispatcher.delivery.returnpath`) at the identity's domain, aligned with ``From``."""
+    return returnpath.address_for(settings, send_id, identity.domain)
+
+
+def system_envelope_sender(settings: Settings, identity: Identity) -> str:
+    """The envelope sender of our own mail to agents (no send to name): ``MAIL_FROM``'s local
+    part at the identity's domain."""
     local = settings.mail_from_address.rpartition("@")[0]
     return f"{local}@{identity.domain}"
 

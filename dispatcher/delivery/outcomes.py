@@ -23,7 +23,9 @@ class StepOutcome:
     run_id: str
     step_id: str
     contact_id: str
-    status: str  # sent | failed | unknown
+    #: sent | failed | unknown (the terminal outcome, once), or bounced | complained (reported
+    #: later about a sent email; the terminal outcome stands: see delivery/feedback.py)
+    status: str
     reason: str | None = None
 
     def fields(self) -> dict[str, str]:

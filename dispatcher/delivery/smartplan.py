@@ -17,7 +17,7 @@ from dispatcher.credits import notices
 from dispatcher.credits.grants import grant_ref
 from dispatcher.credits.quota import GrantRef
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import identity, lifecycle, suppression
+from dispatcher.delivery import identity, lifecycle, returnpath, suppression
 from dispatcher.delivery.footer import Footer
 from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
@@ -180,11 +180,11 @@ def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered
         date=format_datetime(now),
         text=rendered.text,
         html=Tracker.of(rt.settings).html(rendered.html, send.id),
-        extra=unsubscribe_field,
+        extra=unsubscribe_field + returnpath.relay_fields(rt.settings, send.id),
     )
     if sender.signer is not None:
         message = sender.signer.sign(message, now)
-    return rendered, message, identity.envelope_sender(rt.settings, sender)
+    return rendered, message, identity.envelope_sender(rt.settings, sender, send.id)
 
 
 def _converse(

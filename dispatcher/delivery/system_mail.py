@@ -142,7 +142,7 @@ def deliver(rt: Runtime, email_id: str) -> SendStatus:
     ).as_bytes()
     if platform.signer is not None:
         message = platform.signer.sign(message, now)
-    envelope = Envelope(identity.envelope_sender(rt.settings, platform), (email.to_address,))
+    envelope = Envelope(identity.system_envelope_sender(rt.settings, platform), (email.to_address,))
     try:
         delivery = rt.run(rt.transport.send(envelope, message))
     except NotAttempted:

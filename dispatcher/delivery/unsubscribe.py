@@ -16,32 +16,23 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 
 from dispatcher.delivery import suppression
 from dispatcher.delivery.timeline import source_of
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Send, SuppressionReason, TimelineEvent, TimelineKind
 from dispatcher.runtime import Runtime
+from dispatcher.sealing import signing_key
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Used when UNSUBSCRIBE_SECRET is unset (local runs); production sets its own.
-DEVELOPMENT_KEY = "command-email-development-unsubscribe-key"
 _TAG_BYTES = 16
 _DOMAIN = b"ced-unsubscribe-v1:"
 
 
-@lru_cache(maxsize=8)
 def _key(secret: str | None) -> bytes:
-    if secret is None:
-        log.warning(
-            "UNSUBSCRIBE_SECRET is not set: unsubscribe links are signed with the development "
-            "key; set it in production"
-        )
-        secret = DEVELOPMENT_KEY
-    return hashlib.sha256(_DOMAIN + secret.encode()).digest()
+    return signing_key(secret, _DOMAIN)
 
 
 def _tag(key: bytes, send_id: bytes) -> bytes:
@@ -142,8 +133,9 @@ def smartplan_headers(settings: Settings, smartplan_id: str, user_id: str) -> Bu
     return bulk_headers(settings, f"plan-{plan}", user_id)
 
 
-def _origin(send: Send) -> str:
-    """The email an unsubscribe came from, as the suppression list shows it."""
+def origin(send: Send) -> str:
+    """The email an unsubscribe (or a bounce, a complaint) came from, as the suppression list
+    shows it."""
     if send.campaign_id is not None:
         return f"campaign {send.campaign_id}"
     return f"SmartPlan {send.smartplan_id} step {send.step_id}"
@@ -166,7 +158,7 @@ def unsubscribe(rt: Runtime, token: str, via: str = "one-click") -> Unsubscribed
             raise InvalidInput("token", "refers to an email this service no longer knows")
         now = rt.clock.now()
         already = suppression.reason_for(session, send.user_id, send.contact_email, now)
-        detail = f"{via} unsubscribe from {_origin(send)}"
+        detail = f"{via} unsubscribe from {origin(send)}"
         suppression.add(
             session,
             send.user_id,

@@ -21,7 +21,7 @@ from devstack.devsmtp import DevSMTPServer, Received
 from dispatcher.campaigns import create
 from dispatcher.campaigns.run import deliver as deliver_chunk
 from dispatcher.credits.subscriptions import credits
-from dispatcher.delivery import smartplan, system_mail
+from dispatcher.delivery import returnpath, smartplan, system_mail
 from dispatcher.errors import ConfigError, InvalidInput
 from dispatcher.models import Campaign, Send, SendStatus, SystemEmailKind, User
 from dispatcher.ports import InlineQueue
@@ -124,7 +124,9 @@ def test_an_agent_on_a_sending_domain_sends_campaigns_as_themself_signed_by_that
         msg = got.parsed()
         assert msg["From"] == f"Jo Agent <jo@{BROKERAGE}>"
         assert msg["Reply-To"] is None
-        assert got.mail_from == f"bounces@{BROKERAGE}"
+        # The send's own return path (VERP), on the From domain, and ours to read back.
+        assert re.fullmatch(rf"bounce\+[0-9a-f]{{32}}-[a-z2-7]{{16}}@{BROKERAGE}", got.mail_from)
+        assert returnpath.parse(rt.settings, got.mail_from) is not None
         assert msg["Message-ID"].endswith(f"@{BROKERAGE}>")
         assert _signed_by(got, keys) == BROKERAGE
         link, html, text = _footer(got)
@@ -146,7 +148,7 @@ def test_an_agent_off_the_sending_domains_sends_as_the_platform_with_reply_to_th
     msg = got.parsed()
     assert msg["From"] == f"Jo Agent <bounces@{PLATFORM}>"
     assert msg["Reply-To"] == "agent-1@kw.example.com"
-    assert got.mail_from == f"bounces@{PLATFORM}"
+    assert got.mail_from == returnpath.address_for(rt.settings, result.send_id, PLATFORM)
     assert msg["Message-ID"] == get_send(rt, result.send_id).message_id
     assert msg["Message-ID"].endswith(f"@{PLATFORM}>")
     assert _signed_by(got, keys) == PLATFORM

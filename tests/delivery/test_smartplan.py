@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
 
 from devstack.devsmtp import DROP, DevSMTPServer
 from dispatcher.credits.subscriptions import credits, ensure_current
+from dispatcher.delivery import returnpath
 from dispatcher.delivery import smartplan as delivery
 from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
@@ -34,7 +36,10 @@ def test_a_send_is_rendered_sent_and_written_to_the_timeline(
     [got] = smtp_server.messages
     msg = got.parsed()
     assert got.rcpt_tos == ("contact1@example.org",)
-    assert got.mail_from == "bounces@mail.example.com"
+    # The return path names this send, signed (VERP): its bounces come back to us.
+    assert got.mail_from == returnpath.address_for(runtime.settings, result.send_id)
+    assert re.fullmatch(r"bounce\+[0-9a-f]{32}-[a-z2-7]{16}@mail\.example\.com", got.mail_from)
+    assert msg["X-PM-Metadata-ced_return_path"] is None  # only when mail goes through Postmark
     assert msg["Subject"] == "Hello <Ann>"
     # kw.example.com is not a sending domain: the platform sends for the agent.
     assert msg["From"] == "Command Email <bounces@mail.example.com>"

@@ -16,8 +16,7 @@ from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from dispatcher.settings import Settings
-from tests.delivery.test_unsubscribe import run_campaign
-from tests.helpers import make_user, send_request, timeline_rows
+from tests.helpers import make_user, run_campaign, send_request, timeline_rows
 
 HTML = (
     '<html><body><p>Hi {{ first_name }}, see <a href="https://homes.example/listing?id=7&amp;'

@@ -23,38 +23,9 @@ from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from tests.conftest import free_port
-from tests.helpers import make_user, send_request, wait_for
+from tests.helpers import campaign_body, make_user, run_campaign, send_request, wait_for
 
 AUTH = {"Authorization": "Bearer test-token-123"}
-
-
-def campaign_body(contacts: range, name: str = "Open house") -> dict[str, Any]:
-    return {
-        "user_id": "agent-1",
-        "name": name,
-        "message": {"subject": "Open house, {{ first_name }}", "html": "<p>Hi</p>"},
-        "recipients": [
-            {"id": f"c{i}", "email": f"person{i}@example.org", "fields": {"first_name": f"P{i}"}}
-            for i in contacts
-        ],
-    }
-
-
-def run_campaign(api: Any, body: dict[str, Any]) -> dict[str, Any]:
-    r = api.post("/v1/campaigns", json=body)
-    assert r.status_code == 202, r.text
-    created: dict[str, Any] = r.json()
-
-    def done() -> bool:
-        return bool(
-            api.get(f"/v1/campaigns/{created['id']}", params={"user_id": "agent-1"}).json()[
-                "status"
-            ]
-            == "completed"
-        )
-
-    wait_for(done, timeout=60, what="campaign completed")
-    return created
 
 
 def one_click_url(message: Received) -> str:
