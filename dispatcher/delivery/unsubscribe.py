@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
+from dispatcher import signing
 from dispatcher.delivery import suppression
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Send, SuppressionReason
@@ -26,8 +27,6 @@ from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Used when UNSUBSCRIBE_SECRET is unset (local runs); production sets its own.
-DEVELOPMENT_KEY = "command-email-development-unsubscribe-key"
 _TAG_BYTES = 16
 _DOMAIN = b"ced-unsubscribe-v1:"
 
@@ -39,12 +38,11 @@ def _key(secret: str | None) -> bytes:
             "UNSUBSCRIBE_SECRET is not set: unsubscribe links are signed with the development "
             "key; set it in production"
         )
-        secret = DEVELOPMENT_KEY
-    return hashlib.sha256(_DOMAIN + secret.encode()).digest()
+    return signing.derive_key(secret, _DOMAIN)
 
 
 def _tag(key: bytes, send_id: bytes) -> bytes:
-    return hmac.new(key, _DOMAIN + send_id, hashlib.sha256).digest()[:_TAG_BYTES]
+    return signing.tag(key, _DOMAIN, send_id, _TAG_BYTES)
 
 
 def token_for(settings: Settings, send_id: str) -> str:
