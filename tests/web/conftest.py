@@ -53,10 +53,12 @@ def web_port() -> int:
 
 @pytest.fixture
 def settings(settings: Settings, web_port: int) -> Settings:
-    """The suite's settings, with the links pointing at this test's server and an operator
-    token."""
+    """The suite's settings, with the links pointing at this test's server, an operator
+    token, and campaigns in small chunks (a pause stops them within a few messages)."""
     return settings.with_overrides(
-        public_base_url=f"http://127.0.0.1:{web_port}", ops_tokens=(OPS_TOKEN,)
+        public_base_url=f"http://127.0.0.1:{web_port}",
+        ops_tokens=(OPS_TOKEN,),
+        campaign_chunk_size=10,
     )
 
 
