@@ -116,7 +116,7 @@ def usage(request: Request, agent: Agent) -> Response:
         "usage.html",
         credits=credits,
         percent=min(100.0, round(share * 100, 1)),
-        marks=THRESHOLDS,
+        marks=[t for t in THRESHOLDS if t < 100],
         notices=received,
         **_period(credits),
     )
@@ -130,7 +130,8 @@ def _subscription_context(rt: Runtime, user_id: str) -> dict[str, Any]:
         "credits": credits,
         "catalog": catalog,
         "current": current,
-        "others": [p for p in catalog if p.name != current.name],
+        # The free plan is reached by cancelling (now), not by a downgrade.
+        "others": [p for p in catalog if p.paid and p.name != current.name],
         "next_first_day": credits.period_end,
         **_period(credits),
     }
