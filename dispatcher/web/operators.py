@@ -12,8 +12,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from dispatcher import alerts, monitoring
 from dispatcher.campaigns import control
 from dispatcher.delivery import suppression
+from dispatcher.errors import QueueUnavailable
 from dispatcher.models import CampaignStatus
-from dispatcher.ports import BrokerView
+from dispatcher.ports import BrokerView, WorkerState, WorkersView
 from dispatcher.tokens import client_for, operators_configured
 from dispatcher.web import sessions
 from dispatcher.web.render import HEADERS, PageRoute, form_fields, page, runtime
@@ -107,12 +108,22 @@ def overview(request: Request, operator: Operator, resumed: str | None = None) -
     rt = runtime(request)
     broker: BrokerView | None = request.app.state.broker
     snap = monitoring.snapshot(rt, broker)
+    workers: list[WorkerState] = []
+    workers_error: str | None = None
+    if isinstance(broker, WorkersView) and snap.broker_error is None:
+        try:
+            workers = broker.workers()
+        except QueueUnavailable as exc:
+            workers_error = exc.detail
     finished = sorted(monitoring.finished_recently(rt).items())
     return _render(
         request,
         operator,
         "ops.html",
         snap=snap,
+        workers={q.name: [w for w in workers if q.name in w.queues] for q in snap.queues},
+        workers_asked=isinstance(broker, WorkersView),
+        workers_error=workers_error,
         finished=[(f"{kind} {status}", n) for (kind, status), n in finished],
         relay=rt.relay.relay,
         alerts=alerts.recent(rt, limit=20).items,

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 from dispatcher.api.app import create_api
 from dispatcher.ports import InlineQueue, TaskQueue
@@ -103,3 +103,11 @@ def portal_link(base: str, user_id: str = "agent-1") -> str:
     url: str = r.json()["url"]
     assert url.startswith(base + "/portal/enter/")
     return url
+
+
+def log_in(page: Any, base: str, token: str = OPS_TOKEN) -> None:
+    """Log in to the operators' pages with ``token``."""
+    page.goto(base + "/ops")
+    expect(page.locator("h1")).to_have_text("Operator login")
+    page.get_by_label("Operator token (OPS_TOKENS)").fill(token)
+    page.get_by_role("button", name="Log in").click()

@@ -17,7 +17,7 @@ from dispatcher.campaigns import control
 from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
 from tests.helpers import campaign_request, make_user, wait_for
-from tests.web.conftest import portal_link
+from tests.web.conftest import log_in, portal_link
 from workers.queue import CeleryTaskQueue
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -82,6 +82,12 @@ def test_a_campaigns_progress_moves_while_it_sends_and_pause_stops_it(
     page.get_by_role("button", name="Show timeline").click()
     expect(page.locator("#timeline li")).to_have_count(1)
     expect(page.locator("#timeline")).to_contain_text("sent")
+
+    # The operators' page names the worker of each queue, as `dispatcher status` does
+    log_in(page, base)
+    expect(page.locator("#queues tbody tr")).to_have_count(3)
+    campaign_row = page.locator("#queues tbody tr", has_text="campaign")
+    expect(campaign_row).to_contain_text(re.compile(r"\(4, \d+\)"))
 
 
 def _start(runtime: Runtime, queue: CeleryTaskQueue) -> str:

@@ -12,16 +12,9 @@ from playwright.sync_api import expect
 from dispatcher.delivery import suppression
 from dispatcher.runtime import Runtime
 from tests.helpers import make_user
-from tests.web.conftest import OPS_TOKEN, TOKEN
+from tests.web.conftest import TOKEN, log_in
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
-
-def log_in(page: Any, base: str, token: str = OPS_TOKEN) -> None:
-    page.goto(base + "/ops")
-    expect(page.locator("h1")).to_have_text("Operator login")
-    page.get_by_label("Operator token (OPS_TOKENS)").fill(token)
-    page.get_by_role("button", name="Log in").click()
 
 
 def test_the_ops_page_shows_a_halted_relay_and_resumes_it(
