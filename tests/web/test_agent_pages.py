@@ -69,7 +69,11 @@ def test_a_downgrade_is_pending_for_next_month_and_a_cancel_leaves_exactly_the_f
         "Nothing will happen instantly, you keep any credits you had before"
     )
     expect(page.locator("#what")).to_contain_text("December 1, 2026")
-    page.get_by_role("button", name="Save changes").click()
+    # By keyboard alone: the page starts with a skip link, the button takes Enter
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    page.get_by_role("button", name="Save changes").focus()
+    page.keyboard.press("Enter")
 
     expect(page.locator("#pending")).to_contain_text("10k plan from December 1, 2026")
     expect(page.locator("#plan")).to_have_text("50k")
