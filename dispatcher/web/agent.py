@@ -20,10 +20,19 @@ from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
 from dispatcher.users import UserView
 from dispatcher.web import sessions
-from dispatcher.web.render import HEADERS, PageRoute, form_fields, page, runtime
+from dispatcher.web.render import (
+    HEADERS,
+    PageRoute,
+    form_fields,
+    page,
+    plain_parameters,
+    runtime,
+)
 from dispatcher.web.sessions import AGENT, FORM_TOKEN, Refused, Session
 
-router = APIRouter(route_class=PageRoute, include_in_schema=False)
+router = APIRouter(
+    route_class=PageRoute, include_in_schema=False, dependencies=[Depends(plain_parameters)]
+)
 
 #: Campaign statuses whose progress still moves (the page keeps polling).
 LIVE = ("reserving", "running", "scheduled")
@@ -195,7 +204,7 @@ def change(request: Request, agent: Agent, fields: Fields) -> RedirectResponse:
         agent.subject, action, fields.get("plan") or None
     )
     if result.order is not None:
-        target = f"/portal/orders/{result.order.number}"
+        target = f"/portal/orders/{result.order.number}?placed=1"
     else:
         target = f"/portal/subscription?done={result.action}"
     return RedirectResponse(target, status_code=303, headers=HEADERS)
@@ -209,9 +218,9 @@ def orders(request: Request, agent: Agent) -> Response:
 
 
 @router.get("/portal/orders/{number}")
-def receipt(number: str, request: Request, agent: Agent) -> Response:
-    """An order's receipt: its number, what was charged, the recurring subtotal, the credits
-    and the agent's new total."""
+def receipt(number: str, request: Request, agent: Agent, placed: str | None = None) -> Response:
+    """An order's receipt: its number, what was charged, the recurring subtotal and the
+    credits; right after the order (``placed``), the agent's new total."""
     rt = runtime(request)
     order = subscriptions.order(rt, agent.subject, number)
     credits = subscriptions.credits(rt, agent.subject)
@@ -224,6 +233,7 @@ def receipt(number: str, request: Request, agent: Agent) -> Response:
         credits=credits,
         plan=plans.plan(rt.settings, order.plan),
         emailed_to=user.platform_email or user.communications_email,
+        placed=placed is not None,
     )
 
 

@@ -17,10 +17,19 @@ from dispatcher.models import CampaignStatus
 from dispatcher.ports import BrokerView, WorkerState, WorkersView
 from dispatcher.tokens import client_for, operators_configured
 from dispatcher.web import sessions
-from dispatcher.web.render import HEADERS, PageRoute, form_fields, page, runtime
+from dispatcher.web.render import (
+    HEADERS,
+    PageRoute,
+    form_fields,
+    page,
+    plain_parameters,
+    runtime,
+)
 from dispatcher.web.sessions import FORM_TOKEN, OPERATOR, Refused, Session
 
-router = APIRouter(route_class=PageRoute, include_in_schema=False)
+router = APIRouter(
+    route_class=PageRoute, include_in_schema=False, dependencies=[Depends(plain_parameters)]
+)
 
 Fields = Annotated[dict[str, str], Depends(form_fields)]
 

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from dispatcher import validation
 from dispatcher.campaigns.control import CampaignStateError
 from dispatcher.credits.subscriptions import money
 from dispatcher.errors import InvalidInput, NotFound
@@ -90,6 +91,12 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
 def refusal(request: Request, refused: Refused) -> HTMLResponse:
     """The page that says why a page or a form was refused, and what to do."""
     return page(request, "refused.html", refused.status, title=refused.title, detail=refused.detail)
+
+
+def plain_parameters(request: Request) -> None:
+    """A page's path and query values follow the one-line text policy (a refusal names the
+    value at fault)."""
+    validation.plain_parameters([*request.path_params.items(), *request.query_params.multi_items()])
 
 
 async def form_fields(request: Request) -> dict[str, str]:

@@ -77,6 +77,10 @@ def test_a_session_ends_on_time_and_an_agents_cookie_opens_no_operators_page(
     ops = operator.get("/ops")
     assert ops.status_code == 401 and "Operator login" in ops.text
 
+    # A value the text policy refuses is named on a page, before any lookup
+    refused = agent.get("/portal/contacts", params={"contact_id": "c\x00"})
+    assert refused.status_code == 422 and "contact_id" in refused.text
+
     clock.advance(timedelta(seconds=rt.settings.portal_session_seconds))
     ended = agent.get("/portal")
     assert ended.status_code == 401 and "Your session has ended" in ended.text
