@@ -16,6 +16,7 @@ from dispatcher.credits import notices, plans, subscriptions
 from dispatcher.credits.quota import THRESHOLDS
 from dispatcher.credits.subscriptions import Action, CreditsView
 from dispatcher.errors import InvalidInput
+from dispatcher.models import CampaignStatus
 from dispatcher.producer import Producer
 from dispatcher.runtime import Runtime
 from dispatcher.users import UserView
@@ -35,7 +36,7 @@ router = APIRouter(
 )
 
 #: Campaign statuses whose progress still moves (the page keeps polling).
-LIVE = ("reserving", "running", "scheduled")
+LIVE = (CampaignStatus.RESERVING.value, CampaignStatus.RUNNING.value)
 
 #: The campaign actions a page offers.
 CAMPAIGN_ACTIONS = ("pause", "resume", "cancel")
@@ -258,11 +259,27 @@ def _progress(view: control.CampaignView) -> dict[str, Any]:
     }
 
 
+def _actions(status: str) -> tuple[str, ...]:
+    """What the campaign's page offers in its status."""
+    if status in LIVE:
+        return ("pause", "cancel")
+    if status == CampaignStatus.PAUSED.value:
+        return ("resume", "cancel")
+    return ()
+
+
 @router.get("/portal/campaigns/{campaign_id}")
 def campaign(campaign_id: str, request: Request, agent: Agent) -> Response:
     """A campaign's progress (refreshed while it sends), with pause, resume and cancel."""
     view = control.view(runtime(request), campaign_id, agent.subject)
-    return _render(request, agent, "campaign.html", campaign=view, progress=_progress(view))
+    return _render(
+        request,
+        agent,
+        "campaign.html",
+        campaign=view,
+        progress=_progress(view),
+        actions=_actions(view.status),
+    )
 
 
 @router.get("/portal/campaigns/{campaign_id}/progress")
@@ -279,14 +296,14 @@ def campaign_action(
     """Pause, resume or cancel the campaign, then back to its page."""
     _checked(request, agent, fields)
     rt = runtime(request)
+    if action not in CAMPAIGN_ACTIONS:
+        raise Refused(404, "Not found", f"A campaign cannot {action!r}.")
     if action == "pause":
         control.pause(rt, campaign_id, agent.subject)
     elif action == "resume":
         control.resume(rt, campaign_id, agent.subject, request.app.state.queue)
-    elif action == "cancel":
-        control.cancel(rt, campaign_id, agent.subject)
     else:
-        raise Refused(404, "Not found", f"A campaign cannot {action!r}.")
+        control.cancel(rt, campaign_id, agent.subject)
     return RedirectResponse(f"/portal/campaigns/{campaign_id}", status_code=303, headers=HEADERS)
 
 

@@ -62,6 +62,8 @@ def test_a_campaigns_progress_moves_while_it_sends_and_pause_stops_it(
 
     page.get_by_role("button", name="Pause").click()
     expect(page.locator('[data-field="status"]')).to_have_text("paused")
+    expect(page.get_by_role("button", name="Pause")).to_have_count(0)
+    expect(page.get_by_role("button", name="Resume")).to_be_visible()
     wait_for(lambda: _settled(runtime, created.id), what="the chunks in flight to finish")
     stopped = len(smtp_server.messages)
     page.reload()
