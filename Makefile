@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BENCH_POSTGRES ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck pytest bench bench-quick bench-scale bench-metrics drill-kills drill-redis lock clean
+.PHONY: install run test lint typecheck pytest screenshots bench bench-quick bench-scale bench-metrics drill-kills drill-redis lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ pytest: install ## The test suite only
 	$(BIN)/pytest
 
 test: lint pytest ## Lint, type-check and run every test (the README's test command)
+
+screenshots: install ## Screenshots of every page at desktop and phone width into docs/screenshots/ (Chromium)
+	SCREENSHOTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/web/test_screenshots.py
 
 lock: install ## Pin what is installed now into requirements.lock (after changing pyproject.toml)
 	@{ echo "# Exact versions CI and 'make install' install (constraints for pyproject's ranges)."; \

@@ -205,6 +205,9 @@ class LocalStack:
             SMTP_PORT=str(self.smtp.port),
             API_TOKENS=tokens,
             PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+            # Links in emails and portal links lead to this API unless configured otherwise.
+            PUBLIC_BASE_URL=_configured(base, "public_base_url")
+            or f"http://{HOST}:{opts.api_port}",
         )
         echo = sys.stdout if opts.echo_children else None
         worker = Child(
@@ -250,7 +253,7 @@ class LocalStack:
             children=pids,
         )
         info.save(self.directory)
-        say(_banner(opts, info, generated))
+        say(_banner(opts, info, generated, demo_pages(info)))
         return info
 
     def _wait(self, condition: Callable[[], bool], what: str) -> None:
@@ -330,7 +333,26 @@ def _self_command() -> str:
     return argv0 if Path(argv0).name == "dispatcher" else "dispatcher"
 
 
-def _banner(options: RunOptions, info: StackInfo, generated: bool) -> str:
+#: The agent whose Command Email pages the banner links to (the curl examples' agent too).
+DEMO_AGENT = "agent-1"
+
+
+def demo_pages(info: StackInfo) -> str:
+    """A portal link to the demo agent's pages, made through the API as a producer makes one
+    (the agent is created first when missing); a note instead when the API refuses."""
+    auth = {"Authorization": f"Bearer {info.token}"}
+    with httpx.Client(base_url=info.api_url, headers=auth, timeout=10.0) as client:
+        link = client.post(f"/v1/users/{DEMO_AGENT}/portal-link")
+        if link.status_code == 404:
+            client.put(f"/v1/users/{DEMO_AGENT}", json={"platform_email": "jo@kw.example.com"})
+            link = client.post(f"/v1/users/{DEMO_AGENT}/portal-link")
+    if link.status_code != 200:
+        return f"(no link: the API answered {link.status_code})"
+    url: str = link.json()["url"]
+    return url
+
+
+def _banner(options: RunOptions, info: StackInfo, generated: bool, pages: str = "") -> str:
     """What to tell a newcomer once the stack is up: where things are and what to try."""
     api_url = info.api_url
     shown = info.token if generated else "(from API_TOKENS, not shown)"
@@ -348,6 +370,10 @@ def _banner(options: RunOptions, info: StackInfo, generated: bool) -> str:
             "",
             "Command Email dispatcher: local stack",
             f"  API      {api_url}   (OpenAPI: {api_url}/docs)",
+            f"  pages    {pages}",
+            f"           ({DEMO_AGENT}'s Command Email pages: usage, subscription, campaigns; "
+            f"the link opens them for a few minutes, `{_self_command()} portal-link "
+            f"{DEMO_AGENT}` makes another; operators: {api_url}/ops with an OPS_TOKENS token)",
             f"  token    {shown}",
             f"  outbox   {info.outbox}/   (every email the SMTP server accepts, as .eml)",
             f"  logs     {info.logs}/ ({logs}){where}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class TaskQueue(Protocol):
@@ -54,6 +54,24 @@ class BrokerView(Protocol):
         ...
 
     def queues(self) -> list[QueueState]: ...
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One worker node as it answered: the queues it consumes, its pool's concurrency and
+    the tasks it runs now."""
+
+    node: str
+    queues: tuple[str, ...]
+    concurrency: int | None
+    busy: int
+
+
+@runtime_checkable
+class WorkersView(Protocol):
+    """What ops read of the workers: the nodes that answer, asked over the broker."""
+
+    def workers(self) -> list[WorkerState]: ...
 
 
 class InlineQueue:

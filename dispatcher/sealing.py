@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -72,26 +71,3 @@ def valid_key(key: str) -> bool:
     except (ValueError, TypeError):
         return False
     return True
-
-
-#: Signs the tokens recipients and their mail servers hand back (unsubscribe links, return
-#: paths) when UNSUBSCRIBE_SECRET is unset (local runs); production sets its own.
-DEVELOPMENT_SIGNING_SECRET = "command-email-development-unsubscribe-key"
-
-
-@lru_cache(maxsize=16)
-def signing_key(secret: str | None, purpose: bytes) -> bytes:
-    """The HMAC key for one kind of signed token (``purpose`` keeps kinds apart), derived from
-    ``UNSUBSCRIBE_SECRET``; without it the development secret, said once in the log."""
-    if secret is None:
-        _warn_development()
-        secret = DEVELOPMENT_SIGNING_SECRET
-    return hashlib.sha256(purpose + secret.encode()).digest()
-
-
-@lru_cache(maxsize=1)
-def _warn_development() -> None:
-    log.warning(
-        "UNSUBSCRIBE_SECRET is not set: unsubscribe links and return paths are signed with the "
-        "development key; set it in production"
-    )

@@ -280,6 +280,11 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     #: Key that signs unsubscribe tokens; None uses a development key and says so in the log.
     unsubscribe_secret: str | None = Field(default=None, repr=False)
+    #: How long a portal link (``POST /v1/users/{id}/portal-link``) may be opened after it was
+    #: made; it is signed with ``UNSUBSCRIBE_SECRET`` under a key of its own.
+    portal_link_seconds: int = 900
+    #: How long the session a portal link or an operator's login opens lasts (page cookies).
+    portal_session_seconds: int = 3600
     #: Fernet keys that seal stored secrets (MailChimp API keys): the first seals, all open
     #: (rotation); none uses a development key, refused for a public deployment.
     secret_keys: Tokens = Field(default=(), repr=False)
@@ -470,6 +475,12 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_CA_FILE", f"{self.smtp_ca_file} is not a readable file")
         if self.relay_halt_seconds < 1:
             raise ConfigError("RELAY_HALT_SECONDS", "must be at least 1")
+        for name, value in (
+            ("PORTAL_LINK_SECONDS", self.portal_link_seconds),
+            ("PORTAL_SESSION_SECONDS", self.portal_session_seconds),
+        ):
+            if value < 1:
+                raise ConfigError(name, "must be at least 1 second")
         if self.inbound_smtp_port is not None and not 0 < self.inbound_smtp_port < 65536:
             raise ConfigError("INBOUND_SMTP_PORT", f"{self.inbound_smtp_port} is not a TCP port")
         if self.soft_bounce_limit < 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 import idna
@@ -275,3 +275,13 @@ class Findings:
         if self.problems:
             first, *others = self.problems
             raise InvalidInput(first.field, first.problem, others=others)
+
+
+def plain_parameters(pairs: Iterable[tuple[str, str]]) -> None:
+    """Path and query values (name, value) follow the one-line text policy (no control
+    characters, no lone surrogates), so a lookup never hands the database what it cannot
+    compare; :class:`InvalidInput` names every one that does not."""
+    found = Findings()
+    for name, value in pairs:
+        found.check(text, name, value, max_len=HEADER_MAX, required=False)
+    found.done()

@@ -1,4 +1,5 @@
-"""The Celery implementation of the core's TaskQueue port."""
+"""The Celery implementation of the core's TaskQueue port (and of its BrokerView and
+WorkersView: what ops read of the broker and the workers)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from redis.exceptions import RedisError
 
 from dispatcher.db import redact
 from dispatcher.errors import QueueUnavailable
-from dispatcher.ports import QueueState
+from dispatcher.ports import QueueState, WorkerState
 from dispatcher.settings import REDIS_SCHEMES
 from workers.names import (
     CAMPAIGN,
@@ -28,6 +29,9 @@ from workers.names import (
     SMARTPLAN,
     SYSTEM,
 )
+
+#: Seconds the workers are given to answer each remote-control question.
+INSPECT_TIMEOUT = 1.0
 
 
 class CeleryTaskQueue:
@@ -81,6 +85,34 @@ class CeleryTaskQueue:
     @property
     def location(self) -> str:
         return redact(str(self.app.conf.broker_url))
+
+    def workers(self) -> list[WorkerState]:
+        """The worker nodes that answer, with their queues, concurrency and running tasks
+        (Celery's remote control over the broker). The first question waits out
+        :data:`INSPECT_TIMEOUT` for every node to answer; the next two stop as soon as the
+        nodes found have. :class:`QueueUnavailable` when the broker does not answer."""
+        try:
+            return self._ask_workers()
+        except (OSError, KombuError, RedisError, AMQPError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _ask_workers(self) -> list[WorkerState]:
+        found: dict[str, dict[str, Any]] = {}
+        answers = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
+        for node, queues in answers.items():
+            names = tuple(q["name"] for q in queues if q.get("name") in QUEUES)
+            found[node] = {"queues": names, "concurrency": None, "busy": 0}
+        if not found:
+            return []
+        inspect = self.app.control.inspect(timeout=INSPECT_TIMEOUT, limit=len(found))
+        blank: dict[str, Any] = {"queues": (), "concurrency": None, "busy": 0}
+        for node, stats in (inspect.stats() or {}).items():
+            found.setdefault(node, dict(blank))["concurrency"] = stats.get("pool", {}).get(
+                "max-concurrency"
+            )
+        for node, running in (inspect.active() or {}).items():
+            found.setdefault(node, dict(blank))["busy"] = len(running)
+        return [WorkerState(node, **found[node]) for node in sorted(found)]
 
     def queues(self) -> list[QueueState]:
         """Each pool's queue: messages waiting, how long the next has waited (Redis) and its

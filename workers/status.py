@@ -2,8 +2,9 @@
 alerts and the relay, in one screen (``--watch`` redraws it).
 
 It lives beside the Celery app because it asks the running workers (Celery's remote control
-``inspect``) which queues they consume and with what concurrency; the rest comes from
-:mod:`dispatcher.monitoring`, as ``/metrics`` does.
+``inspect``, through :meth:`CeleryTaskQueue.workers`, as the operators' page does) which queues
+they consume and with what concurrency; the rest comes from :mod:`dispatcher.monitoring`, as
+``/metrics`` does.
 """
 
 from __future__ import annotations
@@ -12,31 +13,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, TextIO
-
-from celery import Celery
 
 from dispatcher import alerts, monitoring
 from dispatcher.cli.common import Commands, runtime
 from dispatcher.db import redact
 from dispatcher.runtime import Runtime
 from workers.app import create_app
-from workers.names import QUEUES
 from workers.queue import CeleryTaskQueue
-
-#: Seconds the workers are given to answer each remote-control question.
-INSPECT_TIMEOUT = 1.0
-
-
-@dataclass
-class Worker:
-    """One worker node as it answered: its queues, pool concurrency and tasks running."""
-
-    node: str
-    queues: list[str] = field(default_factory=list)
-    concurrency: int | None = None
-    busy: int = 0
 
 
 def add_commands(commands: Commands) -> None:
@@ -72,7 +56,7 @@ def _command(args: argparse.Namespace) -> int:
     queue = CeleryTaskQueue(app)
     try:
         while True:
-            report = gather(rt, app, queue)
+            report = gather(rt, queue)
             if args.json:
                 print(json.dumps(report, default=str), flush=True)
             else:
@@ -87,10 +71,10 @@ def _command(args: argparse.Namespace) -> int:
         rt.close()
 
 
-def gather(rt: Runtime, app: Celery, queue: CeleryTaskQueue) -> dict[str, Any]:
+def gather(rt: Runtime, queue: CeleryTaskQueue) -> dict[str, Any]:
     """Everything the screen shows, as plain data (the ``--json`` object)."""
     snap = monitoring.snapshot(rt, queue)
-    workers = _workers(app)
+    workers = queue.workers()
     latest = alerts.recent(rt, limit=3).items
     return {
         "at": rt.clock.now().isoformat(timespec="seconds"),
@@ -125,26 +109,6 @@ def gather(rt: Runtime, app: Celery, queue: CeleryTaskQueue) -> dict[str, Any]:
             for a in latest
         ],
     }
-
-
-def _workers(app: Celery) -> list[Worker]:
-    """The worker nodes that answer, with their queues, concurrency and running tasks. The
-    first question waits out its timeout for every node to answer; the next two stop as soon
-    as the nodes found have."""
-    found: dict[str, Worker] = {}
-    answers = app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
-    for node, queues in answers.items():
-        found[node] = Worker(node, [q["name"] for q in queues if q.get("name") in QUEUES])
-    if not found:
-        return []
-    inspect = app.control.inspect(timeout=INSPECT_TIMEOUT, limit=len(found))
-    for node, stats in (inspect.stats() or {}).items():
-        found.setdefault(node, Worker(node)).concurrency = stats.get("pool", {}).get(
-            "max-concurrency"
-        )
-    for node, running in (inspect.active() or {}).items():
-        found.setdefault(node, Worker(node)).busy = len(running)
-    return sorted(found.values(), key=lambda w: w.node)
 
 
 def render(report: dict[str, Any], out: TextIO) -> None:

@@ -14,6 +14,7 @@ from dispatcher.api.openapi import document
 from dispatcher.api.problems import answers
 from dispatcher.ports import BrokerView, TaskQueue
 from dispatcher.runtime import Runtime
+from dispatcher.web import site
 
 #: In the order their routes are matched and listed in the OpenAPI document.
 ROUTERS = (
@@ -49,6 +50,7 @@ def create_api(rt: Runtime, queue: TaskQueue, broker: BrokerView | None = None) 
     for router in ROUTERS:
         app.include_router(router)
     problems.install(app)
+    site.install(app, rt.settings)
     app.middleware("http")(access_log)
     # Outermost: the size cap runs before auth and before any byte of the body is read.
     app.add_middleware(BodySizeLimit, settings=rt.settings)

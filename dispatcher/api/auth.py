@@ -5,7 +5,6 @@ a token limited to some agents that names another agent finds nothing there (404
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -15,7 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from dispatcher.api.deps import RuntimeDep
 from dispatcher.errors import NotFound
-from dispatcher.settings import PRODUCER_SCOPES, ApiClient, Settings
+from dispatcher.settings import Settings
+from dispatcher.tokens import client_for, operators_configured
 
 _BEARER = HTTPBearer(auto_error=False)
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
@@ -52,44 +52,19 @@ class Caller:
             raise NotFound("user", user_id)
 
 
-def clients(settings: Settings) -> tuple[ApiClient, ...]:
-    """Every API client: ``API_CLIENTS``, then ``API_TOKENS`` (api-1, api-2, ...: every scope
-    but ops) and ``OPS_TOKENS`` (ops-1, ...: ops only)."""
-    producers = tuple(
-        ApiClient(f"api-{n}", token, frozenset(PRODUCER_SCOPES))
-        for n, token in enumerate(settings.api_tokens, 1)
-    )
-    operators = tuple(
-        ApiClient(f"ops-{n}", token, frozenset({"ops"}))
-        for n, token in enumerate(settings.ops_tokens, 1)
-    )
-    return settings.api_clients + producers + operators
-
-
-def _match(token: str, settings: Settings) -> ApiClient | None:
-    """The client whose token ``token`` is (an empty token never matches)."""
-    given = token.encode()
-    found = None
-    # Compare against every token so timing says nothing about which one nearly matched.
-    for client in clients(settings):
-        if hmac.compare_digest(given, client.token.encode()) and given:
-            found = client
-    return found
-
-
 def carries_a_token(authorization: str | None, settings: Settings) -> bool:
     """Whether an ``Authorization`` header value is the bearer token of a client (read before
     the body, to choose how much of it to accept)."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return _match(token.strip(), settings) is not None
+    return client_for(token.strip(), settings) is not None
 
 
 def authenticated(creds: BearerCredentials, rt: RuntimeDep) -> None:
     """A router dependency: any client's valid token (401 before anything else is looked at;
     the route's scope is checked by :func:`scoped`)."""
-    if _match(creds.credentials if creds else "", rt.settings) is None:
+    if client_for(creds.credentials if creds else "", rt.settings) is None:
         raise Unauthorized()
 
 
@@ -101,13 +76,9 @@ def scoped(scope: str) -> Callable[..., Caller]:
     the query must be an agent the caller may act for (a body's is checked by the route)."""
 
     def dependency(request: Request, creds: BearerCredentials, rt: RuntimeDep) -> Caller:
-        if (
-            scope == "ops"
-            and not rt.settings.ops_tokens
-            and not any("ops" in c.scopes for c in rt.settings.api_clients)
-        ):
+        if scope == "ops" and not operators_configured(rt.settings):
             raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
-        client = _match(creds.credentials if creds else "", rt.settings)
+        client = client_for(creds.credentials if creds else "", rt.settings)
         if client is None:
             raise Unauthorized()
         if scope not in client.scopes:

@@ -52,11 +52,7 @@ ProducerDep = Annotated[Producer, Depends(_producer)]
 def plain_parameters(request: Request) -> None:
     """Path and query values follow the one-line text policy (no control characters, no lone
     surrogates), so a lookup never hands the database what it cannot compare."""
-    found = validation.Findings()
-    params = [*request.path_params.items(), *request.query_params.multi_items()]
-    for name, value in params:
-        found.check(validation.text, name, value, max_len=validation.HEADER_MAX, required=False)
-    found.done()
+    validation.plain_parameters([*request.path_params.items(), *request.query_params.multi_items()])
 
 
 #: Route dependency: the text policy on path and query values (after auth, so 401 comes first).

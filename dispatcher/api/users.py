@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from dispatcher.api.auth import AUTHENTICATED, BillingCaller, ReadCaller, UsersCaller
+from dispatcher.api.auth import AUTHENTICATED, BillingCaller, Forbidden, ReadCaller, UsersCaller
 from dispatcher.api.bodies import StrictBody
-from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep
+from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, RuntimeDep
 from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
 from dispatcher.credits.notices import NotificationView
@@ -18,7 +19,8 @@ from dispatcher.credits.subscriptions import Action, ChangeResult, CreditsView
 from dispatcher.delivery.timeline import EventView
 from dispatcher.errors import InvalidInput
 from dispatcher.pages import DEFAULT_LIMIT, Page
-from dispatcher.users import UserView
+from dispatcher.users import UserView, get_user
+from dispatcher.web import sessions
 
 router = APIRouter(dependencies=[AUTHENTICATED, PLAIN_PARAMETERS], responses=answers(401, 403, 422))
 
@@ -41,6 +43,11 @@ class UserIn(StrictBody):
             "in the footer of their mail; a Command Email campaign needs one. null removes it."
         ),
     )
+
+
+class PortalLink(BaseModel):
+    url: str = Field(description="Opens the agent's Command Email pages (a session cookie).")
+    expires_at: datetime = Field(description="After this the link no longer opens them.")
 
 
 class SubscriptionIn(StrictBody):
@@ -148,3 +155,22 @@ def get_notifications(
 ) -> Page[NotificationView]:
     """A page of the user's in-app notifications."""
     return producer.notifications(user_id, cursor=cursor, limit=limit)
+
+
+#: What the agent's pages let the holder of a link do, so a client needs them all to make one.
+PORTAL_SCOPES = frozenset({"billing", "campaigns:write"})
+
+
+@router.post("/v1/users/{user_id}/portal-link", response_model=PortalLink, responses=answers(404))
+def post_portal_link(user_id: str, rt: RuntimeDep, caller: BillingCaller) -> PortalLink:
+    """A short-lived signed link to the agent's Command Email pages (usage, subscription and
+    orders, campaigns, timelines), valid ``PORTAL_LINK_SECONDS``; opening it starts a session
+    of ``PORTAL_SESSION_SECONDS``. The pages change the subscription and control campaigns,
+    so scopes ``billing`` and ``campaigns:write``."""
+    missing = PORTAL_SCOPES - caller.scopes
+    if missing:
+        raise Forbidden(f"the token of {caller.name} does not have the scope {min(missing)!r}")
+    with rt.sessions() as session:
+        get_user(session, user_id)
+    url, expires = sessions.portal_link(rt.settings, user_id, rt.clock.now())
+    return PortalLink(url=url, expires_at=expires)

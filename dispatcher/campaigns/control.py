@@ -117,6 +117,55 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
 
 
 @dataclass(frozen=True)
+class CampaignSummary:
+    """One line of a list of campaigns (the counts are :func:`view`'s)."""
+
+    id: str
+    user_id: str
+    name: str | None
+    provider: str
+    status: str
+    recipients: int
+    created_at: datetime
+
+
+#: The most campaigns :func:`recent` lists.
+RECENT_LIMIT = 100
+
+
+def recent(
+    rt: Runtime,
+    *,
+    user_id: str | None = None,
+    status: CampaignStatus | None = None,
+    limit: int = 50,
+) -> list[CampaignSummary]:
+    """The newest campaigns (at most ``limit``, up to :data:`RECENT_LIMIT`), of one agent
+    and/or in one status (by the ``user_id`` index, or the status)."""
+    query = select(Campaign)
+    if user_id is not None:
+        query = query.where(Campaign.user_id == user_id)
+    if status is not None:
+        query = query.where(Campaign.status == status)
+    query = query.order_by(Campaign.created_at.desc(), Campaign.id).limit(
+        max(1, min(limit, RECENT_LIMIT))
+    )
+    with rt.sessions() as session:
+        return [
+            CampaignSummary(
+                id=c.id,
+                user_id=c.user_id,
+                name=c.name,
+                provider=c.provider.value,
+                status=c.status.value,
+                recipients=c.recipients,
+                created_at=c.created_at,
+            )
+            for c in session.scalars(query)
+        ]
+
+
+@dataclass(frozen=True)
 class ExcludedView:
     """A recipient of the request that got no send."""
 

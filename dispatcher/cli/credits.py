@@ -10,6 +10,8 @@ from dispatcher.credits.plans import catalog
 from dispatcher.credits.reconcile import reconcile
 from dispatcher.credits.subscriptions import change, credits, money
 from dispatcher.settings import Settings
+from dispatcher.users import get_user
+from dispatcher.web.sessions import portal_link
 
 
 def add_commands(commands: Commands) -> None:
@@ -22,6 +24,17 @@ def add_commands(commands: Commands) -> None:
         description="The plans users may be on, smallest first.",
     ).set_defaults(handler=_plans)
     _add_reconcile(commands)
+    link = commands.add_parser(
+        "portal-link",
+        help="print a short-lived link to a user's Command Email pages",
+        description=(
+            "The link POST /v1/users/{id}/portal-link answers: it opens the user's pages "
+            "(usage, subscription and orders, campaigns, contacts' timelines) for "
+            "PORTAL_LINK_SECONDS, signed with UNSUBSCRIBE_SECRET; it leads to PUBLIC_BASE_URL."
+        ),
+    )
+    link.add_argument("user_id", metavar="USER")
+    link.set_defaults(handler=_portal_link)
 
 
 def _add_credits(commands: Commands) -> None:
@@ -119,6 +132,20 @@ def _subscription(args: argparse.Namespace) -> int:
             f"order {o.number}: {o.plan}, {money(o.amount_cents)} charged, "
             f"{o.credits:,} credits, recurring {money(o.recurring_cents)} a month"
         )
+    return 0
+
+
+def _portal_link(args: argparse.Namespace) -> int:
+    """``dispatcher portal-link USER``."""
+    rt = runtime(args)
+    try:
+        with rt.sessions() as session:
+            get_user(session, args.user_id)
+        url, expires = portal_link(rt.settings, args.user_id, rt.clock.now())
+    finally:
+        rt.close()
+    print(url)
+    print(f"opens {args.user_id}'s pages until {expires.isoformat(timespec='seconds')}")
     return 0
 
 

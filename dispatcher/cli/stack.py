@@ -149,4 +149,6 @@ def command_settings(args: argparse.Namespace | None = None, err: TextIO | None 
         "SMTP_TLS": "off",
         "FREE_PLAN_CREDITS": str(info.free_plan_credits),
     }
+    if not _configured("PUBLIC_BASE_URL", env_file):
+        stack["PUBLIC_BASE_URL"] = info.api_url  # links lead to the stack's API
     return Settings.from_env({**os.environ, **stack})

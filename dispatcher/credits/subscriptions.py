@@ -368,6 +368,15 @@ def orders(rt: Runtime, user_id: str) -> list[OrderView]:
         return [_order_view(o) for o in rows]
 
 
+def order(rt: Runtime, user_id: str, number: str) -> OrderView:
+    """One of the user's orders by its number (another user's is not found)."""
+    with rt.sessions() as session:
+        row = session.scalar(select(Order).where(Order.user_id == user_id, Order.number == number))
+        if row is None:
+            raise NotFound("order", number)
+        return _order_view(row)
+
+
 def credits(rt: Runtime, user_id: str) -> CreditsView:
     """The user's current grant: plan, period in their zone, total, used, remaining."""
     user, ref = ensure_current(rt, user_id)

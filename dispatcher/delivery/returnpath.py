@@ -20,8 +20,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from dispatcher import signing
 from dispatcher.errors import InvalidInput
-from dispatcher.sealing import signing_key
 from dispatcher.settings import Settings
 
 LOCAL = "bounce"
@@ -44,7 +44,7 @@ def _ours(settings: Settings, host: str) -> bool:
 
 
 def _tag(settings: Settings, raw: bytes) -> str:
-    key = signing_key(settings.unsubscribe_secret, _PURPOSE)
+    key = signing.derive_key(settings.unsubscribe_secret, _PURPOSE)
     digest = hmac.new(key, _PURPOSE + raw, hashlib.sha256).digest()[:_TAG_BYTES]
     return base64.b32encode(digest).decode("ascii").lower()
 

@@ -294,13 +294,21 @@ LISTING = Keyset("suppressions")
 
 
 def listing(
-    rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+    rt: Runtime,
+    user_id: str,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    containing: str | None = None,
 ) -> Page[SuppressionView]:
-    """A page of the entries in force for ``user_id``, newest first."""
+    """A page of the entries in force for ``user_id``, newest first; with ``containing``,
+    only the addresses that contain it (case-insensitive)."""
     now = rt.clock.now()
     with rt.sessions() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
         query = select(Suppression).where(Suppression.user_id == user_id, _live(now))
+        if containing:
+            query = query.where(Suppression.email.contains(normalize(containing), autoescape=True))
         rows = session.scalars(LISTING.query(query, Suppression.id, cursor, limit)).all()
         return LISTING.page(rows, limit, lambda r: r.id, _view)

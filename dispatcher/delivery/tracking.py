@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from html import unescape
 
+from dispatcher import signing
 from dispatcher.errors import InvalidInput
 from dispatcher.settings import Settings
 
 _DOMAIN = b"ced-tracking-v1:"
 _TAG_BYTES = 16
 OPEN, CLICK = b"o", b"c"
-#: Used when UNSUBSCRIBE_SECRET is unset (local runs), as unsubscribe links are.
-DEVELOPMENT_KEY = "command-email-development-tracking-key"
 #: A link the HTML carries: ``href="http..."`` or ``href='http...'``.
 _HREF = re.compile(r"""(\bhref\s*=\s*)(["'])(https?://[^"'\s<>]+)\2""", re.IGNORECASE)
 _BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
@@ -46,20 +43,20 @@ class Hit:
     url: str | None
 
 
-@lru_cache(maxsize=8)
-def _key(secret: str | None) -> bytes:
-    return hashlib.sha256(_DOMAIN + (secret or DEVELOPMENT_KEY).encode()).digest()
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _tag(settings: Settings, payload: bytes) -> bytes:
+    key = signing.derive_key(settings.unsubscribe_secret, _DOMAIN)
+    return signing.tag(key, _DOMAIN, payload, _TAG_BYTES)
 
 
 def token(settings: Settings, kind: bytes, send_id: str, url: str = "") -> str:
     """A signed token for an open (``OPEN``) or a click on ``url`` (``CLICK``) of a send."""
     payload = kind + uuid.UUID(send_id).bytes + url.encode("utf-8")
-    tag = hmac.new(_key(settings.unsubscribe_secret), payload, hashlib.sha256).digest()
-    return _b64(payload + tag[:_TAG_BYTES])
+    tag = _tag(settings, payload)
+    return _b64(payload + tag)
 
 
 def read(settings: Settings, given: str) -> Hit:
@@ -71,8 +68,7 @@ def read(settings: Settings, given: str) -> Hit:
     except (binascii.Error, ValueError):
         raise InvalidInput("token", "is not a tracking token") from None
     payload, tag = data[:-_TAG_BYTES], data[-_TAG_BYTES:]
-    want = hmac.new(_key(settings.unsubscribe_secret), payload, hashlib.sha256).digest()
-    if len(payload) < 17 or not hmac.compare_digest(tag, want[:_TAG_BYTES]):
+    if len(payload) < 17 or not hmac.compare_digest(tag, _tag(settings, payload)):
         raise InvalidInput("token", "is not valid (forged or altered)")
     kind, send_id = payload[:1], str(uuid.UUID(bytes=payload[1:17]))
     if kind == OPEN and len(payload) == 17:

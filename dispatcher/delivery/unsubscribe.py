@@ -17,12 +17,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from dispatcher import signing
 from dispatcher.delivery import suppression
 from dispatcher.delivery.timeline import source_of
 from dispatcher.errors import InvalidInput
 from dispatcher.models import Send, SuppressionReason, TimelineEvent, TimelineKind
 from dispatcher.runtime import Runtime
-from dispatcher.sealing import signing_key
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,11 @@ _DOMAIN = b"ced-unsubscribe-v1:"
 
 
 def _key(secret: str | None) -> bytes:
-    return signing_key(secret, _DOMAIN)
+    return signing.derive_key(secret, _DOMAIN)
 
 
 def _tag(key: bytes, send_id: bytes) -> bytes:
-    return hmac.new(key, _DOMAIN + send_id, hashlib.sha256).digest()[:_TAG_BYTES]
+    return signing.tag(key, _DOMAIN, send_id, _TAG_BYTES)
 
 
 def token_for(settings: Settings, send_id: str) -> str:

@@ -157,6 +157,16 @@ def test_run_with_no_redis_configured_starts_its_own_and_the_demo_exhausts_the_q
         assert f"token    {token}" in console  # generated and printed
         assert stack.info["database_url"] == f"sqlite:///{stack.directory / 'dispatcher.db'}"
 
+        # and the banner links to the demo agent's pages, which the link opens
+        link = re.search(r"^  pages    (\S+)$", console, re.M)
+        assert link is not None, console
+        assert link[1].startswith(stack.info["api_url"] + "/portal/enter/")
+        opened = httpx.get(link[1], follow_redirects=True, timeout=10)
+        assert opened.status_code == 200 and "Usage this month" in opened.text
+        again = stack.command("portal-link", "agent-1", DISPATCHER_DIR=str(stack.directory))
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.startswith(stack.info["api_url"] + "/portal/enter/")
+
         # When the demo runs: an agent with 3 credits left sends 5 SmartPlan emails
         demo = stack.demo()
 
