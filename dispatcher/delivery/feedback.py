@@ -31,7 +31,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from dispatcher.delivery import returnpath, suppression, unsubscribe, webhooks
+from dispatcher.delivery import publish, returnpath, suppression, unsubscribe, webhooks
 from dispatcher.delivery.outcomes import StepOutcome
 from dispatcher.delivery.reports import Report
 from dispatcher.delivery.timeline import KIND_OF, source_of
@@ -309,23 +309,19 @@ def _subject(session: Session, send: Send) -> str | None:
     """The subject as the send's own timeline event shows it (rendered for the contact)."""
     shown = session.scalar(
         select(TimelineEvent.subject)
-        .where(TimelineEvent.send_id == send.id, TimelineEvent.kind.in_(list(KIND_OF.values())))
+        .where(
+            TimelineEvent.user_id == send.user_id,  # (user_id, contact_id, id) is indexed
+            TimelineEvent.contact_id == send.contact_id,
+            TimelineEvent.send_id == send.id,
+            TimelineEvent.kind.in_(list(KIND_OF.values())),
+        )
         .limit(1)
     )
     return shown or send.subject
 
 
 def _outcome(send: Send, kind: FeedbackKind) -> StepOutcome:
-    return StepOutcome(
-        send_id=send.id,
-        user_id=send.user_id,
-        smartplan_id=send.smartplan_id or "",
-        run_id=send.run_id or "",
-        step_id=send.step_id or "",
-        contact_id=send.contact_id,
-        status=_STREAM_STATUS[kind],
-        reason=kind.value,
-    )
+    return publish.step_outcome(send, _STREAM_STATUS[kind], kind.value)
 
 
 def _publish(rt: Runtime, event_id: int, outcome: StepOutcome) -> None:

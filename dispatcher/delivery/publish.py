@@ -20,17 +20,19 @@ def publish_outcome(rt: Runtime, send_id: str) -> None:
             return
         if not send.status.terminal:
             return
-        outcome = _outcome(send)
+        outcome = step_outcome(send)
     _publish(rt, [outcome])
 
 
 def publish_settled(rt: Runtime, rows: Sequence[Any]) -> None:
     """Publish the outcomes of SmartPlan sends just settled, from the rows the settling
     returned (terminal, committed, not published yet: nothing to read again)."""
-    _publish(rt, [_outcome(r) for r in rows if r.kind is SendKind.SMARTPLAN])
+    _publish(rt, [step_outcome(r) for r in rows if r.kind is SendKind.SMARTPLAN])
 
 
-def _outcome(send: Any) -> StepOutcome:
+def step_outcome(send: Any, status: str | None = None, reason: str | None = None) -> StepOutcome:
+    """The outcome-stream entry of a SmartPlan send: its own status and reason, or those
+    given (a bounce or complaint heard after it was sent)."""
     return StepOutcome(
         send_id=send.id,
         user_id=send.user_id,
@@ -38,8 +40,8 @@ def _outcome(send: Any) -> StepOutcome:
         run_id=send.run_id or "",
         step_id=send.step_id or "",
         contact_id=send.contact_id,
-        status=send.status.value,
-        reason=send.reason,
+        status=status or send.status.value,
+        reason=reason if status else send.reason,
     )
 
 

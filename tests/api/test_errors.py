@@ -14,6 +14,7 @@ from dispatcher.campaigns import create
 from dispatcher.models import CampaignStatus, SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
+from tests.api.client import agent_client
 from tests.helpers import campaign_request, make_user, statuses
 
 HEADERS = {"Authorization": "Bearer test-token-123"}
@@ -21,15 +22,7 @@ HEADERS = {"Authorization": "Bearer test-token-123"}
 
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
-    c = TestClient(create_api(runtime, InlineQueue()), headers=HEADERS)
-    assert c.put(
-        "/v1/users/agent-1",
-        json={
-            "platform_email": "a1@kw.example.com",
-            "postal_address": "350 Main St, Austin, TX 78701",
-        },
-    ).is_success
-    return c
+    return agent_client(runtime)
 
 
 def is_problem(r: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import insert, select
 
 from dispatcher import alerts
-from dispatcher.api.app import create_api
 from dispatcher.delivery import suppression
 from dispatcher.models import (
     AlertKind,
@@ -28,23 +27,15 @@ from dispatcher.models import (
     TimelineEvent,
     TimelineKind,
 )
-from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
+from tests.api.client import agent_client
 
 HEADERS = {"Authorization": "Bearer test-token-123"}
 
 
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
-    c = TestClient(create_api(runtime, InlineQueue()), headers=HEADERS)
-    assert c.put(
-        "/v1/users/agent-1",
-        json={
-            "platform_email": "a1@kw.example.com",
-            "postal_address": "350 Main St, Austin, TX 78701",
-        },
-    ).is_success
-    return c
+    return agent_client(runtime)
 
 
 def pages(

@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.api.app import create_api
-from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
+from tests.api.client import agent_client
 
 HEADERS = {"Authorization": "Bearer test-token-123", "Content-Type": "application/json"}
 
@@ -121,17 +120,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
 
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
-    c = TestClient(create_api(runtime, InlineQueue()), raise_server_exceptions=False)
-    r = c.put(
-        "/v1/users/agent-1",
-        json={
-            "platform_email": "a1@kw.example.com",
-            "postal_address": "350 Main St, Austin, TX 78701",
-        },
-        headers=HEADERS,
-    )
-    assert r.is_success
-    return c
+    return agent_client(runtime, raise_server_exceptions=False, headers={})
 
 
 @settings(

@@ -12,15 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from dispatcher.api.app import create_api
 from dispatcher.credits.subscriptions import credits
 from dispatcher.models import Campaign, Send, User
-from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sealing import Sealer, sealed_length
 from dispatcher.sends import KEY_MAX
 from dispatcher.validation import MAILCHIMP_KEY_MAX, column_length
-from tests.api.client import RawJsonClient
+from tests.api.client import RawJsonClient, agent_client
 from tests.helpers import statuses
 
 HEADERS = {"Authorization": "Bearer test-token-123"}
@@ -29,15 +27,7 @@ HALF_EMOJI = "Pat \ud83d"
 
 @pytest.fixture
 def client(runtime: Runtime) -> TestClient:
-    c = RawJsonClient(create_api(runtime, InlineQueue()), headers=HEADERS)
-    assert c.put(
-        "/v1/users/agent-1",
-        json={
-            "platform_email": "a1@kw.example.com",
-            "postal_address": "350 Main St, Austin, TX 78701",
-        },
-    ).is_success
-    return c
+    return agent_client(runtime, RawJsonClient)
 
 
 def send(**changes: Any) -> dict[str, Any]:

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 
+from dispatcher.backoff import backoff
 from dispatcher.campaigns.limits import RedisSemaphore, SemaphoreTimeout
 from dispatcher.campaigns.mailchimp.account import (
     MAX_CONNECTIONS,
@@ -55,7 +55,8 @@ class MailchimpClient:
 
     Every request holds a slot of ``semaphore`` (shared by all workers for this key; without
     one, only this client is limited). 429, 5xx, timeouts and connection errors are retried
-    with capped exponential backoff and full jitter, waiting at least ``Retry-After``; other
+    with capped exponential backoff and jitter (:func:`dispatcher.backoff.backoff`), waiting at
+    least ``Retry-After``; other
     4xx raise :class:`MailchimpRejected`. Use as ``async with`` or call :meth:`aclose`.
     """
 
@@ -93,8 +94,12 @@ class MailchimpClient:
     def from_settings(
         cls, settings: Settings, api_key: str, redis: RedisClient | None = None, **options: Any
     ) -> MailchimpClient:
-        """A client for ``api_key`` honouring ``MAILCHIMP_BASE_URL``, limited through ``redis``."""
+        """A client for ``api_key`` honouring ``MAILCHIMP_BASE_URL``, limited through ``redis``;
+        its waits between tries within a run are never longer than the dispatcher's own retry
+        backoff (``RETRY_BACKOFF_SECONDS``, ``RETRY_BACKOFF_MAX_SECONDS``)."""
         semaphore = mailchimp_semaphore(redis, api_key) if redis is not None else None
+        options.setdefault("backoff_base", min(0.5, settings.retry_backoff_seconds))
+        options.setdefault("backoff_cap", min(10.0, settings.retry_backoff_max_seconds))
         return cls(api_key, base_url=settings.mailchimp_base_url, semaphore=semaphore, **options)
 
     def __repr__(self) -> str:
@@ -371,7 +376,7 @@ class MailchimpClient:
                 break
             if number == self.max_retries:
                 break
-            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**number))
+            delay = backoff(number, self.backoff_base, self.backoff_cap)
             delay = max(delay, failure.retry_after or 0.0)
             log.warning(
                 "mailchimp %s: attempt %d of %d failed (%s); retrying in %.2fs",
