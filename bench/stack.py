@@ -267,8 +267,10 @@ class Stack:
 
     def migrate(self) -> None:
         argv = self.commands["release"]
+        # As a platform runs it once per deploy: migrate, then exit (under honcho it stays up).
+        env = {**self.env, "DYNO": "release.1"}
         done = subprocess.run(
-            argv, env=self.env, cwd=self.work, capture_output=True, text=True, check=False
+            argv, env=env, cwd=self.work, capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(argv)} failed:\n{done.stdout}{done.stderr}")
