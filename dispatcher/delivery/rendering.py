@@ -51,6 +51,19 @@ def _compiled(subject: str, html: str, text: str | None) -> CompiledTemplate:
         raise RenderError(f"template raised {type(exc).__name__}: {exc}") from None
 
 
+@lru_cache(maxsize=COMPILED_KEPT)
+def _syntax_error(source: str) -> str | None:
+    """What is wrong with a part's syntax, or None; kept for the next request carrying the
+    same part (a SmartPlan's steps share their message)."""
+    try:
+        _STRICT_CHECK.parse(source)
+    except TemplateError as exc:
+        line = getattr(exc, "lineno", None)
+        where = f" (line {line})" if line else ""
+        return f"template syntax error{where}: {exc}"
+    return None
+
+
 #: ``contact``'s own keys besides the merge fields: always present.
 _CONTACT_KEYS = frozenset({"id", "email"})
 
@@ -121,14 +134,9 @@ class MessageTemplate:
         for name, source in (("subject", self.subject), ("html", self.html), ("text", self.text)):
             if source is None:
                 continue
-            try:
-                _STRICT_CHECK.parse(source)
-            except TemplateError as exc:
-                line = getattr(exc, "lineno", None)
-                where = f" (line {line})" if line else ""
-                raise InvalidInput(
-                    f"{field_prefix}.{name}", f"template syntax error{where}: {exc}"
-                ) from None
+            problem = _syntax_error(source)
+            if problem is not None:
+                raise InvalidInput(f"{field_prefix}.{name}", problem)
 
     def unguarded_fields(self) -> frozenset[str]:
         """The merge fields the message uses with no fallback: a recipient without one of
