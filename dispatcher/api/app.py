@@ -7,7 +7,7 @@ from fastapi_offline import FastAPIOffline
 
 from dispatcher import __version__
 from dispatcher.api import campaigns, health, ops, problems, recipients, sends, users, webhooks
-from dispatcher.api.access import access_log
+from dispatcher.api.access import AccessLog
 from dispatcher.api.bodylimit import BodySizeLimit
 from dispatcher.api.deps import attach
 from dispatcher.api.openapi import document
@@ -51,7 +51,7 @@ def create_api(rt: Runtime, queue: TaskQueue, broker: BrokerView | None = None) 
         app.include_router(router)
     problems.install(app)
     site.install(app, rt.settings)
-    app.middleware("http")(access_log)
+    app.add_middleware(AccessLog)
     # Outermost: the size cap runs before auth and before any byte of the body is read.
     app.add_middleware(BodySizeLimit, settings=rt.settings)
     document(app)
