@@ -8,8 +8,7 @@ import logging
 
 from sqlalchemy import select
 
-from dispatcher.delivery import tracking
-from dispatcher.delivery.timeline import source_of
+from dispatcher.delivery import timeline, tracking
 from dispatcher.models import Send, TimelineEvent, TimelineKind
 from dispatcher.runtime import Runtime
 
@@ -30,9 +29,7 @@ def record(rt: Runtime, hit: tracking.Hit) -> None:
         seen = session.scalar(
             select(TimelineEvent.id)
             .where(
-                TimelineEvent.user_id == send.user_id,  # (user_id, contact_id, id) is indexed
-                TimelineEvent.contact_id == send.contact_id,
-                TimelineEvent.send_id == send.id,
+                timeline.of_send(send),
                 TimelineEvent.kind == kind,
                 same_target,
             )
@@ -40,18 +37,5 @@ def record(rt: Runtime, hit: tracking.Hit) -> None:
         )
         if seen is not None:
             return
-        session.add(
-            TimelineEvent(
-                user_id=send.user_id,
-                contact_id=send.contact_id,
-                send_id=send.id,
-                kind=kind,
-                status=send.status,
-                reason=None,
-                detail=hit.url,
-                subject=None,
-                source=source_of(send),
-                occurred_at=rt.clock.now(),
-            )
-        )
+        session.add(timeline.about_send(send, kind, rt.clock.now(), detail=hit.url))
     log.info("email %s user=%s send=%s", kind.value, send.user_id, send.id)

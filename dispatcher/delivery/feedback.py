@@ -31,10 +31,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from dispatcher.delivery import publish, returnpath, suppression, unsubscribe, webhooks
+from dispatcher.delivery import publish, returnpath, suppression, timeline, unsubscribe, webhooks
 from dispatcher.delivery.outcomes import StepOutcome
 from dispatcher.delivery.reports import Report
-from dispatcher.delivery.timeline import KIND_OF, source_of
+from dispatcher.delivery.timeline import KIND_OF
 from dispatcher.delivery.webhooks.common import Headers
 from dispatcher.errors import InvalidInput, NotFound
 from dispatcher.models import (
@@ -131,17 +131,13 @@ def record(rt: Runtime, send_id: str, report: Report) -> Recorded | None:
         if new:
             suppressed = _suppress(session, rt, send, email, report)
             session.add(
-                TimelineEvent(
-                    user_id=send.user_id,
-                    contact_id=send.contact_id,
-                    send_id=send.id,
-                    kind=report.kind.timeline_kind,
-                    status=send.status,
+                timeline.about_send(
+                    send,
+                    report.kind.timeline_kind,
+                    now,
                     reason=report.kind.value,
                     detail=_describe(report, suppressed),
                     subject=_subject(session, send),
-                    source=source_of(send),
-                    occurred_at=now,
                 )
             )
         pending = session.scalar(
@@ -310,9 +306,7 @@ def _subject(session: Session, send: Send) -> str | None:
     shown = session.scalar(
         select(TimelineEvent.subject)
         .where(
-            TimelineEvent.user_id == send.user_id,  # (user_id, contact_id, id) is indexed
-            TimelineEvent.contact_id == send.contact_id,
-            TimelineEvent.send_id == send.id,
+            timeline.of_send(send),
             TimelineEvent.kind.in_(list(KIND_OF.values())),
         )
         .limit(1)

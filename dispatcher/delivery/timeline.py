@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, select
 from sqlalchemy.orm import Session
 
 from dispatcher.models import SendKind, SendStatus, TimelineEvent, TimelineKind
@@ -44,6 +44,41 @@ def source_of(send: Any) -> dict[str, Any]:
             "step_id": send.step_id,
         }
     return {"type": "campaign", "campaign_id": send.campaign_id}
+
+
+def about_send(
+    send: Any,
+    kind: TimelineKind,
+    now: datetime,
+    *,
+    reason: str | None = None,
+    detail: str | None = None,
+    subject: str | None = None,
+) -> TimelineEvent:
+    """An event about an email sent earlier (an unsubscribe, an open, a click, a bounce or a
+    complaint), on its contact's timeline, pointing at the send."""
+    return TimelineEvent(
+        user_id=send.user_id,
+        contact_id=send.contact_id,
+        send_id=send.id,
+        kind=kind,
+        status=send.status,
+        reason=reason,
+        detail=detail,
+        subject=subject,
+        source=source_of(send),
+        occurred_at=now,
+    )
+
+
+def of_send(send: Any) -> ColumnElement[bool]:
+    """The events of one send, found through the (user, contact, id) index rather than by
+    ``send_id`` alone, which no index covers."""
+    return and_(
+        TimelineEvent.user_id == send.user_id,
+        TimelineEvent.contact_id == send.contact_id,
+        TimelineEvent.send_id == send.id,
+    )
 
 
 #: A contact's events, newest first.

@@ -18,10 +18,9 @@ import uuid
 from dataclasses import dataclass
 
 from dispatcher import signing
-from dispatcher.delivery import suppression
-from dispatcher.delivery.timeline import source_of
+from dispatcher.delivery import suppression, timeline
 from dispatcher.errors import InvalidInput
-from dispatcher.models import Send, SuppressionReason, TimelineEvent, TimelineKind
+from dispatcher.models import Send, SuppressionReason, TimelineKind
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -171,17 +170,12 @@ def unsubscribe(rt: Runtime, token: str, via: str = "one-click") -> Unsubscribed
         if already != SuppressionReason.UNSUBSCRIBE:
             # On the contact's timeline (and so to the events webhook), once.
             session.add(
-                TimelineEvent(
-                    user_id=send.user_id,
-                    contact_id=send.contact_id,
-                    send_id=send.id,
-                    kind=TimelineKind.UNSUBSCRIBED,
-                    status=send.status,
+                timeline.about_send(
+                    send,
+                    TimelineKind.UNSUBSCRIBED,
+                    now,
                     reason=SuppressionReason.UNSUBSCRIBE.value,
                     detail=detail,
-                    subject=None,
-                    source=source_of(send),
-                    occurred_at=now,
                 )
             )
         done = Unsubscribed(send.user_id, send.contact_id)
