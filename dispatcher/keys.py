@@ -17,6 +17,12 @@ def reservations(user_id: str, period: str, seq: int) -> str:
     return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}:res"
 
 
+def rebuild_epoch(user_id: str, period: str, seq: int) -> str:
+    """A grant's rebuild epoch: a token set before a rebuild reads the SQL ledger, gone when
+    Redis loses its data, so a rebuild whose read predates a later loss is refused."""
+    return f"{PREFIX}:quota:{{{user_id}}}:{period}:{seq}:epoch"
+
+
 def chunk_data(campaign_id: str, chunk: int) -> str:
     """Hash of a campaign chunk's recipients (send id) whose message reached DATA: ``?<attempt>``
     from just before the DATA command, the server's reply once it accepted the message; plus a

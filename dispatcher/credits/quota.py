@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,6 +45,10 @@ class GrantRef:
             keys.grant(self.user_id, self.period, self.seq),
             keys.reservations(self.user_id, self.period, self.seq),
         ]
+
+    @property
+    def epoch_key(self) -> str:
+        return keys.rebuild_epoch(self.user_id, self.period, self.seq)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class QuotaLedger:
         self._rebuild: Script = redis.register_script(_load("rebuild.lua"))
         self._refund_parts: Script = redis.register_script(_load("refund_parts.lua"))
         self._notified: Script = redis.register_script(_load("notified.lua"))
+        self._epoch: Script = redis.register_script(_load("epoch.lua"))
 
     def reserve(self, grant: GrantRef, key: str, credits: int = 1) -> Reservation:
         """Take ``credits`` for ``key`` from ``grant``, all or nothing."""
@@ -159,34 +165,47 @@ class QuotaLedger:
         return back
 
     def rebuild(self, grant: GrantRef) -> bool:
-        """Recreate the grant from the SQL ledger unless it exists; true when rebuilt."""
-        snap = self._snapshot(grant)
-        pending = [item for pair in snap.pending for item in pair]
-        rebuilt, used = self._call(
-            self._rebuild,
-            grant.keys,
-            [
-                snap.total,
-                snap.notified,
-                grant.expire_at,
-                len(snap.charged_keys),
-                *snap.charged_keys,
-                *pending,
-            ],
-        )
-        if rebuilt:
-            log.info(
-                "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d "
-                "pending=%d notified=%d",
-                grant.user_id,
-                grant.period,
-                grant.seq,
-                snap.total,
-                used,
-                len(snap.pending),
-                snap.notified,
+        """Recreate the grant from the SQL ledger unless it exists; true when rebuilt.
+
+        The grant's epoch is taken before the ledger is read, and the rebuild proceeds only
+        if it is unchanged: should Redis lose its data while the ledger is read, a reservation
+        may have been granted and lost in between, which that read does not hold. The ledger
+        is then read again."""
+        for _ in range(3):
+            epoch = self._call(
+                self._epoch, [grant.epoch_key], [uuid.uuid4().hex, grant.expire_at]
             )
-        return bool(rebuilt)
+            snap = self._snapshot(grant)
+            pending = [item for pair in snap.pending for item in pair]
+            rebuilt, used = self._call(
+                self._rebuild,
+                [*grant.keys, grant.epoch_key],
+                [
+                    epoch,
+                    snap.total,
+                    snap.notified,
+                    grant.expire_at,
+                    len(snap.charged_keys),
+                    *snap.charged_keys,
+                    *pending,
+                ],
+            )
+            if rebuilt == -1:
+                continue
+            if rebuilt:
+                log.info(
+                    "quota grant rebuilt from ledger user=%s grant=%s:%d total=%d used=%d "
+                    "pending=%d notified=%d",
+                    grant.user_id,
+                    grant.period,
+                    grant.seq,
+                    snap.total,
+                    used,
+                    len(snap.pending),
+                    snap.notified,
+                )
+            return bool(rebuilt)
+        raise GrantUnstable(grant)
 
     def ensure(self, grant: GrantRef) -> None:
         """Make sure the grant exists in Redis, rebuilding it from SQL when missing."""
@@ -216,8 +235,9 @@ class QuotaLedger:
         return bool(self._call(self._notified, grant.keys[:1], [threshold]))
 
     def drop(self, grant: GrantRef) -> None:
-        """Forget the grant in Redis; the next use rebuilds it from SQL."""
-        self._redis.delete(*grant.keys)
+        """Forget the grant in Redis, as a loss of its data would; the next use rebuilds it
+        from SQL."""
+        self._redis.delete(*grant.keys, grant.epoch_key)
 
     @staticmethod
     def _call(script: Script, keys_: list[str], args: list[Any]) -> Any:

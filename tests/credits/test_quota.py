@@ -174,6 +174,34 @@ def test_a_refund_made_while_the_grant_is_gone_is_not_counted_by_the_rebuild(
     assert ledger.reserve(g("u1"), "campaign|x", credits=2).granted is False
 
 
+def test_a_ledger_read_older_than_a_later_loss_of_redis_is_read_again(
+    redis_client: redis.Redis,
+) -> None:
+    """While one rebuild reads the ledger, Redis loses its data, another worker rebuilds the
+    grant, claims and reserves ``new``, and Redis loses its data again: the first read does
+    not hold ``new`` (granted, about to be sent), so it must not become the grant."""
+    charged, pending = ["a"], []
+    reads: list[LedgerSnapshot] = []
+    other = ledger_over(redis_client, total=5, charged=charged, pending=pending)
+
+    def snapshot(grant: GrantRef) -> LedgerSnapshot:
+        snap = LedgerSnapshot(total=5, charged_keys=list(charged), pending=list(pending))
+        reads.append(snap)
+        if len(reads) == 1:  # the other worker's turn, while this read is on its way
+            redis_client.flushall()
+            pending.append(("new", 1))  # claimed in SQL before Redis is asked
+            assert other.reserve(grant, "new").granted
+            redis_client.flushall()
+        return snap
+
+    ledger = QuotaLedger(redis_client, snapshot)
+    assert ledger.rebuild(g("u1"))
+    assert len(reads) == 2
+    assert ledger.state(g("u1")) == (2, 5, 0)  # a and new, as the ledger says
+    assert ledger.reserve(g("u1"), "new").replay is False  # granted once, not counted again
+    assert ledger.state(g("u1")) == (2, 5, 0)
+
+
 def test_refunds_of_a_pending_campaign_come_back_part_by_part(redis_client: redis.Redis) -> None:
     """A campaign stored but not yet reserving when Redis lost its data is pending under its
     bulk key; failing its recipients gives each credit back once, and a late reservation of
