@@ -82,7 +82,8 @@ RATE_LIMIT_WAIT_SECONDS = Counter(
 )
 QUEUE_WAIT = Histogram(
     "dispatcher_queue_wait_seconds",
-    "From a task's publication to a worker starting it, by queue.",
+    "From a task's publication to a worker starting it, by queue (once for each step a "
+    "SmartPlan batch carries).",
     ["queue"],
     buckets=_LONG,
 )

@@ -244,6 +244,9 @@ class Settings(BaseSettings):
     schedule_max_days: int = 365
     #: SMTP connections a worker process keeps open (and a campaign chunk reuses).
     smtp_pool_size: int = 8
+    #: SmartPlan steps submitted together (``POST /v1/sends/batch``) are delivered this many
+    #: to a task, their conversations side by side; 1 gives each its own task.
+    smartplan_batch_size: int = 50
     #: An SMTP connection kept open between SmartPlan and system sends is closed after this
     #: long unused.
     smtp_idle_seconds: float = 30.0
@@ -437,6 +440,8 @@ class Settings(BaseSettings):
                 )
         if not 1 <= self.smtp_pool_size <= 100:
             raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
+        if not 1 <= self.smartplan_batch_size <= 1000:
+            raise ConfigError("SMARTPLAN_BATCH_SIZE", "must be from 1 to 1000")
         if not 0 < self.smtp_idle_seconds <= 3600:
             raise ConfigError("SMTP_IDLE_SECONDS", "must be more than 0 and at most 3600")
         if not 1 <= self.campaign_chunk_size <= 10_000:

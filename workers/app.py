@@ -27,6 +27,7 @@ from workers.names import (
     QUEUES,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
+    SEND_SMARTPLAN_BATCH_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SMARTPLAN,
@@ -106,6 +107,7 @@ def _configuration(settings: Settings) -> dict[str, Any]:
         task_default_queue=SMARTPLAN,
         task_routes={
             SEND_SMARTPLAN_TASK: {"queue": SMARTPLAN},
+            SEND_SMARTPLAN_BATCH_TASK: {"queue": SMARTPLAN},
             SEND_SYSTEM_EMAIL_TASK: {"queue": SYSTEM},
             SEND_CAMPAIGN_CHUNK_TASK: {"queue": CAMPAIGN},
             RENEW_DUE_TASK: {"queue": SYSTEM},
@@ -125,6 +127,9 @@ def _configuration(settings: Settings) -> dict[str, Any]:
         task_send_sent_event=False,
         task_track_started=False,
         broker_pool_limit=10,
+        # Not Celery's: how many SmartPlan steps submitted together go to one task
+        # (CeleryTaskQueue.enqueue_sends).
+        smartplan_batch_size=settings.smartplan_batch_size,
     )
 
 

@@ -9,6 +9,7 @@ SYSTEM = "system"
 QUEUES = (SMARTPLAN, CAMPAIGN, SYSTEM)
 
 SEND_SMARTPLAN_TASK = "dispatcher.send_smartplan"
+SEND_SMARTPLAN_BATCH_TASK = "dispatcher.send_smartplan_batch"
 SEND_SYSTEM_EMAIL_TASK = "dispatcher.send_system_email"
 SEND_CAMPAIGN_CHUNK_TASK = "dispatcher.send_campaign_chunk"
 RENEW_DUE_TASK = "dispatcher.renew_due"

@@ -24,6 +24,7 @@ from workers.names import (
     PUBLISHED_AT,
     QUEUES,
     SEND_CAMPAIGN_CHUNK_TASK,
+    SEND_SMARTPLAN_BATCH_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     SMARTPLAN,
@@ -54,18 +55,42 @@ class CeleryTaskQueue:
         self._send(SEND_SMARTPLAN_TASK, send_id, SMARTPLAN)
 
     def enqueue_sends(self, send_ids: Sequence[str]) -> None:
-        # One producer (one broker connection and channel) for them all, rather than one
-        # taken from the pool and given back per task.
+        """Steps submitted together go as batches of ``SMARTPLAN_BATCH_SIZE`` to one task each
+        (delivered side by side), over one producer (one broker connection and channel)
+        rather than one taken from the pool and given back per task."""
+        size = int(self.app.conf.get("smartplan_batch_size") or 1)
+        if size == 1:
+            self.publish_sends([(send_id, 0.0) for send_id in send_ids])
+            return
         try:
             with self.app.producer_or_acquire() as producer:
                 headers = _headers()
-                for send_id in send_ids:
+                for start in range(0, len(send_ids), size):
+                    self.app.send_task(
+                        SEND_SMARTPLAN_BATCH_TASK,
+                        args=[list(send_ids[start : start + size])],
+                        queue=SMARTPLAN,
+                        producer=producer,
+                        headers=headers,
+                    )
+        except (OSError, KombuError, RedisError) as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def publish_sends(self, sends: Sequence[tuple[str, float]]) -> None:
+        """Each send ``(id, countdown seconds)`` as its own task, delivered after its
+        countdown, over one producer; raises :class:`QueueUnavailable` when the broker fails
+        (a task published twice is harmless)."""
+        try:
+            with self.app.producer_or_acquire() as producer:
+                headers = _headers()
+                for send_id, countdown in sends:
                     self.app.send_task(
                         SEND_SMARTPLAN_TASK,
                         args=[send_id],
                         queue=SMARTPLAN,
                         producer=producer,
                         headers=headers,
+                        countdown=countdown or None,
                     )
         except (OSError, KombuError, RedisError) as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc

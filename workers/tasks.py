@@ -39,8 +39,15 @@ from dispatcher import metrics, recovery
 from dispatcher.backoff import backoff
 from dispatcher.campaigns import control, run, schedule
 from dispatcher.credits import refunds, subscriptions
-from dispatcher.delivery import events_webhook, smartplan, system_mail
-from dispatcher.errors import NotFound, PermanentError, SendBusy, TransientError, Yielded
+from dispatcher.delivery import events_webhook, smartplan, smartplan_batch, system_mail
+from dispatcher.errors import (
+    NotFound,
+    PermanentError,
+    QueueUnavailable,
+    SendBusy,
+    TransientError,
+    Yielded,
+)
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 from workers.names import (
@@ -48,11 +55,13 @@ from workers.names import (
     PUSH_EVENTS_TASK,
     RENEW_DUE_TASK,
     SEND_CAMPAIGN_CHUNK_TASK,
+    SEND_SMARTPLAN_BATCH_TASK,
     SEND_SMARTPLAN_TASK,
     SEND_SYSTEM_EMAIL_TASK,
     START_SCHEDULED_TASK,
     SWEEP_OUTBOX_TASK,
 )
+from workers.queue import CeleryTaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +77,16 @@ def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
     recovery.park_campaign(rt, run.parse(item)[0], seconds)
 
 
-def _observe_wait(task: Task) -> None:
-    """How long a task's first delivery waited in its queue (a retry waits on purpose)."""
+def _observe_wait(task: Task, items: int = 1) -> None:
+    """How long a task's first delivery waited in its queue (a retry waits on purpose), once
+    for each of the ``items`` it carries."""
     published = getattr(task.request, PUBLISHED_AT, None)
     if published is not None and not task.request.retries:
         queue = (task.request.delivery_info or {}).get("routing_key") or "unknown"
-        metrics.QUEUE_WAIT.labels(queue).observe(max(0.0, time.time() - float(published)))
+        waited = max(0.0, time.time() - float(published))
+        histogram = metrics.QUEUE_WAIT.labels(queue)
+        for _ in range(items):
+            histogram.observe(waited)
 
 
 def _retry(
@@ -185,6 +198,48 @@ def _settle(
         return _retry(task, rt, park, item_id, countdown, kwargs={"failures": failures})
 
 
+def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: list[str]) -> str:
+    """Deliver SmartPlan steps submitted together; each send that cannot go on in the batch
+    is published as its own task with the wait it needs (its retries are the single send's).
+
+    Our infrastructure failing retries the whole batch (every step is idempotent; a rerun hands
+    on what already moved). An unforeseen error hands every send on as its own task, each with
+    its own budget of unforeseen errors: a poison batch never loops."""
+    s = rt.settings
+    _observe_wait(task, len(send_ids))
+    try:
+        back = smartplan_batch.deliver_batch(rt, send_ids).handed_back
+    except INFRASTRUCTURE as exc:
+        countdown = backoff(
+            task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds
+        )
+        log.warning(
+            "%s of %d: infrastructure error, retry in %.1fs: %s: %s",
+            *(task.name, len(send_ids), countdown, type(exc).__name__, exc),
+        )
+        return _retry(task, rt, _park_sends, ",".join(send_ids), countdown)
+    except Exception:
+        log.exception(
+            "%s of %d failed unexpectedly; each send goes on its own", task.name, len(send_ids)
+        )
+        back = [(send_id, 0.0) for send_id in send_ids]
+    if back and not s.broker_is_redis:
+        # RabbitMQ's delayed delivery counts whole seconds.
+        back = [(i, float(math.ceil(c))) for i, c in back]
+    try:
+        queue.publish_sends(back)
+    except QueueUnavailable as exc:
+        log.warning("%s: %d sends parked for the sweep: %s", task.name, len(back), exc)
+        for send_id, countdown in back:
+            recovery.park_send(rt, send_id, max(countdown, 1.0))
+    return f"{len(send_ids) - len(back)} settled, {len(back)} handed on"
+
+
+def _park_sends(rt: Runtime, item: str, seconds: float) -> None:
+    for send_id in item.split(","):
+        recovery.park_send(rt, send_id, seconds)
+
+
 def register(app: Celery, rt: Runtime) -> None:
     """Define the dispatcher's tasks on ``app``, running use cases against ``rt``."""
     task = app.task  # shared=False: each app keeps its own tasks (tests build several apps)
@@ -200,6 +255,12 @@ def register(app: Celery, rt: Runtime) -> None:
             failures,
             park=recovery.park_send,
         )
+
+    handing = CeleryTaskQueue(app)
+
+    @task(name=SEND_SMARTPLAN_BATCH_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def send_smartplan_batch(self: Task, send_ids: list[str]) -> str:
+        return _deliver_batch(self, rt, handing, send_ids)
 
     @task(name=SEND_SYSTEM_EMAIL_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_system_email(self: Task, email_id: str, failures: int = 0) -> str:
@@ -245,6 +306,7 @@ def register(app: Celery, rt: Runtime) -> None:
     del (
         push_events,
         send_smartplan,
+        send_smartplan_batch,
         send_system_email,
         send_campaign_chunk,
         renew_due,

@@ -172,9 +172,7 @@ class QuotaLedger:
         may have been granted and lost in between, which that read does not hold. The ledger
         is then read again."""
         for _ in range(3):
-            epoch = self._call(
-                self._epoch, [grant.epoch_key], [uuid.uuid4().hex, grant.expire_at]
-            )
+            epoch = self._call(self._epoch, [grant.epoch_key], [uuid.uuid4().hex, grant.expire_at])
             snap = self._snapshot(grant)
             pending = [item for pair in snap.pending for item in pair]
             rebuilt, used = self._call(

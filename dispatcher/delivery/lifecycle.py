@@ -117,13 +117,24 @@ def claim_grant(rt: Runtime, send_id: str, grant: GrantRef) -> bool:
     """Record the grant a queued send will be charged to, before Redis is asked: should Redis
     lose its data before the send is reserved, the rebuild counts it (never an overspend).
     False when a concurrent delivery recorded one first."""
+    return bool(claim_grants(rt, [send_id], grant))
+
+
+def claim_grants(rt: Runtime, send_ids: Sequence[str], grant: GrantRef) -> set[str]:
+    """:func:`claim_grant` for many sends of one grant's user in one UPDATE; the ids claimed."""
     with rt.sessions.begin() as session:
-        moved = session.execute(
-            update(Send)
-            .where(Send.id == send_id, Send.status == SendStatus.QUEUED, Send.period.is_(None))
-            .values(period=grant.period, grant_seq=grant.seq)
+        return set(
+            session.scalars(
+                update(Send)
+                .where(
+                    Send.id.in_(list(send_ids)),
+                    Send.status == SendStatus.QUEUED,
+                    Send.period.is_(None),
+                )
+                .values(period=grant.period, grant_seq=grant.seq)
+                .returning(Send.id)
+            ).all()
         )
-        return cast(CursorResult[Any], moved).rowcount == 1
 
 
 def start(rt: Runtime, send_id: str) -> bool:
@@ -131,19 +142,27 @@ def start(rt: Runtime, send_id: str) -> bool:
     its lease, one more attempt (from ``queued`` on a first delivery, from ``reserved`` after a
     deferral). A crash before this leaves the send open with its credit idempotently reserved:
     the next delivery takes the same credit again, never a second one."""
+    return bool(start_many(rt, [send_id]))
+
+
+def start_many(rt: Runtime, send_ids: Sequence[str]) -> set[str]:
+    """:func:`start` for many sends in one UPDATE, under one lease; the ids started."""
     now = rt.clock.now()
     lease = conversation_lease(rt, now)
-    return _move(
-        rt,
-        Send,
-        send_id,
-        (SendStatus.QUEUED, SendStatus.RESERVED),
-        status=SendStatus.SENDING,
-        lease_until=lease,
-        retry_at=None,
-        attempts=Send.attempts + 1,
-        updated_at=now,
-    )
+    with rt.sessions.begin() as session:
+        return set(
+            session.scalars(
+                _cas_statement(Send, send_ids, (SendStatus.QUEUED, SendStatus.RESERVED), None)
+                .values(
+                    status=SendStatus.SENDING,
+                    lease_until=lease,
+                    retry_at=None,
+                    attempts=Send.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(Send.id)
+            ).all()
+        )
 
 
 def back_to_reserved(

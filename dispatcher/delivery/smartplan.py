@@ -15,7 +15,7 @@ from email.utils import format_datetime
 from dispatcher import alerts
 from dispatcher.credits import notices
 from dispatcher.credits.grants import grant_ref
-from dispatcher.credits.quota import GrantRef
+from dispatcher.credits.quota import GrantRef, Reservation
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import identity, lifecycle, returnpath, suppression
 from dispatcher.delivery.footer import Footer
@@ -26,6 +26,7 @@ from dispatcher.delivery.publish import publish_outcome
 from dispatcher.delivery.rendering import MessageTemplate, Rendered, context_for
 from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.delivery.tracking import Tracker
+from dispatcher.delivery.transports.base import Delivery
 from dispatcher.delivery.unsubscribe import smartplan_headers
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -42,7 +43,8 @@ from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-_OPEN = (SendStatus.QUEUED, SendStatus.RESERVED)
+#: Where a SmartPlan send waits for a worker (no conversation under way).
+OPEN = (SendStatus.QUEUED, SendStatus.RESERVED)
 
 
 def deliver(rt: Runtime, send_id: str) -> SendStatus:
@@ -73,13 +75,13 @@ def deliver(rt: Runtime, send_id: str) -> SendStatus:
         # retry finds the address suppressed since).
         detail = f"the address is on the agent's suppression list ({suppressed}); not sent"
         outcome = Outcome(send_id, SendStatus.FAILED, Reason.SUPPRESSED, detail)
-        return _finish(rt, outcome, _OPEN)
+        return _finish(rt, outcome, OPEN)
     try:
         # Rendered before a credit is taken: a template that cannot render costs nothing.
-        rendered, message, mail_from = _build(rt, send, user, now)
+        rendered, message, mail_from = build(rt, send, user, now)
     except RenderError as exc:
         outcome = Outcome(send_id, SendStatus.FAILED, exc.reason, exc.detail)
-        return _finish(rt, outcome, _OPEN)
+        return _finish(rt, outcome, OPEN)
     held = grant_ref(user.id, send.period, send.grant_seq, user.timezone)
     grant = held or _claim(rt, send, user)
     if grant is None:
@@ -129,28 +131,29 @@ def _reserve(rt: Runtime, send: Send, grant: GrantRef) -> SendStatus | None:
     when it may be sent."""
     reservation = rt.quota.reserve(grant, send.idempotency_key)
     if not reservation.granted:
-        log.info(
-            "send failed: quota exhausted id=%s user=%s grant=%s:%d used=%d total=%d",
-            send.id,
-            send.user_id,
-            grant.period,
-            grant.seq,
-            reservation.used,
-            reservation.total,
-        )
-        detail = (
-            f"no credits left: {reservation.used} of {reservation.total} used in {grant.period}"
-        )
-        return _finish(
-            rt, Outcome(send.id, SendStatus.FAILED, Reason.QUOTA_EXHAUSTED, detail), _OPEN
-        )
+        return _finish(rt, quota_exhausted(send, grant, reservation), OPEN)
     notices.after_reservation(rt, grant, reservation)
     if not lifecycle.start(rt, send.id):
         return _settled_elsewhere(rt, send.id)
     return None
 
 
-def _build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered, bytes, str]:
+def quota_exhausted(send: Send, grant: GrantRef, reservation: Reservation) -> Outcome:
+    """The outcome of a send its reservation was denied to (logged)."""
+    log.info(
+        "send failed: quota exhausted id=%s user=%s grant=%s:%d used=%d total=%d",
+        send.id,
+        send.user_id,
+        grant.period,
+        grant.seq,
+        reservation.used,
+        reservation.total,
+    )
+    detail = f"no credits left: {reservation.used} of {reservation.total} used in {grant.period}"
+    return Outcome(send.id, SendStatus.FAILED, Reason.QUOTA_EXHAUSTED, detail)
+
+
+def build(rt: Runtime, send: Send, user: User, now: datetime) -> tuple[Rendered, bytes, str]:
     """Render the agent's template, add the footer, and build and sign the message's bytes;
     with the envelope sender aligned with its ``From``."""
     if user.sender_address is None:
@@ -192,35 +195,46 @@ def _converse(
 ) -> SendStatus:
     """The SMTP conversation, under the send's lease, and its outcome."""
     envelope = Envelope(mail_from=mail_from, recipients=(send.contact_email,))
-    sending = (SendStatus.SENDING,)
-    subject = rendered.subject
+    result: Delivery | Exception
     try:
-        delivery = rt.run(rt.transport.send(envelope, message))
-    except NotAttempted as exc:
+        result = rt.run(rt.transport.send(envelope, message))
+    except (NotAttempted, DeliveryDeferred, DeliveryRejected, DeliveryUnknown) as exc:
+        result = exc
+    after = after_conversation(rt, send, rendered.subject, result)
+    if isinstance(after, Outcome):
+        return _finish(rt, after, (SendStatus.SENDING,))
+    raise after
+
+
+def after_conversation(
+    rt: Runtime, send: Send, subject: str, result: Delivery | Exception
+) -> Outcome | NotAttempted | DeliveryDeferred:
+    """What a conversation's result makes of a ``sending`` send: the terminal outcome to
+    record, or (the send back to ``reserved`` already) the hold or deferral its retry waits
+    out. An unforeseen error is raised: the send stays ``sending`` under its lease."""
+    if isinstance(result, NotAttempted):
         # The relay was never asked (halted, or the rate limit said wait): not an attempt.
         lifecycle.back_to_reserved(rt, send.id, attempted=False)
-        log.info("send held back id=%s reason=%s detail=%s", send.id, exc.reason, exc.detail)
-        raise
-    except DeliveryDeferred as exc:
+        log.info("send held back id=%s reason=%s detail=%s", send.id, result.reason, result.detail)
+        return result
+    if isinstance(result, DeliveryDeferred):
         # The budget is the send's own SMTP attempts (this one included), not the task's
         # retries, which also count waits for a lease or for Redis/the database.
         if send.attempts + 1 > rt.settings.send_max_retries:
-            detail = f"gave up after retries; last error: {exc.detail}"
-            outcome = Outcome(send.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject)
-            return _finish(rt, outcome, sending)
+            detail = f"gave up after retries; last error: {result.detail}"
+            return Outcome(send.id, SendStatus.FAILED, Reason.RETRIES_EXHAUSTED, detail, subject)
         lifecycle.back_to_reserved(
-            rt, send.id, attempted=True, reason=exc.reason, detail=exc.detail
+            rt, send.id, attempted=True, reason=result.reason, detail=result.detail
         )
-        log.info("send deferred id=%s reason=%s detail=%s", send.id, exc.reason, exc.detail)
-        raise
-    except DeliveryRejected as exc:
-        outcome = Outcome(send.id, SendStatus.FAILED, exc.reason, exc.detail, subject)
-        return _finish(rt, outcome, sending)
-    except DeliveryUnknown as exc:
-        outcome = Outcome(send.id, SendStatus.UNKNOWN, exc.reason, exc.detail, subject)
-        return _finish(rt, outcome, sending)
-    detail = f"{delivery.code} {delivery.reply}"
-    return _finish(rt, Outcome(send.id, SendStatus.SENT, None, detail, subject), sending)
+        log.info("send deferred id=%s reason=%s detail=%s", send.id, result.reason, result.detail)
+        return result
+    if isinstance(result, DeliveryRejected):
+        return Outcome(send.id, SendStatus.FAILED, result.reason, result.detail, subject)
+    if isinstance(result, DeliveryUnknown):
+        return Outcome(send.id, SendStatus.UNKNOWN, result.reason, result.detail, subject)
+    if isinstance(result, Delivery):
+        return Outcome(send.id, SendStatus.SENT, None, f"{result.code} {result.reply}", subject)
+    raise result
 
 
 def _finish(rt: Runtime, outcome: Outcome, expect: tuple[SendStatus, ...]) -> SendStatus:
@@ -256,7 +270,7 @@ def give_up(rt: Runtime, send_id: str, reason: str, detail: str) -> SendStatus:
         user_id = send.user_id
     why = f"handling kept failing: {detail}" if reason == Reason.INTERNAL_ERROR else detail
     failed = Outcome(send_id, SendStatus.FAILED, reason, why)
-    lifecycle.settle(rt, [failed], _OPEN)
+    lifecycle.settle(rt, [failed], OPEN)
     lifecycle.settle(rt, [Outcome(send_id, SendStatus.UNKNOWN, reason, why)], (SendStatus.SENDING,))
     if reason == Reason.INTERNAL_ERROR:
         with rt.sessions.begin() as session:

@@ -1,0 +1,220 @@
+"""Worker side of many SmartPlan steps at once: the steps a batch submit enqueued together.
+
+Each send goes through the very states, reservations and outcomes of a single delivery
+(:mod:`dispatcher.delivery.smartplan`), with each state change made for the whole batch in one
+statement and the conversations run side by side on the process's SMTP pool:
+
+1. one read of the sends, their agents and the suppressed addresses among them;
+2. suppressed and unrenderable sends settled at once, no credit taken;
+3. the grant recorded on every send (one UPDATE per grant), then one reservation per send's
+   key in Redis (denied: ``quota_exhausted``), then every granted send ``sending`` under its
+   lease in one UPDATE;
+4. the conversations, ``SMTP_POOL_SIZE`` at a time, and every outcome settled in one call.
+
+Only fresh sends (``queued``, no grant recorded yet) take this path. Any other send (a retry,
+one another delivery holds, one already settled) and every send that must wait (deferred,
+held back by the relay's guard) is handed back to be delivered on its own, as a single send's
+task, with the wait it needs: its retries follow the single send's rules exactly. A batch
+redelivered after a crash therefore finds its sends where they stopped and hands each on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+
+from dispatcher.backoff import backoff
+from dispatcher.credits import notices
+from dispatcher.credits.subscriptions import ensure_current
+from dispatcher.delivery import lifecycle, smartplan, suppression
+from dispatcher.delivery.lifecycle import Outcome
+from dispatcher.delivery.message import Envelope
+from dispatcher.delivery.transports.base import Delivery
+from dispatcher.errors import RenderError, TransientError
+from dispatcher.models import Send, SendKind, SendStatus, User
+from dispatcher.reasons import Reason
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: the sends it settled, and those handed back to be delivered on
+    their own after the given seconds (0: at once)."""
+
+    settled: list[str] = field(default_factory=list)
+    handed_back: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A fresh send rendered and ready for its credit."""
+
+    send: Send
+    user: User
+    subject: str
+    message: bytes
+    mail_from: str
+
+
+def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
+    """Deliver ``send_ids`` as far as they can go now (see the module); what cannot go on in
+    the batch is handed back, never dropped."""
+    now = rt.clock.now()
+    result = BatchResult()
+    sends, users, suppressed = _load(rt, send_ids, now)
+    missing = [i for i in send_ids if i not in sends]
+    if missing:
+        log.error("SmartPlan batch: %d sends not found, dropped: %s", len(missing), missing[:5])
+    closed: list[Outcome] = []  # settled from queued (no conversation)
+    ready: list[_Ready] = []
+    # In the batch's order: credits go to the steps submitted first.
+    for send in dict.fromkeys(sends[i] for i in send_ids if i in sends):
+        user = users.get(send.user_id)
+        if user is None or send.status is not SendStatus.QUEUED or send.period is not None:
+            result.handed_back.append((send.id, 0.0))
+            continue
+        reason = suppressed.get((send.user_id, suppression.normalize(send.contact_email)))
+        if reason is not None:
+            detail = f"the address is on the agent's suppression list ({reason}); not sent"
+            closed.append(Outcome(send.id, SendStatus.FAILED, Reason.SUPPRESSED, detail))
+            continue
+        try:
+            rendered, message, mail_from = smartplan.build(rt, send, user, now)
+        except RenderError as exc:
+            closed.append(Outcome(send.id, SendStatus.FAILED, exc.reason, exc.detail))
+            continue
+        ready.append(_Ready(send, user, rendered.subject, message, mail_from))
+    granted, denied = _reserve(rt, ready, result)
+    closed += denied
+    _settle(rt, closed, smartplan.OPEN, result)
+    started = lifecycle.start_many(rt, [r.send.id for r in granted]) if granted else set()
+    result.handed_back += [(r.send.id, 0.0) for r in granted if r.send.id not in started]
+    going = [r for r in granted if r.send.id in started]
+    if going:
+        _converse(rt, going, result)
+    log.info(
+        "SmartPlan batch sends=%d conversations=%d settled=%d handed_back=%d",
+        len(send_ids),
+        len(going),
+        len(result.settled),
+        len(result.handed_back),
+    )
+    return result
+
+
+def _load(
+    rt: Runtime, send_ids: Sequence[str], now: datetime
+) -> tuple[dict[str, Send], dict[str, User], dict[tuple[str, str], str]]:
+    """The SmartPlan sends among ``send_ids``, their agents, and why addresses among them are
+    suppressed (by agent and normalized address), in one session."""
+    with rt.sessions() as session:
+        found = session.scalars(select(Send).where(Send.id.in_(list(send_ids)))).all()
+        sends = {s.id: s for s in found if s.kind is SendKind.SMARTPLAN}
+        user_ids = sorted({s.user_id for s in sends.values()})
+        users = {u.id: u for u in session.scalars(select(User).where(User.id.in_(user_ids)))}
+        emails: dict[str, list[str]] = defaultdict(list)
+        for s in sends.values():
+            if s.status is SendStatus.QUEUED:
+                emails[s.user_id].append(s.contact_email)
+        suppressed = {
+            (user_id, email): reason.value
+            for user_id, addresses in emails.items()
+            for email, reason in suppression.active(session, user_id, addresses, now).items()
+        }
+        session.expunge_all()
+    return sends, users, suppressed
+
+
+def _reserve(
+    rt: Runtime, ready: list[_Ready], result: BatchResult
+) -> tuple[list[_Ready], list[Outcome]]:
+    """Record each agent's current grant on their sends, then take one credit per send (in
+    the batch's order); the sends granted, and the outcomes of those denied."""
+    by_user: dict[str, list[_Ready]] = defaultdict(list)
+    for r in ready:
+        by_user[r.user.id].append(r)
+    granted: list[_Ready] = []
+    denied: list[Outcome] = []
+    for items in by_user.values():
+        _, grant = ensure_current(rt, items[0].user.id, known=items[0].user)
+        # The grant is built first so that its own first rebuild does not count these claims.
+        rt.quota.ensure(grant)
+        claimed = lifecycle.claim_grants(rt, [r.send.id for r in items], grant)
+        for r in items:
+            if r.send.id not in claimed:
+                result.handed_back.append((r.send.id, 0.0))
+                continue
+            reservation = rt.quota.reserve(grant, r.send.idempotency_key)
+            if reservation.granted:
+                notices.after_reservation(rt, grant, reservation)
+                granted.append(r)
+            else:
+                denied.append(smartplan.quota_exhausted(r.send, grant, reservation))
+    return granted, denied
+
+
+def _converse(rt: Runtime, going: list[_Ready], result: BatchResult) -> None:
+    """The conversations side by side (the SMTP pool bounds them), then every outcome."""
+    results = rt.run(_send_all(rt, going))
+    finished: list[Outcome] = []
+    for r, outcome in zip(going, results, strict=True):
+        if not isinstance(outcome, Delivery | Exception):
+            raise outcome  # the process is stopping (KeyboardInterrupt, SystemExit)
+        try:
+            after = smartplan.after_conversation(rt, r.send, r.subject, outcome)
+        except Exception:
+            # Unforeseen: the server may have the message. The send stays ``sending`` under
+            # its lease; its own delivery finds it there once the lease ran out (``unknown``).
+            log.exception("SmartPlan batch: send %s failed unexpectedly", r.send.id)
+            result.handed_back.append((r.send.id, rt.settings.send_lease_seconds + 1.0))
+            continue
+        if isinstance(after, Outcome):
+            finished.append(after)
+        else:
+            result.handed_back.append((r.send.id, _wait(rt, r.send, after)))
+    _settle(rt, finished, (SendStatus.SENDING,), result)
+
+
+async def _send_all(rt: Runtime, going: list[_Ready]) -> list[Delivery | BaseException]:
+    transport = rt.transport
+    return list(
+        await asyncio.gather(
+            *(
+                transport.send(
+                    Envelope(mail_from=r.mail_from, recipients=(r.send.contact_email,)), r.message
+                )
+                for r in going
+            ),
+            return_exceptions=True,
+        )
+    )
+
+
+def _wait(rt: Runtime, send: Send, held: TransientError) -> float:
+    """Seconds before a deferred or held-back send's own delivery tries again: the one retry
+    rule on its attempts so far, never sooner than the server or guard asked."""
+    s = rt.settings
+    countdown = backoff(send.attempts, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
+    if held.retry_after is not None:
+        countdown = max(countdown, held.retry_after)
+    return countdown
+
+
+def _settle(
+    rt: Runtime, outcomes: list[Outcome], expect: tuple[SendStatus, ...], result: BatchResult
+) -> None:
+    """Record ``outcomes``; any another delivery moved on first is handed back (its own
+    delivery reports where it is)."""
+    if not outcomes:
+        return
+    settled = set(lifecycle.settle(rt, outcomes, expect))
+    result.settled += [o.send_id for o in outcomes if o.send_id in settled]
+    result.handed_back += [(o.send_id, 0.0) for o in outcomes if o.send_id not in settled]

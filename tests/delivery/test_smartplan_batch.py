@@ -1,0 +1,122 @@
+"""SmartPlan steps delivered as a batch: the same outcomes, credits and timeline as single
+deliveries, against real Redis, databases and SMTP server; racing batches send nothing twice."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from devstack.devsmtp import DevSMTPServer, FaultPlan, reply
+from dispatcher.credits.subscriptions import credits
+from dispatcher.delivery import smartplan, suppression
+from dispatcher.delivery.smartplan_batch import deliver_batch
+from dispatcher.errors import SendBusy
+from dispatcher.models import SendStatus
+from dispatcher.ports import InlineQueue
+from dispatcher.runtime import Runtime
+from dispatcher.sends import get_send, submit_send
+from tests.helpers import make_user, send_request, timeline_rows
+
+
+def _submit(rt: Runtime, count: int, user: str = "agent-1") -> list[str]:
+    queue = InlineQueue()
+    return [submit_send(rt, queue, send_request(user, n)).send_id for n in range(count)]
+
+
+def _received(server: DevSMTPServer) -> Counter[str]:
+    return Counter(r for m in server.messages for r in m.rcpt_tos)
+
+
+def test_a_batch_settles_each_send_as_a_single_delivery_would(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    """Ten steps, seven credits: one address suppressed (no credit), one refused (credit
+    back), one deferred (handed back holding its credit), the last two past the grant."""
+    rt = make_runtime(free_plan_credits=7)
+    make_user(rt)
+    ids = _submit(rt, 10)
+    suppression.suppress(rt, "agent-1", "contact3@example.org")
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={
+            "contact4@example.org": [reply("550 5.1.1 no such user")],
+            "contact5@example.org": [reply("451 4.3.0 try later")],
+        }
+    )
+
+    result = deliver_batch(rt, ids)
+
+    status = {n: get_send(rt, ids[n]) for n in range(10)}
+    assert {n: s.status for n, s in status.items()} == {
+        0: "sent",
+        1: "sent",
+        2: "sent",
+        3: "failed",
+        4: "failed",
+        5: "reserved",
+        6: "sent",
+        7: "sent",
+        8: "failed",
+        9: "failed",
+    }
+    assert [status[n].reason for n in (3, 4, 8, 9)] == [
+        "suppressed",
+        "hard_bounce",
+        "quota_exhausted",
+        "quota_exhausted",
+    ]
+    assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in (0, 1, 2, 6, 7)}
+    [(deferred, wait)] = result.handed_back
+    assert deferred == ids[5] and wait > 0
+    assert sorted(result.settled) == sorted(ids[n] for n in (0, 1, 2, 3, 4, 6, 7, 8, 9))
+    # Five sent and one held for its retry; the refusal's credit came back.
+    assert credits(rt, "agent-1").used == 6
+    kinds = Counter(e.kind.value for e in timeline_rows(rt, "agent-1"))
+    assert kinds == {"email_sent": 5, "email_failed": 4}
+
+    # The deferred step's retry is a single delivery on the credit it holds.
+    assert smartplan.deliver(rt, ids[5]) is SendStatus.SENT
+    assert credits(rt, "agent-1").used == 6
+    # The batch delivered again (its task redelivered) sends nothing and hands every send on.
+    again = deliver_batch(rt, ids)
+    assert again.settled == [] and sorted(again.handed_back) == sorted((i, 0.0) for i in ids)
+    assert sum(_received(smtp_server).values()) == 6
+
+
+@pytest.mark.slow
+def test_racing_batches_of_the_same_steps_send_each_once_for_one_credit(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    """The same batch delivered on four threads at once (a redelivered task beside the
+    first), five times: every step reaches the server once and costs one credit; what a
+    batch handed on is finished by single deliveries."""
+    rt = make_runtime(free_plan_credits=1000)
+    for round_ in range(5):
+        user = make_user(rt, f"racer-{round_}")
+        ids = _submit(rt, 40, user)
+        smtp_server.messages.clear()
+        handed: list[str] = []
+        lock = threading.Lock()
+        gate = threading.Barrier(4)
+
+        def run(ids: list[str] = ids) -> None:
+            gate.wait()
+            back = deliver_batch(rt, ids).handed_back
+            with lock:
+                handed.extend(i for i, _ in back)
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for send_id in set(handed):
+            try:
+                smartplan.deliver(rt, send_id)
+            except SendBusy:  # pragma: no cover - every conversation ended with its thread
+                pytest.fail(f"send {send_id} still under a lease after the batches ended")
+        assert {get_send(rt, i).status for i in ids} == {"sent"}, f"round {round_}"
+        assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(40)}
+        assert credits(rt, user).used == 40, f"round {round_}"
