@@ -71,7 +71,8 @@ RENDER_SECONDS = Histogram(
 )
 RESERVE_SECONDS = Histogram(
     "dispatcher_reserve_seconds",
-    "One credit reservation in Redis (the Lua script).",
+    "One credit reservation in Redis (the Lua script; for reservations sent together in one "
+    "round trip, each one's share of it).",
     buckets=_SHORT,
 )
 RATE_LIMIT_WAITS = Counter(

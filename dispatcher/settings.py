@@ -6,6 +6,7 @@ is unset) and pydantic parses it; the rules between settings and the .env reader
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -632,7 +633,7 @@ class Settings(BaseSettings):
     @property
     def mail_from_address(self) -> str:
         """The bare address of the system sender, used as the SMTP envelope sender."""
-        return parseaddr(self.mail_from)[1]
+        return _bare_address(self.mail_from)
 
     @property
     def message_id_domain(self) -> str:
@@ -755,3 +756,9 @@ def _config_error(error: ValidationError) -> ConfigError:
     if problem is None:
         return ConfigError(variable, first["msg"])
     return ConfigError(variable, f"{first['input']!r} {problem}")
+
+
+@functools.lru_cache(maxsize=64)
+def _bare_address(field: str) -> str:
+    """The address of a From-style field (parsed once per process: every message asks)."""
+    return parseaddr(field)[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -75,6 +76,18 @@ class OutcomeStream:
             approximate=True,
         )
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def publish_many(self, outcomes: Sequence[StepOutcome]) -> None:
+        """:meth:`publish` for many, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for outcome in outcomes:
+            pipe.xadd(
+                self.stream,
+                cast("dict[Any, Any]", outcome.fields()),
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
+        pipe.execute()
 
     def ensure_group(self, group: str) -> None:
         """Create the consumer group (reading from the start) if it does not exist."""

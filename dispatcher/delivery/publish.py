@@ -50,8 +50,10 @@ def _publish(rt: Runtime, outcomes: list[StepOutcome]) -> None:
     them again: consumers dedupe on ``send_id``)."""
     if not outcomes:
         return
-    for outcome in outcomes:
-        rt.outcomes.publish(outcome)
+    if len(outcomes) == 1:
+        rt.outcomes.publish(outcomes[0])
+    else:
+        rt.outcomes.publish_many(outcomes)
     with rt.sessions.begin() as session:
         session.execute(
             update(Send)

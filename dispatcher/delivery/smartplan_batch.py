@@ -148,11 +148,10 @@ def _reserve(
         # The grant is built first so that its own first rebuild does not count these claims.
         rt.quota.ensure(grant)
         claimed = lifecycle.claim_grants(rt, [r.send.id for r in items], grant)
-        for r in items:
-            if r.send.id not in claimed:
-                result.handed_back.append((r.send.id, 0.0))
-                continue
-            reservation = rt.quota.reserve(grant, r.send.idempotency_key)
+        result.handed_back += [(r.send.id, 0.0) for r in items if r.send.id not in claimed]
+        mine = [r for r in items if r.send.id in claimed]
+        answers = rt.quota.reserve_each(grant, [r.send.idempotency_key for r in mine])
+        for r, reservation in zip(mine, answers, strict=True):
             if reservation.granted:
                 notices.after_reservation(rt, grant, reservation)
                 granted.append(r)
