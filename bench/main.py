@@ -348,7 +348,7 @@ class Bench:
                 f"  {len(numbers):,} steps in batches of {a.batch_size:,} from "
                 f"{a.batch_threads} threads ..."
             )
-            batch = post_batches(stack, agent, "dl", numbers, a.batch_size, a.batch_threads)
+            batch = post_batches(stack, agent, "dlb", numbers, a.batch_size, a.batch_threads)
             self.say(f"  {batch.rate:,.0f} steps/s ({batch.steps:,} in {batch.seconds:.1f} s)")
         else:
             self.say(f"  batch: n/a ({why})")
@@ -388,12 +388,22 @@ class Bench:
             raise Unavailable("no step was accepted")
         self.say(f"SmartPlan delivery: starting worker_smartplan on {queued:,} queued steps ...")
         sink.reset("dl")
+        sink.reset("dlb")
         child = stack.start("worker_smartplan")
         ready = stack.wait_worker("worker_smartplan")
         self.say(f"  worker ready {ready - child.started:.1f} s after its process started")
-        self.wait_sink("dl", queued, stack)
-        cpu_ms = cpu_seconds(child.pid) * 1000 / max(sink.count("dl"), 1)
-        count, first, last = sink.count("dl"), sink.first("dl"), sink.last("dl")
+        self.wait_sink("dlb", batch.steps if batch else 0, stack)
+        self.wait_sink("dl", single.steps, stack)
+        count = sink.count("dl") + sink.count("dlb")
+        cpu_ms = cpu_seconds(child.pid) * 1000 / max(count, 1)
+        first = min(t for t in (sink.first("dl"), sink.first("dlb")) if t) if count else 0.0
+        last = max(sink.last("dl"), sink.last("dlb"))
+        batched = _group_rate(sink, "dlb")
+        singly = _group_rate(sink, "dl")
+        self.say(
+            f"  steps sent singly: {singly:,.0f} msg/s first to last; in batches: "
+            f"{batched:,.0f} msg/s first to last (both groups share the worker)"
+        )
         start = min(ready, first) if first else ready
         rate = count / (last - start) if last > start else math.nan
         first_to_last = count / (last - first) if last > first else math.nan
@@ -407,7 +417,8 @@ class Bench:
             notes = (
                 f"first to last {num(first_to_last)} msg/s; from process start "
                 f"{num(from_spawn)} msg/s; worker CPU {cpu_ms:.1f} ms/msg; "
-                f"{'batch' if batch else 'single'} enqueue"
+                f"{'batch' if batch else 'single'} enqueue; the steps submitted singly "
+                f"{num(singly)} msg/s and in batches {num(batched)} msg/s, each first to last"
             )
             if count != queued:
                 notes += f"; {count:,} arrived of {queued:,}"
@@ -703,3 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     return Bench(args).run()
+
+
+def _group_rate(sink: Sink, tag: str) -> float:
+    """Messages per second of one tag's group at the sink, first to last arrival."""
+    count, first, last = sink.count(tag), sink.first(tag), sink.last(tag)
+    return count / (last - first) if count > 1 and last > first else math.nan

@@ -18,7 +18,7 @@ from typing import Any
 import aiosmtplib
 
 #: Tags the sink counts apart; anything else is counted as "other" (e.g. usage notices).
-TAGS = ("raw", "dl", "lat", "cmp")
+TAGS = ("raw", "dl", "dlb", "lat", "cmp")  # dl: SmartPlan steps sent singly, dlb: in batches
 _SLOTS = len(TAGS) + 1  # + other
 
 
