@@ -85,6 +85,27 @@ def test_a_batch_settles_each_send_as_a_single_delivery_would(
     assert sum(_received(smtp_server).values()) == 6
 
 
+def _race(rt: Runtime, ids: list[str], threads: int) -> set[str]:
+    """Deliver the batch ``ids`` on ``threads`` threads released at once; the ids any of them
+    handed on."""
+    handed: set[str] = set()
+    lock = threading.Lock()
+    gate = threading.Barrier(threads)
+
+    def run() -> None:
+        gate.wait()
+        back = deliver_batch(rt, ids).handed_back
+        with lock:
+            handed.update(i for i, _ in back)
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    return handed
+
+
 @pytest.mark.slow
 def test_racing_batches_of_the_same_steps_send_each_once_for_one_credit(
     make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
@@ -97,22 +118,8 @@ def test_racing_batches_of_the_same_steps_send_each_once_for_one_credit(
         user = make_user(rt, f"racer-{round_}")
         ids = _submit(rt, 40, user)
         smtp_server.messages.clear()
-        handed: list[str] = []
-        lock = threading.Lock()
-        gate = threading.Barrier(4)
-
-        def run(ids: list[str] = ids) -> None:
-            gate.wait()
-            back = deliver_batch(rt, ids).handed_back
-            with lock:
-                handed.extend(i for i, _ in back)
-
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for send_id in set(handed):
+        handed = _race(rt, ids, threads=4)
+        for send_id in handed:
             try:
                 smartplan.deliver(rt, send_id)
             except SendBusy:  # pragma: no cover - every conversation ended with its thread
