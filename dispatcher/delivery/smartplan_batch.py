@@ -7,9 +7,11 @@ statement and the conversations run side by side on the process's SMTP pool:
 1. one read of the sends, their agents and the suppressed addresses among them;
 2. suppressed and unrenderable sends settled at once, no credit taken;
 3. the grant recorded on every send (one UPDATE per grant), then one reservation per send's
-   key in Redis (denied: ``quota_exhausted``), then every granted send ``sending`` under its
-   lease in one UPDATE;
-4. the conversations, ``SMTP_POOL_SIZE`` at a time, and every outcome settled in one call.
+   key in Redis, all in one round trip (denied: ``quota_exhausted``);
+4. in waves of ``SMTP_POOL_SIZE``: the wave's sends ``sending`` under their lease in one
+   UPDATE, their conversations side by side, their outcomes settled in one call. A worker lost
+   mid-batch leaves only the wave under way ``sending`` (``unknown`` once its lease runs out),
+   the rest open for the next delivery.
 
 Only fresh sends (``queued``, no grant recorded yet) take this path. Any other send (a retry,
 one another delivery holds, one already settled) and every send that must wait (deferred,
@@ -95,15 +97,23 @@ def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
     granted, denied = _reserve(rt, ready, result)
     closed += denied
     _settle(rt, closed, smartplan.OPEN, result)
-    started = lifecycle.start_many(rt, [r.send.id for r in granted]) if granted else set()
-    result.handed_back += [(r.send.id, 0.0) for r in granted if r.send.id not in started]
-    going = [r for r in granted if r.send.id in started]
-    if going:
-        _converse(rt, going, result)
+    # In waves of SMTP_POOL_SIZE: only steps about to be talked about are ``sending`` (a
+    # worker lost meanwhile leaves those ``unknown``, never the rest), each under a lease
+    # that starts with its own conversation.
+    talked = 0
+    wave = rt.settings.smtp_pool_size
+    for start_at in range(0, len(granted), wave):
+        part = granted[start_at : start_at + wave]
+        started = lifecycle.start_many(rt, [r.send.id for r in part])
+        result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
+        going = [r for r in part if r.send.id in started]
+        if going:
+            _converse(rt, going, result)
+            talked += len(going)
     log.info(
         "SmartPlan batch sends=%d conversations=%d settled=%d handed_back=%d",
         len(send_ids),
-        len(going),
+        talked,
         len(result.settled),
         len(result.handed_back),
     )
