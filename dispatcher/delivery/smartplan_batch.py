@@ -104,6 +104,11 @@ def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
     wave = rt.settings.smtp_pool_size
     for start_at in range(0, len(granted), wave):
         part = granted[start_at : start_at + wave]
+        if rt.stopping.is_set():
+            # This worker was told to stop: the steps not started (their credits taken) go on
+            # as single sends' tasks, on whichever worker is free.
+            result.handed_back += [(r.send.id, 0.0) for r in granted[start_at:]]
+            break
         started = lifecycle.start_many(rt, [r.send.id for r in part])
         result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
         going = [r for r in part if r.send.id in started]

@@ -85,6 +85,27 @@ def test_a_batch_settles_each_send_as_a_single_delivery_would(
     assert sum(_received(smtp_server).values()) == 6
 
 
+def test_a_batch_on_a_stopping_worker_hands_its_unstarted_steps_on(
+    runtime: Runtime, smtp_server: DevSMTPServer
+) -> None:
+    """Told to stop (SIGTERM), a batch starts no conversation: its steps, their credits taken,
+    go on as single sends, each sent once for the one credit it holds."""
+    make_user(runtime)
+    ids = _submit(runtime, 5)
+    runtime.stopping.set()  # type: ignore[attr-defined]
+    try:
+        result = deliver_batch(runtime, ids)
+    finally:
+        runtime.stopping.clear()  # type: ignore[attr-defined]
+    assert result.settled == [] and sorted(result.handed_back) == sorted((i, 0.0) for i in ids)
+    assert smtp_server.messages == [] and credits(runtime, "agent-1").used == 5
+    assert {get_send(runtime, i).status for i in ids} == {"queued"}
+    for send_id in ids:
+        assert smartplan.deliver(runtime, send_id) is SendStatus.SENT
+    assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(5)}
+    assert credits(runtime, "agent-1").used == 5
+
+
 def _race(rt: Runtime, ids: list[str], threads: int) -> set[str]:
     """Deliver the batch ``ids`` on ``threads`` threads released at once; the ids any of them
     handed on."""
