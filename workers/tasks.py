@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import metrics, recovery
-from dispatcher.backoff import backoff
+from dispatcher.backoff import backoff, honouring
 from dispatcher.campaigns import control, run, schedule
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import events_webhook, smartplan, smartplan_batch, system_mail
@@ -145,18 +145,15 @@ def _deliver(
         log.info("%s %s handed back: %s", task.name, item_id, exc.detail)
         return _retry(task, rt, park, item_id, 0.0)
     except TransientError as exc:
-        asked = exc.retry_after
-        if asked is not None and asked > s.retry_backoff_max_seconds:
+        wait = honouring(countdown, exc.retry_after, s.retry_backoff_max_seconds)
+        if wait > s.retry_backoff_max_seconds:
             # Longer than any countdown may be (the broker would redeliver it): store the wait
             # in SQL; the beat sweep enqueues the item when it is due.
-            park(rt, item_id, asked)
-            log.info("%s %s parked for %.0fs: %s", task.name, item_id, asked, exc)
+            park(rt, item_id, wait)
+            log.info("%s %s parked for %.0fs: %s", task.name, item_id, wait, exc)
             return "parked"
-        if asked is not None:
-            # A server or lease that said when to come back is not asked sooner.
-            countdown = min(max(countdown, asked), s.retry_backoff_max_seconds)
-        log.info("%s %s retry in %.1fs: %s", task.name, item_id, countdown, exc)
-        return _retry(task, rt, park, item_id, countdown)
+        log.info("%s %s retry in %.1fs: %s", task.name, item_id, wait, exc)
+        return _retry(task, rt, park, item_id, wait)
     except INFRASTRUCTURE as exc:
         log.warning(
             "%s %s: infrastructure error, retry in %.1fs: %s: %s",
@@ -223,15 +220,19 @@ def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: li
             "%s of %d failed unexpectedly; each send goes on its own", task.name, len(send_ids)
         )
         back = [(send_id, 0.0) for send_id in send_ids]
-    if back and not s.broker_is_redis:
+    # As a single send's retry: a wait longer than any countdown is parked for the sweep.
+    parked = [(i, c) for i, c in back if c > s.retry_backoff_max_seconds]
+    now = [(i, c) for i, c in back if c <= s.retry_backoff_max_seconds]
+    if not s.broker_is_redis:
         # RabbitMQ's delayed delivery counts whole seconds.
-        back = [(i, float(math.ceil(c))) for i, c in back]
+        now = [(i, float(math.ceil(c))) for i, c in now]
     try:
-        queue.publish_sends(back)
+        queue.publish_sends(now)
     except QueueUnavailable as exc:
-        log.warning("%s: %d sends parked for the sweep: %s", task.name, len(back), exc)
-        for send_id, countdown in back:
-            recovery.park_send(rt, send_id, max(countdown, 1.0))
+        log.warning("%s: %d sends parked for the sweep: %s", task.name, len(now), exc)
+        parked += [(i, max(c, 1.0)) for i, c in now]
+    for send_id, wait in parked:
+        recovery.park_send(rt, send_id, wait)
     return f"{len(send_ids) - len(back)} settled, {len(back)} handed on"
 
 

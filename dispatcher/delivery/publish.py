@@ -50,10 +50,7 @@ def _publish(rt: Runtime, outcomes: list[StepOutcome]) -> None:
     them again: consumers dedupe on ``send_id``)."""
     if not outcomes:
         return
-    if len(outcomes) == 1:
-        rt.outcomes.publish(outcomes[0])
-    else:
-        rt.outcomes.publish_many(outcomes)
+    rt.outcomes.publish_many(outcomes)
     with rt.sessions.begin() as session:
         session.execute(
             update(Send)

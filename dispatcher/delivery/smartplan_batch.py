@@ -31,7 +31,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from dispatcher.backoff import backoff
+from dispatcher.backoff import backoff, honouring
 from dispatcher.credits import notices
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import lifecycle, smartplan, suppression
@@ -186,9 +186,10 @@ def _converse(rt: Runtime, going: list[_Ready], result: BatchResult) -> None:
             after = smartplan.after_conversation(rt, r.send, r.subject, outcome)
         except Exception:
             # Unforeseen: the server may have the message. The send stays ``sending`` under
-            # its lease; its own delivery finds it there once the lease ran out (``unknown``).
+            # its lease; its own delivery finds it there (busy until the lease runs out, then
+            # ``unknown``), as a single send's retry would.
             log.exception("SmartPlan batch: send %s failed unexpectedly", r.send.id)
-            result.handed_back.append((r.send.id, rt.settings.send_lease_seconds + 1.0))
+            result.handed_back.append((r.send.id, 0.0))
             continue
         if isinstance(after, Outcome):
             finished.append(after)
@@ -214,12 +215,11 @@ async def _send_all(rt: Runtime, going: list[_Ready]) -> list[Delivery | BaseExc
 
 def _wait(rt: Runtime, send: Send, held: TransientError) -> float:
     """Seconds before a deferred or held-back send's own delivery tries again: the one retry
-    rule on its attempts so far, never sooner than the server or guard asked."""
+    rule on its attempts so far, never sooner than the server or guard asked (a wait longer
+    than any countdown is parked by the task, as a single send's is)."""
     s = rt.settings
     countdown = backoff(send.attempts, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
-    if held.retry_after is not None:
-        countdown = max(countdown, held.retry_after)
-    return countdown
+    return honouring(countdown, held.retry_after, s.retry_backoff_max_seconds)
 
 
 def _settle(
