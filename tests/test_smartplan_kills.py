@@ -1,11 +1,13 @@
-"""Crash safety of SmartPlan steps delivered in batches: the worker process is SIGKILLed while
-its batches talk to the SMTP server, and a replacement started each time. Every step still ends
+"""Crash safety of SmartPlan steps delivered in batches (submitted together, or one by one and
+batched by the worker's threads): the worker process is SIGKILLed while its batches talk to the
+SMTP server, and a replacement started each time. Every step still ends
 in exactly one outcome with one timeline event, nobody gets a copy twice, and credits used are
 exactly the sent and unknown steps (I1, I2, I4)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,13 @@ def settings(settings: Settings) -> Settings:
     return crashkit.crash_settings(settings, free_plan_credits=GRANT, smartplan_batch_size=25)
 
 
+class _OneByOne(CeleryTaskQueue):
+    """Steps as a CRM posting ``POST /v1/sends`` one at a time leaves them: a task each."""
+
+    def enqueue_sends(self, send_ids: Sequence[str]) -> None:
+        self.publish_sends([(send_id, 0.0) for send_id in send_ids])
+
+
 def _open(stack: crashkit.Stack) -> int:
     """Steps of the test's agent not settled yet."""
     with stack.rt.sessions() as session:
@@ -45,15 +54,18 @@ def _open(stack: crashkit.Stack) -> int:
 
 # One database (the suite's time): SQLite, whose file locks a killed writer must not leave held.
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("submitted", ["together", "one_by_one"])
 def test_smartplan_batches_survive_sigkills(
-    settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path
+    settings: Settings, smtp_server: DevSMTPServer, tmp_path: Path, submitted: str
 ) -> None:
     smtp_server.handler.fault = crashkit.slow_relay(SMTP_DELAY)
     with crashkit.Stack(settings, tmp_path) as stack:
-        # Given 600 steps submitted together (24 batch tasks) and one SmartPlan worker
+        # Given 600 steps submitted together (24 batch tasks), or one by one (600 tasks, which
+        # the worker's threads batch), and one SmartPlan worker
         make_user(stack.rt, USER)
         requests = [send_request(USER, n, run_id=f"run-{n}") for n in range(STEPS)]
-        answers = submit_batch(stack.rt, CeleryTaskQueue(stack.app), requests)
+        queue = CeleryTaskQueue(stack.app) if submitted == "together" else _OneByOne(stack.app)
+        answers = submit_batch(stack.rt, queue, requests)
         assert all(isinstance(a, SubmitResult) for a in answers)
         worker = stack.workers.start(SMARTPLAN, pool="threads", concurrency=THREADS)
         stack.workers.wait_ready(1)
@@ -83,7 +95,7 @@ def test_smartplan_batches_survive_sigkills(
             stack.rt, Send.user_id == USER, USER, list(smtp_server.messages)
         )
     print(
-        f"batch kills: sent={result.sent} unknown={result.unknown} (delivered "
+        f"{submitted}: sent={result.sent} unknown={result.unknown} (delivered "
         f"{result.unknown_received}, never delivered {result.unknown_not_received}), credits "
         f"used {result.redis_used}; exits {exits}",
         flush=True,

@@ -245,12 +245,18 @@ def register(app: Celery, rt: Runtime) -> None:
     """Define the dispatcher's tasks on ``app``, running use cases against ``rt``."""
     task = app.task  # shared=False: each app keeps its own tasks (tests build several apps)
 
+    # Steps this worker's threads deliver at the same moment go as one batch; a retry (or a
+    # step whose delivery failed unexpectedly) goes alone. Batch size 1: always alone.
+    size = int(app.conf.get("smartplan_batch_size") or 1)
+    together = smartplan_batch.Coalescer(rt, size) if size > 1 else None
+
     @task(name=SEND_SMARTPLAN_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_smartplan(self: Task, send_id: str, failures: int = 0) -> str:
+        first = together is not None and not self.request.retries and not failures
         return _deliver(
             self,
             rt,
-            smartplan.deliver,
+            together.deliver if first and together is not None else smartplan.deliver,
             smartplan.give_up,
             send_id,
             failures,

@@ -81,6 +81,13 @@ def conversation_lease(rt: Runtime, now: datetime) -> datetime:
 # --------------------------------------------------------------------------- one send
 
 
+def _update(model: Any) -> Any:
+    """An UPDATE of ``model``'s rows that leaves the session's objects alone: sessions here
+    hold none of the rows they move, and matching them (SQLAlchemy's default) costs a
+    SmartPlan step about as much as building the statement."""
+    return update(model).execution_options(synchronize_session=False)
+
+
 def _cas(
     session: Session,
     model: Any,
@@ -99,7 +106,7 @@ def _cas_statement(
     model: Any, ids: Sequence[str], expect: Iterable[SendStatus], lease_seen: datetime | None
 ) -> Any:
     """The UPDATE of a compare-and-set, before its values."""
-    query = update(model).where(model.id.in_(list(ids)), model.status.in_(tuple(expect)))
+    query = _update(model).where(model.id.in_(list(ids)), model.status.in_(tuple(expect)))
     if lease_seen is not None:
         query = query.where(model.lease_until == lease_seen)
     return query
@@ -125,7 +132,7 @@ def claim_grants(rt: Runtime, send_ids: Sequence[str], grant: GrantRef) -> set[s
     with rt.sessions.begin() as session:
         return set(
             session.scalars(
-                update(Send)
+                _update(Send)
                 .where(
                     Send.id.in_(list(send_ids)),
                     Send.status == SendStatus.QUEUED,
@@ -237,7 +244,7 @@ def claim_batch(rt: Runtime, campaign_id: str, chunk: int, limit: int) -> Sequen
             .scalar_subquery()
         )
         return session.execute(
-            update(Send)
+            _update(Send)
             .where(Send.id.in_(ids), Send.status == SendStatus.RESERVED)
             .values(
                 status=SendStatus.SENDING,
@@ -280,7 +287,7 @@ def unclaim(rt: Runtime, send_ids: Sequence[str], *also: ColumnElement[bool]) ->
     or claimed by a worker that died first) go back to reserved; not an attempt."""
     with rt.sessions.begin() as session:
         session.execute(
-            update(Send)
+            _update(Send)
             .where(Send.id.in_(list(send_ids)), Send.status == SendStatus.SENDING, *also)
             .values(
                 status=SendStatus.RESERVED,
@@ -294,7 +301,7 @@ def unclaim(rt: Runtime, send_ids: Sequence[str], *also: ColumnElement[bool]) ->
 def start_all_reserved(session: Session, campaign_id: str, now: datetime) -> None:
     """A campaign's bulk reservation succeeded: its queued recipients are ``reserved``."""
     session.execute(
-        update(Send)
+        _update(Send)
         .where(Send.campaign_id == campaign_id, Send.status == SendStatus.QUEUED)
         .values(status=SendStatus.RESERVED, updated_at=now)
     )
@@ -310,7 +317,7 @@ def claim_campaign(
     ended), which the caller gives back. ``grant`` None unclaims them (the reservation could
     not be asked for). Returns how many recipients."""
     moved = session.execute(
-        update(Send)
+        _update(Send)
         .where(
             Send.campaign_id == campaign_id,
             Send.status.in_((SendStatus.QUEUED, SendStatus.RESERVED)),

@@ -54,6 +54,7 @@ def _publish(rt: Runtime, outcomes: list[StepOutcome]) -> None:
     with rt.sessions.begin() as session:
         session.execute(
             update(Send)
+            .execution_options(synchronize_session=False)
             .where(Send.id.in_([o.send_id for o in outcomes]))
             .values(outcome_published=True)
         )

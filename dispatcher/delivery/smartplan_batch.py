@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,11 +49,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BatchResult:
-    """What a batch did: the sends it settled, and those handed back to be delivered on
-    their own after the given seconds (0: at once)."""
+    """What a batch did: the sends it settled (with their status), and those handed back to
+    be delivered on their own after the given seconds (0: at once); of these, ``held`` has
+    the deferral or hold each one that must wait came back with."""
 
-    settled: list[str] = field(default_factory=list)
+    settled: dict[str, SendStatus] = field(default_factory=dict)
     handed_back: list[tuple[str, float]] = field(default_factory=list)
+    held: dict[str, TransientError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ def _converse(rt: Runtime, going: list[_Ready], result: BatchResult) -> None:
             finished.append(after)
         else:
             result.handed_back.append((r.send.id, _wait(rt, r.send, after)))
+            result.held[r.send.id] = after
     _settle(rt, finished, (SendStatus.SENDING,), result)
 
 
@@ -230,5 +234,95 @@ def _settle(
     if not outcomes:
         return
     settled = set(lifecycle.settle(rt, outcomes, expect))
-    result.settled += [o.send_id for o in outcomes if o.send_id in settled]
+    result.settled.update((o.send_id, o.status) for o in outcomes if o.send_id in settled)
     result.handed_back += [(o.send_id, 0.0) for o in outcomes if o.send_id not in settled]
+
+
+class Coalescer:
+    """SmartPlan steps that one worker's threads deliver at the same moment, delivered as one
+    batch (group commit): the thread that finds no batch under way leads one with every step
+    waiting, up to ``limit``; threads arriving meanwhile wait and the first of them leads the
+    next. Nothing waits on purpose: an idle worker delivers a step alone at once, a busy one
+    in batches as large as its backlog of running tasks.
+
+    Each step still belongs to its own task: :meth:`deliver` returns the step's status as
+    :func:`~dispatcher.delivery.smartplan.deliver` would, or raises what it would (a deferral
+    or a hold for the task's retry, the batch's infrastructure error); a step the batch hands
+    back at once (not fresh, moved by another delivery, left on a stopping worker) goes on
+    by the single path in its own thread. One batch runs at a time, so a lost worker leaves
+    at most one wave of ``SMTP_POOL_SIZE`` conversations ``unknown``.
+    """
+
+    def __init__(self, rt: Runtime, limit: int) -> None:
+        self._rt = rt
+        self._limit = max(1, limit)
+        self._lock = threading.Lock()
+        self._waiting: list[_Ticket] = []
+        self._busy = False
+
+    def deliver(self, rt: Runtime, send_id: str) -> SendStatus:
+        """Deliver one step, with whatever steps other threads are delivering now."""
+        ticket = _Ticket(send_id)
+        with self._lock:
+            self._waiting.append(ticket)
+            ticket.leads = not self._busy
+            self._busy = True
+        if not ticket.leads:
+            ticket.ready.wait()
+        if ticket.leads and not ticket.done:
+            self._lead()
+        return ticket.outcome(rt)
+
+    def _lead(self) -> None:
+        """Deliver the oldest waiting steps as one batch, then hand the lead on."""
+        with self._lock:
+            batch = self._waiting[: self._limit]
+            del self._waiting[: self._limit]
+        try:
+            result = deliver_batch(self._rt, [t.send_id for t in batch])
+        except BaseException as exc:
+            for t in batch:
+                t.finish(error=exc)
+            raise
+        else:
+            for t in batch:
+                t.finish(result=result)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].leads = True
+                    self._waiting[0].ready.set()
+                else:
+                    self._busy = False
+
+
+class _Ticket:
+    """One task's step in a :class:`Coalescer`, and what its batch made of it."""
+
+    def __init__(self, send_id: str) -> None:
+        self.send_id = send_id
+        self.ready = threading.Event()
+        self.leads = False
+        self.done = False
+        self._result: BatchResult | None = None
+        self._error: BaseException | None = None
+
+    def finish(
+        self, *, result: BatchResult | None = None, error: BaseException | None = None
+    ) -> None:
+        self._result, self._error, self.done = result, error, True
+        self.ready.set()
+
+    def outcome(self, rt: Runtime) -> SendStatus:
+        """The step's status, or what its task must handle (see :class:`Coalescer`)."""
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        status = self._result.settled.get(self.send_id)
+        if status is not None:
+            return status
+        held = self._result.held.get(self.send_id)
+        if held is not None:
+            raise held
+        # Handed back at once: its own delivery decides (it may be a retry, busy, settled).
+        return smartplan.deliver(rt, self.send_id)

@@ -3,17 +3,19 @@ deliveries, against real Redis, databases and SMTP server; racing batches send n
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
-from devstack.devsmtp import DevSMTPServer, FaultPlan, reply
+from devstack.devsmtp import DevSMTPServer, FaultPlan, reply, slow
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import smartplan, suppression
-from dispatcher.delivery.smartplan_batch import deliver_batch
-from dispatcher.errors import SendBusy
+from dispatcher.delivery.smartplan_batch import Coalescer, deliver_batch
+from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
@@ -81,7 +83,7 @@ def test_a_batch_settles_each_send_as_a_single_delivery_would(
     assert credits(rt, "agent-1").used == 6
     # The batch delivered again (its task redelivered) sends nothing and hands every send on.
     again = deliver_batch(rt, ids)
-    assert again.settled == [] and sorted(again.handed_back) == sorted((i, 0.0) for i in ids)
+    assert again.settled == {} and sorted(again.handed_back) == sorted((i, 0.0) for i in ids)
     assert sum(_received(smtp_server).values()) == 6
 
 
@@ -97,7 +99,7 @@ def test_a_batch_on_a_stopping_worker_hands_its_unstarted_steps_on(
         result = deliver_batch(runtime, ids)
     finally:
         runtime.stopping.clear()  # type: ignore[attr-defined]
-    assert result.settled == [] and sorted(result.handed_back) == sorted((i, 0.0) for i in ids)
+    assert result.settled == {} and sorted(result.handed_back) == sorted((i, 0.0) for i in ids)
     assert smtp_server.messages == [] and credits(runtime, "agent-1").used == 5
     assert {get_send(runtime, i).status for i in ids} == {"queued"}
     for send_id in ids:
@@ -148,3 +150,50 @@ def test_racing_batches_of_the_same_steps_send_each_once_for_one_credit(
         assert {get_send(rt, i).status for i in ids} == {"sent"}, f"round {round_}"
         assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(40)}
         assert credits(rt, user).used == 40, f"round {round_}"
+
+
+def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
+    make_runtime: Callable[..., Runtime],
+    smtp_server: DevSMTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sixteen tasks' threads: the first step's conversation is slow, and the fifteen
+    arriving meanwhile go as one batch after it. Each thread gets its own step's result: a
+    deferral raised for its task's retry, an already sent step reported without a second
+    message; every other step reaches the server once for one credit."""
+    rt = make_runtime(free_plan_credits=100)
+    make_user(rt)
+    ids = _submit(rt, 16)
+    assert smartplan.deliver(rt, ids[1]) is SendStatus.SENT  # its task is redelivered below
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={
+            "contact0@example.org": [slow(0.5)],
+            "contact2@example.org": [reply("451 4.3.0 try later")],
+        }
+    )
+    together = Coalescer(rt, limit=50)
+    results: dict[str, object] = {}
+
+    def run(send_id: str) -> None:
+        try:
+            results[send_id] = together.deliver(rt, send_id)
+        except DeliveryDeferred as exc:
+            results[send_id] = exc
+
+    first = threading.Thread(target=run, args=(ids[0],))
+    first.start()
+    time.sleep(0.15)  # the first batch (ids[0] alone) is in its slow conversation
+    rest = [threading.Thread(target=run, args=(i,)) for i in ids[1:]]
+    with caplog.at_level(logging.INFO, logger="dispatcher.delivery.smartplan_batch"):
+        for t in rest:
+            t.start()
+        for t in [first, *rest]:
+            t.join()
+
+    assert isinstance(results.pop(ids[2]), DeliveryDeferred)
+    assert set(results.values()) == {SendStatus.SENT} and len(results) == 15
+    assert get_send(rt, ids[2]).status == "reserved"
+    assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(16) if n != 2}
+    assert credits(rt, "agent-1").used == 16  # the deferred step holds its credit
+    sizes = [int(m.split("sends=")[1].split()[0]) for m in caplog.messages if "sends=" in m]
+    assert sizes == [1, 15]
