@@ -5,7 +5,7 @@ a token limited to some agents that names another agent finds nothing there (404
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -61,7 +61,7 @@ def carries_a_token(authorization: str | None, settings: Settings) -> bool:
     return client_for(token.strip(), settings) is not None
 
 
-def authenticated(creds: BearerCredentials, rt: RuntimeDep) -> None:
+async def authenticated(creds: BearerCredentials, rt: RuntimeDep) -> None:
     """A router dependency: any client's valid token (401 before anything else is looked at;
     the route's scope is checked by :func:`scoped`)."""
     if client_for(creds.credentials if creds else "", rt.settings) is None:
@@ -71,11 +71,12 @@ def authenticated(creds: BearerCredentials, rt: RuntimeDep) -> None:
 AUTHENTICATED = Depends(authenticated)
 
 
-def scoped(scope: str) -> Callable[..., Caller]:
+def scoped(scope: str) -> Callable[..., Awaitable[Caller]]:
     """A route dependency: the caller, who must hold ``scope``. A ``user_id`` in the path or
-    the query must be an agent the caller may act for (a body's is checked by the route)."""
+    the query must be an agent the caller may act for (a body's is checked by the route).
+    ``async`` (it never waits): run on the event loop, not handed to a thread."""
 
-    def dependency(request: Request, creds: BearerCredentials, rt: RuntimeDep) -> Caller:
+    async def dependency(request: Request, creds: BearerCredentials, rt: RuntimeDep) -> Caller:
         if scope == "ops" and not operators_configured(rt.settings):
             raise Forbidden("no operator token is configured (OPS_TOKENS); use the CLI")
         client = client_for(creds.credentials if creds else "", rt.settings)

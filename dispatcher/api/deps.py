@@ -1,5 +1,8 @@
 """Dependencies: the runtime, task queue and producer a route's app was built with, and the text
-policy applied to path and query values."""
+policy applied to path and query values.
+
+They are ``async`` although none of them waits: FastAPI runs a plain ``def`` dependency in its
+thread pool, a hand-off that cost an accepted send more than the dependency itself."""
 
 from __future__ import annotations
 
@@ -22,22 +25,22 @@ def attach(app: FastAPI, rt: Runtime, queue: TaskQueue, broker: BrokerView | Non
     app.state.producer = Producer(rt, queue)
 
 
-def _runtime(request: Request) -> Runtime:
+async def _runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
 
 
-def _queue(request: Request) -> TaskQueue:
+async def _queue(request: Request) -> TaskQueue:
     queue: TaskQueue = request.app.state.queue
     return queue
 
 
-def _broker(request: Request) -> BrokerView | None:
+async def _broker(request: Request) -> BrokerView | None:
     broker: BrokerView | None = request.app.state.broker
     return broker
 
 
-def _producer(request: Request) -> Producer:
+async def _producer(request: Request) -> Producer:
     producer: Producer = request.app.state.producer
     return producer
 
@@ -49,7 +52,7 @@ BrokerDep = Annotated[BrokerView | None, Depends(_broker)]
 ProducerDep = Annotated[Producer, Depends(_producer)]
 
 
-def plain_parameters(request: Request) -> None:
+async def plain_parameters(request: Request) -> None:
     """Path and query values follow the one-line text policy (no control characters, no lone
     surrogates), so a lookup never hands the database what it cannot compare."""
     validation.plain_parameters([*request.path_params.items(), *request.query_params.multi_items()])
