@@ -274,12 +274,6 @@ class Settings(BaseSettings):
     #: Workers publish task events (received, started, succeeded, failed) so Flower and
     #: ``celery events`` can follow them; false saves a broker message per task and state.
     task_events: Flag = True
-    #: A worker consuming only the campaign queue lowers its CPU priority by this much when it
-    #: starts (``nice``; its pool's processes inherit it), so that on a host it shares with
-    #: ``worker_smartplan`` and ``web`` a campaign's bulk sending takes the CPU they leave
-    #: and SmartPlan steps keep their latency while it runs. 0 leaves it as it is; unset, 10
-    #: on PostgreSQL and 0 on SQLite (see :attr:`campaign_niceness`).
-    campaign_worker_niceness: int | None = None
     #: A worker serves its process's metrics (its host's, with PROMETHEUS_MULTIPROC_DIR) on
     #: this port for Prometheus to scrape; None serves none (the API's /metrics still does).
     metrics_port: int | None = None
@@ -449,11 +443,6 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
         if not 1 <= self.smartplan_batch_size <= 1000:
             raise ConfigError("SMARTPLAN_BATCH_SIZE", "must be from 1 to 1000")
-        if (
-            self.campaign_worker_niceness is not None
-            and not 0 <= self.campaign_worker_niceness <= 19
-        ):
-            raise ConfigError("CAMPAIGN_WORKER_NICENESS", "must be from 0 to 19")
         if not 0 < self.smtp_idle_seconds <= 3600:
             raise ConfigError("SMTP_IDLE_SECONDS", "must be more than 0 and at most 3600")
         if not 1 <= self.campaign_chunk_size <= 10_000:
@@ -640,16 +629,6 @@ class Settings(BaseSettings):
         """Whether the broker is a Redis (its messages then come back after the visibility
         timeout) rather than RabbitMQ (back as soon as the consumer's connection closes)."""
         return self.broker.startswith(REDIS_SCHEMES)
-
-    @property
-    def campaign_niceness(self) -> int:
-        """How much a campaign worker lowers its CPU priority: ``CAMPAIGN_WORKER_NICENESS``,
-        else 10 on PostgreSQL and 0 on SQLite, where one writer at a time holds the whole
-        database: a campaign worker holding it at a low priority would keep SmartPlan steps
-        waiting longer, not shorter (measured, README)."""
-        if self.campaign_worker_niceness is not None:
-            return self.campaign_worker_niceness
-        return 0 if self.database_url.startswith("sqlite") else 10
 
     @property
     def mail_from_address(self) -> str:

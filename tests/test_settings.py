@@ -163,14 +163,3 @@ def test_inbound_smtp_port_is_read_under_its_earlier_name_too(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"INBOUND_SMTP_PORT": "smtp"}, env_file=None)
     assert info.value.variable == "INBOUND_SMTP_PORT"
-
-
-def test_a_campaign_worker_yields_the_cpu_on_postgresql_and_not_on_sqlite() -> None:
-    pg = "postgresql+psycopg://u@db.example.com/dispatcher"
-    assert Settings(database_url="sqlite:///x.db").campaign_niceness == 0
-    assert Settings(database_url=pg).campaign_niceness == 10
-    assert Settings(database_url=pg, campaign_worker_niceness=0).campaign_niceness == 0
-    assert Settings(campaign_worker_niceness=5).campaign_niceness == 5
-    with pytest.raises(ConfigError) as info:
-        Settings.from_env({"CAMPAIGN_WORKER_NICENESS": "20"}, env_file=None)
-    assert info.value.variable == "CAMPAIGN_WORKER_NICENESS"

@@ -7,11 +7,10 @@ from the environment, so importing this module connects to nothing.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown
 from kombu.entity import Exchange, Queue
 from prometheus_client import start_http_server
 
@@ -157,19 +156,7 @@ def _on_worker_start_and_stop(app: Celery, rt: Runtime, port: int | None) -> Non
         if getattr(sender, "app", None) is app:
             rt.close()
 
-    def yield_cpu_to_smartplan(sender: Any, instance: Any = None, **_: Any) -> None:
-        # Once -Q is applied and before a prefork pool forks (its processes inherit it).
-        worker = instance or sender
-        if getattr(worker, "app", None) is not app:
-            return
-        consumed = set(worker.app.amqp.queues.consume_from or {})
-        niceness = rt.settings.campaign_niceness
-        if consumed == {CAMPAIGN} and niceness:
-            os.nice(niceness)
-            log.info("campaign worker: CPU priority lowered by %d (nice)", niceness)
-
     worker_init.connect(serve_metrics, weak=False)
-    celeryd_after_setup.connect(yield_cpu_to_smartplan, weak=False)
     worker_shutdown.connect(close, weak=False)
 
 
