@@ -337,9 +337,14 @@ class Bench:
             f"SmartPlan acceptance: {len(singles):,} single POST /v1/sends from "
             f"{a.single_threads} threads (worker_smartplan stopped) ..."
         )
+        # The web process's CPU per accepted send: steadier than sends/s on a noisy machine.
+        web = stack.children["web"].pid
+        web_cpu = cpu_seconds(web)
         single = post_singles(stack, agent, "dl", singles, a.single_threads)
+        web_ms = (cpu_seconds(web) - web_cpu) * 1000 / max(single.steps, 1)
         self.say(
-            f"  {single.rate:,.0f} sends/s ({single.steps:,} accepted in {single.seconds:.1f} s)"
+            f"  {single.rate:,.0f} sends/s ({single.steps:,} accepted in {single.seconds:.1f} s;"
+            f" web CPU {web_ms:.1f} ms per send)"
         )
         batch = None
         if has_batch:
@@ -379,7 +384,8 @@ class Bench:
                     num(single.rate, " sends/s"),
                     goal=">= 300 sends/s",
                     met=yes(single.rate >= 300 and not single.refused),
-                    notes=f"{single.steps:,} accepted, {len(single.refused)} refused",
+                    notes=f"{single.steps:,} accepted, {len(single.refused)} refused; web "
+                    f"CPU {web_ms:.1f} ms per send",
                 )
             )
 

@@ -38,7 +38,7 @@ from dispatcher.errors import DeliveryDeferred, NotAttempted
 from dispatcher.models import CampaignStatus, Send, SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
-from dispatcher.sends import get_send, submit_send
+from dispatcher.sends import SubmitResult, get_send, submit_batch, submit_send
 from tests.helpers import (
     campaign_request,
     make_user,
@@ -431,6 +431,49 @@ def test_a_wait_longer_than_any_countdown_is_parked_and_picked_up_by_the_beat_sw
         with rt.sessions() as session:
             assert session.scalar(select(Send.retry_at).where(Send.id == second)) is None
     assert used(rt) == 1  # its credit, held while it waits
+
+
+def test_steps_of_a_batch_that_must_wait_longer_than_any_countdown_are_parked(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer, clock: Any
+) -> None:
+    """A batch task whose steps the relay's hourly limit holds back for about an hour parks
+    each of them in SQL, as a single send's task does (a countdown that long the Redis broker
+    would redeliver early); the sweep hands them to the broker when due."""
+    from celery.contrib.testing.worker import start_worker
+
+    from tests.helpers import wait_for
+    from workers.app import create_app
+    from workers.queue import CeleryTaskQueue
+
+    rt = make_runtime(smtp_rate_per_hour=1)
+    app = create_app(rt.settings, rt)
+    make_user(rt)
+    hourly = RelayRateLimiter(rt.redis, rt.relay.relay, RateLimit.from_settings(rt.settings))
+    assert hourly.try_acquire() == 0.0  # the hour's one message went out a moment ago
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+        answers = submit_batch(rt, CeleryTaskQueue(app), [send_request(n=n) for n in (1, 2, 3)])
+        ids = [a.send_id for a in answers if isinstance(a, SubmitResult)]
+        assert len(ids) == 3
+
+        def due() -> dict[str, Any]:
+            with rt.sessions() as session:
+                rows = session.execute(select(Send.id, Send.retry_at).where(Send.id.in_(ids))).all()
+            return {i: at for i, at in rows if at is not None}
+
+        wait_for(lambda: len(due()) == 3, what="the batch's steps parked")
+        for send_id, at in due().items():
+            view = get_send(rt, send_id)
+            assert (view.status, view.attempts) == ("reserved", 0)  # credit held, no attempt
+            assert 3000 < (at - clock.now()).total_seconds() <= 3601
+        assert smtp_server.messages == []
+        inline = InlineQueue()
+        rt.queue = inline
+        outbox.sweep(rt)
+        assert not set(ids) & set(inline.enqueued)
+        clock.advance(timedelta(seconds=3601))
+        outbox.sweep(rt)
+        assert set(ids) <= set(inline.enqueued)
+    assert used(rt) == 3  # their credits, held while they wait
 
 
 def test_a_relay_guard_that_cannot_be_asked_holds_the_message_back_not_unknown(
