@@ -81,6 +81,13 @@ RATE_LIMIT_WAITS = Counter(
 RATE_LIMIT_WAIT_SECONDS = Counter(
     "dispatcher_rate_limit_wait_seconds", "Seconds messages waited for the relay's rate limit."
 )
+SMARTPLAN_BATCH_STEPS = Histogram(
+    "dispatcher_smartplan_batch_steps",
+    "SmartPlan steps delivered as one batch, by how they came together: submitted together "
+    "(a batch task) or taken at the same moment by a worker's threads (single sends).",
+    ["source"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
 QUEUE_WAIT = Histogram(
     "dispatcher_queue_wait_seconds",
     "From a task's publication to a worker starting it, by queue (once for each step a "

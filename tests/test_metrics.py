@@ -105,6 +105,10 @@ def test_metrics_count_what_the_sink_received_across_processes(
     assert total(scrape, "dispatcher_reserve_seconds_count") >= SMARTPLAN_SENDS + 1
     waits = "dispatcher_queue_wait_seconds_count"
     assert total(scrape, waits, queue=SMARTPLAN) == SMARTPLAN_SENDS
+    # and the steps submitted together were delivered as batch tasks, each step in one
+    assert total(scrape, "dispatcher_smartplan_batch_steps_sum", source="submitted") == (
+        SMARTPLAN_SENDS
+    )
     assert total(scrape, waits, queue=CAMPAIGN) == RECIPIENTS // 250
     # and the gauges read zero once everything is drained
     for queue in (SMARTPLAN, CAMPAIGN, "system"):

@@ -204,6 +204,7 @@ def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: li
     its own budget of unforeseen errors: a poison batch never loops."""
     s = rt.settings
     _observe_wait(task, len(send_ids))
+    metrics.SMARTPLAN_BATCH_STEPS.labels("submitted").observe(len(send_ids))
     try:
         back = smartplan_batch.deliver_batch(rt, send_ids).handed_back
     except INFRASTRUCTURE as exc:

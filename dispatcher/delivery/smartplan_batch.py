@@ -32,6 +32,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from dispatcher import metrics
 from dispatcher.backoff import backoff, honouring
 from dispatcher.credits import notices
 from dispatcher.credits.subscriptions import ensure_current
@@ -278,6 +279,7 @@ class Coalescer:
         with self._lock:
             batch = self._waiting[: self._limit]
             del self._waiting[: self._limit]
+        metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(batch))
         try:
             result = deliver_batch(self._rt, [t.send_id for t in batch])
         except BaseException as exc:

@@ -8,10 +8,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from devstack.devsmtp import DevSMTPServer, FaultPlan, reply, slow
+from dispatcher import metrics
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import smartplan, suppression
 from dispatcher.delivery.smartplan_batch import Coalescer, deliver_batch
@@ -173,6 +175,8 @@ def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
     )
     together = Coalescer(rt, limit=50)
     results: dict[str, object] = {}
+    steps = metrics.SMARTPLAN_BATCH_STEPS.labels("threads")
+    observed_before = _histogram(steps)
 
     def run(send_id: str) -> None:
         try:
@@ -197,3 +201,14 @@ def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
     assert credits(rt, "agent-1").used == 16  # the deferred step holds its credit
     sizes = [int(m.split("sends=")[1].split()[0]) for m in caplog.messages if "sends=" in m]
     assert sizes == [1, 15]
+    # Ops see it too: two batches of the threads, 16 steps in all.
+    count, total = _histogram(steps)
+    assert (count - observed_before[0], total - observed_before[1]) == (2, 16)
+
+
+def _histogram(child: Any) -> tuple[float, float]:
+    """A histogram child's observation count and sum."""
+    samples = {s.name: s.value for m in child.collect() for s in m.samples}
+    return samples["dispatcher_smartplan_batch_steps_count"], samples[
+        "dispatcher_smartplan_batch_steps_sum"
+    ]
