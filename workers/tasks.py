@@ -50,6 +50,7 @@ from dispatcher.errors import (
 )
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
 from workers.names import (
     PUBLISHED_AT,
     PUSH_EVENTS_TASK,
@@ -99,7 +100,7 @@ def _retry(
     On RabbitMQ the wait is whole seconds, at least one: quorum queues cannot hold a task back
     in the worker, so the broker's delayed delivery holds it, and it counts in seconds."""
     if not rt.settings.broker_is_redis:
-        countdown = float(max(1, math.ceil(countdown)))
+        countdown = max(1.0, _whole_seconds(rt.settings, countdown))
     try:
         raise task.retry(countdown=countdown, max_retries=None, **options)
     except Reject as exc:
@@ -109,6 +110,11 @@ def _retry(
             *(task.name, item_id, exc.reason, countdown),
         )
         return "parked"
+
+
+def _whole_seconds(s: Settings, countdown: float) -> float:
+    """A countdown as the broker takes it: RabbitMQ's delayed delivery counts whole seconds."""
+    return countdown if s.broker_is_redis else float(math.ceil(countdown))
 
 
 def _deliver(
@@ -224,9 +230,7 @@ def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: li
     # As a single send's retry: a wait longer than any countdown is parked for the sweep.
     parked = [(i, c) for i, c in back if c > s.retry_backoff_max_seconds]
     now = [(i, c) for i, c in back if c <= s.retry_backoff_max_seconds]
-    if not s.broker_is_redis:
-        # RabbitMQ's delayed delivery counts whole seconds.
-        now = [(i, float(math.ceil(c))) for i, c in now]
+    now = [(i, _whole_seconds(s, c)) for i, c in now]
     try:
         queue.publish_sends(now)
     except QueueUnavailable as exc:
@@ -249,15 +253,16 @@ def register(app: Celery, rt: Runtime) -> None:
     # Steps this worker's threads deliver at the same moment go as one batch; a retry (or a
     # step whose delivery failed unexpectedly) goes alone. Batch size 1: always alone.
     size = int(app.conf.get("smartplan_batch_size") or 1)
-    together = smartplan_batch.Coalescer(rt, size) if size > 1 else None
+    together = smartplan_batch.Coalescer(size) if size > 1 else None
 
     @task(name=SEND_SMARTPLAN_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_smartplan(self: Task, send_id: str, failures: int = 0) -> str:
-        first = together is not None and not self.request.retries and not failures
         return _deliver(
             self,
             rt,
-            together.deliver if first and together is not None else smartplan.deliver,
+            smartplan.deliver
+            if together is None or self.request.retries or failures
+            else together.deliver,
             smartplan.give_up,
             send_id,
             failures,

@@ -254,8 +254,7 @@ class Coalescer:
     at most one wave of ``SMTP_POOL_SIZE`` conversations ``unknown``.
     """
 
-    def __init__(self, rt: Runtime, limit: int) -> None:
-        self._rt = rt
+    def __init__(self, limit: int) -> None:
         self._limit = max(1, limit)
         self._lock = threading.Lock()
         self._waiting: list[_Ticket] = []
@@ -269,19 +268,19 @@ class Coalescer:
             ticket.leads = not self._busy
             self._busy = True
         if not ticket.leads:
-            ticket.ready.wait()
-        if ticket.leads and not ticket.done:
-            self._lead()
+            ticket.ready.wait()  # until its batch is done, or the lead is handed to it
+        if ticket.leads:
+            self._lead(rt)
         return ticket.outcome(rt)
 
-    def _lead(self) -> None:
+    def _lead(self, rt: Runtime) -> None:
         """Deliver the oldest waiting steps as one batch, then hand the lead on."""
         with self._lock:
             batch = self._waiting[: self._limit]
             del self._waiting[: self._limit]
         metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(batch))
         try:
-            result = deliver_batch(self._rt, [t.send_id for t in batch])
+            result = deliver_batch(rt, [t.send_id for t in batch])
         except BaseException as exc:
             for t in batch:
                 t.finish(error=exc)
@@ -305,14 +304,13 @@ class _Ticket:
         self.send_id = send_id
         self.ready = threading.Event()
         self.leads = False
-        self.done = False
         self._result: BatchResult | None = None
         self._error: BaseException | None = None
 
     def finish(
         self, *, result: BatchResult | None = None, error: BaseException | None = None
     ) -> None:
-        self._result, self._error, self.done = result, error, True
+        self._result, self._error = result, error
         self.ready.set()
 
     def outcome(self, rt: Runtime) -> SendStatus:

@@ -173,7 +173,7 @@ def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
             "contact2@example.org": [reply("451 4.3.0 try later")],
         }
     )
-    together = Coalescer(rt, limit=50)
+    together = Coalescer(limit=50)
     results: dict[str, object] = {}
     steps = metrics.SMARTPLAN_BATCH_STEPS.labels("threads")
     observed_before = _histogram(steps)
