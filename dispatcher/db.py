@@ -33,14 +33,19 @@ def make_engine(
     statement_timeout: float = 0.0,
     lock_timeout: float = 0.0,
     sqlite_synchronous: str = "normal",
+    pool_size: int | None = None,
     **kwargs: Any,
 ) -> Engine:
     """Build an engine; SQLite gets WAL and a busy timeout so API and workers can share it.
     On PostgreSQL, ``statement_timeout`` and ``lock_timeout`` (seconds, 0 for none) bound every
     statement and every lock wait of every connection. ``sqlite_synchronous`` is SQLite's
-    ``PRAGMA synchronous`` (``normal`` or ``full``, see ``SQLITE_SYNCHRONOUS``)."""
+    ``PRAGMA synchronous`` (``normal`` or ``full``, see ``SQLITE_SYNCHRONOUS``). ``pool_size``
+    is how many connections the engine keeps open for reuse (None: SQLAlchemy's 5); up to
+    10 more are opened when that many are in use at once, and closed once given back."""
     if sqlite_synchronous not in ("normal", "full"):
         raise ValueError(f"sqlite_synchronous must be normal or full, not {sqlite_synchronous!r}")
+    if pool_size is not None and url not in ("sqlite://", "sqlite:///:memory:"):
+        kwargs["pool_size"] = pool_size
     if url.startswith("sqlite"):
         return _sqlite_engine(url, sqlite_synchronous, **kwargs)
     if url.startswith("postgresql://"):

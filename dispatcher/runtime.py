@@ -72,6 +72,7 @@ class Runtime:
             statement_timeout=s.database_statement_timeout_seconds,
             lock_timeout=s.database_lock_timeout_seconds,
             sqlite_synchronous=s.sqlite_synchronous,
+            pool_size=s.database_pool_size,
         )
 
     @cached_property

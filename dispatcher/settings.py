@@ -201,6 +201,11 @@ class Settings(BaseSettings):
     #: (0 turns the limit off); a stuck query frees its worker or request instead of holding it.
     database_statement_timeout_seconds: float = 30.0
     database_lock_timeout_seconds: float = 10.0
+    #: Database connections a process keeps open for reuse. A process using more at once (the
+    #: API's request threads, a worker's threads) opens up to 10 more, each closed as soon as
+    #: it is given back: on PostgreSQL a new connection costs a server process and several
+    #: round trips, so this should cover the process's usual concurrency.
+    database_pool_size: int = 20
     #: SQLite only: see :data:`SqliteSynchronous` (PostgreSQL syncs every commit).
     sqlite_synchronous: SqliteSynchronous = "normal"
     smtp_host: str = "127.0.0.1"
@@ -439,6 +444,8 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     "PLAN_CATALOG", f"paid plan {small[0]!r} has no more credits than the free plan"
                 )
+        if not 1 <= self.database_pool_size <= 200:
+            raise ConfigError("DATABASE_POOL_SIZE", "must be from 1 to 200")
         if not 1 <= self.smtp_pool_size <= 100:
             raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
         if not 1 <= self.smartplan_batch_size <= 1000:
