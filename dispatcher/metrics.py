@@ -88,6 +88,12 @@ SMARTPLAN_BATCH_STEPS = Histogram(
     ["source"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
 )
+SUBMIT_GROUP_SENDS = Histogram(
+    "dispatcher_submit_group_sends",
+    "Single SmartPlan sends stored and enqueued as one group, having been submitted at the "
+    "same moment by a process's threads (the API's requests).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
 QUEUE_WAIT = Histogram(
     "dispatcher_queue_wait_seconds",
     "From a task's publication to a worker starting it, by queue (once for each step a "

@@ -33,10 +33,14 @@ class Producer:
     def __init__(self, runtime: Runtime, queue: TaskQueue) -> None:
         self.runtime = runtime
         self.queue = queue
+        #: Single sends this process's threads submit at the same moment go together.
+        self._singles = sends.Submissions(runtime, queue)
 
     def submit_send(self, request: SendRequest) -> SubmitResult:
-        """Store and enqueue one SmartPlan email; a repeated run+step+contact is not re-sent."""
-        return sends.submit_send(self.runtime, self.queue, request)
+        """Store and enqueue one SmartPlan email; a repeated run+step+contact is not re-sent.
+        Sends other threads submit at the same moment are stored and enqueued with it (see
+        :class:`dispatcher.sends.Submissions`)."""
+        return sends.submit_send(self.runtime, self.queue, request, self._singles)
 
     def submit_sends(self, requests: Sequence[SendRequest]) -> list[Outcome]:
         """Store and enqueue many SmartPlan emails at once: one answer per request, in order,

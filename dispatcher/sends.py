@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -25,12 +26,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher import validation
+from dispatcher import metrics, validation
 from dispatcher.delivery import identity
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.delivery.templates import load_template
 from dispatcher.errors import InvalidInput, NotFound
+from dispatcher.groupcommit import GroupCommit
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.ports import DeferredToOutbox, TaskQueue
 from dispatcher.runtime import Runtime
@@ -197,15 +199,23 @@ class _Checked:
     merge: dict[str, Any]
 
 
-def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult:
+def submit_send(
+    rt: Runtime, queue: TaskQueue, req: SendRequest, together: Submissions | None = None
+) -> SubmitResult:
     """Store the send once per idempotency key and enqueue it after the commit.
 
     The same SmartPlan run + step + contact again returns the first send's id and enqueues
     nothing (unless the broker never took the first one). Invalid input raises
-    :class:`InvalidInput`, an unknown user :class:`NotFound`, with nothing stored.
+    :class:`InvalidInput`, an unknown user :class:`NotFound`, with nothing stored. With
+    ``together``, the send is stored and enqueued with the sends other threads submit through
+    it at the same moment (see :class:`Submissions`); alone otherwise.
     """
     req, tpl, merge = validate(rt, req)
-    (result,) = _submit(rt, queue, [_Checked(req, req.idempotency_key, tpl, merge)])
+    item = _Checked(req, req.idempotency_key, tpl, merge)
+    if together is None:
+        (result,) = _submit(rt, queue, [item])
+    else:
+        result = together.submit(item)
     if isinstance(result, NotFound):
         raise result
     if result.created:
@@ -217,6 +227,34 @@ def submit_send(rt: Runtime, queue: TaskQueue, req: SendRequest) -> SubmitResult
             req.step_id,
         )
     return result
+
+
+class Submissions:
+    """Single sends that a process's threads (the API's request threads) submit at the same
+    moment, stored in one transaction and handed to the broker in one publish, as a batch
+    submit does: a :class:`~dispatcher.groupcommit.GroupCommit` of up to
+    ``SMARTPLAN_BATCH_SIZE`` sends. A lone send goes at once, by itself.
+
+    Each send keeps its own answer: its id (the same for two sends of one key, created once),
+    or its user unknown; an outage raises in every thread of the group, each send then stored
+    or not as a lone one would be (repeating the request settles it). Sends stored together
+    are enqueued together: one task delivers them side by side (see
+    :mod:`dispatcher.delivery.smartplan_batch`)."""
+
+    def __init__(self, rt: Runtime, queue: TaskQueue) -> None:
+        self._group: GroupCommit[_Checked, SubmitResult | NotFound] = GroupCommit(
+            rt.settings.smartplan_batch_size, partial(_submit_group, rt, queue)
+        )
+
+    def submit(self, item: _Checked) -> SubmitResult | NotFound:
+        return self._group.submit(item)
+
+
+def _submit_group(
+    rt: Runtime, queue: TaskQueue, items: Sequence[_Checked]
+) -> list[SubmitResult | NotFound]:
+    metrics.SUBMIT_GROUP_SENDS.observe(len(items))
+    return _submit(rt, queue, items)
 
 
 def submit_batch(rt: Runtime, queue: TaskQueue, requests: Sequence[SendRequest]) -> list[Outcome]:

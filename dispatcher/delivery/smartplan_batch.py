@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from dispatcher.delivery.lifecycle import Outcome
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.transports.base import Delivery
 from dispatcher.errors import RenderError, TransientError
+from dispatcher.groupcommit import GroupCommit
 from dispatcher.models import Send, SendKind, SendStatus, User
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -241,10 +241,9 @@ def _settle(
 
 class Coalescer:
     """SmartPlan steps that one worker's threads deliver at the same moment, delivered as one
-    batch (group commit): the thread that finds no batch under way leads one with every step
-    waiting, up to ``limit``; threads arriving meanwhile wait and the first of them leads the
-    next. Nothing waits on purpose: an idle worker delivers a step alone at once, a busy one
-    in batches as large as its backlog of running tasks.
+    batch (a :class:`~dispatcher.groupcommit.GroupCommit` of up to ``limit`` steps): an idle
+    worker delivers a step alone at once, a busy one in batches as large as its backlog of
+    running tasks.
 
     Each step still belongs to its own task: :meth:`deliver` returns the step's status as
     :func:`~dispatcher.delivery.smartplan.deliver` would, or raises what it would (a deferral
@@ -255,74 +254,26 @@ class Coalescer:
     """
 
     def __init__(self, limit: int) -> None:
-        self._limit = max(1, limit)
-        self._lock = threading.Lock()
-        self._waiting: list[_Ticket] = []
-        self._busy = False
+        self._group: GroupCommit[tuple[Runtime, str], BatchResult] = GroupCommit(
+            limit, _deliver_together
+        )
 
     def deliver(self, rt: Runtime, send_id: str) -> SendStatus:
         """Deliver one step, with whatever steps other threads are delivering now."""
-        ticket = _Ticket(send_id)
-        with self._lock:
-            self._waiting.append(ticket)
-            ticket.leads = not self._busy
-            self._busy = True
-        if not ticket.leads:
-            ticket.ready.wait()  # until its batch is done, or the lead is handed to it
-        if ticket.leads:
-            self._lead(rt)
-        return ticket.outcome(rt)
-
-    def _lead(self, rt: Runtime) -> None:
-        """Deliver the oldest waiting steps as one batch, then hand the lead on."""
-        with self._lock:
-            batch = self._waiting[: self._limit]
-            del self._waiting[: self._limit]
-        metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(batch))
-        try:
-            result = deliver_batch(rt, [t.send_id for t in batch])
-        except BaseException as exc:
-            for t in batch:
-                t.finish(error=exc)
-            raise
-        else:
-            for t in batch:
-                t.finish(result=result)
-        finally:
-            with self._lock:
-                if self._waiting:
-                    self._waiting[0].leads = True
-                    self._waiting[0].ready.set()
-                else:
-                    self._busy = False
-
-
-class _Ticket:
-    """One task's step in a :class:`Coalescer`, and what its batch made of it."""
-
-    def __init__(self, send_id: str) -> None:
-        self.send_id = send_id
-        self.ready = threading.Event()
-        self.leads = False
-        self._result: BatchResult | None = None
-        self._error: BaseException | None = None
-
-    def finish(
-        self, *, result: BatchResult | None = None, error: BaseException | None = None
-    ) -> None:
-        self._result, self._error = result, error
-        self.ready.set()
-
-    def outcome(self, rt: Runtime) -> SendStatus:
-        """The step's status, or what its task must handle (see :class:`Coalescer`)."""
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        status = self._result.settled.get(self.send_id)
+        result = self._group.submit((rt, send_id))
+        status = result.settled.get(send_id)
         if status is not None:
             return status
-        held = self._result.held.get(self.send_id)
+        held = result.held.get(send_id)
         if held is not None:
             raise held
         # Handed back at once: its own delivery decides (it may be a retry, busy, settled).
-        return smartplan.deliver(rt, self.send_id)
+        return smartplan.deliver(rt, send_id)
+
+
+def _deliver_together(steps: Sequence[tuple[Runtime, str]]) -> list[BatchResult]:
+    """One batch of the steps a :class:`Coalescer` gathered, on the leading task's runtime
+    (one per process); every step shares its result."""
+    metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(steps))
+    result = deliver_batch(steps[0][0], [send_id for _, send_id in steps])
+    return [result] * len(steps)

@@ -1,0 +1,94 @@
+"""Group commit: work that a process's threads hand in at the same moment, done as one batch.
+
+The thread that finds no batch under way leads one with every item waiting (up to a limit);
+threads arriving meanwhile wait, and the first of them leads the next batch once this one is
+done. Nothing waits on purpose: a lone item goes at once, by itself; under load the batches
+grow as large as the number of threads waiting. Each thread gets its own item's result, or
+has the batch's error raised in it.
+
+Used where one batch costs about what one item does (a transaction, a broker publish, a wave
+of SMTP conversations): SmartPlan steps delivered by a worker's threads
+(:class:`dispatcher.delivery.smartplan_batch.Coalescer`) and single sends accepted by the
+API's request threads (:class:`dispatcher.sends.Submissions`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """Run ``run`` on the items threads :meth:`submit` at the same moment, ``limit`` at most
+    at a time. ``run`` returns one result per item, in order; should it raise, every thread
+    of that batch has the error raised. One batch runs at a time."""
+
+    def __init__(self, limit: int, run: Callable[[Sequence[T]], Sequence[R]]) -> None:
+        self._limit = max(1, limit)
+        self._run = run
+        self._lock = threading.Lock()
+        self._waiting: list[_Ticket[T, R]] = []
+        self._busy = False
+
+    def submit(self, item: T) -> R:
+        """``item``'s result, from the batch it went in (led by this thread or another)."""
+        ticket: _Ticket[T, R] = _Ticket(item)
+        with self._lock:
+            self._waiting.append(ticket)
+            ticket.leads = not self._busy
+            self._busy = True
+        if not ticket.leads:
+            ticket.ready.wait()  # until its batch is done, or the lead is handed to it
+        if ticket.leads:
+            self._lead()
+        return ticket.outcome()
+
+    def _lead(self) -> None:
+        """Run the oldest waiting items as one batch, then hand the lead on."""
+        with self._lock:
+            batch = self._waiting[: self._limit]
+            del self._waiting[: self._limit]
+        try:
+            results = self._run([t.item for t in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
+        except BaseException as exc:
+            for t in batch:
+                t.finish(error=exc)
+            raise
+        else:
+            for t, result in zip(batch, results, strict=True):
+                t.finish(result=result)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].leads = True
+                    self._waiting[0].ready.set()
+                else:
+                    self._busy = False
+
+
+class _Ticket(Generic[T, R]):
+    """One thread's item, and what its batch made of it."""
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.ready = threading.Event()
+        self.leads = False
+        self._done = False
+        self._result: R | None = None
+        self._error: BaseException | None = None
+
+    def finish(self, *, result: R | None = None, error: BaseException | None = None) -> None:
+        self._result, self._error, self._done = result, error, True
+        self.ready.set()
+
+    def outcome(self) -> R:
+        if self._error is not None:
+            raise self._error
+        assert self._done
+        return self._result  # type: ignore[return-value]  # set by finish() with a result
