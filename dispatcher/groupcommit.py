@@ -34,6 +34,12 @@ class GroupCommit(Generic[T, R]):
         self._waiting: list[_Ticket[T, R]] = []
         self._busy = False
 
+    @property
+    def waiting(self) -> int:
+        """Items handed in and not yet in a batch (the next batch's, so far)."""
+        with self._lock:
+            return len(self._waiting)
+
     def submit(self, item: T) -> R:
         """``item``'s result, from the batch it went in (led by this thread or another)."""
         ticket: _Ticket[T, R] = _Ticket(item)

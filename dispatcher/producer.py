@@ -34,13 +34,13 @@ class Producer:
         self.runtime = runtime
         self.queue = queue
         #: Single sends this process's threads submit at the same moment go together.
-        self._singles = sends.Submissions(runtime, queue)
+        self.singles = sends.Submissions(runtime, queue)
 
     def submit_send(self, request: SendRequest) -> SubmitResult:
         """Store and enqueue one SmartPlan email; a repeated run+step+contact is not re-sent.
         Sends other threads submit at the same moment are stored and enqueued with it (see
         :class:`dispatcher.sends.Submissions`)."""
-        return sends.submit_send(self.runtime, self.queue, request, self._singles)
+        return sends.submit_send(self.runtime, self.queue, request, self.singles)
 
     def submit_sends(self, requests: Sequence[SendRequest]) -> list[Outcome]:
         """Store and enqueue many SmartPlan emails at once: one answer per request, in order,

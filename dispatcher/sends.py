@@ -249,6 +249,11 @@ class Submissions:
     def submit(self, item: _Checked) -> SubmitResult | NotFound:
         return self._group.submit(item)
 
+    @property
+    def waiting(self) -> int:
+        """Sends waiting for the group under way to finish (they go as the next one)."""
+        return self._group.waiting
+
 
 def _submit_group(
     rt: Runtime, queue: TaskQueue, items: Sequence[_Checked]
