@@ -622,7 +622,9 @@ def _insert_sends(
     size: int,
     now: datetime,
 ) -> None:
-    """One send per valid recipient, ``queued`` (claimed against ``grant``), written a chunk at
+    """One send per valid recipient, ``reserved`` when claimed against ``grant`` (the ledger
+    counts it pending under the campaign's bulk key until the campaign leaves ``reserving``),
+    ``queued`` without a grant (MailChimp; a start in a later month), written a chunk at
     a time: only one chunk's rows exist as Python objects at once. The values every row shares
     are converted for the driver once; per row only its own are."""
     user = session.get(User, user_id)
@@ -635,7 +637,7 @@ def _insert_sends(
         # The message lives on the campaign row, not on 100,000 send rows.
         "subject": "",
         "html": "",
-        "status": SendStatus.QUEUED,
+        "status": SendStatus.RESERVED if grant else SendStatus.QUEUED,
         "period": grant.period if grant else None,
         "grant_seq": grant.seq if grant else None,
         "attempts": 0,

@@ -10,7 +10,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher.credits.grants import campaign_key
 from dispatcher.credits.quota import GrantRef, LedgerSnapshot, SnapshotSource
 from dispatcher.errors import NotFound
-from dispatcher.models import CHARGED_STATUSES, Grant, Send, SendStatus
+from dispatcher.models import (
+    CHARGED_STATUSES,
+    Campaign,
+    CampaignStatus,
+    Grant,
+    Send,
+    SendStatus,
+)
 
 
 def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
@@ -29,22 +36,27 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     )
     # One statement, so one consistent view even under READ COMMITTED: read as two, a send
     # moving from queued to reserved in between would be in neither and the rebuild would
-    # over-grant by one.
+    # over-grant by one (the same for a campaign leaving ``reserving``).
     rows = session.execute(
-        select(Send.idempotency_key, Send.status, Send.campaign_id).where(
-            *in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED))
-        )
+        select(Send.idempotency_key, Send.status, Send.campaign_id, Campaign.status)
+        .outerjoin(Campaign, Campaign.id == Send.campaign_id)
+        .where(*in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED)))
     ).all()
-    charged = [key for key, status, _ in rows if status is not SendStatus.QUEUED]
-    # Claimed but not yet marked reserved: Redis may have granted them just before it lost its
-    # data. They count as pending: used, under the key a worker reserves them with (a SmartPlan
-    # send's own key, a campaign's bulk key for all its recipients), so that reservation is
-    # granted without counting them twice.
-    pending = Counter(
-        key if campaign_id is None else campaign_key(campaign_id)
-        for key, status, campaign_id in rows
-        if status is SendStatus.QUEUED
-    )
+    # Claimed but not yet granted for sure: Redis may have granted them just before it lost
+    # its data. They count as pending: used, under the key a worker reserves them with (a
+    # SmartPlan send's own key, a campaign's bulk key for all its recipients), so that
+    # reservation is granted without counting them twice. A campaign's recipients are stored
+    # ``reserved`` while the campaign is ``reserving`` its credits: pending under its key
+    # until it starts.
+    charged: list[str] = []
+    pending: Counter[str] = Counter()
+    for key, status, campaign_id, campaign_status in rows:
+        if campaign_status is CampaignStatus.RESERVING and campaign_id is not None:
+            pending[campaign_key(campaign_id)] += 1
+        elif status is SendStatus.QUEUED:
+            pending[key if campaign_id is None else campaign_key(campaign_id)] += 1
+        else:
+            charged.append(key)
     return LedgerSnapshot(
         total=row.total,
         charged_keys=charged,

@@ -11,10 +11,12 @@ import pytest
 from sqlalchemy import select
 
 from dispatcher.campaigns import create
+from dispatcher.credits.ledger import snapshot
+from dispatcher.credits.subscriptions import credits, ensure_current
 from dispatcher.delivery.message import message_id_for
 from dispatcher.models import Campaign, Send, SendKind, SendStatus
 from dispatcher.runtime import Runtime
-from tests.helpers import campaign_request, make_user
+from tests.helpers import campaign_request, make_user, seed_used_credits
 
 
 @pytest.mark.parametrize("shape", ["objects", "mappings"])
@@ -135,3 +137,53 @@ def test_recipients_lacking_an_unguarded_merge_field_are_counted_in_the_view(
         html="<p>Hi {% if first_name %}{{ first_name }}{% else %}there{% endif %}</p>",
     )
     assert create.create(rt, guarded)[0].missing_fields == {}
+
+
+@pytest.mark.parametrize("size", [30, 45])
+def test_redis_lost_while_a_campaign_reserves_counts_its_stored_recipients_once(
+    make_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    # Given an agent with 50 credits of which 10 are used, and Redis losing its data after a
+    # campaign of ``size`` recipients was stored (its rows ``reserved``, the campaign still
+    # ``reserving``) and before its credits were asked for
+    rt = make_runtime(free_plan_credits=50)
+    make_user(rt)
+    _, grant = ensure_current(rt, "agent-1")
+    seed_used_credits(rt, "agent-1", 10)
+    rt.redis.flushall()
+    seen: list[Any] = []
+    reserve = rt.quota.reserve
+
+    def lost_first(*args: Any, **kwargs: Any) -> Any:
+        with rt.sessions() as session:
+            stored = session.scalars(select(Send.status).where(Send.kind == SendKind.CAMPAIGN))
+            seen.append((set(stored), snapshot(session, grant)))
+        rt.redis.flushall()
+        return reserve(*args, **kwargs)
+
+    monkeypatch.setattr(rt.quota, "reserve", lost_first)
+
+    # When it is accepted (or refused)
+    fits = size <= 40
+    if fits:
+        view, _ = create.create(rt, campaign_request(size))
+    else:
+        with pytest.raises(create.InsufficientCredits):
+            create.create(rt, campaign_request(size))
+
+    # Then the ledger read in that moment counted the recipients once, pending under the
+    # campaign's key, and the reservation took them once (or, refused, left nothing behind)
+    ((statuses_then, snap),) = seen
+    assert statuses_then == {SendStatus.RESERVED}
+    assert len(snap.charged_keys) == 10 and [n for _, n in snap.pending] == [size]
+    assert [key.startswith("campaign|") for key, _ in snap.pending] == [True]
+    used = 10 + size if fits else 10
+    assert credits(rt, "agent-1").used == used
+    # ...and the ledger agrees once the campaign runs (or is gone)
+    rt.redis.flushall()
+    assert credits(rt, "agent-1").used == used
+    with rt.sessions() as session:
+        rows = session.scalars(select(Send.status).where(Send.kind == SendKind.CAMPAIGN)).all()
+    assert rows == ([SendStatus.RESERVED] * size if fits else [])
+    if fits:
+        assert view.status == "running"
