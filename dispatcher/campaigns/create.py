@@ -19,7 +19,7 @@ from sqlalchemy import CursorResult, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dispatcher import validation
+from dispatcher import db, validation
 from dispatcher.campaigns import control, sendtime
 from dispatcher.campaigns.control import CampaignStateError, CampaignView, view
 from dispatcher.credits import notices, refunds
@@ -469,9 +469,10 @@ def _store(
             )
         )
         session.flush()
-        _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, checked.invalid)
-        _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
-        _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+        with db.bulk_writes(session.connection()):
+            _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, checked.invalid)
+            _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
+            _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
     return chunks
 
 

@@ -187,3 +187,24 @@ def test_redis_lost_while_a_campaign_reserves_counts_its_stored_recipients_once(
     assert rows == ([SendStatus.RESERVED] * size if fits else [])
     if fits:
         assert view.status == "running"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_large_page_cache_of_a_bulk_write_is_given_back_with_its_connection(
+    make_runtime: Callable[..., Runtime],
+) -> None:
+    # Given one pooled SQLite connection (SQLite's default page cache, 2 MiB)
+    rt = make_runtime(database_pool_size=1)
+    make_user(rt)
+
+    def cache_sizes() -> list[int]:
+        with rt.engine.connect() as conn:
+            return [conn.exec_driver_sql("PRAGMA cache_size").scalar_one()]
+
+    assert cache_sizes() == [-2000]
+    # When a campaign's recipients are written with a large one
+    view, _ = create.create(rt, campaign_request(50))
+
+    # Then they were all written, and the connection went back to the pool with the default
+    assert view.recipients == 50
+    assert cache_sizes() == [-2000]
