@@ -85,16 +85,15 @@ class _Ticket(Generic[T, R]):
         self.item = item
         self.ready = threading.Event()
         self.leads = False
-        self._done = False
         self._result: R | None = None
         self._error: BaseException | None = None
 
     def finish(self, *, result: R | None = None, error: BaseException | None = None) -> None:
-        self._result, self._error, self._done = result, error, True
+        self._result, self._error = result, error
         self.ready.set()
 
     def outcome(self) -> R:
+        """The item's result (its batch finished it), or the batch's error raised."""
         if self._error is not None:
             raise self._error
-        assert self._done
         return self._result  # type: ignore[return-value]  # set by finish() with a result

@@ -229,7 +229,7 @@ def submit_send(
     return result
 
 
-class Submissions:
+class Submissions(GroupCommit[_Checked, SubmitResult | NotFound]):
     """Single sends that a process's threads (the API's request threads) submit at the same
     moment, stored in one transaction and handed to the broker in one publish, as a batch
     submit does: a :class:`~dispatcher.groupcommit.GroupCommit` of up to
@@ -242,17 +242,7 @@ class Submissions:
     :mod:`dispatcher.delivery.smartplan_batch`)."""
 
     def __init__(self, rt: Runtime, queue: TaskQueue) -> None:
-        self._group: GroupCommit[_Checked, SubmitResult | NotFound] = GroupCommit(
-            rt.settings.smartplan_batch_size, partial(_submit_group, rt, queue)
-        )
-
-    def submit(self, item: _Checked) -> SubmitResult | NotFound:
-        return self._group.submit(item)
-
-    @property
-    def waiting(self) -> int:
-        """Sends waiting for the group under way to finish (they go as the next one)."""
-        return self._group.waiting
+        super().__init__(rt.settings.smartplan_batch_size, partial(_submit_group, rt, queue))
 
 
 def _submit_group(
