@@ -132,20 +132,20 @@ def test_n_per_second_holds_exactly_across_four_worker_processes(
     assert len(admitted) >= RECIPIENTS
     assert most_in_any_window(admitted, 1.0 + LAG_MARGIN) <= PER_SECOND
     # ...and the relay never saw more than N in any one-second window (counting each message
-    # when its MAIL command was read) while the lag from admission to the relay stays under
-    # the limiter's margin, as documented; a message that lagged longer (the sink reads MAIL
-    # on a thread of this test process, which shares 2 cores with four workers) may shift
-    # into the next window by what exceeds the margin, and the window counted shrinks by that.
+    # when its MAIL command was read) among the messages whose lag from admission to the relay
+    # stayed under the limiter's margin, the condition the guarantee is documented under. A
+    # message that lagged longer was held up by the host (the relay's process shares 2 cores
+    # with four workers and this test, and a loaded host can stall any of them past the fence
+    # of `RelayRateLimiter.acquire`); such messages must stay rare.
     arrivals = sorted(mail_at)
     assert len(arrivals) == RECIPIENTS
-    gaps = sorted(b - a for a, b in zip(sorted(admitted), arrivals, strict=False))
-    assert gaps[len(gaps) // 2] < LAG_MARGIN / 2, lags(admitted, arrivals)  # lag stays rare
-    excess = max(0.0, gaps[-1] - LAG_MARGIN)
-    assert excess < 0.25, lags(admitted, arrivals)
-    worst = most_in_any_window(arrivals, 1.0 - excess)
+    gaps = message_lags(admitted, arrivals)
+    assert sorted(gaps)[len(gaps) // 2] < LAG_MARGIN / 2, lags(admitted, arrivals)
+    on_time = [t for t, gap in zip(arrivals, gaps, strict=True) if gap <= LAG_MARGIN]
+    assert len(arrivals) - len(on_time) <= RECIPIENTS // 10, lags(admitted, arrivals)
+    worst = most_in_any_window(on_time, 1.0)
     assert worst <= PER_SECOND, (
-        f"{worst} messages reached the relay within one second; lag from admission to the "
-        f"relay, by arrival order: {lags(admitted, arrivals)}"
+        f"{worst} messages reached the relay within one second; {lags(admitted, arrivals)}"
     )
     # ...over a long enough stretch of full demand, and the limit was used, not starved.
     start = arrivals[0]
@@ -169,11 +169,40 @@ def most_in_any_window(stamps: list[float], window: float) -> int:
     )
 
 
+def message_lags(admitted: list[float], arrivals: list[float]) -> list[float]:
+    """The lag from admission to the relay of each arrival, in the order of ``arrivals``
+    (sorted).
+
+    Which admission a message used is not recorded, and not every admission became a message:
+    one that went stale before its MAIL was written is left to count and its message asks
+    again (see ``RelayRateLimiter.acquire``). So each arrival, from the last back, is paired
+    with the latest admission not after it that no later arrival took: the pairing in order
+    with the smallest lags the two logs allow. An arrival with no admission before it (a
+    message the limiter never admitted) has an infinite lag.
+    """
+    ordered = sorted(admitted)
+    free = len(ordered)  # admissions [0, free) are not yet paired
+    gaps: list[float] = []
+    for arrival in reversed(arrivals):
+        j = bisect.bisect_right(ordered, arrival, 0, free) - 1
+        if j < 0:
+            gaps.append(float("inf"))
+            continue
+        gaps.append(arrival - ordered[j])
+        free = j
+    return gaps[::-1]
+
+
 def lags(admitted: list[float], arrivals: list[float]) -> str:
-    """The largest gaps between the i-th admission and the i-th arrival (a diagnosis: which
-    admission a message used is not recorded, so the pairing is by order)."""
-    gaps = sorted((b - a for a, b in zip(sorted(admitted), sorted(arrivals), strict=False)))
-    return f"median {gaps[len(gaps) // 2]:.3f}s, largest {[round(g, 3) for g in gaps[-5:]]}"
+    """The median and largest lags from admission to the relay, and how many lagged past the
+    margin (a diagnosis)."""
+    gaps = sorted(message_lags(admitted, arrivals))
+    late = sum(gap > LAG_MARGIN for gap in gaps)
+    stale = len(admitted) - len(arrivals)
+    return (
+        f"median {gaps[len(gaps) // 2]:.3f}s, largest {[round(g, 3) for g in gaps[-5:]]}, "
+        f"{late} over the margin, {stale} admissions not sent"
+    )
 
 
 def stall_now_and_then(stack: Stack, stop: threading.Event) -> None:
