@@ -218,7 +218,7 @@ class Send(Base):
         # The beat's sweeps: stuck reservations, and outcomes still to publish.
         Index("ix_sends_kind_status_lease", "kind", "status", "lease_until"),
         Index("ix_sends_published_finished", "outcome_published", "finished_at"),
-        Index("ix_sends_refund_due", "refund_due", "updated_at"),
+        # ix_sends_retry_at and ix_sends_refund_due, partial, follow the class.
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -250,7 +250,7 @@ class Send(Base):
     #: may be held without progress before the sweeper returns it.
     lease_until: Mapped[datetime | None]
     #: A wait too long for the broker's countdown: the beat sweep enqueues it again then.
-    retry_at: Mapped[datetime | None] = mapped_column(index=True)
+    retry_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]  # set once the broker took the task
     outcome_published: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Failed with its credit to come back, and Redis has not confirmed the refund yet (set
@@ -259,6 +259,20 @@ class Send(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+#: The two sweeps' indexes hold only the rows they look for (a parked send, a refund still
+#: due): the other sends, nearly all, cost them nothing when stored or moved on (every state
+#: change sets ``updated_at``). A query uses them when its WHERE has the same condition.
+SEND_PARKED = Send.retry_at.is_not(None)
+SEND_REFUND_DUE = Send.refund_due.is_(True)
+Index("ix_sends_retry_at", Send.retry_at, sqlite_where=SEND_PARKED, postgresql_where=SEND_PARKED)
+Index(
+    "ix_sends_refund_due",
+    Send.updated_at,
+    sqlite_where=SEND_REFUND_DUE,
+    postgresql_where=SEND_REFUND_DUE,
+)
 
 
 class TimelineEvent(Base):

@@ -51,7 +51,7 @@ from dispatcher.errors import (
     SendBusy,
     Yielded,
 )
-from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus, User
+from dispatcher.models import SEND_REFUND_DUE, Campaign, CampaignStatus, Send, SendStatus, User
 from dispatcher.reasons import Reason
 from dispatcher.redisclient import AsyncRedisClient, connect_async
 from dispatcher.runtime import Runtime
@@ -468,9 +468,7 @@ def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
     the refund sweep, whichever comes first."""
     with rt.sessions() as session:
         due = session.scalars(
-            select(Send.id).where(
-                Send.campaign_id == c.id, Send.chunk == chunk, Send.refund_due.is_(True)
-            )
+            select(Send.id).where(Send.campaign_id == c.id, Send.chunk == chunk, SEND_REFUND_DUE)
         ).all()
     if due:
         refunds.give_back(rt, list(due))

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 
 from dispatcher.credits.grants import campaign_key, grant_of
-from dispatcher.models import Campaign, Send
+from dispatcher.models import SEND_REFUND_DUE, Campaign, Send
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
         for start in range(0, len(send_ids), _BATCH):
             rows += session.execute(
                 select(*COLUMNS).where(
-                    Send.id.in_(send_ids[start : start + _BATCH]), Send.refund_due.is_(True)
+                    Send.id.in_(send_ids[start : start + _BATCH]), SEND_REFUND_DUE
                 )
             ).all()
     return give_back_rows(rt, rows)
@@ -76,19 +76,24 @@ def retry_due(rt: Runtime, limit: int = 1000) -> int:
     many sends were settled."""
     cutoff = rt.clock.now() - RETRY_AFTER
     with rt.sessions() as session:
-        rows = list(
-            session.execute(
-                select(*COLUMNS)
-                .where(Send.refund_due.is_(True), Send.updated_at < cutoff)
-                .order_by(Send.updated_at)
-                .limit(limit)
-            ).all()
-        )
+        rows = list(session.execute(due_since(cutoff, limit)).all())
     if not rows:
         return 0
     back = _make(rt, rows)
     log.warning("refunds left over after failures made: sends=%d credits_back=%d", len(rows), back)
     return len(rows)
+
+
+def due_since(cutoff: datetime, limit: int) -> Select[*tuple[Any, ...]]:
+    """The sweep's query: up to ``limit`` sends whose refund is due since before ``cutoff``,
+    oldest first. Its WHERE names :data:`~dispatcher.models.SEND_REFUND_DUE`, the condition of
+    the partial index ``ix_sends_refund_due``, so only those sends are read."""
+    return (
+        select(*COLUMNS)
+        .where(SEND_REFUND_DUE, Send.updated_at < cutoff)
+        .order_by(Send.updated_at)
+        .limit(limit)
+    )
 
 
 def _make(rt: Runtime, rows: Iterable[Any]) -> int:

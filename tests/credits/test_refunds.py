@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from devstack.devsmtp import DevSMTPServer, FaultPlan, reply
 from dispatcher.campaigns import control, create
@@ -107,3 +107,40 @@ def test_a_smartplan_refund_redis_refused_is_made_by_the_sweep(
     assert refunds.retry_due(runtime) == 1
     assert used(runtime, "agent-1") == 0
     assert refunds_due(runtime) == 0
+
+
+def test_the_sweeps_indexes_hold_only_the_sends_they_look_for(runtime: Runtime) -> None:
+    """The refund sweep's and the parked sends' indexes are partial (every other send costs
+    them nothing when stored or moved on), and the refund sweep's query matches its index's
+    condition: on SQLite, whose plan follows from the schema alone, it searches the index
+    rather than scanning every send."""
+    engine = runtime.engine
+    names = {"ix_sends_retry_at": "retry_at", "ix_sends_refund_due": "updated_at"}
+    if engine.dialect.name == "sqlite":
+        schema = "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+    else:
+        schema = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'sends'"
+    with engine.connect() as conn:
+        found = {name: sql for name, sql in conn.execute(text(schema)) if name in names}
+        # As SQLite and PostgreSQL print them, without what only one of them prints.
+        ddl = {
+            name: " ".join(
+                sql.lower()
+                .replace("public.", "")
+                .replace(" using btree", "")
+                .translate(str.maketrans("", "", "()"))
+                .split()
+            )
+            for name, sql in found.items()
+        }
+        assert ddl["ix_sends_retry_at"].endswith("on sends retry_at where retry_at is not null")
+        assert ddl["ix_sends_refund_due"].split(" where ")[1] in (
+            "refund_due is 1",
+            "refund_due is true",
+        ), ddl
+        assert ddl["ix_sends_refund_due"].split(" where ")[0].endswith("on sends updated_at")
+        if engine.dialect.name == "sqlite":
+            query = refunds.due_since(runtime.clock.now(), 100)
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(row[-1] for row in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+            assert "USING INDEX ix_sends_refund_due" in plan, plan
