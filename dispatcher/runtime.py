@@ -19,6 +19,7 @@ from dispatcher.credits.ledger import snapshot_source
 from dispatcher.credits.quota import QuotaLedger
 from dispatcher.delivery import footer
 from dispatcher.delivery.outcomes import OutcomeStream
+from dispatcher.delivery.priority import Behind
 from dispatcher.delivery.ratelimit import RateLimit
 from dispatcher.delivery.relay import RelayGuard, relay_id
 from dispatcher.delivery.transports.base import Transport
@@ -101,6 +102,11 @@ class Runtime:
     @cached_property
     def outcomes(self) -> OutcomeStream:
         return OutcomeStream(self.redis, self.settings.outcome_stream)
+
+    @cached_property
+    def behind(self) -> Behind:
+        """Where SmartPlan tasks say they waited, so that campaigns yield to them."""
+        return Behind(self.redis, self.settings.smartplan_lag_seconds or None)  # 0: off
 
     @cached_property
     def relay(self) -> RelayGuard:

@@ -253,6 +253,9 @@ class Settings(BaseSettings):
     #: SmartPlan steps submitted together (``POST /v1/sends/batch``) are delivered this many
     #: to a task, their conversations side by side; 1 gives each its own task.
     smartplan_batch_size: int = 50
+    #: SmartPlan steps go before campaigns: while SmartPlan tasks wait longer than this in
+    #: their queue, campaigns slow to a trickle (see delivery/priority.py); 0 turns it off.
+    smartplan_lag_seconds: float = 0.1
     #: An SMTP connection kept open between SmartPlan and system sends is closed after this
     #: long unused.
     smtp_idle_seconds: float = 30.0
@@ -450,6 +453,8 @@ class Settings(BaseSettings):
             raise ConfigError("SMTP_POOL_SIZE", "must be from 1 to 100")
         if not 1 <= self.smartplan_batch_size <= 1000:
             raise ConfigError("SMARTPLAN_BATCH_SIZE", "must be from 1 to 1000")
+        if not 0 <= self.smartplan_lag_seconds <= 3600:
+            raise ConfigError("SMARTPLAN_LAG_SECONDS", "must be from 0 (off) to 3600")
         if not 0 < self.smtp_idle_seconds <= 3600:
             raise ConfigError("SMTP_IDLE_SECONDS", "must be more than 0 and at most 3600")
         if not 1 <= self.campaign_chunk_size <= 10_000:

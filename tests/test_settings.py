@@ -68,6 +68,8 @@ def test_defaults_and_parsing() -> None:
         ({"TEMPLATE_MAX_OUTPUT_BYTES": "100"}, "TEMPLATE_MAX_OUTPUT_BYTES"),
         ({"SQLITE_SYNCHRONOUS": "off"}, "SQLITE_SYNCHRONOUS"),
         ({"SMTP_IDLE_SECONDS": "0"}, "SMTP_IDLE_SECONDS"),
+        ({"SMARTPLAN_LAG_SECONDS": "-1"}, "SMARTPLAN_LAG_SECONDS"),
+        ({"SMARTPLAN_LAG_SECONDS": "nan"}, "SMARTPLAN_LAG_SECONDS"),
         ({"SCHEMA_WAIT_SECONDS": "-1"}, "SCHEMA_WAIT_SECONDS"),
         ({"SOFT_BOUNCE_LIMIT": "0"}, "SOFT_BOUNCE_LIMIT"),
         ({"SES_SIGNING_CERT_FILE": "/nonexistent/sns.pem"}, "SES_SIGNING_CERT_FILE"),

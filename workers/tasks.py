@@ -40,6 +40,7 @@ from dispatcher.backoff import backoff, honouring
 from dispatcher.campaigns import control, run, schedule
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import events_webhook, smartplan, smartplan_batch, system_mail
+from dispatcher.delivery.priority import Behind
 from dispatcher.errors import (
     NotFound,
     PermanentError,
@@ -78,9 +79,10 @@ def _park_chunk(rt: Runtime, item: str, seconds: float) -> None:
     recovery.park_campaign(rt, run.parse(item)[0], seconds)
 
 
-def _observe_wait(task: Task, items: int = 1) -> None:
+def _observe_wait(task: Task, items: int = 1, behind: Behind | None = None) -> None:
     """How long a task's first delivery waited in its queue (a retry waits on purpose), once
-    for each of the ``items`` it carries."""
+    for each of the ``items`` it carries; ``behind`` (SmartPlan tasks) is told too, so that
+    campaigns yield while SmartPlan steps wait (:mod:`dispatcher.delivery.priority`)."""
     published = getattr(task.request, PUBLISHED_AT, None)
     if published is not None and not task.request.retries:
         queue = (task.request.delivery_info or {}).get("routing_key") or "unknown"
@@ -88,6 +90,8 @@ def _observe_wait(task: Task, items: int = 1) -> None:
         histogram = metrics.QUEUE_WAIT.labels(queue)
         for _ in range(items):
             histogram.observe(waited)
+        if behind is not None:
+            behind.waited(waited)
 
 
 def _retry(
@@ -126,6 +130,7 @@ def _deliver(
     failures: int,
     *,
     park: Park,
+    behind: Behind | None = None,
 ) -> str:
     """Run one delivery use case and map what it raises to retry or not (see the module).
 
@@ -133,7 +138,7 @@ def _deliver(
     attempts in SQL; ``failures`` counts this item's unforeseen errors only.
     """
     s = rt.settings
-    _observe_wait(task)
+    _observe_wait(task, behind=behind)
     countdown = backoff(task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds)
     try:
         return deliver(rt, item_id).value
@@ -209,7 +214,7 @@ def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: li
     on what already moved). An unforeseen error hands every send on as its own task, each with
     its own budget of unforeseen errors: a poison batch never loops."""
     s = rt.settings
-    _observe_wait(task, len(send_ids))
+    _observe_wait(task, len(send_ids), rt.behind)
     metrics.SMARTPLAN_BATCH_STEPS.labels("submitted").observe(len(send_ids))
     try:
         back = smartplan_batch.deliver_batch(rt, send_ids).handed_back
@@ -267,6 +272,7 @@ def register(app: Celery, rt: Runtime) -> None:
             send_id,
             failures,
             park=recovery.park_send,
+            behind=rt.behind,
         )
 
     handing = CeleryTaskQueue(app)

@@ -24,7 +24,7 @@ from dispatcher import keys
 from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
-from dispatcher.delivery import identity, lifecycle, returnpath, suppression
+from dispatcher.delivery import identity, lifecycle, priority, returnpath, suppression
 from dispatcher.delivery.footer import Footer
 from dispatcher.delivery.identity import Identity
 from dispatcher.delivery.lifecycle import Outcome
@@ -166,6 +166,8 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
     stop = _stop_starting(rt)
+    # SmartPlan steps go first: while they wait, this run's lanes slow to a trickle.
+    smartplan_first = priority.Yield(marks)
     try:
         while not run.stop and status_of(rt, c.id) is CampaignStatus.RUNNING:
             if rt.stopping.is_set():
@@ -184,12 +186,20 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
                 run.deadline,
                 data_marks,
                 stop=stop,
+                pace=smartplan_first.turn,
             )
             await data_marks.write_ends()
             _record(rt, c, run, batch, results)
     finally:
         await bulk.close()
         await marks.aclose()
+    if smartplan_first.paused:
+        log.info(
+            "campaign %s chunk %d: lanes yielded to SmartPlan steps for %.1fs in all",
+            c.id,
+            chunk,
+            smartplan_first.paused,
+        )
     return run
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,7 +67,9 @@ class BulkSender(Protocol):
     told of each item that reaches DATA (see :class:`DataMarks`). ``stop(outcome)`` is asked
     after each item's outcome: once it answers a :class:`NotAttempted` (a policy refusal, the
     worker stopping), no further item starts (conversations already under way on other
-    connections finish) and the rest come back as that answer."""
+    connections finish) and the rest come back as that answer. ``pace()`` is awaited before
+    each item starts (a campaign yielding to SmartPlan steps); the deadline is checked after
+    it."""
 
     async def send_many(
         self,
@@ -75,6 +77,7 @@ class BulkSender(Protocol):
         deadline: float | None = None,
         marks: DataMarks | None = None,
         stop: Stop | None = None,
+        pace: Pace | None = None,
     ) -> list[Outcome]: ...
 
     async def close(self) -> None: ...
@@ -85,3 +88,6 @@ Outcome = Delivery | DeliveryDeferred | DeliveryRejected | DeliveryUnknown | Not
 
 #: Asked after each outcome of a batch: what the items not started yet answer, or None to go on.
 Stop = Callable[[Outcome], NotAttempted | None]
+
+#: Awaited before each item of a batch starts: it may wait, never refuse.
+Pace = Callable[[], Awaitable[None]]

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from dispatcher.delivery.message import Envelope
-from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Stop
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Pace, Stop
 from dispatcher.errors import DeliveryDeferred, DeliveryRejected, DeliveryUnknown, NotAttempted
 
 Behaviour = Callable[[Envelope, bytes], Delivery]
@@ -45,6 +45,7 @@ class MemoryTransport:
         deadline: float | None = None,
         marks: DataMarks | None = None,
         stop: Stop | None = None,
+        pace: Pace | None = None,
     ) -> list[Outcome]:
         """Each item in turn; with no conversation to go through, ``marks`` is told of each
         item just before it is handed over and again with its outcome (see
@@ -52,6 +53,8 @@ class MemoryTransport:
         out: list[Outcome] = []
         held: NotAttempted | None = None
         for i, (envelope, message) in enumerate(items):
+            if held is None and pace is not None:
+                await pace()
             if held is None and marks is not None:
                 try:
                     await marks.before_data(i)

@@ -13,7 +13,7 @@ import aiosmtplib
 from dispatcher import metrics
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.relay import RelayGuard
-from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Stop
+from dispatcher.delivery.transports.base import DataMarks, Delivery, Outcome, Pace, Stop
 from dispatcher.delivery.transports.classify import classify
 from dispatcher.errors import (
     DeliveryDeferred,
@@ -299,6 +299,7 @@ class SMTPBulk:
         deadline: float | None = None,
         marks: DataMarks | None = None,
         stop: Stop | None = None,
+        pace: Pace | None = None,
     ) -> list[Outcome]:
         """Send every message over the pooled connections; one outcome per item, in order
         (delivery errors are returned, not raised). ``marks`` is told of each message that
@@ -319,6 +320,8 @@ class SMTPBulk:
             nonlocal held
             client = self._clients[slot]
             for i in pending:  # shared by the lanes: each item goes to the first free one
+                if held is None and pace is not None:
+                    await pace()
                 if held is None and deadline is not None and time.monotonic() > deadline:
                     held = Yielded("the task's time is up")
                 if held is not None:
