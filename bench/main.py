@@ -499,6 +499,7 @@ class Bench:
             f"{missing:,} not arrived, {len(paced.errors)} refused, POST start lag at worst "
             f"{paced.max_lag * 1000:,.0f} ms"
         )
+        self.say(f"  p99 by {SPAN:g} s of the run (where the tail is): {spans(due, arrivals)}")
         notes = (
             f"{len(due):,} sends at {achieved:,.0f}/s during a {a.latency_campaign:,} campaign "
             f"({num(run.rate)} msg/s); {missing:,} not arrived {a.latency_wait:g} s after it, "
@@ -720,6 +721,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     return Bench(args).run()
+
+
+#: Seconds of a latency run summarised together.
+SPAN = 10.0
+
+
+def spans(due: dict[str, float], arrivals: dict[str, float]) -> str:
+    """The p99 latency of the sends due in each ``SPAN`` seconds of the run, in order (ms;
+    ``inf``: one of them never arrived)."""
+    if not due:
+        return "-"
+    first = min(due.values())
+    buckets: dict[int, list[float]] = {}
+    for k, at in due.items():
+        lat = (arrivals[k] - at) * 1000 if k in arrivals else math.inf
+        buckets.setdefault(int((at - first) // SPAN), []).append(lat)
+    worst = [percentile(sorted(v), 0.99) for _, v in sorted(buckets.items())]
+    return ", ".join("inf" if math.isinf(w) else f"{w:,.0f}" for w in worst)
 
 
 def _group_rate(sink: Sink, tag: str) -> float:

@@ -254,7 +254,7 @@ class Settings(BaseSettings):
     #: to a task, their conversations side by side; 1 gives each its own task.
     smartplan_batch_size: int = 50
     #: SmartPlan steps go before campaigns: while SmartPlan tasks wait longer than this in
-    #: their queue, campaigns slow to a trickle (see delivery/priority.py); 0 turns it off.
+    #: their queue, campaigns slow to a fifth of their speed (delivery/priority.py); 0: off.
     smartplan_lag_seconds: float = 0.1
     #: An SMTP connection kept open between SmartPlan and system sends is closed after this
     #: long unused.

@@ -166,7 +166,7 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
     bulk = rt.transport.bulk()
     marks = _async_redis(rt)
     stop = _stop_starting(rt)
-    # SmartPlan steps go first: while they wait, this run's lanes slow to a trickle.
+    # SmartPlan steps go first: while they wait, this run's lanes rest between messages.
     smartplan_first = priority.Yield(marks)
     try:
         while not run.stop and status_of(rt, c.id) is CampaignStatus.RUNNING:

@@ -10,10 +10,11 @@ The rule, in one place:
   (``Settings.smartplan_lag_seconds``; 0 turns the rule off) says so in Redis: the key
   :data:`BEHIND_KEY` is set for :data:`HOLD_SECONDS` (refreshed while steps keep waiting, at
   most every :data:`MARK_EVERY` seconds per process).
-- **Yield**: while that key lives, each lane of a campaign chunk waits before starting its next
-  message, re-reading the key every :data:`CHECK_EVERY` seconds, but never more than
-  :data:`MAX_PAUSE` seconds per message: a campaign slows to a trickle, never to a stop, even
-  when SmartPlan traffic alone keeps the workers behind.
+- **Yield**: while that key lives, each lane (SMTP connection) of a campaign chunk rests before
+  starting its next message, :data:`REST_RATIO` times as long as its last message took (never
+  more than :data:`MAX_PAUSE`): a yielding campaign keeps about a fifth of its speed, so it
+  slows, never stops, even when SmartPlan traffic alone keeps the SmartPlan workers behind.
+  The lanes of a run share one reading of the key, refreshed every :data:`CHECK_EVERY` seconds.
 
 Nothing here decides a send's outcome: a Redis error only turns the rule off for that moment.
 """
@@ -23,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -40,8 +43,10 @@ HOLD_SECONDS = 0.5
 MARK_EVERY = 0.1
 #: How often a campaign run re-reads the key (one PTTL shared by its lanes).
 CHECK_EVERY = 0.05
-#: The longest a campaign lane waits before one message: a yielding campaign still starts a
-#: message per lane this often.
+#: While SmartPlan is behind, a campaign lane rests this many times as long as its last
+#: message took (its conversation and the rest of its share of the batch's work).
+REST_RATIO = 4.0
+#: The longest a campaign lane rests before one message.
 MAX_PAUSE = 1.0
 
 
@@ -79,10 +84,8 @@ class Behind:
 
 
 class Yield:
-    """The campaign side, for one chunk run on its event loop: :meth:`turn` before each message.
-
-    The lanes of the run share one reading of the key, refreshed every :data:`CHECK_EVERY`
-    seconds by whichever lane needs it first."""
+    """The campaign side, for one chunk run on its event loop: each lane awaits :meth:`turn`
+    before each message."""
 
     def __init__(
         self,
@@ -95,20 +98,24 @@ class Yield:
         self._read_at = -CHECK_EVERY
         self._behind_until = 0.0
         self._reading = False
-        #: Seconds this run's lanes spent yielding, all together (for the chunk's log line).
+        #: When each lane (its asyncio task) last came back from :meth:`turn`.
+        self._since: weakref.WeakKeyDictionary[asyncio.Task[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: Seconds this run's lanes rested, all together (for the chunk's log line).
         self.paused = 0.0
 
     async def turn(self) -> None:
-        """Wait while SmartPlan steps are behind, at most :data:`MAX_PAUSE` seconds."""
-        waited = 0.0
-        while waited < MAX_PAUSE:
-            left = await self._behind_for()
-            if left <= 0:
-                break
-            pause = min(left, CHECK_EVERY, MAX_PAUSE - waited)
+        """Rest while SmartPlan steps are behind: :data:`REST_RATIO` times as long as this
+        lane's last message took, at most :data:`MAX_PAUSE` (no rest for a lane's first)."""
+        lane = asyncio.current_task()
+        assert lane is not None, "called from a lane's task"
+        last = self._since.get(lane)
+        if await self._behind_for() > 0 and last is not None:
+            pause = min(MAX_PAUSE, REST_RATIO * (self._clock() - last))
             await asyncio.sleep(pause)
-            waited += pause
-        self.paused += waited
+            self.paused += pause
+        self._since[lane] = self._clock()
 
     async def _behind_for(self) -> float:
         """Seconds the key has left to live, as last read (read again when stale; lanes that

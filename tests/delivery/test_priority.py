@@ -1,6 +1,6 @@
 """SmartPlan steps go before campaigns (dispatcher/delivery/priority.py): a SmartPlan task that
 waited past SMARTPLAN_LAG_SECONDS in its queue marks SmartPlan as behind in Redis, and while the
-mark lives a running campaign's lanes slow to a trickle; real Redis, SMTP server and worker."""
+mark lives a running campaign's lanes rest between messages; real Redis, SMTP server and worker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 
-from devstack.devsmtp import DevSMTPServer
+from devstack.devsmtp import DevSMTPServer, slow
 from dispatcher.delivery import priority
 from dispatcher.delivery.priority import BEHIND_KEY, Behind, Yield
 from dispatcher.redisclient import connect_async
@@ -66,7 +66,7 @@ def test_a_step_that_waited_past_the_lag_marks_smartplan_behind_one_that_did_not
         assert redis_client.get(BEHIND_KEY) is None
 
 
-def test_a_campaign_trickles_while_smartplan_is_behind_and_completes_after(
+def test_a_campaign_slows_while_smartplan_is_behind_and_completes_after(
     runtime: Runtime,
     api_client: Any,
     smtp_server: DevSMTPServer,
@@ -74,44 +74,54 @@ def test_a_campaign_trickles_while_smartplan_is_behind_and_completes_after(
     worker: Any,
 ) -> None:
     make_user(runtime)
+    # Each message takes the relay at least 0.2 s: a lane sends at most 5 a second, and
+    # resting REST_RATIO times that long after each, at most one a second.
+    smtp_server.handler.fault = lambda stage, got: slow(0.2) if stage == "data" else None
     redis_client.set(BEHIND_KEY, "2.000", px=60_000)  # as a SmartPlan worker behind sets it
-    cid = api_client.post("/v1/campaigns", json=campaign_body(120)).json()["id"]
+    cid = api_client.post("/v1/campaigns", json=campaign_body(100)).json()["id"]
 
-    # It does not stop: each lane still starts a message per MAX_PAUSE.
-    wait_for(lambda: len(to_contacts(smtp_server)) >= 1, timeout=30, what="the trickle")
+    # It does not stop: each lane still sends.
+    wait_for(lambda: len(to_contacts(smtp_server)) >= LANES, timeout=30, what="a slow start")
     start, at_start = time.monotonic(), len(to_contacts(smtp_server))
     time.sleep(3.0)
     elapsed = time.monotonic() - start
-    trickled = len(to_contacts(smtp_server)) - at_start
-    # Not yielding, the 120 recipients go in well under a second on four connections.
-    bound = LANES * (elapsed / priority.MAX_PAUSE + 2)
-    assert 0 < trickled <= bound, (trickled, bound)
+    sent = len(to_contacts(smtp_server)) - at_start
+    # Not yielding, the four lanes would send about 5 a second each: some 60 in this time.
+    bound = LANES * (elapsed / ((1 + priority.REST_RATIO) * 0.2) + 2)
+    assert 0 < sent <= bound, (sent, bound)
 
     # SmartPlan caught up: the campaign goes on at full speed and completes, nobody twice.
     redis_client.delete(BEHIND_KEY)
     wait_for(lambda: finished(api_client, cid), timeout=60, what="the campaign completed")
     got = to_contacts(smtp_server)
-    assert len(got) == 120 and len({m.message_id for m in got}) == 120
+    assert len(got) == 100 and len({m.message_id for m in got}) == 100
 
 
-def test_a_lane_waits_while_the_mark_lives_and_at_most_max_pause(
+def test_a_lane_rests_a_multiple_of_its_last_message_while_the_mark_lives(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
-    async def paused_for_one_turn() -> float:
+    now = [50.0]
+
+    async def rests(mark_ms: int | None, message_seconds: float) -> float:
+        """What a lane rests before its second message, its first having taken so long."""
+        if mark_ms is not None:
+            redis_client.set(BEHIND_KEY, "1", px=mark_ms)
         client = connect_async(redis_url)
         try:
-            yielding = Yield(client)
+            yielding = Yield(client, clock=lambda: now[0])
+            await yielding.turn()  # the first message: no rest, whatever the mark
+            first = yielding.paused
+            now[0] += message_seconds
             await yielding.turn()
+            assert first == 0
             return yielding.paused
         finally:
             await client.aclose()
+            redis_client.delete(BEHIND_KEY)
 
-    assert asyncio.run(paused_for_one_turn()) == 0  # nobody behind: no wait at all
-    redis_client.set(BEHIND_KEY, "1", px=300)
-    paused = asyncio.run(paused_for_one_turn())
-    assert 0.15 <= paused <= 0.35, paused  # until the mark expired
-    redis_client.set(BEHIND_KEY, "1", px=60_000)
-    assert asyncio.run(paused_for_one_turn()) == pytest.approx(priority.MAX_PAUSE)
+    assert asyncio.run(rests(None, 0.05)) == 0  # nobody behind: no rest at all
+    assert asyncio.run(rests(60_000, 0.05)) == pytest.approx(priority.REST_RATIO * 0.05)
+    assert asyncio.run(rests(60_000, 5.0)) == priority.MAX_PAUSE  # never more
 
 
 def test_a_process_marks_at_most_every_mark_every_and_only_past_the_lag(
