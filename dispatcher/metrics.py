@@ -46,6 +46,11 @@ CREDITS_RESERVED = Counter(
     "dispatcher_credits_reserved", "Credits taken from agents' grants (replays not counted)."
 )
 CREDITS_REFUNDED = Counter("dispatcher_credits_refunded", "Credits given back to agents' grants.")
+CAMPAIGN_RESTED = Counter(
+    "dispatcher_campaign_rested_seconds",
+    "Seconds campaign connections rested between messages because SmartPlan steps waited "
+    "(delivery/priority.py), all connections together.",
+)
 RESERVATIONS_DENIED = Counter(
     "dispatcher_reservations_denied", "Reservations refused because the grant had too few credits."
 )

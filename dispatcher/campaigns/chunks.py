@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 from sqlalchemy import func, select
 
-from dispatcher import keys
+from dispatcher import keys, metrics
 from dispatcher.campaigns import control
 from dispatcher.campaigns.control import complete_if_done, status_of
 from dispatcher.credits import refunds
@@ -194,8 +194,9 @@ async def _run_chunk(rt: Runtime, c: Campaign, chunk: int, agent: User) -> _Run:
         await bulk.close()
         await marks.aclose()
     if smartplan_first.paused:
+        metrics.CAMPAIGN_RESTED.inc(smartplan_first.paused)
         log.info(
-            "campaign %s chunk %d: lanes yielded to SmartPlan steps for %.1fs in all",
+            "campaign %s chunk %d: connections rested %.1fs in all, SmartPlan steps waiting",
             c.id,
             chunk,
             smartplan_first.paused,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
+from prometheus_client import REGISTRY
 
 from devstack.devsmtp import DevSMTPServer, slow
 from dispatcher.delivery import priority
@@ -77,6 +78,7 @@ def test_a_campaign_slows_while_smartplan_is_behind_and_completes_after(
     # Each message takes the relay at least 0.2 s: a lane sends at most 5 a second, and
     # resting REST_RATIO times that long after each, at most one a second.
     smtp_server.handler.fault = lambda stage, got: slow(0.2) if stage == "data" else None
+    rested_before = rested()
     redis_client.set(BEHIND_KEY, "2.000", px=60_000)  # as a SmartPlan worker behind sets it
     cid = api_client.post("/v1/campaigns", json=campaign_body(100)).json()["id"]
 
@@ -95,6 +97,13 @@ def test_a_campaign_slows_while_smartplan_is_behind_and_completes_after(
     wait_for(lambda: finished(api_client, cid), timeout=60, what="the campaign completed")
     got = to_contacts(smtp_server)
     assert len(got) == 100 and len({m.message_id for m in got}) == 100
+    # Operators see the rest: at least 0.8 s for each message counted above but the first.
+    assert rested() - rested_before >= 0.8 * (sent - LANES), (rested(), rested_before)
+
+
+def rested() -> float:
+    """The worker's (this process's) dispatcher_campaign_rested_seconds_total."""
+    return REGISTRY.get_sample_value("dispatcher_campaign_rested_seconds_total") or 0.0
 
 
 def test_a_lane_rests_a_multiple_of_its_last_message_while_the_mark_lives(
