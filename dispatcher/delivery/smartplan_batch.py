@@ -11,7 +11,8 @@ statement and the conversations run side by side on the process's SMTP pool:
 4. in waves of ``SMTP_POOL_SIZE``: the wave's sends ``sending`` under their lease in one
    UPDATE, their conversations side by side, their outcomes settled in one call. A worker lost
    mid-batch leaves only the wave under way ``sending`` (``unknown`` once its lease runs out),
-   the rest open for the next delivery.
+   the rest open for the next delivery; a process has at most :data:`WAVES_AT_ONCE` waves
+   under way, however many of its threads run batches.
 
 Only fresh sends (``queued``, no grant recorded yet) take this path. Any other send (a retry,
 one another delivery holds, one already settled) and every send that must wait (deferred,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,13 @@ from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+#: Waves a process has under way at once, whatever its threads (their conversations share
+#: the process's SMTP pool, so a wave started sooner would only wait ``sending``): a lost
+#: process leaves at most this many waves ``unknown``, not one per thread running a batch.
+WAVES_AT_ONCE = 4
+_WAVES = threading.BoundedSemaphore(WAVES_AT_ONCE)
 
 
 @dataclass
@@ -113,12 +122,13 @@ def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
             # as single sends' tasks, on whichever worker is free.
             result.handed_back += [(r.send.id, 0.0) for r in granted[start_at:]]
             break
-        started = lifecycle.start_many(rt, [r.send.id for r in part])
-        result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
-        going = [r for r in part if r.send.id in started]
-        if going:
-            _converse(rt, going, result)
-            talked += len(going)
+        with _WAVES:
+            started = lifecycle.start_many(rt, [r.send.id for r in part])
+            result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
+            going = [r for r in part if r.send.id in started]
+            if going:
+                _converse(rt, going, result)
+                talked += len(going)
     log.info(
         "SmartPlan batch sends=%d conversations=%d settled=%d handed_back=%d",
         len(send_ids),

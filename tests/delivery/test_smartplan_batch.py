@@ -16,13 +16,13 @@ from devstack.devsmtp import DevSMTPServer, FaultPlan, reply, slow
 from dispatcher import metrics
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import smartplan, suppression
-from dispatcher.delivery.smartplan_batch import Coalescer, deliver_batch
+from dispatcher.delivery.smartplan_batch import WAVES_AT_ONCE, Coalescer, deliver_batch
 from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.runtime import Runtime
 from dispatcher.sends import get_send, submit_send
-from tests.helpers import make_user, send_request, timeline_rows
+from tests.helpers import make_user, send_request, statuses, timeline_rows
 
 
 def _submit(rt: Runtime, count: int, user: str = "agent-1") -> list[str]:
@@ -212,3 +212,28 @@ def _histogram(child: Any) -> tuple[float, float]:
     return samples["dispatcher_smartplan_batch_steps_count"], samples[
         "dispatcher_smartplan_batch_steps_sum"
     ]
+
+
+def test_a_process_has_at_most_two_waves_under_way_whatever_its_threads(
+    make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
+) -> None:
+    """Eight threads each deliver a batch of their own against a slow relay: no more than
+    WAVES_AT_ONCE x SMTP_POOL_SIZE steps are ever ``sending`` (what a SIGKILL would leave
+    ``unknown``), and every step is sent once."""
+    rt = make_runtime(smtp_pool_size=4)
+    make_user(rt)
+    ids = _submit(rt, 64)
+    smtp_server.handler.fault = lambda stage, got: slow(0.1) if stage == "data" else None
+    batches = [ids[i::8] for i in range(8)]
+    threads = [threading.Thread(target=deliver_batch, args=(rt, b)) for b in batches]
+    most = 0
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        most = max(most, statuses(rt, "agent-1").get("sending", 0))
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert 0 < most <= WAVES_AT_ONCE * 4 < 8 * 4, most  # a wave per thread: 32 (seen)
+    assert statuses(rt, "agent-1") == {"sent": 64}
+    assert set(_received(smtp_server).values()) == {1} and len(_received(smtp_server)) == 64
