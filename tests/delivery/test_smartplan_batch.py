@@ -214,7 +214,7 @@ def _histogram(child: Any) -> tuple[float, float]:
     ]
 
 
-def test_a_process_has_at_most_two_waves_under_way_whatever_its_threads(
+def test_a_process_has_at_most_waves_at_once_waves_under_way_whatever_its_threads(
     make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
 ) -> None:
     """Eight threads each deliver a batch of their own against a slow relay: no more than
