@@ -106,7 +106,7 @@ class Runtime:
     @cached_property
     def behind(self) -> Behind:
         """Where SmartPlan tasks say they waited, so that campaigns yield to them."""
-        return Behind(self.redis, self.settings.smartplan_lag_seconds or None)  # 0: off
+        return Behind(self.redis, self.settings.smartplan_lag_seconds)
 
     @cached_property
     def relay(self) -> RelayGuard:

@@ -56,7 +56,7 @@ class Behind:
     def __init__(
         self,
         redis: RedisClient,
-        lag: float | None,
+        lag: float,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -67,8 +67,9 @@ class Behind:
 
     def waited(self, seconds: float) -> bool:
         """A SmartPlan task started ``seconds`` after it was published: past the lag target,
-        campaigns yield for the next :data:`HOLD_SECONDS`. True when the key was set now."""
-        if self._lag is None or seconds <= self._lag:
+        campaigns yield for the next :data:`HOLD_SECONDS` (a lag of 0: never). True when the
+        key was set now."""
+        if not self._lag or seconds <= self._lag:
             return False
         now = self._clock()
         if now - self._marked_at < MARK_EVERY:

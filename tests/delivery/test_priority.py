@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,11 +34,10 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def long_hold(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def long_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mark that outlives the test's reading of it (the worker's wait is real, its hold is
     what a slow test machine could let expire before the assertion)."""
     monkeypatch.setattr(priority, "HOLD_SECONDS", 60.0)
-    yield
 
 
 def test_a_step_that_waited_past_the_lag_marks_smartplan_behind_one_that_did_not_does_not(
@@ -149,4 +147,4 @@ def test_a_process_marks_at_most_every_mark_every_and_only_past_the_lag(
     assert redis_client.get(BEHIND_KEY) is None
     now[0] += priority.MARK_EVERY
     assert behind.waited(0.9)
-    assert Behind(runtime.redis, None).waited(3600) is False  # the rule turned off
+    assert Behind(runtime.redis, 0).waited(3600) is False  # the rule turned off
