@@ -257,9 +257,10 @@ class QuotaLedger:
 
     def mark_notified(self, grant: GrantRef, threshold: int) -> bool:
         """Raise the grant's notified threshold to ``threshold`` once the ledger recorded that
-        notification: a rebuild that read the ledger just before may have lowered it. Nothing
-        happens to a missing grant (its rebuild reads the ledger)."""
-        return bool(self._call(self._notified, grant.keys[:1], [threshold]))
+        notification: a rebuild that read the ledger just before may have lowered it. A
+        missing grant is not created (its rebuild reads the ledger); its rebuild epoch is
+        cleared, so a rebuild under way, whose read may predate the notice, reads again."""
+        return bool(self._call(self._notified, [grant.keys[0], grant.epoch_key], [threshold]))
 
     def drop(self, grant: GrantRef) -> None:
         """Forget the grant in Redis, as a loss of its data would; the next use rebuilds it

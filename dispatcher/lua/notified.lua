@@ -1,7 +1,11 @@
--- Raise a grant's notified threshold to at least ARGV[1], only when the grant exists (a missing
--- grant is rebuilt from the ledger, which already holds it).
--- KEYS[1] grant hash   ARGV[1] threshold
+-- Raise a grant's notified threshold to at least ARGV[1] once the ledger recorded that notice.
+-- A missing grant is not half-created: its rebuild reads the ledger, which already holds the
+-- notice. A rebuild may have read the ledger before the notice was committed, though, and
+-- write the lower threshold after this call; deleting the grant's rebuild epoch refuses that
+-- write, and the rebuild reads the ledger again.
+-- KEYS[1] grant hash   KEYS[2] rebuild epoch   ARGV[1] threshold
 if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
   return 0
 end
 local notified = tonumber(redis.call('HGET', KEYS[1], 'notified') or '0')

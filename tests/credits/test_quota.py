@@ -265,3 +265,28 @@ def test_a_notice_recorded_after_a_stale_rebuild_raises_notified_again(
     ledger.drop(grant)
     assert not ledger.mark_notified(grant, 100)  # a missing grant is not half-created
     assert ledger.state(grant) is None
+
+
+def test_a_notice_recorded_while_a_rebuild_reads_the_ledger_is_not_lost(
+    redis_client: redis.Redis,
+) -> None:
+    """The rebuild reads the ledger (95), the 100% notice is committed and marked while the
+    grant is still missing, then the rebuild writes: it must not write the 95 it read."""
+    grant = g("u-notice-race")
+    ledger_notified = [95]
+    reads: list[int] = []
+
+    def snapshot(_: GrantRef) -> LedgerSnapshot:
+        reads.append(ledger_notified[0])
+        read = LedgerSnapshot(
+            total=20, charged_keys=[f"k{i}" for i in range(20)], notified=ledger_notified[0]
+        )
+        if len(reads) == 1:  # the notice lands between this read and the rebuild's write
+            ledger_notified[0] = 100
+            assert not ledger.mark_notified(grant, 100)
+        return read
+
+    ledger = QuotaLedger(redis_client, snapshot)
+    assert ledger.rebuild(grant)
+    assert reads == [95, 100]  # the first read was refused and the ledger read again
+    assert ledger.state(grant) == (20, 20, 100)
