@@ -136,11 +136,14 @@ def procfile(variables: dict[str, str]) -> dict[str, list[str]]:
             command,
         )
         argv = shlex.split(command)
+        # A wrapper such as ``nice -n 10`` stays in front of the command it runs.
+        at = 3 if argv[0] == "nice" and argv[1] == "-n" else 0
+        head, argv = argv[:at], argv[at:]
         if argv[0] == "python":
             argv = [sys.executable, *argv[1:]]
         elif argv[0] in ("celery", "uvicorn"):
             argv = [sys.executable, "-m", *argv]
-        out[name.strip()] = argv
+        out[name.strip()] = [*head, *argv]
     return out
 
 
@@ -328,7 +331,8 @@ class Stack:
 
     def _node(self, name: str) -> str:
         argv = self.commands[name]
-        node = argv[argv.index("-n") + 1] if "-n" in argv else "celery@%h"
+        options = argv[argv.index("worker") :]  # not a wrapper's -n (nice -n 10 celery ...)
+        node = options[options.index("-n") + 1] if "-n" in options else "celery@%h"
         return node.replace("%h", socket.gethostname())
 
     def api(self, timeout: float = 600) -> httpx.Client:

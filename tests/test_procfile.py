@@ -126,6 +126,18 @@ def honcho(
         proc.wait(10)
 
 
+def _niceness(run: Honcho, process: str) -> set[int]:
+    """The niceness of every Python process (the worker and its pool) honcho started as
+    ``process``."""
+    pgid = run.started()[f"{process}.1"]
+    found = set()
+    for pid in _group(pgid):
+        with suppress(OSError):
+            if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                found.add(os.getpriority(os.PRIO_PROCESS, pid))
+    return found
+
+
 def _wait_healthy(run: Honcho, url: str, timeout: float = 45) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -191,6 +203,10 @@ def test_honcho_keeps_the_stack_up_after_release_and_two_stacks_share_a_host(
             "beat",
             "unsubscribe",
         }
+        # and the campaign pool runs at a lower CPU priority than the rest (CAMPAIGN_NICE)
+        assert _niceness(first, "worker_campaign") == {10}
+        assert _niceness(first, "worker_smartplan") == {0}
+        assert _niceness(first, "web") == {0}
         time.sleep(3)
         assert first.stopped() == [], first.text()
         assert [n for n, pid in first.started().items() if not _group(pid)] == []
