@@ -153,6 +153,7 @@ class PacedSends:
     def __init__(self, stack: Stack, agent: str, rate: float, tag: str = "lat") -> None:
         self.stack, self.agent, self.rate, self.tag = stack, agent, rate, tag
         self.due: dict[str, float] = {}
+        self.answered: dict[str, float] = {}  # when the API answered 202
         self.errors: list[str] = []
         self.max_lag = 0.0  # how late a POST started after it was due, at worst
         self._stop = threading.Event()
@@ -175,6 +176,8 @@ class PacedSends:
         try:
             r = self._client().post("/v1/sends", json=smartplan_body(self.agent, self.tag, n))
             problem = None if r.status_code == 202 else f"{r.status_code} {r.text[:200]}"
+            if problem is None:
+                self.answered[f"{self.tag}-{n}@bench.example"] = time.time()
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         with self._lock:

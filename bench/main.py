@@ -500,6 +500,7 @@ class Bench:
             f"{paced.max_lag * 1000:,.0f} ms"
         )
         self.say(f"  p99 by {SPAN:g} s of the run (where the tail is): {spans(due, arrivals)}")
+        self.say(f"  {split(due, paced.answered, arrivals)}")
         notes = (
             f"{len(due):,} sends at {achieved:,.0f}/s during a {a.latency_campaign:,} campaign "
             f"({num(run.rate)} msg/s); {missing:,} not arrived {a.latency_wait:g} s after it, "
@@ -739,6 +740,22 @@ def spans(due: dict[str, float], arrivals: dict[str, float]) -> str:
         buckets.setdefault(int((at - first) // SPAN), []).append(lat)
     worst = [percentile(sorted(v), 0.99) for _, v in sorted(buckets.items())]
     return ", ".join("inf" if math.isinf(w) else f"{w:,.0f}" for w in worst)
+
+
+def split(due: dict[str, float], answered: dict[str, float], arrivals: dict[str, float]) -> str:
+    """Where the latency goes: p50/p99 from when a send was due to the API's 202 (the
+    client's lag and the API), and from the 202 to arrival at the sink (queue, worker,
+    relay), over the sends that arrived."""
+    keys = [k for k in due if k in answered and k in arrivals]
+    if not keys:
+        return "no send was both answered and arrived"
+    api = sorted((answered[k] - due[k]) * 1000 for k in keys)
+    rest = sorted((arrivals[k] - answered[k]) * 1000 for k in keys)
+    return (
+        f"due to 202: p50 {percentile(api, 0.5):,.0f} ms, p99 {percentile(api, 0.99):,.0f} ms; "
+        f"202 to the sink: p50 {percentile(rest, 0.5):,.0f} ms, "
+        f"p99 {percentile(rest, 0.99):,.0f} ms"
+    )
 
 
 def _group_rate(sink: Sink, tag: str) -> float:

@@ -24,12 +24,19 @@ R = TypeVar("R")
 
 class GroupCommit(Generic[T, R]):
     """Run ``run`` on the items threads :meth:`submit` at the same moment, ``limit`` at most
-    at a time. ``run`` returns one result per item, in order; should it raise, every thread
+    at a time (counted by ``size``: one per item unless given; an item larger than the limit
+    goes alone). ``run`` returns one result per item, in order; should it raise, every thread
     of that batch has the error raised. One batch runs at a time."""
 
-    def __init__(self, limit: int, run: Callable[[Sequence[T]], Sequence[R]]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        run: Callable[[Sequence[T]], Sequence[R]],
+        size: Callable[[T], int] | None = None,
+    ) -> None:
         self._limit = max(1, limit)
         self._run = run
+        self._size = size
         self._lock = threading.Lock()
         self._waiting: list[_Ticket[T, R]] = []
         self._busy = False
@@ -53,11 +60,23 @@ class GroupCommit(Generic[T, R]):
             self._lead()
         return ticket.outcome()
 
+    def _take(self) -> int:
+        """How many of the oldest waiting items the next batch holds (at least one)."""
+        if self._size is None:
+            return min(self._limit, len(self._waiting))
+        total = 0
+        for n, ticket in enumerate(self._waiting):
+            total += self._size(ticket.item)
+            if total > self._limit:
+                return max(n, 1)
+        return len(self._waiting)
+
     def _lead(self) -> None:
         """Run the oldest waiting items as one batch, then hand the lead on."""
         with self._lock:
-            batch = self._waiting[: self._limit]
-            del self._waiting[: self._limit]
+            take = self._take()
+            batch = self._waiting[:take]
+            del self._waiting[:take]
         try:
             results = self._run([t.item for t in batch])
             if len(results) != len(batch):

@@ -206,7 +206,13 @@ def _settle(
         return _retry(task, rt, park, item_id, countdown, kwargs={"failures": failures})
 
 
-def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: list[str]) -> str:
+def _deliver_batch(
+    task: Task,
+    rt: Runtime,
+    queue: CeleryTaskQueue,
+    send_ids: list[str],
+    together: smartplan_batch.Coalescer | None,
+) -> str:
     """Deliver SmartPlan steps submitted together; each send that cannot go on in the batch
     is published as its own task with the wait it needs (its retries are the single send's).
 
@@ -217,7 +223,10 @@ def _deliver_batch(task: Task, rt: Runtime, queue: CeleryTaskQueue, send_ids: li
     _observe_wait(task, len(send_ids), rt.behind)
     metrics.SMARTPLAN_BATCH_STEPS.labels("submitted").observe(len(send_ids))
     try:
-        back = smartplan_batch.deliver_batch(rt, send_ids).handed_back
+        if together is None or task.request.retries:
+            back = smartplan_batch.deliver_batch(rt, send_ids).handed_back
+        else:
+            back = together.deliver_many(rt, send_ids).handed_back
     except INFRASTRUCTURE as exc:
         countdown = backoff(
             task.request.retries, s.retry_backoff_seconds, s.retry_backoff_max_seconds
@@ -255,8 +264,9 @@ def register(app: Celery, rt: Runtime) -> None:
     """Define the dispatcher's tasks on ``app``, running use cases against ``rt``."""
     task = app.task  # shared=False: each app keeps its own tasks (tests build several apps)
 
-    # Steps this worker's threads deliver at the same moment go as one batch; a retry (or a
-    # step whose delivery failed unexpectedly) goes alone. Batch size 1: always alone.
+    # Steps this worker's threads deliver at the same moment go as one batch, single steps
+    # and small batch tasks alike; a retry (or a step whose delivery failed unexpectedly)
+    # goes alone. Batch size 1: always alone.
     size = int(app.conf.get("smartplan_batch_size") or 1)
     together = smartplan_batch.Coalescer(size) if size > 1 else None
 
@@ -279,7 +289,7 @@ def register(app: Celery, rt: Runtime) -> None:
 
     @task(name=SEND_SMARTPLAN_BATCH_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_smartplan_batch(self: Task, send_ids: list[str]) -> str:
-        return _deliver_batch(self, rt, handing, send_ids)
+        return _deliver_batch(self, rt, handing, send_ids, together)
 
     @task(name=SEND_SYSTEM_EMAIL_TASK, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def send_system_email(self: Task, email_id: str, failures: int = 0) -> str:

@@ -9,10 +9,15 @@ statement and the conversations run side by side on the process's SMTP pool:
 3. the grant recorded on every send (one UPDATE per grant), then one reservation per send's
    key in Redis, all in one round trip (denied: ``quota_exhausted``);
 4. in waves of ``SMTP_POOL_SIZE``: the wave's sends ``sending`` under their lease in one
-   UPDATE, their conversations side by side, their outcomes settled in one call. A worker lost
-   mid-batch leaves only the wave under way ``sending`` (``unknown`` once its lease runs out),
-   the rest open for the next delivery; a process has at most :data:`WAVES_AT_ONCE` waves
-   under way, however many of its threads run batches.
+   UPDATE, their conversations side by side, their outcomes settled in one call; a batch's
+   waves go side by side too (one's transactions during another's conversations). A worker
+   lost mid-batch leaves only the waves under way ``sending`` (``unknown`` once their lease
+   runs out), the rest open for the next delivery; a process has at most
+   :data:`WAVES_AT_ONCE` waves under way, however many of its threads run batches.
+
+A worker's threads deliver at the same moment as one batch (:class:`Coalescer`): the single
+steps of single sends' tasks and the steps of small batch tasks (the few sends the API stored
+together), so that they fill each other's waves.
 
 Only fresh sends (``queued``, no grant recorded yet) take this path. Any other send (a retry,
 one another delivery holds, one already settled) and every send that must wait (deferred,
@@ -28,8 +33,10 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy import select
 
@@ -66,6 +73,21 @@ class BatchResult:
     settled: dict[str, SendStatus] = field(default_factory=dict)
     handed_back: list[tuple[str, float]] = field(default_factory=list)
     held: dict[str, TransientError] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        """Count what ``other`` (a part of this batch) did as done by this batch."""
+        self.settled.update(other.settled)
+        self.handed_back += other.handed_back
+        self.held.update(other.held)
+
+    def only(self, send_ids: Sequence[str]) -> BatchResult:
+        """What the batch did with ``send_ids`` (a share of a batch that held more)."""
+        mine = set(send_ids)
+        return BatchResult(
+            settled={i: s for i, s in self.settled.items() if i in mine},
+            handed_back=[(i, wait) for i, wait in self.handed_back if i in mine],
+            held={i: e for i, e in self.held.items() if i in mine},
+        )
 
 
 @dataclass(frozen=True)
@@ -112,23 +134,20 @@ def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
     _settle(rt, closed, smartplan.OPEN, result)
     # In waves of SMTP_POOL_SIZE: only steps about to be talked about are ``sending`` (a
     # worker lost meanwhile leaves those ``unknown``, never the rest), each under a lease
-    # that starts with its own conversation.
-    talked = 0
+    # that starts with its own conversation. A batch's waves go side by side, as many at once
+    # as the process has room for (WAVES_AT_ONCE in all): one wave's transactions while
+    # another's conversations are under way.
     wave = rt.settings.smtp_pool_size
-    for start_at in range(0, len(granted), wave):
-        part = granted[start_at : start_at + wave]
-        if rt.stopping.is_set():
-            # This worker was told to stop: the steps not started (their credits taken) go on
-            # as single sends' tasks, on whichever worker is free.
-            result.handed_back += [(r.send.id, 0.0) for r in granted[start_at:]]
-            break
-        with _WAVES:
-            started = lifecycle.start_many(rt, [r.send.id for r in part])
-            result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
-            going = [r for r in part if r.send.id in started]
-            if going:
-                _converse(rt, going, result)
-                talked += len(going)
+    parts = [granted[at : at + wave] for at in range(0, len(granted), wave)]
+    if len(parts) > 1:
+        with ThreadPoolExecutor(min(len(parts), WAVES_AT_ONCE), "smartplan-wave") as waves:
+            done = list(waves.map(partial(_wave, rt), parts))
+    else:
+        done = [_wave(rt, part) for part in parts]
+    talked = 0
+    for part_result, n in done:
+        result.add(part_result)
+        talked += n
     log.info(
         "SmartPlan batch sends=%d conversations=%d settled=%d handed_back=%d",
         len(send_ids),
@@ -187,6 +206,24 @@ def _reserve(
             else:
                 denied.append(smartplan.quota_exhausted(r.send, grant, reservation))
     return granted, denied
+
+
+def _wave(rt: Runtime, part: list[_Ready]) -> tuple[BatchResult, int]:
+    """One wave: its steps ``sending``, their conversations, their outcomes; what it did and
+    how many conversations it had."""
+    result = BatchResult()
+    if rt.stopping.is_set():
+        # This worker was told to stop: the steps not started (their credits taken) go on as
+        # single sends' tasks, on whichever worker is free.
+        result.handed_back += [(r.send.id, 0.0) for r in part]
+        return result, 0
+    with _WAVES:
+        started = lifecycle.start_many(rt, [r.send.id for r in part])
+        result.handed_back += [(r.send.id, 0.0) for r in part if r.send.id not in started]
+        going = [r for r in part if r.send.id in started]
+        if going:
+            _converse(rt, going, result)
+    return result, len(going)
 
 
 def _converse(rt: Runtime, going: list[_Ready], result: BatchResult) -> None:
@@ -253,24 +290,28 @@ class Coalescer:
     """SmartPlan steps that one worker's threads deliver at the same moment, delivered as one
     batch (a :class:`~dispatcher.groupcommit.GroupCommit` of up to ``limit`` steps): an idle
     worker delivers a step alone at once, a busy one in batches as large as its backlog of
-    running tasks.
+    running tasks. A task's steps are one step (a single send's task) or the few a producer
+    submitted together (a batch task smaller than ``limit``): small batch tasks running at
+    the same moment fill each other's waves instead of each taking a wave of its own. A
+    batch task of ``limit`` steps or more goes alone.
 
     Each step still belongs to its own task: :meth:`deliver` returns the step's status as
     :func:`~dispatcher.delivery.smartplan.deliver` would, or raises what it would (a deferral
     or a hold for the task's retry, the batch's infrastructure error); a step the batch hands
     back at once (not fresh, moved by another delivery, left on a stopping worker) goes on
-    by the single path in its own thread. One batch runs at a time, so a lost worker leaves
-    at most one wave of ``SMTP_POOL_SIZE`` conversations ``unknown``.
+    by the single path in its own thread. :meth:`deliver_many` returns a batch task's share
+    of the batch's result, as :func:`deliver_batch` would for its steps alone.
     """
 
     def __init__(self, limit: int) -> None:
-        self._group: GroupCommit[tuple[Runtime, str], BatchResult] = GroupCommit(
-            limit, _deliver_together
+        self._limit = limit
+        self._group: GroupCommit[tuple[Runtime, Sequence[str]], BatchResult] = GroupCommit(
+            limit, _deliver_together, size=lambda item: len(item[1])
         )
 
     def deliver(self, rt: Runtime, send_id: str) -> SendStatus:
         """Deliver one step, with whatever steps other threads are delivering now."""
-        result = self._group.submit((rt, send_id))
+        result = self._group.submit((rt, [send_id]))
         status = result.settled.get(send_id)
         if status is not None:
             return status
@@ -280,10 +321,18 @@ class Coalescer:
         # Handed back at once: its own delivery decides (it may be a retry, busy, settled).
         return smartplan.deliver(rt, send_id)
 
+    def deliver_many(self, rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
+        """Deliver a batch task's steps, with whatever steps other threads are delivering now
+        (alone when they are ``limit`` or more); what the batch did with these steps."""
+        if len(send_ids) >= self._limit:
+            return deliver_batch(rt, send_ids)
+        return self._group.submit((rt, send_ids)).only(send_ids)
 
-def _deliver_together(steps: Sequence[tuple[Runtime, str]]) -> list[BatchResult]:
+
+def _deliver_together(steps: Sequence[tuple[Runtime, Sequence[str]]]) -> list[BatchResult]:
     """One batch of the steps a :class:`Coalescer` gathered, on the leading task's runtime
-    (one per process); every step shares its result."""
-    metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(steps))
-    result = deliver_batch(steps[0][0], [send_id for _, send_id in steps])
+    (one per process); every task shares its result."""
+    send_ids = [send_id for _, ids in steps for send_id in ids]
+    metrics.SMARTPLAN_BATCH_STEPS.labels("threads").observe(len(send_ids))
+    result = deliver_batch(steps[0][0], send_ids)
     return [result] * len(steps)

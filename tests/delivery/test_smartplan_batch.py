@@ -206,6 +206,57 @@ def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
     assert (count - observed_before[0], total - observed_before[1]) == (2, 16)
 
 
+def test_small_batch_tasks_delivered_at_the_same_moment_share_one_batch(
+    make_runtime: Callable[..., Runtime],
+    smtp_server: DevSMTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Eight batch tasks of three steps each: the first one's conversation is slow, and the
+    seven arriving meanwhile go after it three tasks to a batch (the limit, 10, counts
+    steps), not a batch and waves each. Each task gets only its own steps' outcomes, one of
+    them a deferral handed back with its wait; a task of the limit or more goes alone. Every
+    other step reaches the server once."""
+    rt = make_runtime(free_plan_credits=100)
+    make_user(rt)
+    ids = _submit(rt, 24 + 10)
+    tasks = [ids[n : n + 3] for n in range(0, 24, 3)]
+    big = ids[24:]
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={
+            "contact0@example.org": [slow(0.5)],
+            "contact4@example.org": [reply("451 4.3.0 try later")],
+        }
+    )
+    together = Coalescer(limit=10)
+    results: dict[int, Any] = {}
+
+    def run(n: int, send_ids: list[str]) -> None:
+        results[n] = together.deliver_many(rt, send_ids)
+
+    first = threading.Thread(target=run, args=(0, tasks[0]))
+    first.start()
+    time.sleep(0.15)  # the first task's batch is in its slow conversation
+    with caplog.at_level(logging.INFO, logger="dispatcher.delivery.smartplan_batch"):
+        rest = [threading.Thread(target=run, args=(n, t)) for n, t in enumerate(tasks) if n]
+        for t in rest:
+            t.start()
+        for t in [first, *rest]:
+            t.join()
+        alone = together.deliver_many(rt, big)
+
+    sizes = [int(m.split("sends=")[1].split()[0]) for m in caplog.messages if "sends=" in m]
+    assert sizes == [3, 9, 9, 3, 10]
+    for n, send_ids in enumerate(tasks):
+        mine = set(send_ids)
+        r = results[n]
+        assert set(r.settled) | {i for i, _ in r.handed_back} == mine
+        assert set(r.held) <= mine
+    assert [i for i, _ in results[1].handed_back] == [ids[4]]  # the deferred step, with its wait
+    assert results[1].handed_back[0][1] > 0
+    assert set(alone.settled) == set(big)
+    assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(34) if n != 4}
+
+
 def _histogram(child: Any) -> tuple[float, float]:
     """A histogram child's observation count and sum."""
     samples = {s.name: s.value for m in child.collect() for s in m.samples}
