@@ -36,7 +36,7 @@ class GroupCommit(Generic[T, R]):
     ) -> None:
         self._limit = max(1, limit)
         self._run = run
-        self._size = size
+        self._size = size or _one
         self._lock = threading.Lock()
         self._waiting: list[_Ticket[T, R]] = []
         self._busy = False
@@ -62,8 +62,6 @@ class GroupCommit(Generic[T, R]):
 
     def _take(self) -> int:
         """How many of the oldest waiting items the next batch holds (at least one)."""
-        if self._size is None:
-            return min(self._limit, len(self._waiting))
         total = 0
         for n, ticket in enumerate(self._waiting):
             total += self._size(ticket.item)
@@ -116,3 +114,8 @@ class _Ticket(Generic[T, R]):
         if self._error is not None:
             raise self._error
         return self._result  # type: ignore[return-value]  # set by finish() with a result
+
+
+def _one(_: object) -> int:
+    """An item's size when none is given: every item counts one."""
+    return 1
