@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -104,7 +105,9 @@ class Provider(enum.StrEnum):
 
 
 class CampaignStatus(enum.StrEnum):
-    RESERVING = "reserving"  # recipients stored, credits being reserved
+    #: Recipients stored (as send rows, or compactly on the campaign row until its first chunk
+    #: task writes their rows: see ``Campaign.pending_recipients``), credits being reserved.
+    RESERVING = "reserving"
     #: Waiting for its ``send_at``; credits held only when that falls in the current period.
     SCHEDULED = "scheduled"
     RUNNING = "running"
@@ -449,6 +452,13 @@ class Campaign(Base):
     request_digest: Mapped[str | None] = mapped_column(String(64))
     #: When a scheduled campaign is to start (UTC); None for one started at once.
     send_at: Mapped[datetime | None]
+    #: A large campaign's valid recipients as accepted, compressed, until their send rows are
+    #: written (``reserving``; None once they are, and for a campaign stored with its rows).
+    #: Never loaded with the row: read only by the task that writes the sends.
+    pending_recipients: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    #: When a compact campaign's credits were granted (the request that created it then
+    #: answered): from then on it is a worker's to start. None for other campaigns.
+    reserved_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]

@@ -261,6 +261,11 @@ class Settings(BaseSettings):
     smtp_idle_seconds: float = 30.0
     campaign_chunk_size: int = 500  # recipients per campaign task
     max_campaign_recipients: int = 100_000
+    #: A Command Email campaign of at least this many valid recipients (starting now) is
+    #: answered once its recipients are stored compactly on the campaign row and their credits
+    #: reserved; its first chunk task writes the send rows. 0: every campaign is stored row by
+    #: row before the answer.
+    campaign_compact_from: int = 10_000
     max_message_bytes: int = 1_000_000
     #: The largest request body the HTTP API reads, in bytes (413 above it, refused before the
     #: body is read). None sizes it for the largest campaign: see :attr:`request_limit`.
@@ -461,6 +466,8 @@ class Settings(BaseSettings):
             raise ConfigError("CAMPAIGN_CHUNK_SIZE", "must be from 1 to 10000")
         if self.max_campaign_recipients < 1:
             raise ConfigError("MAX_CAMPAIGN_RECIPIENTS", "must be at least 1")
+        if self.campaign_compact_from < 0:
+            raise ConfigError("CAMPAIGN_COMPACT_FROM", "must be 0 (never) or more")
         if self.max_request_bytes is not None and self.max_request_bytes < 1024:
             raise ConfigError("MAX_REQUEST_BYTES", "must be at least 1024 (or unset)")
         if self.renewal_sweep_seconds < 10:

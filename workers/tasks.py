@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dispatcher import metrics, recovery
 from dispatcher.backoff import backoff, honouring
-from dispatcher.campaigns import control, run, schedule
+from dispatcher.campaigns import compact, control, run, schedule
 from dispatcher.credits import refunds, subscriptions
 from dispatcher.delivery import events_webhook, smartplan, smartplan_batch, system_mail
 from dispatcher.delivery.priority import Behind
@@ -324,6 +324,7 @@ def register(app: Celery, rt: Runtime) -> None:
             *recovery.recover_stale(rt),
             recovery.republish_outcomes(rt),
             control.expire_reserving(rt),
+            compact.sweep(rt),
             refunds.retry_due(rt),
         ]
 

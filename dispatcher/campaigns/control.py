@@ -13,6 +13,7 @@ from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import alerts
+from dispatcher.credits.grants import campaign_key, grant_of
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
 from dispatcher.delivery.rendering import subjects
@@ -372,13 +373,18 @@ def expire_reserving(rt: Runtime, limit: int = 100) -> int:
     now = rt.clock.now()
     cutoff = now - RESERVING_GRACE
     with rt.sessions() as session:
-        stuck = session.scalars(
-            select(Campaign.id)
-            .where(Campaign.status == CampaignStatus.RESERVING, Campaign.updated_at < cutoff)
+        stuck = session.execute(
+            select(Campaign.id, Campaign.pending_recipients.is_not(None).label("packed"))
+            .where(
+                Campaign.status == CampaignStatus.RESERVING,
+                Campaign.updated_at < cutoff,
+                # A compact campaign granted its credits is the workers' to start (compact.py).
+                or_(Campaign.pending_recipients.is_(None), Campaign.reserved_at.is_(None)),
+            )
             .limit(limit)
         ).all()
     failed = 0
-    for campaign_id in stuck:
+    for campaign_id, packed in stuck:
         with rt.sessions.begin() as session:
             won = session.execute(
                 update(Campaign)
@@ -387,12 +393,22 @@ def expire_reserving(rt: Runtime, limit: int = 100) -> int:
                     status=CampaignStatus.FAILED,
                     detail="the request that created this campaign did not finish; "
                     "nothing was sent and no credit is kept",
+                    pending_recipients=None,
                     finished_at=now,
                     updated_at=now,
                 )
-            )
-        if cast(CursorResult[Any], won).rowcount == 1:
-            failed += 1
+                .returning(
+                    Campaign.user_id, Campaign.period, Campaign.grant_seq, Campaign.recipients
+                )
+            ).first()
+        if won is None:
+            continue
+        failed += 1
+        grant = grant_of(rt.sessions, won.user_id, won.period, won.grant_seq)
+        if packed and grant is not None:
+            # Its recipients were never written as sends: whatever the request reserved for
+            # them comes back under the campaign's key (nothing, if it reserved nothing).
+            rt.quota.refund(grant, campaign_key(campaign_id), won.recipients)
     with rt.sessions() as session:
         unsettled = session.scalars(
             select(Campaign)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import uuid
+import zlib
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -252,10 +253,13 @@ def create(
         else:
             rt.quota.ensure(grant)
     campaign_id = str(uuid.uuid4())
+    # A large campaign starting now keeps its recipients compactly until a worker writes their
+    # sends (see dispatcher.campaigns.compact): the answer does not wait for 100,000 rows.
+    compact = grant is not None and send_at is None and is_compact(rt, len(valid))
     # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
     #    meanwhile counts them as pending under the campaign's bulk key, which step 2 takes).
     try:
-        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant, send_at)
+        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant, send_at, compact)
     except IntegrityError:
         if checked.request_key is None or checked.digest is None:
             raise
@@ -270,10 +274,10 @@ def create(
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:
         then = CampaignStatus.RUNNING if send_at is None else CampaignStatus.SCHEDULED
-        _reserve_all(rt, campaign_id, grant, len(valid), then)
+        _reserve_all(rt, campaign_id, grant, len(valid), then, compact)
     log.info(
         "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
-        "chunks=%d send_at=%s",
+        "chunks=%d send_at=%s compact=%s",
         campaign_id,
         req.user_id,
         checked.provider.value,
@@ -282,8 +286,32 @@ def create(
         len(skipped),
         chunks,
         send_at.isoformat() if send_at else "now",
+        compact,
     )
     return view(rt, campaign_id), [] if send_at else work_items(checked.provider, chunks)
+
+
+def is_compact(rt: Runtime, recipients: int) -> bool:
+    """Whether a Command Email campaign of ``recipients`` valid recipients, starting now, is
+    accepted compactly (``CAMPAIGN_COMPACT_FROM``)."""
+    least = rt.settings.campaign_compact_from
+    return 0 < least <= recipients
+
+
+def pack_recipients(valid: _Valid) -> bytes:
+    """The valid recipients as validated, compressed: what ``Campaign.pending_recipients``
+    holds until their sends are written (:func:`unpack_recipients` reads it back)."""
+    rows = [
+        {"id": contact_id, "email": email, "fields": fields}
+        for _, contact_id, email, fields in valid.values(valid.rows)
+    ]
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 1)
+
+
+def unpack_recipients(packed: bytes) -> _Valid:
+    """What :func:`pack_recipients` stored, to write as sends (:func:`insert_sends`)."""
+    rows: list[dict[str, Any]] = json.loads(zlib.decompress(packed))
+    return _Valid(rows, array("l", range(len(rows))), {})
 
 
 def work_items(provider: Provider, chunks: int) -> list[int]:
@@ -429,8 +457,10 @@ def _store(
     skipped: list[dict[str, Any]],
     grant: GrantRef | None,
     send_at: datetime | None,
+    compact: bool,
 ) -> int:
-    """Store the campaign and its recipients in one transaction; how many chunks it has."""
+    """Store the campaign and its recipients in one transaction, as sends or (``compact``)
+    packed on the campaign row; how many chunks it has."""
     now = rt.clock.now()
     size = rt.settings.campaign_chunk_size
     chunks = (len(valid) + size - 1) // size
@@ -464,6 +494,7 @@ def _store(
                 grant_seq=grant.seq if grant else None,
                 idempotency_key=checked.request_key,
                 request_digest=checked.digest,
+                pending_recipients=pack_recipients(valid) if compact else None,
                 created_at=now,
                 updated_at=now,
             )
@@ -472,7 +503,9 @@ def _store(
         with db.bulk_writes(session.connection()):
             _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, checked.invalid)
             _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
-            _insert_sends(session, rt, campaign_id, req.user_id, valid, grant, size, now)
+            if not compact:
+                status = SendStatus.RESERVED if grant else SendStatus.QUEUED
+                insert_sends(session, rt, campaign_id, req.user_id, valid, grant, status, now)
     return chunks
 
 
@@ -498,11 +531,17 @@ def _insert_exclusions(
 
 
 def _reserve_all(
-    rt: Runtime, campaign_id: str, grant: GrantRef, size: int, then: CampaignStatus
+    rt: Runtime,
+    campaign_id: str,
+    grant: GrantRef,
+    size: int,
+    then: CampaignStatus,
+    compact: bool,
 ) -> None:
     """Reserve the credits of every recipient in one step and start the campaign (``then``
-    running, or scheduled to wait for its time holding them), or leave nothing behind and
-    raise :class:`InsufficientCredits`."""
+    running, or scheduled to wait for its time holding them; a ``compact`` one stays
+    ``reserving``, marked reserved, for its first chunk task to write its sends and start
+    it), or leave nothing behind and raise :class:`InsufficientCredits`."""
     now = rt.clock.now()
     reservation = rt.quota.reserve(grant, campaign_key(campaign_id), size)
     if not reservation.granted:
@@ -524,7 +563,14 @@ def _reserve_all(
         # they were removed counts them as pending: uncount them (nothing to do otherwise).
         rt.quota.refund(grant, campaign_key(campaign_id), size)
         raise InsufficientCredits(size, reservation.remaining, reservation.total)
-    reserved(rt, campaign_id, grant, reservation, then)
+    if not compact:
+        reserved(rt, campaign_id, grant, reservation, then)
+        return
+    notices.after_reservation(rt, grant, reservation)
+    with rt.sessions.begin() as session:
+        session.execute(
+            update(Campaign).where(Campaign.id == campaign_id).values(reserved_at=rt.clock.now())
+        )
 
 
 def reserved(
@@ -598,36 +644,38 @@ def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | 
     :class:`RequestKeyReused` when that request asked for something else."""
     with rt.sessions() as session:
         found = session.execute(
-            select(Campaign.id, Campaign.request_digest, Campaign.status).where(
-                Campaign.user_id == user_id, Campaign.idempotency_key == key
-            )
+            select(
+                Campaign.id, Campaign.request_digest, Campaign.status, Campaign.reserved_at
+            ).where(Campaign.user_id == user_id, Campaign.idempotency_key == key)
         ).first()
     if found is None:
         return None
     if found.request_digest != digest:
         raise RequestKeyReused(key, found.id)
-    if found.status is CampaignStatus.RESERVING:
+    if found.status is CampaignStatus.RESERVING and found.reserved_at is None:
         # The first request is still taking its credits (and may yet be refused).
         raise RequestInProgress(key, found.id)
     log.info("campaign request repeated id=%s user=%s", found.id, user_id)
     return replace(view(rt, found.id), replayed=True)
 
 
-def _insert_sends(
+def insert_sends(
     session: Session,
     rt: Runtime,
     campaign_id: str,
     user_id: str,
     valid: _Valid,
     grant: GrantRef | None,
-    size: int,
+    status: SendStatus,
     now: datetime,
 ) -> None:
-    """One send per valid recipient, ``reserved`` when claimed against ``grant`` (the ledger
-    counts it pending under the campaign's bulk key until the campaign leaves ``reserving``),
-    ``queued`` without a grant (MailChimp; a start in a later month), written a chunk at
-    a time: only one chunk's rows exist as Python objects at once. The values every row shares
-    are converted for the driver once; per row only its own are."""
+    """One send per valid recipient in ``status``: ``reserved`` when claimed against ``grant``
+    (the ledger counts it pending under the campaign's bulk key until the campaign leaves
+    ``reserving``), ``queued`` when not charged (MailChimp; a start in a later month; a
+    compact campaign whose credits were refused), written a chunk at a time: only one
+    chunk's rows exist as Python objects at once. The values every row shares are converted
+    for the driver once; per row only its own are."""
+    size = rt.settings.campaign_chunk_size
     user = session.get(User, user_id)
     assert user is not None  # checked by _drop_suppressed
     domain = identity.envelope_domain(rt.settings, user.sender_address)
@@ -638,7 +686,7 @@ def _insert_sends(
         # The message lives on the campaign row, not on 100,000 send rows.
         "subject": "",
         "html": "",
-        "status": SendStatus.RESERVED if grant else SendStatus.QUEUED,
+        "status": status,
         "period": grant.period if grant else None,
         "grant_seq": grant.seq if grant else None,
         "attempts": 0,

@@ -8,7 +8,7 @@ import logging
 from sqlalchemy import select
 
 from dispatcher import alerts
-from dispatcher.campaigns import chunks, control, mailchimp_job
+from dispatcher.campaigns import chunks, compact, control, mailchimp_job
 from dispatcher.campaigns.control import complete_if_done
 from dispatcher.delivery import lifecycle
 from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
@@ -33,6 +33,8 @@ def deliver(rt: Runtime, item: str) -> CampaignStatus:
     c, user = _load(rt, campaign_id)
     if c.provider is Provider.MAILCHIMP:
         return mailchimp_job.deliver_mailchimp(rt, c, user)
+    if c.status is CampaignStatus.RESERVING and compact.finish(rt, c.id) is CampaignStatus.RUNNING:
+        c, user = _load(rt, campaign_id)  # accepted compactly: its sends are written now
     if c.status is not CampaignStatus.RUNNING:
         return c.status
     if user.sender_address is None:

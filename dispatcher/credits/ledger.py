@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Result, literal, null, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.credits.grants import campaign_key
@@ -37,11 +38,27 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     # One statement, so one consistent view even under READ COMMITTED: read as two, a send
     # moving from queued to reserved in between would be in neither and the rebuild would
     # over-grant by one (the same for a campaign leaving ``reserving``).
-    rows = session.execute(
-        select(Send.idempotency_key, Send.status, Send.campaign_id, Campaign.status)
-        .outerjoin(Campaign, Campaign.id == Send.campaign_id)
-        .where(*in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED)))
-    ).all()
+    # A campaign accepted compactly has no send rows yet: its recipients count as a number on
+    # its row, in the same statement, so the rows written in their place (the same
+    # transaction clears the number) are counted either as rows or as that number, never
+    # both, never neither.
+    sends = select(
+        Send.idempotency_key, Send.status, Send.campaign_id, Campaign.status, literal(1)
+    ).outerjoin(Campaign, Campaign.id == Send.campaign_id)
+    compact = select(null(), null(), Campaign.id, Campaign.status, Campaign.recipients).where(
+        Campaign.user_id == grant.user_id,
+        Campaign.period == grant.period,
+        Campaign.grant_seq == grant.seq,
+        Campaign.status == CampaignStatus.RESERVING,
+        Campaign.pending_recipients.is_not(None),
+    )
+    result: Result[Any] = session.execute(
+        union_all(
+            sends.where(*in_grant, Send.status.in_((*CHARGED_STATUSES, SendStatus.QUEUED))),
+            compact,
+        )
+    )
+    rows = [cast(tuple[Any, Any, Any, Any, int], tuple(r)) for r in result]
     # Claimed but not yet granted for sure: Redis may have granted them just before it lost
     # its data. They count as pending: used, under the key a worker reserves them with (a
     # SmartPlan send's own key, a campaign's bulk key for all its recipients), so that
@@ -50,9 +67,9 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     # until it starts.
     charged: list[str] = []
     pending: Counter[str] = Counter()
-    for key, status, campaign_id, campaign_status in rows:
-        if campaign_status is CampaignStatus.RESERVING and campaign_id is not None:
-            pending[campaign_key(campaign_id)] += 1
+    for key, status, campaign_id, campaign_status, n in rows:
+        if campaign_status == CampaignStatus.RESERVING and campaign_id is not None:
+            pending[campaign_key(campaign_id)] += n
         elif status is SendStatus.QUEUED:
             pending[key if campaign_id is None else campaign_key(campaign_id)] += 1
         else:

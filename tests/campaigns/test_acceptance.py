@@ -10,23 +10,26 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from dispatcher.campaigns import compact as compact_campaigns
 from dispatcher.campaigns import create
 from dispatcher.credits.ledger import snapshot
 from dispatcher.credits.subscriptions import credits, ensure_current
 from dispatcher.delivery.message import message_id_for
-from dispatcher.models import Campaign, Send, SendKind, SendStatus
+from dispatcher.models import Campaign, CampaignStatus, Send, SendKind, SendStatus
 from dispatcher.runtime import Runtime
 from tests.helpers import campaign_request, make_user, seed_used_credits
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["rows", "compact"])
 @pytest.mark.parametrize("shape", ["objects", "mappings"])
 def test_bulk_written_recipients_read_back_as_the_orm_stores_them(
-    make_runtime: Callable[..., Runtime], shape: str
+    make_runtime: Callable[..., Runtime], shape: str, compact: bool
 ) -> None:
     # Given a request (as Recipient objects, or as the API's parsed mappings) whose rows are
     # plain, need normalising (a number as id, spaces around an address), carry non-ASCII
-    # merge fields, or are invalid, over chunks of 3
-    rt = make_runtime(campaign_chunk_size=3)
+    # merge fields, or are invalid, over chunks of 3; stored as sends before the answer, or
+    # (compact) packed on the campaign until its first chunk task writes the sends
+    rt = make_runtime(campaign_chunk_size=3, campaign_compact_from=1 if compact else 0)
     make_user(rt)
     given: list[tuple[Any, str, dict[str, Any] | None]] = [
         ("c0", "person0@example.org", {"first_name": "Zoë", "n": 3, "ok": True, "x": None}),
@@ -44,6 +47,11 @@ def test_bulk_written_recipients_read_back_as_the_orm_stores_them(
         for c, e, f in given
     ]
     view, chunks = create.create(rt, campaign_request(0, recipients=rows))
+    if compact:
+        assert view.status == "reserving"
+        with rt.sessions() as session:
+            assert session.scalars(select(Send.id)).all() == []
+        assert compact_campaigns.finish(rt, view.id) is CampaignStatus.RUNNING
 
     # Then every valid recipient has one queued send with what the ORM reads back as given
     with rt.sessions() as session:

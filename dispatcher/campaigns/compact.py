@@ -1,0 +1,124 @@
+"""Campaigns accepted compactly (``CAMPAIGN_COMPACT_FROM``): the request stores the campaign
+with its valid recipients packed on its row (``pending_recipients``), reserves their credits
+in one step and answers, the campaign still ``reserving``. Writing 100,000 send rows takes the
+database longer than the answer may; a worker writes them instead, here:
+
+1. the request: campaign ``reserving`` with its recipients packed, credits reserved under
+   the campaign's bulk key, ``reserved_at`` set (a refusal leaves nothing, as for any campaign);
+2. :func:`finish`, from the first of its chunk tasks (or :func:`sweep`): the sends written
+   ``reserved``, the packed recipients cleared and the campaign ``running``, in one
+   transaction; from then on it is like any other campaign.
+
+The ledger counts the packed recipients as pending under the campaign's bulk key while they
+are packed, and the rows once written, in one statement (:mod:`dispatcher.credits.ledger`):
+never both, never neither. A request that died before its credits were granted (no
+``reserved_at``) leaves the campaign to :func:`dispatcher.campaigns.control.expire_reserving`,
+which fails it as it fails any campaign whose request died.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from dispatcher import db
+from dispatcher.campaigns import control, create
+from dispatcher.credits.grants import campaign_key, grant_of
+from dispatcher.models import Campaign, CampaignStatus, SendStatus
+from dispatcher.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: A compact campaign granted its credits this long ago that no chunk task has started yet
+#: (its tasks were lost: the broker was down when the request handed them out) is started by
+#: :func:`sweep`.
+START_GRACE = timedelta(minutes=1)
+
+
+def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
+    """Write the sends of a compact campaign whose credits were granted and start it; the
+    campaign's status afterwards (None: there is no such campaign). Any number of workers may
+    call it at once: one writes the sends, in the transaction that starts the campaign, the
+    others find it started. Any other campaign is left as it is."""
+    with rt.sessions() as session:
+        c = session.execute(
+            select(
+                Campaign.user_id, Campaign.period, Campaign.grant_seq, Campaign.recipients
+            ).where(
+                Campaign.id == campaign_id,
+                Campaign.status == CampaignStatus.RESERVING,
+                Campaign.pending_recipients.is_not(None),
+                Campaign.reserved_at.is_not(None),
+            )
+        ).first()
+    grant = None if c is None else grant_of(rt.sessions, c.user_id, c.period, c.grant_seq)
+    if c is None or grant is None:
+        return control.status_of(rt, campaign_id)
+    # The request's reservation, asked again: a replay of its grant (nothing counted twice),
+    # or after a Redis loss granted against the rebuild, which counted these recipients
+    # pending under this key. Refused only if Redis lost it and the grant can no longer
+    # hold them: then they are written uncharged and the campaign fails whole (rule R4).
+    reservation = rt.quota.reserve(grant, campaign_key(campaign_id), c.recipients)
+    now = rt.clock.now()
+    with rt.sessions.begin() as session:
+        packed = session.scalar(
+            select(Campaign.pending_recipients)
+            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+            .with_for_update()
+        )
+        if packed is not None:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id)
+                .values(
+                    pending_recipients=None,
+                    updated_at=now,
+                    **({"status": CampaignStatus.RUNNING} if reservation.granted else {}),
+                )
+            )
+            with db.bulk_writes(session.connection()):
+                create.insert_sends(
+                    session,
+                    rt,
+                    campaign_id,
+                    c.user_id,
+                    create.unpack_recipients(packed),
+                    grant,
+                    SendStatus.RESERVED if reservation.granted else SendStatus.QUEUED,
+                    now,
+                )
+    if packed is None:
+        return control.status_of(rt, campaign_id)  # another worker wrote them
+    if not reservation.granted:
+        short = create.InsufficientCredits(c.recipients, reservation.remaining, reservation.total)
+        control.refuse_start(rt, campaign_id, f"not started: {short}")
+        log.warning("compact campaign %s refused as its sends were written: %s", campaign_id, short)
+        return CampaignStatus.FAILED
+    log.info("campaign %s: %d sends written, running", campaign_id, c.recipients)
+    return CampaignStatus.RUNNING
+
+
+def sweep(rt: Runtime, limit: int = 100) -> int:
+    """Start the compact campaigns granted their credits more than :data:`START_GRACE` ago
+    that are still ``reserving`` (their chunk tasks were lost), and hand out their chunks.
+    Returns how many it started."""
+    cutoff = rt.clock.now() - START_GRACE
+    with rt.sessions() as session:
+        stuck = session.scalars(
+            select(Campaign.id)
+            .where(
+                Campaign.status == CampaignStatus.RESERVING,
+                Campaign.pending_recipients.is_not(None),
+                Campaign.reserved_at < cutoff,
+            )
+            .limit(limit)
+        ).all()
+    started = 0
+    for campaign_id in stuck:
+        if finish(rt, campaign_id) is CampaignStatus.RUNNING:
+            log.warning("compact campaign %s not started by its chunk tasks: started", campaign_id)
+            control.enqueue(rt, campaign_id, control.open_chunks(rt, campaign_id))
+            started += 1
+    return started
