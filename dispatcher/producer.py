@@ -12,6 +12,7 @@ from dispatcher.credits.notices import NotificationView
 from dispatcher.credits.subscriptions import ChangeResult, CreditsView
 from dispatcher.delivery import timeline
 from dispatcher.delivery.timeline import EventView
+from dispatcher.models import CampaignStatus
 from dispatcher.pages import DEFAULT_LIMIT, Keyset, Page
 from dispatcher.ports import TaskQueue
 from dispatcher.runtime import Runtime
@@ -91,5 +92,9 @@ class Producer:
         """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""
         view, chunks = create.create(self.runtime, request)
         if not view.replayed:  # a repeat: the first request handed out the work
-            control.enqueue(self.runtime, view.id, chunks, self.queue)
+            # A compact campaign (answered ``reserving``) is marked enqueued by the chunk
+            # task that writes its sends: the request writes nothing after handing them
+            # out, or it would wait for that task's transaction to answer.
+            compact = view.status == CampaignStatus.RESERVING.value
+            control.enqueue(self.runtime, view.id, chunks, self.queue, record=not compact)
         return view

@@ -23,7 +23,6 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from dispatcher import db
 from dispatcher.campaigns import control, create
 from dispatcher.credits.grants import campaign_key, grant_of
 from dispatcher.models import Campaign, CampaignStatus, SendStatus
@@ -74,21 +73,25 @@ def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
                 .where(Campaign.id == campaign_id)
                 .values(
                     pending_recipients=None,
+                    # Its chunk tasks are out: the request handed them out (or the sweep
+                    # does, right after); the outbox sweep has nothing to do for it.
+                    enqueued_at=now,
                     updated_at=now,
                     **({"status": CampaignStatus.RUNNING} if reservation.granted else {}),
                 )
             )
-            with db.bulk_writes(session.connection()):
-                create.insert_sends(
-                    session,
-                    rt,
-                    campaign_id,
-                    c.user_id,
-                    create.unpack_recipients(packed),
-                    grant,
-                    SendStatus.RESERVED if reservation.granted else SendStatus.QUEUED,
-                    now,
-                )
+            # Without db.bulk_writes' large SQLite page cache: in the campaign worker it would
+            # stay in the process's memory after the write.
+            create.insert_sends(
+                session,
+                rt,
+                campaign_id,
+                c.user_id,
+                create.unpack_recipients(packed),
+                grant,
+                SendStatus.RESERVED if reservation.granted else SendStatus.QUEUED,
+                now,
+            )
     if packed is None:
         return control.status_of(rt, campaign_id)  # another worker wrote them
     if not reservation.granted:

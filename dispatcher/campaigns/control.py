@@ -220,16 +220,24 @@ def _excluded_view(row: CampaignExclusion) -> ExcludedView:
 
 
 def enqueue(
-    rt: Runtime, campaign_id: str, chunks: Sequence[int], queue: TaskQueue | None = None
+    rt: Runtime,
+    campaign_id: str,
+    chunks: Sequence[int],
+    queue: TaskQueue | None = None,
+    *,
+    record: bool = True,
 ) -> None:
-    """Hand a campaign's chunks (or its MailChimp job) to the workers, after the commit."""
+    """Hand a campaign's chunks (or its MailChimp job) to the workers, after the commit, and
+    (``record``) note when the broker took them."""
     try:
         for chunk in chunks:
             (queue or rt.queue).enqueue_campaign_chunk(campaign_id, chunk)
     except DeferredToOutbox:
         return  # the outbox sweep enqueues it
     except QueueUnavailable as exc:
-        log.warning("campaign %s left for the outbox sweep: %s", campaign_id, exc.detail)
+        log.warning("campaign %s left for the beat's sweeps: %s", campaign_id, exc.detail)
+        return
+    if not record:
         return
     with rt.sessions.begin() as session:
         session.execute(

@@ -10,7 +10,7 @@ import os
 import uuid
 import zlib
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
@@ -298,20 +298,36 @@ def is_compact(rt: Runtime, recipients: int) -> bool:
     return 0 < least <= recipients
 
 
-def pack_recipients(valid: _Valid) -> bytes:
-    """The valid recipients as validated, compressed: what ``Campaign.pending_recipients``
-    holds until their sends are written (:func:`unpack_recipients` reads it back)."""
-    rows = [
-        {"id": contact_id, "email": email, "fields": fields}
-        for _, contact_id, email, fields in valid.values(valid.rows)
-    ]
-    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 1)
+#: A recipient as stored: contact id, address, merge fields (validated).
+Stored = tuple[str, str, dict[str, Any]]
 
 
-def unpack_recipients(packed: bytes) -> _Valid:
-    """What :func:`pack_recipients` stored, to write as sends (:func:`insert_sends`)."""
-    rows: list[dict[str, Any]] = json.loads(zlib.decompress(packed))
-    return _Valid(rows, array("l", range(len(rows))), {})
+def chunks_of(valid: _Valid, size: int) -> Iterator[list[Stored]]:
+    """The valid recipients, validated, a chunk of ``size`` at a time."""
+    for start in range(0, len(valid), size):
+        yield [(c, e, f) for _, c, e, f in valid.values(valid.rows[start : start + size])]
+
+
+def pack_recipients(parts: Iterable[list[Stored]]) -> bytes:
+    """Recipients chunk by chunk, compressed: what ``Campaign.pending_recipients`` holds
+    until their sends are written. Each chunk is a frame of its own (4-byte length, zlib of
+    its JSON), so that only one chunk is ever held as Python objects, packing or unpacking
+    (:func:`unpack_recipients`)."""
+    out = bytearray()
+    for part in parts:
+        frame = zlib.compress(json.dumps(part, separators=(",", ":")).encode(), 1)
+        out += len(frame).to_bytes(4, "big") + frame
+    return bytes(out)
+
+
+def unpack_recipients(packed: bytes) -> Iterator[list[Stored]]:
+    """What :func:`pack_recipients` stored, a chunk at a time, in order."""
+    at = 0
+    while at < len(packed):
+        size = int.from_bytes(packed[at : at + 4], "big")
+        at += 4
+        yield [(c, e, f) for c, e, f in json.loads(zlib.decompress(packed[at : at + size]))]
+        at += size
 
 
 def work_items(provider: Provider, chunks: int) -> list[int]:
@@ -494,7 +510,7 @@ def _store(
                 grant_seq=grant.seq if grant else None,
                 idempotency_key=checked.request_key,
                 request_digest=checked.digest,
-                pending_recipients=pack_recipients(valid) if compact else None,
+                pending_recipients=pack_recipients(chunks_of(valid, size)) if compact else None,
                 created_at=now,
                 updated_at=now,
             )
@@ -505,7 +521,8 @@ def _store(
             _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
             if not compact:
                 status = SendStatus.RESERVED if grant else SendStatus.QUEUED
-                insert_sends(session, rt, campaign_id, req.user_id, valid, grant, status, now)
+                parts = chunks_of(valid, size)
+                insert_sends(session, rt, campaign_id, req.user_id, parts, grant, status, now)
     return chunks
 
 
@@ -664,18 +681,18 @@ def insert_sends(
     rt: Runtime,
     campaign_id: str,
     user_id: str,
-    valid: _Valid,
+    parts: Iterable[list[Stored]],
     grant: GrantRef | None,
     status: SendStatus,
     now: datetime,
 ) -> None:
-    """One send per valid recipient in ``status``: ``reserved`` when claimed against ``grant``
+    """One send per recipient of ``parts`` (chunk 0, 1, ...) in ``status``: ``reserved`` when
+    claimed against ``grant``
     (the ledger counts it pending under the campaign's bulk key until the campaign leaves
     ``reserving``), ``queued`` when not charged (MailChimp; a start in a later month; a
     compact campaign whose credits were refused), written a chunk at a time: only one
     chunk's rows exist as Python objects at once. The values every row shares are converted
     for the driver once; per row only its own are."""
-    size = rt.settings.campaign_chunk_size
     user = session.get(User, user_id)
     assert user is not None  # checked by _drop_suppressed
     domain = identity.envelope_domain(rt.settings, user.sender_address)
@@ -705,11 +722,10 @@ def insert_sends(
         "message_id",
     ]
     writer = bulk_writer(session, SEND_TABLE, shared, own)
-    for chunk, start in enumerate(range(0, len(valid), size)):
-        part = valid.rows[start : start + size]
+    for chunk, part in enumerate(parts):
         ids = new_ids(len(part))
         rows = []
-        for send_id, (_, contact_id, email, fields) in zip(ids, valid.values(part), strict=True):
+        for send_id, (contact_id, email, fields) in zip(ids, part, strict=True):
             key = recipient_key(campaign_id, contact_id)
             rows.append(
                 (send_id, key, contact_id, email, fields, chunk, message_id_for(key, domain))
