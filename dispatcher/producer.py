@@ -92,9 +92,10 @@ class Producer:
         """Create a campaign (see :func:`dispatcher.campaigns.create`) and enqueue its work."""
         view, chunks = create.create(self.runtime, request)
         if not view.replayed:  # a repeat: the first request handed out the work
-            # A compact campaign (answered ``reserving``) is marked enqueued by the chunk
-            # task that writes its sends: the request writes nothing after handing them
-            # out, or it would wait for that task's transaction to answer.
+            # A compact campaign (answered ``reserving``) is marked enqueued by its first
+            # chunk task, which writes its sends and hands out the other chunks: the request
+            # writes nothing after handing that task out, or it would wait for that task's
+            # transaction to answer.
             compact = view.status == CampaignStatus.RESERVING.value
             control.enqueue(self.runtime, view.id, chunks, self.queue, record=not compact)
         return view

@@ -5,9 +5,12 @@ database longer than the answer may; a worker writes them instead, here:
 
 1. the request: campaign ``reserving`` with its recipients packed, credits reserved under
    the campaign's bulk key, ``reserved_at`` set (a refusal leaves nothing, as for any campaign);
-2. :func:`finish`, from the first of its chunk tasks (or :func:`sweep`): the sends written
-   ``reserved``, the packed recipients cleared and the campaign ``running``, in one
-   transaction; from then on it is like any other campaign.
+2. :func:`finish`, from its first chunk task, the only one the request hands out (or from
+   :func:`sweep`): the sends written ``reserved``, the packed recipients cleared and the
+   campaign ``running``, in one transaction; then the task hands out the other chunks. From
+   then on it is like any other campaign.
+
+The request's answer waits for none of it: not for 100,000 rows, not for 200 tasks.
 
 The ledger counts the packed recipients as pending under the campaign's bulk key while they
 are packed, and the rows once written, in one statement (:mod:`dispatcher.credits.ledger`):
@@ -36,11 +39,11 @@ log = logging.getLogger(__name__)
 START_GRACE = timedelta(minutes=1)
 
 
-def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
-    """Write the sends of a compact campaign whose credits were granted and start it; the
-    campaign's status afterwards (None: there is no such campaign). Any number of workers may
-    call it at once: one writes the sends, in the transaction that starts the campaign, the
-    others find it started. Any other campaign is left as it is."""
+def finish(rt: Runtime, campaign_id: str) -> bool:
+    """Write the sends of a compact campaign whose credits were granted and start it; True
+    when this call started it (its caller then hands out its chunks). Any number of workers
+    may call it at once: one writes the sends, in the transaction that starts the campaign,
+    the others get False. Any other campaign is left as it is (False)."""
     with rt.sessions() as session:
         c = session.execute(
             select(
@@ -54,7 +57,7 @@ def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
         ).first()
     grant = None if c is None else grant_of(rt.sessions, c.user_id, c.period, c.grant_seq)
     if c is None or grant is None:
-        return control.status_of(rt, campaign_id)
+        return False
     # The request's reservation, asked again: a replay of its grant (nothing counted twice),
     # or after a Redis loss granted against the rebuild, which counted these recipients
     # pending under this key. Refused only if Redis lost it and the grant can no longer
@@ -73,9 +76,6 @@ def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
                 .where(Campaign.id == campaign_id)
                 .values(
                     pending_recipients=None,
-                    # Its chunk tasks are out: the request handed them out (or the sweep
-                    # does, right after); the outbox sweep has nothing to do for it.
-                    enqueued_at=now,
                     updated_at=now,
                     **({"status": CampaignStatus.RUNNING} if reservation.granted else {}),
                 )
@@ -93,14 +93,14 @@ def finish(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
                 now,
             )
     if packed is None:
-        return control.status_of(rt, campaign_id)  # another worker wrote them
+        return False  # another worker wrote them
     if not reservation.granted:
         short = create.InsufficientCredits(c.recipients, reservation.remaining, reservation.total)
         control.refuse_start(rt, campaign_id, f"not started: {short}")
         log.warning("compact campaign %s refused as its sends were written: %s", campaign_id, short)
-        return CampaignStatus.FAILED
+        return False
     log.info("campaign %s: %d sends written, running", campaign_id, c.recipients)
-    return CampaignStatus.RUNNING
+    return True
 
 
 def sweep(rt: Runtime, limit: int = 100) -> int:
@@ -120,7 +120,7 @@ def sweep(rt: Runtime, limit: int = 100) -> int:
         ).all()
     started = 0
     for campaign_id in stuck:
-        if finish(rt, campaign_id) is CampaignStatus.RUNNING:
+        if finish(rt, campaign_id):
             log.warning("compact campaign %s not started by its chunk tasks: started", campaign_id)
             control.enqueue(rt, campaign_id, control.open_chunks(rt, campaign_id))
             started += 1

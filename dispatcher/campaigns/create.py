@@ -288,7 +288,10 @@ def create(
         send_at.isoformat() if send_at else "now",
         compact,
     )
-    return view(rt, campaign_id), [] if send_at else work_items(checked.provider, chunks)
+    if send_at:
+        return view(rt, campaign_id), []
+    # A compact campaign's first chunk task writes its sends, then hands out the others.
+    return view(rt, campaign_id), [0] if compact else work_items(checked.provider, chunks)
 
 
 def is_compact(rt: Runtime, recipients: int) -> bool:

@@ -33,8 +33,11 @@ def deliver(rt: Runtime, item: str) -> CampaignStatus:
     c, user = _load(rt, campaign_id)
     if c.provider is Provider.MAILCHIMP:
         return mailchimp_job.deliver_mailchimp(rt, c, user)
-    if c.status is CampaignStatus.RESERVING and compact.finish(rt, c.id) is CampaignStatus.RUNNING:
-        c, user = _load(rt, campaign_id)  # accepted compactly: its sends are written now
+    if c.status is CampaignStatus.RESERVING:
+        # Accepted compactly: the first chunk task writes the sends and hands out the rest.
+        if compact.finish(rt, c.id):
+            control.enqueue(rt, c.id, [k for k in range(c.chunks) if k != chunk])
+        c, user = _load(rt, campaign_id)
     if c.status is not CampaignStatus.RUNNING:
         return c.status
     if user.sender_address is None:
