@@ -68,7 +68,9 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
         packed = session.scalar(
             select(Campaign.pending_recipients)
             .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
-            .with_for_update()
+            # Another worker writing them holds the row: this one leaves it at once, instead
+            # of waiting for a transaction that may outlast the lock timeout.
+            .with_for_update(skip_locked=True)
         )
         if packed is not None:
             session.execute(
