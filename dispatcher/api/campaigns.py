@@ -83,9 +83,9 @@ def post_campaign(
     (a campaign larger than the balance is refused whole, 409); ``recipients`` counts the
     valid ones, one send each. A campaign of ``CAMPAIGN_COMPACT_FROM`` (10,000) valid
     recipients or more answers ``reserving``, its credits taken: its sends are written by a
-    worker and it is ``running`` a few seconds later. ``invalid`` counts the recipients refused as invalid and
-    ``suppressed`` those on the agent's suppression list: neither sent nor charged; which
-    rows they were, and why, is listed a page at a time by ``GET
+    worker and it is ``running`` a few seconds later. ``invalid`` counts the recipients
+    refused as invalid and ``suppressed`` those on the agent's suppression list: neither sent
+    nor charged; which rows they were, and why, is listed a page at a time by ``GET
     /v1/campaigns/{id}/invalid`` and ``/suppressed`` (fetch them when a count is not 0).
     MailChimp: sent through the agent's account, no credits. ``replayed`` is true when this
     answers a repeat of an earlier request. With ``send_at`` it is ``scheduled`` until that
