@@ -588,9 +588,16 @@ def _reserve_all(
         return
     notices.after_reservation(rt, grant, reservation)
     with rt.sessions.begin() as session:
-        session.execute(
-            update(Campaign).where(Campaign.id == campaign_id).values(reserved_at=rt.clock.now())
+        marked = session.execute(
+            update(Campaign)
+            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
+            .values(reserved_at=rt.clock.now())
         )
+    if cast(CursorResult[Any], marked).rowcount != 1:
+        # The reserving sweep failed it meanwhile (this request took far too long) and gave
+        # back what was reserved then; this reservation goes back too.
+        rt.quota.refund(grant, campaign_key(campaign_id), size)
+        raise CampaignStateError(campaign_id, CampaignStatus.FAILED.value, "start")
 
 
 def reserved(

@@ -260,3 +260,33 @@ def test_a_compact_campaign_is_delivered_end_to_end(
     one = next(m for m in smtp_server.messages if m.rcpt_tos == ("person7@example.org",))
     assert b"Subject: Open house, P7" in one.data
     assert credits(runtime, "agent-1").used == 448
+
+
+def test_a_compact_campaign_failed_by_the_sweep_before_its_request_marked_it_gives_back(
+    runtime: Runtime, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a compact campaign's request so slow that the reserving sweep failed the campaign
+    # between storing it and asking Redis for its credits
+    rt = runtime
+    make_user(rt)
+    reserve = rt.quota.reserve
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        clock.advance(control.RESERVING_GRACE + timedelta(seconds=1))
+        assert control.expire_reserving(rt) == 1
+        return reserve(*args, **kwargs)
+
+    monkeypatch.setattr(rt.quota, "reserve", late)
+
+    # When the request gets its credits after all
+    with pytest.raises(control.CampaignStateError):
+        create.create(rt, campaign_request(250))
+
+    # Then the campaign stays failed, nothing is packed or written, and no credit is kept
+    with rt.sessions() as session:
+        (c,) = session.scalars(select(Campaign)).all()
+        assert (c.status, c.reserved_at) == (CampaignStatus.FAILED, None)
+    assert not _packed(rt, c.id) and _rows(rt, c.id) == []
+    assert credits(rt, "agent-1").used == 0
+    rt.redis.flushall()
+    assert credits(rt, "agent-1").used == 0
