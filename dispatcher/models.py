@@ -456,6 +456,10 @@ class Campaign(Base):
     #: written (``reserving``; None once they are, and for a campaign stored with its rows).
     #: Never loaded with the row: read only by the task that writes the sends.
     pending_recipients: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    #: How many chunks of ``pending_recipients`` are written as sends already (each chunk's
+    #: sends and this count move in one transaction; the ledger counts the packed recipients
+    #: as one number until all are written, and ignores those rows until then).
+    packed_written: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: When a compact campaign's credits were granted (the request that created it then
     #: answered): from then on it is a worker's to start. None for other campaigns.
     reserved_at: Mapped[datetime | None]

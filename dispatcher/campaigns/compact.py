@@ -6,17 +6,18 @@ database longer than the answer may; a worker writes them instead, here:
 1. the request: campaign ``reserving`` with its recipients packed, credits reserved under
    the campaign's bulk key, ``reserved_at`` set (a refusal leaves nothing, as for any campaign);
 2. :func:`finish`, from its first chunk task, the only one the request hands out (or from
-   :func:`sweep`): the sends written ``reserved``, the packed recipients cleared and the
-   campaign ``running``, in one transaction; then the task hands out the other chunks. From
-   then on it is like any other campaign.
+   :func:`sweep`): the sends written ``reserved`` a chunk per transaction (with the count of
+   chunks written), then the packed recipients cleared and the campaign ``running``; then the
+   task hands out the other chunks. From then on it is like any other campaign.
 
 The request's answer waits for none of it: not for 100,000 rows, not for 200 tasks.
 
-The ledger counts the packed recipients as pending under the campaign's bulk key while they
-are packed, and the rows once written, in one statement (:mod:`dispatcher.credits.ledger`):
-never both, never neither. A request that died before its credits were granted (no
-``reserved_at``) leaves the campaign to :func:`dispatcher.campaigns.control.expire_reserving`,
-which fails it as it fails any campaign whose request died.
+The ledger counts the packed recipients as pending under the campaign's bulk key while any are
+packed (ignoring the rows written so far), and the rows once all are written, in one statement
+(:mod:`dispatcher.credits.ledger`): never both, never neither. A request that died before its
+credits were granted (no ``reserved_at``) leaves the campaign to
+:func:`dispatcher.campaigns.control.expire_reserving`, which fails it as it fails any campaign
+whose request died.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ START_GRACE = timedelta(minutes=1)
 def finish(rt: Runtime, campaign_id: str) -> bool:
     """Write the sends of a compact campaign whose credits were granted and start it; True
     when this call started it (its caller then hands out its chunks). Any number of workers
-    may call it at once: one writes the sends, in the transaction that starts the campaign,
-    the others get False. Any other campaign is left as it is (False)."""
+    may call it at once, or after one was lost halfway: each chunk is written once, and the
+    one that starts the campaign gets True, the others False. Any other campaign is left as
+    it is (False)."""
     with rt.sessions() as session:
         c = session.execute(
             select(
@@ -63,16 +65,45 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
     # pending under this key. Refused only if Redis lost it and the grant can no longer
     # hold them: then they are written uncharged and the campaign fails whole (rule R4).
     reservation = rt.quota.reserve(grant, campaign_key(campaign_id), c.recipients)
-    now = rt.clock.now()
-    with rt.sessions.begin() as session:
+    status = SendStatus.RESERVED if reservation.granted else SendStatus.QUEUED
+    with rt.sessions() as session:
         packed = session.scalar(
-            select(Campaign.pending_recipients)
-            .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RESERVING)
-            # Another worker writing them holds the row: this one leaves it at once, instead
-            # of waiting for a transaction that may outlast the lock timeout.
-            .with_for_update(skip_locked=True)
+            select(Campaign.pending_recipients).where(Campaign.id == campaign_id)
         )
-        if packed is not None:
+    if packed is None:
+        return False  # another worker wrote them meanwhile
+    frames = create.packed_chunks(packed)
+    while True:
+        now = rt.clock.now()
+        with rt.sessions.begin() as session:
+            written = session.scalar(
+                select(Campaign.packed_written)
+                .where(
+                    Campaign.id == campaign_id,
+                    Campaign.status == CampaignStatus.RESERVING,
+                    Campaign.pending_recipients.is_not(None),
+                )
+                # Another worker writing a chunk holds the row: this one leaves it to that
+                # one at once (each chunk is written once, whoever writes it).
+                .with_for_update(skip_locked=True)
+            )
+            if written is None:
+                return False
+            if written < len(frames):
+                # One chunk per transaction: no transaction holds the campaign (on SQLite,
+                # the database) for the whole campaign, and a lost worker's successor goes
+                # on from the next chunk. Without db.bulk_writes' large SQLite page cache,
+                # which in the campaign worker would stay in its memory.
+                chunk = create.unpack_chunk(frames[written])
+                create.insert_sends(
+                    session, rt, campaign_id, c.user_id, [chunk], grant, status, now, written
+                )
+                session.execute(
+                    update(Campaign)
+                    .where(Campaign.id == campaign_id)
+                    .values(packed_written=written + 1, updated_at=now)
+                )
+                continue
             session.execute(
                 update(Campaign)
                 .where(Campaign.id == campaign_id)
@@ -82,20 +113,7 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
                     **({"status": CampaignStatus.RUNNING} if reservation.granted else {}),
                 )
             )
-            # Without db.bulk_writes' large SQLite page cache: in the campaign worker it would
-            # stay in the process's memory after the write.
-            create.insert_sends(
-                session,
-                rt,
-                campaign_id,
-                c.user_id,
-                create.unpack_recipients(packed),
-                grant,
-                SendStatus.RESERVED if reservation.granted else SendStatus.QUEUED,
-                now,
-            )
-    if packed is None:
-        return False  # another worker wrote them
+        break
     if not reservation.granted:
         short = create.InsufficientCredits(c.recipients, reservation.remaining, reservation.total)
         control.refuse_start(rt, campaign_id, f"not started: {short}")

@@ -323,14 +323,20 @@ def pack_recipients(parts: Iterable[list[Stored]]) -> bytes:
     return bytes(out)
 
 
-def unpack_recipients(packed: bytes) -> Iterator[list[Stored]]:
-    """What :func:`pack_recipients` stored, a chunk at a time, in order."""
+def packed_chunks(packed: bytes) -> list[bytes]:
+    """The frames :func:`pack_recipients` wrote, one per chunk, in order, still compressed."""
+    frames = []
     at = 0
     while at < len(packed):
         size = int.from_bytes(packed[at : at + 4], "big")
-        at += 4
-        yield [(c, e, f) for c, e, f in json.loads(zlib.decompress(packed[at : at + size]))]
-        at += size
+        frames.append(packed[at + 4 : at + 4 + size])
+        at += 4 + size
+    return frames
+
+
+def unpack_chunk(frame: bytes) -> list[Stored]:
+    """One chunk's recipients from its frame (:func:`packed_chunks`)."""
+    return [(c, e, f) for c, e, f in json.loads(zlib.decompress(frame))]
 
 
 def work_items(provider: Provider, chunks: int) -> list[int]:
@@ -695,9 +701,10 @@ def insert_sends(
     grant: GrantRef | None,
     status: SendStatus,
     now: datetime,
+    first_chunk: int = 0,
 ) -> None:
-    """One send per recipient of ``parts`` (chunk 0, 1, ...) in ``status``: ``reserved`` when
-    claimed against ``grant``
+    """One send per recipient of ``parts`` (chunk ``first_chunk``, the next, ...) in
+    ``status``: ``reserved`` when claimed against ``grant``
     (the ledger counts it pending under the campaign's bulk key until the campaign leaves
     ``reserving``), ``queued`` when not charged (MailChimp; a start in a later month; a
     compact campaign whose credits were refused), written a chunk at a time: only one
@@ -732,7 +739,7 @@ def insert_sends(
         "message_id",
     ]
     writer = bulk_writer(session, SEND_TABLE, shared, own)
-    for chunk, part in enumerate(parts):
+    for chunk, part in enumerate(parts, start=first_chunk):
         ids = new_ids(len(part))
         rows = []
         for send_id, (contact_id, email, fields) in zip(ids, part, strict=True):

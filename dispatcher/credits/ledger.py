@@ -38,13 +38,17 @@ def snapshot(session: Session, grant: GrantRef) -> LedgerSnapshot:
     # One statement, so one consistent view even under READ COMMITTED: read as two, a send
     # moving from queued to reserved in between would be in neither and the rebuild would
     # over-grant by one (the same for a campaign leaving ``reserving``).
-    # A campaign accepted compactly has no send rows yet: its recipients count as a number on
-    # its row, in the same statement, so the rows written in their place (the same
-    # transaction clears the number) are counted either as rows or as that number, never
-    # both, never neither.
-    sends = select(
-        Send.idempotency_key, Send.status, Send.campaign_id, Campaign.status, literal(1)
-    ).outerjoin(Campaign, Campaign.id == Send.campaign_id)
+    # A campaign accepted compactly has no send rows yet, or some: its recipients count as
+    # one number on its row, in the same statement, so the rows written in their place (the
+    # transaction that writes the last clears the number) are counted either as rows or in
+    # that number, never both, never neither.
+    sends = (
+        select(Send.idempotency_key, Send.status, Send.campaign_id, Campaign.status, literal(1))
+        .outerjoin(Campaign, Campaign.id == Send.campaign_id)
+        # The sends of a compact campaign written so far are in its packed count until the
+        # last are written (the same transaction clears it).
+        .where(Campaign.pending_recipients.is_(None))
+    )
     compact = select(null(), null(), Campaign.id, Campaign.status, Campaign.recipients).where(
         Campaign.user_id == grant.user_id,
         Campaign.period == grant.period,

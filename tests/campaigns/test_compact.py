@@ -290,3 +290,44 @@ def test_a_compact_campaign_failed_by_the_sweep_before_its_request_marked_it_giv
     assert credits(rt, "agent-1").used == 0
     rt.redis.flushall()
     assert credits(rt, "agent-1").used == 0
+
+
+def test_a_worker_lost_halfway_through_the_sends_leaves_the_rest_to_the_next(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a compact campaign of 250 (three chunks of 100) whose first writer dies as it
+    # writes the third chunk, and Redis losing its data right then
+    rt = runtime
+    make_user(rt)
+    view, _ = create.create(rt, campaign_request(250))
+    insert_sends = create.insert_sends
+    calls: list[int] = []
+
+    def dies_on_the_third(*args: Any) -> None:
+        calls.append(len(calls))
+        if len(calls) == 3:
+            rt.redis.flushall()
+            raise RuntimeError("worker lost")
+        insert_sends(*args)
+
+    monkeypatch.setattr(create, "insert_sends", dies_on_the_third)
+    with pytest.raises(RuntimeError):
+        compact.finish(rt, view.id)
+
+    # Then two chunks are written, the campaign still reserving, and its credits counted
+    # once by the rebuild (the rows written are within its packed count)
+    assert len(_rows(rt, view.id)) == 200 and _packed(rt, view.id)
+    assert control.status_of(rt, view.id) is CampaignStatus.RESERVING
+    assert credits(rt, "agent-1").used == 250
+
+    # When the next worker takes it up
+    monkeypatch.setattr(create, "insert_sends", insert_sends)
+    assert compact.finish(rt, view.id) is True
+
+    # Then only the third chunk is written, once, and the credits are exact
+    rows = _rows(rt, view.id)
+    assert len(rows) == 250 == len({k for k, _ in rows})
+    assert control.open_chunks(rt, view.id) == [0, 1, 2]
+    assert credits(rt, "agent-1").used == 250
+    rt.redis.flushall()
+    assert credits(rt, "agent-1").used == 250

@@ -1,5 +1,6 @@
-"""campaigns.pending_recipients and reserved_at: a large campaign's recipients stored compactly
-at acceptance, until its first chunk task writes their sends; when its credits were granted
+"""campaigns.pending_recipients, reserved_at and packed_written: a large campaign's recipients
+stored compactly at acceptance, until its first chunk task writes their sends; when its credits
+were granted; how many chunks are written
 
 Revision ID: 0015
 Revises: 0014
@@ -24,8 +25,13 @@ def upgrade() -> None:
         "campaigns",
         sa.Column("reserved_at", dispatcher.models.UTCDateTime(timezone=True), nullable=True),
     )
+    op.add_column(
+        "campaigns",
+        sa.Column("packed_written", sa.Integer(), nullable=False, server_default="0"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_column("campaigns", "packed_written")
     op.drop_column("campaigns", "reserved_at")
     op.drop_column("campaigns", "pending_recipients")
