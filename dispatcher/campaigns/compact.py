@@ -6,8 +6,8 @@ database longer than the answer may; a worker writes them instead, here:
 1. the request: campaign ``reserving`` with its recipients packed, credits reserved under
    the campaign's bulk key, ``reserved_at`` set (a refusal leaves nothing, as for any campaign);
 2. :func:`finish`, from its first chunk task, the only one the request hands out (or from
-   :func:`sweep`): the sends written ``reserved`` a chunk per transaction (with the count of
-   chunks written), then the packed recipients cleared and the campaign ``running``; then the
+   :func:`sweep`): the sends written ``reserved`` a few chunks per transaction (with the count
+   of chunks written), then the packed recipients cleared and the campaign ``running``; then the
    task hands out the other chunks. From then on it is like any other campaign.
 
 The request's answer waits for none of it: not for 100,000 rows, not for 200 tasks.
@@ -23,6 +23,7 @@ whose request died.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 #: (its tasks were lost: the broker was down when the request handed them out) is started by
 #: :func:`sweep`.
 START_GRACE = timedelta(minutes=1)
+
+#: How long one transaction of :func:`finish` goes on writing chunks: long enough that commits
+#: cost little, short enough that other writers (on SQLite, every one) wait little.
+WRITE_SECONDS = 0.25
 
 
 def finish(rt: Runtime, campaign_id: str) -> bool:
@@ -90,18 +95,24 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
             if written is None:
                 return False
             if written < len(frames):
-                # One chunk per transaction: no transaction holds the campaign (on SQLite,
-                # the database) for the whole campaign, and a lost worker's successor goes
-                # on from the next chunk. Without db.bulk_writes' large SQLite page cache,
-                # which in the campaign worker would stay in its memory.
-                chunk = create.unpack_chunk(frames[written])
-                create.insert_sends(
-                    session, rt, campaign_id, c.user_id, [chunk], grant, status, now, written
-                )
+                # The chunks that fit in WRITE_SECONDS per transaction: no transaction holds
+                # the campaign (on SQLite, the database) for the whole campaign, and a lost
+                # worker's successor goes on from the next chunk. Without db.bulk_writes'
+                # large SQLite page cache, which in the campaign worker would stay in its
+                # memory.
+                began, first = time.monotonic(), written
+                for frame in frames[first:]:  # at least one chunk, then while time is left
+                    chunk = create.unpack_chunk(frame)
+                    create.insert_sends(
+                        session, rt, campaign_id, c.user_id, [chunk], grant, status, now, written
+                    )
+                    written += 1
+                    if time.monotonic() - began >= WRITE_SECONDS:
+                        break
                 session.execute(
                     update(Campaign)
-                    .where(Campaign.id == campaign_id)
-                    .values(packed_written=written + 1, updated_at=now)
+                    .where(Campaign.id == campaign_id, Campaign.packed_written == first)
+                    .values(packed_written=written, updated_at=now)
                 )
                 continue
             session.execute(

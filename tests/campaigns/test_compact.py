@@ -295,10 +295,11 @@ def test_a_compact_campaign_failed_by_the_sweep_before_its_request_marked_it_giv
 def test_a_worker_lost_halfway_through_the_sends_leaves_the_rest_to_the_next(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a compact campaign of 250 (three chunks of 100) whose first writer dies as it
-    # writes the third chunk, and Redis losing its data right then
+    # Given a compact campaign of 250 (three chunks of 100, one per transaction) whose first
+    # writer dies as it writes the third chunk, and Redis losing its data right then
     rt = runtime
     make_user(rt)
+    monkeypatch.setattr(compact, "WRITE_SECONDS", 0.0)
     view, _ = create.create(rt, campaign_request(250))
     insert_sends = create.insert_sends
     calls: list[int] = []
