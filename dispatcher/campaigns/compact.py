@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from dispatcher.campaigns import control, create
 from dispatcher.credits.grants import campaign_key, grant_of
+from dispatcher.credits.quota import GrantRef
 from dispatcher.models import Campaign, CampaignStatus, SendStatus
 from dispatcher.runtime import Runtime
 
@@ -97,22 +99,14 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
             if written < len(frames):
                 # The chunks that fit in WRITE_SECONDS per transaction: no transaction holds
                 # the campaign (on SQLite, the database) for the whole campaign, and a lost
-                # worker's successor goes on from the next chunk. Without db.bulk_writes'
-                # large SQLite page cache, which in the campaign worker would stay in its
-                # memory.
-                began, first = time.monotonic(), written
-                for frame in frames[first:]:  # at least one chunk, then while time is left
-                    chunk = create.unpack_chunk(frame)
-                    create.insert_sends(
-                        session, rt, campaign_id, c.user_id, [chunk], grant, status, now, written
-                    )
-                    written += 1
-                    if time.monotonic() - began >= WRITE_SECONDS:
-                        break
+                # worker's successor goes on from the next chunk.
+                done = _write_chunks(
+                    session, rt, campaign_id, c.user_id, grant, status, frames, written, now
+                )
                 session.execute(
                     update(Campaign)
-                    .where(Campaign.id == campaign_id, Campaign.packed_written == first)
-                    .values(packed_written=written, updated_at=now)
+                    .where(Campaign.id == campaign_id, Campaign.packed_written == written)
+                    .values(packed_written=done, updated_at=now)
                 )
                 continue
             session.execute(
@@ -132,6 +126,32 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
         return False
     log.info("campaign %s: %d sends written, running", campaign_id, c.recipients)
     return True
+
+
+def _write_chunks(
+    session: Session,
+    rt: Runtime,
+    campaign_id: str,
+    user_id: str,
+    grant: GrantRef,
+    status: SendStatus,
+    frames: list[bytes],
+    first: int,
+    now: datetime,
+) -> int:
+    """Write the sends of chunk ``first`` and the next ones while :data:`WRITE_SECONDS` last
+    (at least one chunk), in the session's transaction; how many chunks are written after.
+    Without db.bulk_writes' large SQLite page cache, which in the campaign worker would stay
+    in its memory."""
+    began = time.monotonic()
+    written = first
+    for frame in frames[first:]:
+        part = create.unpack_chunk(frame)
+        create.insert_sends(session, rt, campaign_id, user_id, [part], grant, status, now, written)
+        written += 1
+        if time.monotonic() - began >= WRITE_SECONDS:
+            break
+    return written
 
 
 def sweep(rt: Runtime, limit: int = 100) -> int:
