@@ -54,5 +54,5 @@ def create_api(rt: Runtime, queue: TaskQueue, broker: BrokerView | None = None) 
     app.add_middleware(AccessLog)
     # Outermost: the size cap runs before auth and before any byte of the body is read.
     app.add_middleware(BodySizeLimit, settings=rt.settings)
-    document(app)
+    document(app, bodies=campaigns.BODIES)
     return app

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, NotRequired
 
-from fastapi import APIRouter, Path, Query, Response
-from pydantic import ConfigDict, Field
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import TypedDict
 
 from dispatcher.api.auth import AUTHENTICATED, CampaignCaller, ReadCaller
 from dispatcher.api.bodies import MessageIn, StrictBody
+from dispatcher.api.campaign_body import CampaignBody, ReadsBodyFirst, body_text
 from dispatcher.api.deps import PLAIN_PARAMETERS, ProducerDep, QueueDep, RuntimeDep
 from dispatcher.api.pages import ENVELOPE, Cursor, Limit
 from dispatcher.api.problems import answers
@@ -28,8 +29,9 @@ Owner = Annotated[str, Query(description="The agent who owns the campaign.")]
 
 
 class RecipientIn(TypedDict):
-    """One recipient. A typed dict, not a model: a campaign's 100,000 recipients are checked
-    in place as the plain objects the JSON parser made (no model object per row)."""
+    """One recipient. A typed dict, not a model: a campaign's recipients are checked in place
+    as the plain objects the JSON parser made (no model object per row), one at a time
+    (:mod:`dispatcher.api.campaign_body`)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
@@ -70,14 +72,23 @@ class CampaignIn(StrictBody):
     send_at: str | None = Field(default=None, description=SEND_AT)
 
 
-@router.post(
-    "/v1/campaigns",
-    status_code=202,
-    response_model=control.CampaignView,
-    responses=answers(404, 409, 503),
-)
+_ROW = TypeAdapter(RecipientIn)
+#: The body is read by :class:`CampaignBody`, not by FastAPI; the document says what it is.
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CampaignIn"}}},
+    }
+}
+#: Request bodies the OpenAPI document describes without FastAPI reading them.
+BODIES = (CampaignIn,)
+
+
 def post_campaign(
-    body: CampaignIn, response: Response, producer: ProducerDep, caller: CampaignCaller
+    response: Response,
+    producer: ProducerDep,
+    caller: CampaignCaller,
+    text: Annotated[str, Depends(body_text)],
 ) -> control.CampaignView:
     """Start a campaign. Command Email: every valid recipient's credit is reserved at once
     (a campaign larger than the balance is refused whole, 409); ``recipients`` counts the
@@ -89,25 +100,43 @@ def post_campaign(
     /v1/campaigns/{id}/invalid`` and ``/suppressed`` (fetch them when a count is not 0).
     MailChimp: sent through the agent's account, no credits. ``replayed`` is true when this
     answers a repeat of an earlier request. With ``send_at`` it is ``scheduled`` until that
-    time (``send_at`` in the answer, UTC). Scope ``campaigns:write``."""
-    caller.check_user(body.user_id)
+    time (``send_at`` in the answer, UTC). Scope ``campaigns:write``. The body is a
+    ``CampaignIn``; its recipients are read one at a time, not held whole."""
+    body = CampaignBody(text, CampaignIn, _ROW)
+    head = body.validated()
+    if head is None:
+        raise body.refuse()
+    assert isinstance(head, CampaignIn)
+    caller.check_user(head.user_id)
     req = create.CampaignRequest(
-        user_id=body.user_id,
-        provider=body.provider.value,
-        name=body.name,
-        subject=body.message.subject,
-        html=body.message.html,
-        text=body.message.text,
-        recipients=body.recipients,
-        from_name=body.from_name,
-        reply_to=body.reply_to,
-        idempotency_key=body.idempotency_key,
-        send_at=body.send_at,
+        user_id=head.user_id,
+        provider=head.provider.value,
+        name=head.name,
+        subject=head.message.subject,
+        html=head.message.html,
+        text=head.message.text,
+        recipients=body.rows(),
+        from_name=head.from_name,
+        reply_to=head.reply_to,
+        idempotency_key=head.idempotency_key,
+        send_at=head.send_at,
     )
     created = producer.create_campaign(req)
     if created.replayed:
         response.status_code = 200
     return created
+
+
+router.add_api_route(
+    "/v1/campaigns",
+    post_campaign,
+    methods=["POST"],
+    status_code=202,
+    response_model=control.CampaignView,
+    responses=answers(404, 409, 503),
+    openapi_extra=_BODY_DOC,
+    route_class_override=ReadsBodyFirst,
+)
 
 
 @router.get(

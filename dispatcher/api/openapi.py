@@ -4,10 +4,12 @@ are plain strings in the views, and are listed here with the values the models a
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from dispatcher.models import (
     AlertKind,
@@ -40,8 +42,10 @@ def _with_enum(prop: dict[str, Any], values: list[str]) -> None:
             option["enum"] = values
 
 
-def document(app: FastAPI) -> None:
-    """Make ``app`` publish its OpenAPI document with the enumerations of :data:`ENUMS`."""
+def document(app: FastAPI, bodies: Sequence[type[BaseModel]] = ()) -> None:
+    """Make ``app`` publish its OpenAPI document with the enumerations of :data:`ENUMS`, and
+    the schemas of ``bodies``: request bodies a route reads itself (its ``openapi_extra``
+    refers to them), which FastAPI does not list."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -51,7 +55,12 @@ def document(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            schemas = doc.get("components", {}).get("schemas", {})
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in bodies:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, nested in schema.pop("$defs", {}).items():
+                    schemas.setdefault(name, nested)
+                schemas.setdefault(model.__name__, schema)
             for name, fields in ENUMS.items():
                 props = schemas.get(name, {}).get("properties", {})
                 for field, values in fields.items():

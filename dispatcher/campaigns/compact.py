@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from dispatcher.campaigns import control, create
+from dispatcher.campaigns import control, create, recipients
 from dispatcher.credits.grants import campaign_key, grant_of
 from dispatcher.credits.quota import GrantRef
 from dispatcher.models import Campaign, CampaignStatus, SendStatus
@@ -79,7 +79,7 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
         )
     if packed is None:
         return False  # another worker wrote them meanwhile
-    frames = create.packed_chunks(packed)
+    frames = recipients.frames(packed)
     while True:
         now = rt.clock.now()
         with rt.sessions.begin() as session:
@@ -146,7 +146,7 @@ def _write_chunks(
     began = time.monotonic()
     written = first
     for frame in frames[first:]:
-        part = create.unpack_chunk(frame)
+        part = recipients.unpack(frame)
         create.insert_sends(session, rt, campaign_id, user_id, [part], grant, status, now, written)
         written += 1
         if time.monotonic() - began >= WRITE_SECONDS:

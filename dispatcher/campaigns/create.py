@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import uuid
-import zlib
-from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
-from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, delete, insert, select, update
@@ -21,14 +17,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dispatcher import db, validation
-from dispatcher.campaigns import control, sendtime
+from dispatcher.campaigns import control, recipients, sendtime
 from dispatcher.campaigns.control import CampaignStateError, CampaignView, view
+from dispatcher.campaigns.recipients import Recipient as Recipient
+from dispatcher.campaigns.recipients import RecipientRow, Stored
 from dispatcher.credits import notices, refunds
 from dispatcher.credits.grants import campaign_key
 from dispatcher.credits.periods import period_at
 from dispatcher.credits.quota import GrantRef, Reservation
 from dispatcher.credits.subscriptions import ensure_current
-from dispatcher.delivery import identity, suppression
+from dispatcher.delivery import identity
 from dispatcher.delivery.message import message_id_for
 from dispatcher.delivery.rendering import MessageTemplate
 from dispatcher.errors import DispatcherError, InvalidInput, NotFound
@@ -65,24 +63,14 @@ class InsufficientCredits(DispatcherError):
 
 
 @dataclass(frozen=True)
-class Recipient:
-    contact_id: str
-    email: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-#: A recipient as a request gives it: a :class:`Recipient`, or a mapping with ``id``, ``email``
-#: and optionally ``fields`` (the HTTP API's parsed body, used as it is: no object per row).
-RecipientRow = Recipient | Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class CampaignRequest:
     user_id: str
     provider: str
     subject: str
     html: str
-    recipients: Sequence[RecipientRow]
+    #: Read once, in order (see :mod:`dispatcher.campaigns.recipients`): a list, or the rows
+    #: of an HTTP request's body as it is parsed.
+    recipients: Iterable[RecipientRow]
     text: str | None = None
     from_name: str | None = None
     reply_to: str | None = None
@@ -123,103 +111,14 @@ def recipient_key(campaign_id: str, contact_id: str) -> str:
     return f"campaign|{len(campaign_id)}:{campaign_id}|{len(contact_id)}:{contact_id}"
 
 
-def _values(r: RecipientRow) -> tuple[Any, Any, Any]:
-    """A request row's contact id, address and merge fields, as given."""
-    if isinstance(r, Recipient):
-        return r.contact_id, r.email, r.fields
-    return r.get("id"), r.get("email"), r.get("fields")
-
-
-@dataclass
-class _Valid:
-    """The valid recipients of a request, without an object per row: their rows in the
-    request, in order (a compact array), and the values of the few whose validation changed
-    what was given (a contact id given as a number, an address with spaces around it)."""
-
-    recipients: Sequence[RecipientRow]
-    rows: array[int]
-    changed: dict[int, tuple[str, str, dict[str, Any]]]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def values(self, rows: Sequence[int]) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
-        """(row, contact id, address, merge fields) of ``rows``, as validated."""
-        recipients, changed = self.recipients, self.changed
-        for i in rows:
-            known = changed.get(i)
-            if known is None:
-                contact_id, email, fields = _values(recipients[i])
-                yield i, contact_id, email, fields or {}
-            else:
-                yield i, *known
-
-    def only(self, rows: array[int]) -> _Valid:
-        return _Valid(self.recipients, rows, self.changed)
-
-
-def _check_recipients(
-    rt: Runtime, recipients: Sequence[RecipientRow]
-) -> tuple[_Valid, list[dict[str, Any]]]:
-    """Split recipients into valid ones and a report of the invalid ones (never charged).
-
-    Most rows are checked at once, in place (``validation.is_plain_*``); only a row that is
-    not plain goes through the full checks, which name its field and what is wrong."""
-    if not recipients:
-        raise InvalidInput("recipients", "must list at least one contact")
-    limit = rt.settings.max_campaign_recipients
-    if len(recipients) > limit:
-        raise InvalidInput("recipients", f"lists {len(recipients):,}; the limit is {limit:,}")
-    rows = array("l")
-    changed: dict[int, tuple[str, str, dict[str, Any]]] = {}
-    invalid: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    plain_id, plain_address = validation.is_plain_identifier, validation.is_plain_address
-    plain_fields = validation.are_plain_merge_fields
-    for i, r in enumerate(recipients):
-        given_id, given_email, given_fields = _values(r)
-        if (
-            plain_id(given_id)
-            and plain_address(given_email)
-            and (given_fields is None or plain_fields(given_fields))
-            and given_id not in seen
-        ):
-            seen.add(given_id)
-            rows.append(i)
-            continue
-        where = f"recipients[{i}]"
-        try:
-            contact_id = validation.identifier(f"{where}.id", given_id)
-            email = validation.address(f"{where}.email", given_email, utf8_local=True)
-            fields = validation.merge_fields(f"{where}.fields", given_fields)
-            if contact_id in seen:
-                raise InvalidInput(f"{where}.id", f"contact {contact_id!r} is listed twice")
-        except InvalidInput as exc:
-            invalid.append(
-                {
-                    "index": i,
-                    # Quoted as the error messages quote them: always valid UTF-8, and short.
-                    "contact_id": validation.printable(given_id, validation.ID_MAX),
-                    "email": validation.printable(given_email, validation.ADDRESS_MAX),
-                    "field": exc.field,
-                    "reason": exc.problem,
-                }
-            )
-            continue
-        seen.add(contact_id)
-        rows.append(i)
-        changed[i] = (contact_id, email, fields)
-    return _Valid(recipients, rows, changed), invalid
-
-
 @dataclass(frozen=True)
 class _Checked:
     """A campaign request as validated: nothing about it is stored yet."""
 
     provider: Provider
     template: MessageTemplate
-    valid: _Valid
-    invalid: list[dict[str, Any]]
+    #: The recipients as read: to send to (packed), invalid and suppressed ones.
+    recipients: recipients.Read
     request_key: str | None
     digest: str | None
     #: The reply-to address as stored (stripped, its domain in punycode).
@@ -242,7 +141,8 @@ def create(
         earlier = _replay(rt, req.user_id, checked.request_key, checked.digest)
         if earlier is not None:
             return earlier, []
-    valid, skipped = _drop_suppressed(rt, req, checked)
+    _check_user(rt, req, checked)
+    read = checked.recipients
     send_at = None if checked.send_at is None else _send_at(rt, req.user_id, checked.send_at)
     grant: GrantRef | None = None
     if checked.provider is Provider.COMMAND_EMAIL:
@@ -255,11 +155,11 @@ def create(
     campaign_id = str(uuid.uuid4())
     # A large campaign starting now keeps its recipients compactly until a worker writes their
     # sends (see dispatcher.campaigns.compact): the answer does not wait for 100,000 rows.
-    compact = grant is not None and send_at is None and is_compact(rt, len(valid))
+    compact = grant is not None and send_at is None and is_compact(rt, read.kept)
     # 1. Store the campaign and its recipients, claimed against the grant (a Redis rebuild
     #    meanwhile counts them as pending under the campaign's bulk key, which step 2 takes).
     try:
-        chunks = _store(rt, req, checked, campaign_id, valid, skipped, grant, send_at, compact)
+        chunks = _store(rt, req, checked, campaign_id, grant, send_at, compact)
     except IntegrityError:
         if checked.request_key is None or checked.digest is None:
             raise
@@ -274,16 +174,16 @@ def create(
     # 2. Reserve every valid recipient's credit in one atomic step.
     if grant is not None:
         then = CampaignStatus.RUNNING if send_at is None else CampaignStatus.SCHEDULED
-        _reserve_all(rt, campaign_id, grant, len(valid), then, compact)
+        _reserve_all(rt, campaign_id, grant, read.kept, then, compact)
     log.info(
         "campaign created id=%s user=%s provider=%s recipients=%d invalid=%d suppressed=%d "
         "chunks=%d send_at=%s compact=%s",
         campaign_id,
         req.user_id,
         checked.provider.value,
-        len(valid),
-        len(checked.invalid),
-        len(skipped),
+        read.kept,
+        len(read.invalid),
+        len(read.skipped),
         chunks,
         send_at.isoformat() if send_at else "now",
         compact,
@@ -299,44 +199,6 @@ def is_compact(rt: Runtime, recipients: int) -> bool:
     accepted compactly (``CAMPAIGN_COMPACT_FROM``)."""
     least = rt.settings.campaign_compact_from
     return 0 < least <= recipients
-
-
-#: A recipient as stored: contact id, address, merge fields (validated).
-Stored = tuple[str, str, dict[str, Any]]
-
-
-def chunks_of(valid: _Valid, size: int) -> Iterator[list[Stored]]:
-    """The valid recipients, validated, a chunk of ``size`` at a time."""
-    for start in range(0, len(valid), size):
-        yield [(c, e, f) for _, c, e, f in valid.values(valid.rows[start : start + size])]
-
-
-def pack_recipients(parts: Iterable[list[Stored]]) -> bytes:
-    """Recipients chunk by chunk, compressed: what ``Campaign.pending_recipients`` holds
-    until their sends are written. Each chunk is a frame of its own (4-byte length, zlib of
-    its JSON), so that only one chunk is ever held as Python objects, packing or unpacking
-    (:func:`unpack_recipients`)."""
-    out = bytearray()
-    for part in parts:
-        frame = zlib.compress(json.dumps(part, separators=(",", ":")).encode(), 1)
-        out += len(frame).to_bytes(4, "big") + frame
-    return bytes(out)
-
-
-def packed_chunks(packed: bytes) -> list[bytes]:
-    """The frames :func:`pack_recipients` wrote, one per chunk, in order, still compressed."""
-    frames = []
-    at = 0
-    while at < len(packed):
-        size = int.from_bytes(packed[at : at + 4], "big")
-        frames.append(packed[at + 4 : at + 4 + size])
-        at += 4 + size
-    return frames
-
-
-def unpack_chunk(frame: bytes) -> list[Stored]:
-    """One chunk's recipients from its frame (:func:`packed_chunks`)."""
-    return [(c, e, f) for c, e, f in json.loads(zlib.decompress(frame))]
 
 
 def work_items(provider: Provider, chunks: int) -> list[int]:
@@ -379,13 +241,25 @@ def _check(rt: Runtime, req: CampaignRequest) -> _Checked:
     assert provider is not None  # done() raised otherwise
     tpl = MessageTemplate(subject=subject or "", html=html or "", text=text)
     tpl.check("message")
-    valid, invalid = _check_recipients(rt, req.recipients)
-    if not valid:
-        raise InvalidInput("recipients", f"none of the {len(invalid)} recipients is valid")
     # Of the request as validated: a contact id sent as 5 or "5" is the same request.
-    digest = None if request_key is None else request_digest(req, tpl, valid, invalid)
+    digest = None if request_key is None else _RequestDigest(req, tpl)
+    read = recipients.read(
+        rt,
+        req.user_id,
+        req.recipients,
+        fields=tpl.unguarded_fields(),
+        digest=None if digest is None else digest.recipients,
+    )
+    if not read.valid:
+        raise InvalidInput("recipients", f"none of the {len(read.invalid)} recipients is valid")
     return _Checked(
-        provider, tpl, valid, invalid, request_key, digest, reply_to=reply_to, send_at=send_at
+        provider,
+        tpl,
+        read,
+        request_key,
+        None if digest is None else digest.done(read.invalid),
+        reply_to=reply_to,
+        send_at=send_at,
     )
 
 
@@ -410,67 +284,33 @@ def _provider(value: str) -> Provider:
         raise InvalidInput("provider", "must be command_email or mailchimp") from None
 
 
-def _drop_suppressed(
-    rt: Runtime, req: CampaignRequest, checked: _Checked
-) -> tuple[_Valid, list[dict[str, Any]]]:
-    """The recipients left once the agent's suppression list is applied (checked before any
-    credit is reserved: reported, never charged), and a report of those left out."""
-    valid = checked.valid
+def _check_user(rt: Runtime, req: CampaignRequest, checked: _Checked) -> None:
+    """What the campaign needs of its agent; and that not every valid recipient is on the
+    agent's suppression list (checked before any credit is reserved)."""
     with rt.sessions() as session:
         user = session.get(User, req.user_id)
-        if user is None:
-            raise NotFound("user", req.user_id)
-        now = rt.clock.now()
-        blocked = suppression.live_entries(session, req.user_id, now, len(valid))
-        if blocked is None:  # a list longer than the campaign: look its addresses up
-            emails = (email for _, _, email, _ in valid.values(valid.rows))
-            blocked = suppression.active(session, req.user_id, emails, now)
-        if checked.provider is Provider.MAILCHIMP and not (
-            user.mailchimp_api_key and user.mailchimp_list_id
-        ):
-            raise InvalidInput(
-                "provider",
-                "the user has no connected MailChimp account "
-                "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
-            )
-        if checked.provider is Provider.COMMAND_EMAIL and not user.postal_address:
-            # The law of most markets (CAN-SPAM, CASL) asks for it in every campaign's footer.
-            raise InvalidInput(
-                "postal_address",
-                "the user has no postal address, which every campaign's footer shows "
-                "(PUT /v1/users/{id} with postal_address); nothing was stored or charged",
-            )
-    if not blocked:
-        return valid, []
-    kept = array("l")
-    skipped: list[dict[str, Any]] = []
-    for row, contact_id, email, _ in valid.values(valid.rows):
-        why = blocked.get(suppression.normalize(email))
-        if why is None:
-            kept.append(row)
-        else:
-            skipped.append(
-                {"index": row, "contact_id": contact_id, "email": email, "reason": why.value}
-            )
-    if not kept:
+    if user is None:
+        raise NotFound("user", req.user_id)
+    if checked.provider is Provider.MAILCHIMP and not (
+        user.mailchimp_api_key and user.mailchimp_list_id
+    ):
         raise InvalidInput(
-            "recipients", f"all {len(skipped)} valid recipients are on the suppression list"
+            "provider",
+            "the user has no connected MailChimp account "
+            "(PUT /v1/users/{id} with mailchimp.api_key and list_id)",
         )
-    return valid.only(kept), skipped
-
-
-def _missing_fields(tpl: MessageTemplate, valid: _Valid) -> dict[str, int]:
-    """How many recipients lack (or have empty) each merge field the message uses without a
-    default: never silent, the campaign's view shows it (a field only, never a list)."""
-    names = sorted(tpl.unguarded_fields())
-    if not names:
-        return {}
-    counts = dict.fromkeys(names, 0)
-    for _, _, _, fields in valid.values(valid.rows):
-        for name in names:
-            if fields.get(name) in (None, ""):
-                counts[name] += 1
-    return {name: n for name, n in counts.items() if n}
+    if checked.provider is Provider.COMMAND_EMAIL and not user.postal_address:
+        # The law of most markets (CAN-SPAM, CASL) asks for it in every campaign's footer.
+        raise InvalidInput(
+            "postal_address",
+            "the user has no postal address, which every campaign's footer shows "
+            "(PUT /v1/users/{id} with postal_address); nothing was stored or charged",
+        )
+    read = checked.recipients
+    if not read.kept:
+        raise InvalidInput(
+            "recipients", f"all {len(read.skipped)} valid recipients are on the suppression list"
+        )
 
 
 def _store(
@@ -478,8 +318,6 @@ def _store(
     req: CampaignRequest,
     checked: _Checked,
     campaign_id: str,
-    valid: _Valid,
-    skipped: list[dict[str, Any]],
     grant: GrantRef | None,
     send_at: datetime | None,
     compact: bool,
@@ -488,7 +326,8 @@ def _store(
     packed on the campaign row; how many chunks it has."""
     now = rt.clock.now()
     size = rt.settings.campaign_chunk_size
-    chunks = (len(valid) + size - 1) // size
+    read = checked.recipients
+    chunks = (read.kept + size - 1) // size
     tpl = checked.template
     with rt.sessions.begin() as session:
         session.add(
@@ -510,27 +349,27 @@ def _store(
                 text=tpl.text,
                 from_name=req.from_name,
                 reply_to=checked.reply_to,
-                recipients=len(valid),
-                invalid_count=len(checked.invalid),
-                suppressed_count=len(skipped),
-                missing_fields=_missing_fields(tpl, valid) or None,
+                recipients=read.kept,
+                invalid_count=len(read.invalid),
+                suppressed_count=len(read.skipped),
+                missing_fields=read.missing or None,
                 chunks=chunks,
                 period=grant.period if grant else None,
                 grant_seq=grant.seq if grant else None,
                 idempotency_key=checked.request_key,
                 request_digest=checked.digest,
-                pending_recipients=pack_recipients(chunks_of(valid, size)) if compact else None,
+                pending_recipients=read.packed if compact else None,
                 created_at=now,
                 updated_at=now,
             )
         )
         session.flush()
         with db.bulk_writes(session.connection()):
-            _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, checked.invalid)
-            _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, skipped)
+            _insert_exclusions(session, campaign_id, ExclusionKind.INVALID, read.invalid)
+            _insert_exclusions(session, campaign_id, ExclusionKind.SUPPRESSED, read.skipped)
             if not compact:
                 status = SendStatus.RESERVED if grant else SendStatus.QUEUED
-                parts = chunks_of(valid, size)
+                parts = recipients.chunks(read.packed)
                 insert_sends(session, rt, campaign_id, req.user_id, parts, grant, status, now)
     return chunks
 
@@ -637,39 +476,33 @@ def reserved(
     raise CampaignStateError(campaign_id, CampaignStatus.FAILED.value, "start")
 
 
-def request_digest(
-    req: CampaignRequest,
-    tpl: MessageTemplate,
-    valid: _Valid,
-    invalid: Sequence[dict[str, Any]],
-) -> str:
+class _RequestDigest:
     """A digest of everything a validated campaign request asks for (recipients in order).
 
     It is the SHA-256 of one JSON document (``[user, provider, [subject, html, text],
     [from_name, reply_to, name], [[contact id, email, fields], ...], [invalid, ...]]``, keys
-    sorted, no spaces; ``send_at`` after the names when given), written a chunk of recipients
-    at a time so that no copy of the whole list is made."""
-    dumps = partial(json.dumps, sort_keys=True, separators=(",", ":"), default=str)
-    head: list[object] = [
-        req.user_id,
-        req.provider,
-        [tpl.subject, tpl.html, tpl.text],
-        [req.from_name, req.reply_to, req.name],
-    ]
-    if req.send_at is not None:  # only then: digests of earlier requests stay as they were
-        head.append(req.send_at)
-    digest = hashlib.sha256()
-    digest.update(dumps(head)[:-1].encode() + b",[")
-    for start in range(0, len(valid.rows), _DIGEST_ROWS):
-        part = valid.rows[start : start + _DIGEST_ROWS]
-        text = dumps([[c, e, f] for _, c, e, f in valid.values(part)])[1:-1]
-        digest.update((b"," if start else b"") + text.encode())
-    digest.update(b"]," + dumps(list(invalid)).encode() + b"]")
-    return digest.hexdigest()
+    sorted, no spaces; ``send_at`` after the names when given), written as the recipients are
+    read, so that no copy of the whole list is made."""
 
+    def __init__(self, req: CampaignRequest, tpl: MessageTemplate) -> None:
+        head: list[object] = [
+            req.user_id,
+            req.provider,
+            [tpl.subject, tpl.html, tpl.text],
+            [req.from_name, req.reply_to, req.name],
+        ]
+        if req.send_at is not None:  # only then: digests of earlier requests stay as they were
+            head.append(req.send_at)
+        self._hash = hashlib.sha256()
+        self._hash.update(recipients.digest_dumps(head)[:-1].encode() + b",[")
 
-#: Recipients written to the request digest at a time.
-_DIGEST_ROWS = 2000
+    def recipients(self, text: bytes) -> None:
+        """The valid recipients' text (see :func:`recipients.read`)."""
+        self._hash.update(text)
+
+    def done(self, invalid: Sequence[dict[str, Any]]) -> str:
+        self._hash.update(b"]," + recipients.digest_dumps(list(invalid)).encode() + b"]")
+        return self._hash.hexdigest()
 
 
 def _replay(rt: Runtime, user_id: str, key: str, digest: str) -> CampaignView | None:
