@@ -269,7 +269,14 @@ class CampaignRun:
     rss_peak: float = math.nan
     rss_end: float = math.nan
     cpu_s: float = math.nan  # CPU time of worker_campaign (parent and pool) during the run
+    web_rss_start: float = math.nan  # the API process before the POST
+    web_rss_peak: float = math.nan  # ... and at its highest while the POST was answered
     problem: str | None = None
+
+    @property
+    def web_growth(self) -> float:
+        """How much the API process grew to accept the campaign (MB)."""
+        return self.web_rss_peak - self.web_rss_start
 
     @property
     def rate(self) -> float:
@@ -282,6 +289,34 @@ class CampaignRun:
     @property
     def rss_growth(self) -> float:
         return max(self.rss_peak, self.rss_end) - self.rss_start
+
+
+class _Peak:
+    """The highest resident memory of a process while a request is answered, sampled every
+    20 ms on a thread of its own."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.mb = rss_mb(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            self.mb = max(self.mb, rss_mb(self.pid))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.mb = max(self.mb, rss_mb(self.pid))
+
+    def __enter__(self) -> _Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done.is_set():
+            self.stop()
 
 
 def run_campaign(
@@ -304,15 +339,23 @@ def run_campaign(
     sink.reset("cmp")
     out.rss_start = out.rss_peak = rss_mb(worker.pid)
     cpu_start = cpu_seconds(worker.pid)
-    with stack.api() as api:
+    web = stack.children["web"].pid
+    out.web_rss_start = rss_mb(web)
+    with stack.api() as api, _Peak(web) as web_peak:
         t_post = time.time()
         r = api.post("/v1/campaigns", content=payload, headers={"content-type": "application/json"})
         t_accepted = time.time()
+        web_peak.stop()
+        out.web_rss_peak = web_peak.mb
         if r.status_code != 202:
             raise Unavailable(f"campaign refused: {r.status_code} {r.text[:300]}")
         out.accepted_s = t_accepted - t_post
         campaign_id = r.json()["id"]
-        say(f"  accepted in {out.accepted_s * 1000:,.0f} ms")
+        say(
+            f"  accepted in {out.accepted_s * 1000:,.0f} ms; the API process grew "
+            f"{out.web_growth:,.1f} MB meanwhile ({out.web_rss_start:,.0f} -> peak "
+            f"{out.web_rss_peak:,.0f} MB)"
+        )
         if on_accepted is not None:
             on_accepted()
         last_report = time.time()

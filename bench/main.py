@@ -551,6 +551,7 @@ class Bench:
                 num(run.accepted_s, " s", 2),
                 goal="< 1.5 s",
                 met=yes(run.accepted_s < 1.5),
+                notes=f"the API process grew {run.web_growth:,.1f} MB answering it",
             )
         )
         self.add(
@@ -599,7 +600,8 @@ class Bench:
                     f"Scale: {n:,} recipients",
                     label,
                     f"{per_k:.3f} s/1k; {rss_k:+.3f} MB/1k",
-                    notes=f"{run.seconds:,.1f} s, RSS {run.rss_growth:+,.1f} MB",
+                    notes=f"{run.seconds:,.1f} s, RSS {run.rss_growth:+,.1f} MB; accepted in "
+                    f"{run.accepted_s:,.2f} s, the API process growing {run.web_growth:,.1f} MB",
                 )
             )
         if len(points) < 2:
