@@ -4,6 +4,7 @@ handed to the workers, its completion, and the sweep of campaigns whose request 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -77,17 +78,22 @@ class CampaignView:
     replayed: bool = False
 
 
+#: A running campaign's counts whose reading took at least this long (seconds) are reused by
+#: this process's views for ``COUNTS_REUSE`` times as long (see :func:`_counts`).
+COUNTS_SLOW = 0.1
+COUNTS_REUSE = 10.0
+#: Campaign id -> (until when, by ``time.monotonic()``; the counts' rows).
+_counted: dict[str, tuple[float, list[tuple[SendStatus, str | None, int]]]] = {}
+
+
 def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
-    """Status, counts by outcome and progress of a campaign."""
+    """Status, counts by outcome and progress of a campaign (the counts of a large running
+    campaign may be a few seconds old: see :func:`_counts`)."""
     with rt.sessions() as session:
         c = session.get(Campaign, campaign_id)
         if c is None or (user_id is not None and c.user_id != user_id):
             raise NotFound("campaign", campaign_id)
-        rows = session.execute(
-            select(Send.status, Send.reason, func.count())
-            .where(Send.campaign_id == campaign_id)
-            .group_by(Send.status, Send.reason)
-        ).all()
+        rows = _counts(session, campaign_id, c.status is CampaignStatus.RUNNING)
     counts = {s.value: 0 for s in SendStatus}
     failed: dict[str, int] = {}
     for status, reason, n in rows:
@@ -115,6 +121,40 @@ def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignV
         finished_at=c.finished_at,
         send_at=c.send_at,
     )
+
+
+def _counts(
+    session: Session, campaign_id: str, running: bool
+) -> list[tuple[SendStatus, str | None, int]]:
+    """The campaign's sends counted by status and reason. The count reads every send of the
+    campaign (an index range, but one entry per recipient: about 1.4 s for 1,000,000 on
+    PostgreSQL on this project's 2-core machine), and the agent's page asks every second.
+    So while the campaign runs, counts that took ``COUNTS_SLOW`` or more are reused for
+    ``COUNTS_REUSE`` times as long: whoever polls, and however often, the database spends at
+    most about a tenth of its time counting one campaign, and the counts are never older than
+    ten readings' time. Any other state is counted afresh, so a finished, paused or cancelled
+    campaign's view is exact."""
+    now = time.monotonic()
+    if running:
+        kept = _counted.get(campaign_id)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+    rows = [
+        (status, reason, n)
+        for status, reason, n in session.execute(
+            select(Send.status, Send.reason, func.count())
+            .where(Send.campaign_id == campaign_id)
+            .group_by(Send.status, Send.reason)
+        ).all()
+    ]
+    took = time.monotonic() - now
+    if running and took >= COUNTS_SLOW:
+        for stale in [k for k, (until, _) in _counted.items() if until <= now]:
+            _counted.pop(stale, None)
+        _counted[campaign_id] = (now + took * (1 + COUNTS_REUSE), rows)
+    else:
+        _counted.pop(campaign_id, None)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,8 @@ class _Lists:
     def blocked(self, emails: list[str], only: bool) -> dict[str, SuppressionReason]:
         """The suppressed addresses (lower-cased) of a batch, with their reasons; ``only``:
         this batch is all the campaign has."""
+        if self._whole is not None:
+            return self._whole
         with self._rt.sessions() as session:
             if not self._read:
                 limit = len(emails) if only else PRELOAD

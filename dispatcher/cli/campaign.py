@@ -215,9 +215,10 @@ def run(args: argparse.Namespace) -> int:
                     "html": args.html.read_text(encoding="utf-8"),
                     "text": args.text.read_text(encoding="utf-8") if args.text else None,
                 },
-                "recipients": read_recipients(args.recipients),
                 "idempotency_key": args.key,
                 "send_at": args.send_at,
+                # Last: the API reads the other members first, without decoding these twice.
+                "recipients": read_recipients(args.recipients),
             }
             view = _call(client, "POST", "/v1/campaigns", json=body)
             if view.get("replayed"):

@@ -1,0 +1,62 @@
+"""A campaign's view counts its sends; a count that was slow is reused for a while by the views
+of a running campaign only (the agent's page polls every second), never once it has finished."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from dispatcher.campaigns import control, create
+from dispatcher.models import Campaign, CampaignStatus, Send, SendStatus
+from dispatcher.runtime import Runtime
+from tests.helpers import campaign_request, make_user
+
+
+def deliver(rt: Runtime, campaign_id: str, n: int) -> None:
+    """``n`` of the campaign's recipients sent, as a chunk's run settles them."""
+    with rt.sessions.begin() as session:
+        ids = [
+            s.id
+            for s in session.query(Send)
+            .filter(Send.campaign_id == campaign_id, Send.status == SendStatus.RESERVED)
+            .limit(n)
+        ]
+        session.execute(update(Send).where(Send.id.in_(ids)).values(status=SendStatus.SENT))
+
+
+def set_status(rt: Runtime, campaign_id: str, status: CampaignStatus) -> None:
+    with rt.sessions.begin() as session:
+        session.execute(update(Campaign).where(Campaign.id == campaign_id).values(status=status))
+
+
+def test_counts_are_fresh_when_they_are_quick_to_read(runtime: Runtime) -> None:
+    make_user(runtime)
+    c, _ = create.create(runtime, campaign_request(6))
+    assert control.view(runtime, c.id).counts["reserved"] == 6
+    deliver(runtime, c.id, 2)
+    assert control.view(runtime, c.id).done == 2
+    deliver(runtime, c.id, 1)
+    assert control.view(runtime, c.id).done == 3
+
+
+@pytest.mark.parametrize(
+    "then", [CampaignStatus.COMPLETED, CampaignStatus.PAUSED, CampaignStatus.CANCELLED]
+)
+def test_a_slow_count_is_reused_only_while_the_campaign_runs(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, then: CampaignStatus
+) -> None:
+    make_user(runtime)
+    c, _ = create.create(runtime, campaign_request(6))
+    monkeypatch.setattr(control, "COUNTS_SLOW", 0.0)  # every count is "slow"
+    monkeypatch.setattr(control, "COUNTS_REUSE", 1e9)
+    assert control.view(runtime, c.id).done == 0
+    deliver(runtime, c.id, 4)
+    seen = control.view(runtime, c.id)
+    assert (seen.status, seen.done, seen.counts["reserved"]) == ("running", 0, 6)
+    set_status(runtime, c.id, then)
+    seen = control.view(runtime, c.id)
+    assert (seen.status, seen.done, seen.counts["sent"]) == (then.value, 4, 4)
+    # Running again: counted afresh, the stale counts were dropped.
+    set_status(runtime, c.id, CampaignStatus.RUNNING)
+    deliver(runtime, c.id, 1)
+    assert control.view(runtime, c.id).done == 5
