@@ -142,8 +142,9 @@ class CampaignBody:
             and type(row.get("id")) is str
             and type(row.get("email")) is str
             and type(row.get("fields", _FIELDS)) is dict
-            and len(row) <= 3
-            and row.keys() <= _ROW_KEYS
+            # id and email, and nothing but fields besides (a keys view compared with a set
+            # costs twice the rest of this check)
+            and (len(row) == 2 or (len(row) == 3 and "fields" in row))
         ):
             return
         try:
@@ -226,7 +227,6 @@ class CampaignBody:
 
 
 _NOT_OBJECT = "Input should be a valid dictionary or object to extract fields from"
-_ROW_KEYS = frozenset(("id", "email", "fields"))
 _FIELDS: dict[str, Any] = {}
 
 
