@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, or_, select, update
+from sqlalchemy import CursorResult, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import alerts
 from dispatcher.credits.grants import campaign_key, grant_of
 from dispatcher.delivery import lifecycle
-from dispatcher.delivery.lifecycle import OPEN_STATUSES, Outcome
+from dispatcher.delivery.lifecycle import FINAL_STATUSES, OPEN_STATUSES, Outcome
 from dispatcher.delivery.rendering import subjects
 from dispatcher.delivery.sandbox import RenderLimits
 from dispatcher.errors import DispatcherError, NotFound, QueueUnavailable
@@ -540,14 +540,23 @@ def _any_open(session: Session, campaign_id: str) -> bool:
     recipient answers: chunks are enqueued in order, so while a campaign runs its last chunks
     are open and the answer comes at once; only the last chunks to finish read further. A
     count of every open recipient would read the whole campaign after every chunk, a cost per
-    recipient that grows with the campaign's size."""
-    query = (
+    recipient that grows with the campaign's size.
+
+    The status is a filter (not one of the final ones), not ``IN`` the open ones: PostgreSQL
+    takes an ``IN`` list on the index's third column as an index condition, which gives up
+    the index's order, so it read every open entry of the campaign and sorted them (0.86 s
+    after each chunk of a 1,000,000-recipient campaign, against 0.1 ms this way)."""
+    return session.execute(open_probe(campaign_id)).first() is not None
+
+
+def open_probe(campaign_id: str) -> Select[int | None]:
+    """The query :func:`_any_open` asks: the campaign's highest chunk with an open recipient."""
+    return (
         select(Send.chunk)
-        .where(Send.campaign_id == campaign_id, Send.status.in_(OPEN_STATUSES))
+        .where(Send.campaign_id == campaign_id, Send.status.not_in(FINAL_STATUSES))
         .order_by(Send.chunk.desc())
         .limit(1)
     )
-    return session.execute(query).first() is not None
 
 
 def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:

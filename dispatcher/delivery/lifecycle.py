@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses of work not finished yet.
 OPEN_STATUSES = (SendStatus.QUEUED, SendStatus.RESERVED, SendStatus.SENDING)
+#: The others: an outcome.
+FINAL_STATUSES = tuple(s for s in SendStatus if s not in OPEN_STATUSES)
 
 _BATCH = 500
 

@@ -60,3 +60,27 @@ def test_a_slow_count_is_reused_only_while_the_campaign_runs(
     set_status(runtime, c.id, CampaignStatus.RUNNING)
     deliver(runtime, c.id, 1)
     assert control.view(runtime, c.id).done == 5
+
+
+def test_the_check_after_each_chunk_reads_from_the_last_chunk_down(runtime: Runtime) -> None:
+    """``complete_if_done`` asks whether any recipient is open after every chunk: on
+    PostgreSQL the plan walks the (campaign, chunk, status) index backwards and stops at the
+    first open one, never sorting the campaign's open recipients (which made the check cost
+    0.86 s per chunk at 1,000,000 recipients)."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("the plan in question is PostgreSQL's (SQLite walks the index either way)")
+    make_user(runtime)
+    earlier, _ = create.create(runtime, campaign_request(300))
+    deliver(runtime, earlier.id, 300)
+    with runtime.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE sends")
+    # Written after the statistics were taken, as a large campaign's sends are (the planner
+    # expects a handful of rows for it).
+    c, _ = create.create(runtime, campaign_request(50))
+    query = control.open_probe(c.id).compile(
+        dialect=runtime.engine.dialect, compile_kwargs={"literal_binds": True}
+    )
+    with runtime.engine.connect() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {query}"))
+    assert "Backward" in plan and "Sort" not in plan, plan
+    assert control.complete_if_done(runtime, c.id) is CampaignStatus.RUNNING
