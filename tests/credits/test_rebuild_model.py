@@ -32,7 +32,7 @@ from dispatcher.credits.reconcile import reconcile
 from dispatcher.credits.subscriptions import ensure_current
 from dispatcher.delivery import smartplan
 from dispatcher.errors import TransientError
-from dispatcher.models import Send, SendStatus
+from dispatcher.models import Campaign, Send, SendStatus
 from dispatcher.ports import InlineQueue
 from dispatcher.reasons import Reason
 from dispatcher.runtime import Runtime
@@ -90,10 +90,21 @@ def _campaign(rt: Runtime, user_id: str) -> str | None:
             for i in range(CAMPAIGN)
         ],
     )
-    try:
-        view, chunks = create.create(rt, request)
-    except create.InsufficientCredits:
-        return None
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            view, chunks = create.create(rt, request)
+            break
+        except create.InsufficientCredits:
+            return None
+        except INFRASTRUCTURE:
+            # Redis lost the grant at every rebuild (the API answers 503 and the producer
+            # repeats): repeated only when nothing was stored, as the request left nothing.
+            with rt.sessions() as session:
+                stored = session.scalar(select(Campaign.id).where(Campaign.user_id == user_id))
+            if stored is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
     for chunk in chunks:
         item = f"{view.id}:{chunk}"
         _drive(lambda item=item: campaign_run.deliver(rt, item))  # type: ignore[misc]
