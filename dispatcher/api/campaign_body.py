@@ -18,7 +18,7 @@ from __future__ import annotations
 import email.message
 import json
 import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any
 
 from fastapi import Request, Response
@@ -46,7 +46,7 @@ class CampaignBody:
         self._model = model
         self._row = row
         self._rows_at: int | None = None  # after the array's "[" when it is read in place
-        self._rows_end: int | None = None  # after its "]" once known
+        self._tail_read = False  # the members after the array were read
         self._rows_read = False
         self._before: set[str] = set()  # the members before the array, when read in place
         self._head_errors: list[dict[str, Any]] = []
@@ -106,31 +106,15 @@ class CampaignBody:
         if self._rows_at is None:
             self._fail_if_refused()
             return
-        text, at, index = self.text, _space(self.text, self._rows_at), 0
-        if text[at : at + 1] == "]":
-            at += 1
-        else:
-            while True:
-                row, at = self._value(at)
-                self._check(index, row)
-                yield row
-                index += 1
-                at = _space(text, at)
-                mark = text[at : at + 1]
-                if mark == ",":
-                    at = _space(text, at + 1)
-                elif mark == "]":
-                    at += 1
-                    break
-                else:
-                    raise _json_error("Expecting ',' delimiter", text, at)
-        if self._rows_end is None:
-            self._rows_end = at
-            self._members(at, first=False)
+        end = yield from self._elements(self._rows_at, self._check)
+        if not self._tail_read:
+            self._tail_read = True
+            self._members(end, first=False)
             late = set(self.head) - self._before
             if late and self.validated() is not None:
-                # Not reached (the body ends with an array, and only the recipients are one),
-                # but the rows were read under the members before the array alone.
+                # Only the recipients are an array today, so a body that ends with one has no
+                # valid member after it; a later array field would land here: the rows were
+                # read under the members before the array alone.
                 self._errors.append(_misplaced(sorted(late)[0]))
         self._fail_if_refused()
 
@@ -190,7 +174,7 @@ class CampaignBody:
                     else:
                         self._rows_at = at + 1
                         at = self._step_over(at + 1)
-                        self._rows_end = at
+                        self._tail_read = True
                     at = _space(text, at)
                     continue
                 value, at = self._value(at)
@@ -198,15 +182,23 @@ class CampaignBody:
                 at = _space(text, at)
         self._end(at + 1)
 
-    def _step_over(self, at: int) -> int:
-        """After the recipients array that starts at ``at``, its elements decoded and
-        dropped (they are decoded again, one by one, by :meth:`rows`)."""
+    def _elements(
+        self, at: int, check: Callable[[int, Any], None] | None = None
+    ) -> Generator[Any, None, int]:
+        """The elements of the array whose ``[`` is just before ``at``, each decoded as it is
+        reached (and given to ``check`` with its index first); returns where the array ends,
+        after its ``]``."""
         text = self.text
         at = _space(text, at)
         if text[at : at + 1] == "]":
             return at + 1
+        index = 0
         while True:
-            _, at = self._value(at)
+            value, at = self._value(at)
+            if check is not None:
+                check(index, value)
+            yield value
+            index += 1
             at = _space(text, at)
             mark = text[at : at + 1]
             if mark == "]":
@@ -214,6 +206,17 @@ class CampaignBody:
             if mark != ",":
                 raise _json_error("Expecting ',' delimiter", text, at)
             at = _space(text, at + 1)
+
+    def _step_over(self, at: int) -> int:
+        """After the recipients array whose ``[`` is just before ``at``: its elements decoded
+        and dropped (they are decoded again, one by one, by :meth:`rows`)."""
+        elements = self._elements(at)
+        while True:
+            try:
+                next(elements)
+            except StopIteration as done:
+                end: int = done.value
+                return end
 
     def _value(self, at: int) -> tuple[Any, int]:
         try:
