@@ -91,3 +91,17 @@ def test_without_smtputf8_at_the_relay_the_send_fails_and_its_credit_comes_back(
         assert relay.messages == [] and credits(rt, "agent-1").used == 0
     finally:
         relay.stop()
+
+
+def test_on_a_relay_without_tls_the_first_message_of_a_connection_goes_with_smtputf8(
+    make_runtime: object, smtp_server: DevSMTPServer
+) -> None:
+    # Given a relay spoken to without STARTTLS, so connecting does not greet it with EHLO
+    rt = make_runtime(smtp_tls="off")  # type: ignore[operator]
+    make_user(rt)
+    # When the first message on a new connection is to an address that needs SMTPUTF8
+    result = submit_send(rt, InlineQueue(), send_request(contact_email="jöhn@example.org"))
+    # Then the relay's extensions are known before MAIL, and the message goes with SMTPUTF8
+    assert delivery.deliver(rt, result.send_id) is SendStatus.SENT
+    [got] = smtp_server.messages
+    assert got.rcpt_tos == ("jöhn@example.org",) and got.smtputf8
