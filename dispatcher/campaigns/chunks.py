@@ -330,13 +330,9 @@ class _DataMarks:
                 }
                 values.update((send_id, mark) for send_id, mark, _ in asked)
                 gone = [send_id for send_id, reply in ended.items() if reply is None]
-                pipe = self._redis.pipeline(transaction=False)
-                if gone:
-                    pipe.hdel(self._key, *gone)
-                pipe.hset(self._key, mapping=values)
                 failed: Exception | None = None
                 try:
-                    await pipe.execute()
+                    await self._store(values, gone)
                 except RedisError as exc:
                     failed = unavailable(exc)
                 except Exception as exc:  # noqa: BLE001 - unforeseen: raised where it is awaited
@@ -366,15 +362,24 @@ class _DataMarks:
         replies: dict[FieldT, EncodableT] = {
             send_id: reply for send_id, reply in ended.items() if reply is not None
         }
-        pipe = self._redis.pipeline(transaction=False)
-        if gone:
-            pipe.hdel(self._key, *gone)
-        if replies:
-            pipe.hset(self._key, mapping=replies)
         try:
-            await pipe.execute()
+            await self._store(replies, gone)
         except RedisError as exc:
             log.warning("campaign DATA marks: the batch's last ends were not written: %s", exc)
+
+    async def _store(self, values: dict[FieldT, EncodableT], gone: list[str]) -> None:
+        """Set ``values`` and delete ``gone`` in one round trip. Most round trips only set (a
+        mark, and the previous message's accepted reply): one HSET then, which costs the worker
+        about two thirds of a pipeline of one command."""
+        if not gone:
+            if values:
+                await self._redis.hset(self._key, mapping=values)
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hdel(self._key, *gone)
+        if values:
+            pipe.hset(self._key, mapping=values)
+        await pipe.execute()
 
     def after_data(self, item: int, outcome: TransportOutcome) -> None:
         send_id = self._rows[item].id
