@@ -4,6 +4,7 @@ refused our credentials), and may one more message go now (the rate limit all wo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
@@ -22,6 +23,11 @@ MAX_IN_PROCESS_WAIT = 10.0
 
 #: Seconds before a message held back because Redis could not be asked is tried again.
 UNAVAILABLE_RETRY = 5.0
+
+#: How long :meth:`RelayGuard.check` trusts a "not halted" answer in this process: a halt
+#: another process sets is seen within it. A halt answer is never reused, and a halt this
+#: guard sets is seen at once.
+CLEAR_SECONDS = 1.0
 
 
 def relay_id(host: str, port: int) -> str:
@@ -63,6 +69,7 @@ class RelayGuard:
         self._limiter = (
             None if limit.unlimited else RelayRateLimiter(redis, relay, limit, margin=LAG_MARGIN)
         )
+        self._clear_until = 0.0  # time.monotonic() until which "not halted" is reused
 
     @property
     def limited(self) -> bool:
@@ -70,7 +77,12 @@ class RelayGuard:
 
     def check(self) -> None:
         """Raise :class:`NotAttempted` while sending through this relay is halted, or when
-        Redis cannot say."""
+        Redis cannot say. Asked before every message: a "not halted" answer is reused for
+        ``CLEAR_SECONDS`` by every thread of the process, so a busy worker asks Redis about
+        once a second instead of once a message (the SmartPlan worker asked it on its event
+        loop, holding up every conversation for a round trip per message)."""
+        if time.monotonic() < self._clear_until:
+            return
         try:
             halted = self.halted()
         except RedisError as exc:
@@ -78,6 +90,7 @@ class RelayGuard:
         if halted is not None:
             detail, ttl = halted
             raise NotAttempted(Reason.RELAY_HALTED, f"sending is halted: {detail}", max(ttl, 1))
+        self._clear_until = time.monotonic() + CLEAR_SECONDS
 
     def halted(self) -> tuple[str, int] | None:
         """Why sending is halted and for how many more seconds, or None."""
@@ -93,6 +106,7 @@ class RelayGuard:
     def halt(self, detail: str) -> NotAttempted:
         """Stop every worker sending through this relay; the first caller raises the alert.
         Returns the error the caller raises for its own message (not attempted)."""
+        self._clear_until = 0.0
         try:
             first = self._redis.set(self._halt_key, detail, nx=True, ex=self._halt_seconds)
         except RedisError as exc:

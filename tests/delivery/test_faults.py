@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import select
 
 from devstack.devsmtp import (
@@ -29,7 +30,7 @@ from dispatcher import recovery as outbox
 from dispatcher.campaigns import control, create
 from dispatcher.campaigns.run import deliver as deliver_chunk
 from dispatcher.credits.subscriptions import credits
-from dispatcher.delivery import lifecycle, suppression
+from dispatcher.delivery import lifecycle, relay, suppression
 from dispatcher.delivery import smartplan as delivery
 from dispatcher.delivery.message import Envelope
 from dispatcher.delivery.ratelimit import RateLimit, RelayRateLimiter
@@ -265,6 +266,42 @@ def test_a_slow_reply_within_the_timeout_is_sent(
 
     assert delivery.deliver(runtime, send_id) is SendStatus.SENT
     assert len(smtp_server.messages) == 1 and used(runtime) == 1
+
+
+def test_a_clear_relay_is_asked_about_once_a_second_and_a_halt_is_seen_within_it(
+    make_runtime: Callable[..., Runtime], redis_client: redis.Redis, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(relay, "CLEAR_SECONDS", 0.3)
+    worker, other_worker = make_runtime(), make_runtime()
+
+    # Fifty messages checked on a clear relay ask Redis once
+    before = _gets(redis_client)
+    for _ in range(50):
+        worker.relay.check()
+    assert _gets(redis_client) - before == 1
+
+    # A halt another worker sets is seen once the clear answer is older than CLEAR_SECONDS
+    other_worker.relay.halt("535 5.7.8 authentication failed (at login)")
+    time.sleep(0.35)
+    with pytest.raises(NotAttempted) as held:
+        worker.relay.check()
+    assert held.value.reason == "relay_halted"
+    with pytest.raises(NotAttempted):
+        worker.relay.check()  # a halt is never reused: asked again, still halted
+
+    # Lifted, the next message goes; a halt this worker sets holds back its next one at once
+    assert other_worker.relay.resume()
+    worker.relay.check()
+    worker.relay.check()
+    worker.relay.halt("535 5.7.8 authentication failed (at login)")
+    with pytest.raises(NotAttempted):
+        worker.relay.check()
+
+
+def _gets(client: redis.Redis) -> int:
+    """How many GET commands the Redis server has run."""
+    calls: int = client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    return calls
 
 
 def test_refused_credentials_halt_the_relay_for_every_worker_and_alert_once(
