@@ -370,7 +370,7 @@ class _DataMarks:
     async def _store(self, values: dict[FieldT, EncodableT], gone: list[str]) -> None:
         """Set ``values`` and delete ``gone`` in one round trip. Most round trips only set (a
         mark, and the previous message's accepted reply): one HSET then, which costs the worker
-        about two thirds of a pipeline of one command."""
+        about three quarters of a pipeline of one command."""
         if not gone:
             if values:
                 await self._redis.hset(self._key, mapping=values)
