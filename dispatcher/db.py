@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Set on a SQLite connection while its transaction holds the process's writer lock.
 _HOLDS_WRITER = "dispatcher_holds_writer"
+#: Set on a SQLite connection while its transaction holds the file's writer lock.
+_HOLDS_FILE = "dispatcher_holds_file"
 
 
 def make_engine(
@@ -70,12 +75,107 @@ def make_engine(
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+#: How long a transaction waits for the database's writer lock (this process's, then the
+#: file's) before going on without it, to SQLite's own busy wait (the same 30 s).
+WRITER_WAIT_SECONDS = 30.0
+
+
+class FileWriterLock:
+    """The writer lock of one SQLite file across processes: an ``flock`` on a file beside it
+    (``<database>-writer``), taken before ``BEGIN IMMEDIATE``.
+
+    SQLite's own busy wait polls: a connection that finds the database locked sleeps 1, 2,
+    5 ... then 100 ms at a time, and gets in only if the lock happens to be free when it
+    looks. A process writing transactions back to back (a compact campaign's sends being
+    written) left the API and the SmartPlan worker waiting through all of them. A process
+    waiting here instead waits in the kernel and is woken as the holder lets go, so it goes
+    next. Each process opens its own file (a forked child too: ``flock`` locks belong to an
+    open file, which a fork shares), and one thread of a process at a time asks (the
+    engine's thread lock is taken first). The wait runs on a helper thread so that it can
+    be given up after a timeout; the helper then lets go of the lock as soon as it gets it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pid = -1
+        self._fd = -1
+        self._asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
+
+    def _fileno(self) -> int:
+        pid = os.getpid()
+        if self._pid != pid:  # first use in this process (or in a forked child)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._asks = queue.SimpleQueue()
+            threading.Thread(
+                target=self._helper, args=(self._fd, self._asks), name="sqlite-writer", daemon=True
+            ).start()
+            self._pid = pid
+        return self._fd
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock; False when another process held it for ``timeout`` seconds."""
+        fd = self._fileno()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        ask = _Ask()
+        self._asks.put(ask)
+        return ask.result(timeout)
+
+    def release(self) -> None:
+        fcntl.flock(self._fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _helper(fd: int, asks: queue.SimpleQueue[_Ask]) -> None:
+        while True:
+            asks.get().wait(fd)
+
+
+class _Ask:
+    """One wait for a :class:`FileWriterLock` on its helper thread. Whichever comes first,
+    the lock or the asker giving up, decides under a lock whether the lock is kept."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._done = threading.Event()
+        self._got = False
+        self._given_up = False
+        self._error: OSError | None = None
+
+    def wait(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the GIL is let go meanwhile
+        except OSError as exc:
+            self._error = exc
+        else:
+            with self._guard:
+                if self._given_up:
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # nobody is waiting for it any more
+                else:
+                    self._got = True
+        self._done.set()
+
+    def result(self, timeout: float) -> bool:
+        """Wait for the lock up to ``timeout`` seconds: True when this asker holds it."""
+        self._done.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        with self._guard:
+            self._given_up = not self._got
+            return self._got
+
+
 def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
     """A SQLite engine API and workers can share: WAL, a busy timeout, every transaction
-    ``BEGIN IMMEDIATE`` behind this process's writer lock, ``PRAGMA synchronous``."""
+    ``BEGIN IMMEDIATE`` behind this process's writer lock and the file's
+    (:class:`FileWriterLock`), ``PRAGMA synchronous``."""
     path = url.split("///", 1)[-1]
-    if path and path != ":memory:":
+    files = None
+    if path and path != ":memory:" and not path.startswith("file:"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        files = FileWriterLock(f"{path}-writer")
     engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -94,24 +194,40 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
 
     # SQLite has one writer at a time, and a connection that finds the database locked
     # sleeps in steps of up to 100 ms before it looks again: a process's threads (a worker
-    # pool's) queue on this lock instead and go the moment the previous one is done. Other
-    # processes still meet SQLite's own busy wait.
+    # pool's) queue on this lock instead and go the moment the previous one is done, and
+    # processes queue on the file's lock the same way (FileWriterLock).
     writer = threading.Lock()
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn: Any) -> None:
-        if writer.acquire(timeout=30):
+        if writer.acquire(timeout=WRITER_WAIT_SECONDS):
             conn.info[_HOLDS_WRITER] = True
         else:
-            log.warning("waited 30 s for this process's SQLite writer lock; going on without")
+            log.warning(
+                "waited %g s for this process's SQLite writer lock; going on without",
+                WRITER_WAIT_SECONDS,
+            )
         try:
+            if files is not None and conn.info.get(_HOLDS_WRITER):
+                if files.acquire(WRITER_WAIT_SECONDS):
+                    conn.info[_HOLDS_FILE] = True
+                else:
+                    log.warning(
+                        "waited %g s for another process's SQLite writer lock; going on without",
+                        WRITER_WAIT_SECONDS,
+                    )
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
             _release(conn)
             raise
 
     def _release(conn: Any) -> None:
-        if conn.info.pop(_HOLDS_WRITER, False):
+        _let_go(conn.info)
+
+    def _let_go(info: dict[str, Any]) -> None:
+        if info.pop(_HOLDS_FILE, False) and files is not None:
+            files.release()
+        if info.pop(_HOLDS_WRITER, False):
             writer.release()
 
     event.listen(engine, "commit", _release)
@@ -120,8 +236,7 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
     @event.listens_for(engine, "checkin")
     def _checkin(_dbapi_conn: Any, record: Any) -> None:
         # A connection given back without commit or rollback (invalidated) lets go too.
-        if record.info.pop(_HOLDS_WRITER, False):
-            writer.release()
+        _let_go(record.info)
 
     return engine
 

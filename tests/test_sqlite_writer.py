@@ -1,0 +1,97 @@
+"""SQLite's one writer, shared by processes: a process that waits for it goes next, instead of
+polling SQLite's busy wait while another process writes transactions back to back."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from dispatcher.db import FileWriterLock, make_engine
+
+#: Transactions the busy process writes back to back, each holding the database this long.
+ROUNDS = 30
+HOLD = 0.03
+
+
+def _busy(url: str, holding: Any) -> None:
+    engine = make_engine(url)
+    for i in range(ROUNDS):
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO log (who) VALUES (:who)"), {"who": f"a{i}"})
+            holding.set()
+            time.sleep(HOLD)
+    engine.dispose()
+
+
+def _one(url: str, holding: Any) -> None:
+    engine = make_engine(url)
+    holding.wait(30)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO log (who) VALUES ('b')"))
+    engine.dispose()
+
+
+def test_a_process_waiting_to_write_goes_after_the_transaction_under_way(tmp_path: Path) -> None:
+    """One process writes 30 transactions back to back (a compact campaign's sends being
+    written); another asks to write once, while the first transaction is under way. It gets
+    in after at most a few of them, not after all 30 (as it mostly did with SQLite's busy
+    wait alone, which looks again only after 1, 2, 5 ... 100 ms and finds the next
+    transaction under way)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT)"))
+    ctx = mp.get_context("fork")
+    for _ in range(3):
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM log"))
+        holding = ctx.Event()
+        busy = ctx.Process(target=_busy, args=(url, holding))
+        one = ctx.Process(target=_one, args=(url, holding))
+        busy.start()
+        one.start()
+        for p in (busy, one):
+            p.join(60)
+            assert p.exitcode == 0
+        with engine.connect() as conn:
+            order = [row.who for row in conn.execute(text("SELECT who FROM log ORDER BY id"))]
+        assert len(order) == ROUNDS + 1
+        assert order.index("b") <= 3, order
+    engine.dispose()
+
+
+def test_a_wait_given_up_lets_go_of_the_lock_when_it_comes(tmp_path: Path) -> None:
+    """Another process holds the file's lock past the timeout: the transaction goes on
+    without it (False), and the helper that went on waiting lets go of the lock the moment
+    it gets it, so the next asker is not shut out by a lock nobody uses."""
+    path = str(tmp_path / "db.sqlite-writer")
+    other = os.open(path, os.O_RDWR | os.O_CREAT)  # another open file: as another process
+    fcntl.flock(other, fcntl.LOCK_EX)
+    lock = FileWriterLock(path)
+    assert lock.acquire(0.2) is False
+    fcntl.flock(other, fcntl.LOCK_UN)
+    # The helper gets the lock now and lets it go; the other open file can take it again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the lock given up on was kept"
+            time.sleep(0.01)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    assert lock.acquire(5) is True
+    with open(path, "rb") as probe:  # held: another open file is refused
+        try:
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the lock was not held")
+        except BlockingIOError:
+            pass
+    lock.release()
+    os.close(other)
