@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -148,7 +149,14 @@ def post_batches(
 
 class PacedSends:
     """Open-loop SmartPlan sends at a fixed rate: send ``i`` is due at ``start + i / rate``
-    whatever became of the earlier ones; its latency counts from when it was due."""
+    whatever became of the earlier ones; its latency counts from when it was due.
+
+    Its HTTP clients are made, and their connections opened, before the first send is due,
+    as a producer's would be long before: making an ``httpx.Client`` costs about 20 ms of
+    this process's CPU, and 32 of them made as the first sends fell due held those sends
+    back by up to a second, counted as the API's latency."""
+
+    CLIENTS = 32
 
     def __init__(self, stack: Stack, agent: str, rate: float, tag: str = "lat") -> None:
         self.stack, self.agent, self.rate, self.tag = stack, agent, rate, tag
@@ -157,29 +165,28 @@ class PacedSends:
         self.errors: list[str] = []
         self.max_lag = 0.0  # how late a POST started after it was due, at worst
         self._stop = threading.Event()
-        self._local = threading.local()
-        self._clients: list[httpx.Client] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="paced")
+        self._clients = [stack.api(timeout=60) for _ in range(self.CLIENTS)]
+        for c in self._clients:
+            c.get("/healthz").raise_for_status()  # each one's connection open
+        self._idle: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
+        for c in self._clients:
+            self._idle.put(c)
+        self._pool = ThreadPoolExecutor(max_workers=self.CLIENTS, thread_name_prefix="paced")
         self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _client(self) -> httpx.Client:
-        c: httpx.Client | None = getattr(self._local, "client", None)
-        if c is None:
-            c = self._local.client = self.stack.api(timeout=60)
-            with self._lock:
-                self._clients.append(c)
-        return c
 
     def _post(self, n: int, due: float) -> None:
         lag = time.time() - due
+        client = self._idle.get()  # one per pool thread: never waits
         try:
-            r = self._client().post("/v1/sends", json=smartplan_body(self.agent, self.tag, n))
+            r = client.post("/v1/sends", json=smartplan_body(self.agent, self.tag, n))
             problem = None if r.status_code == 202 else f"{r.status_code} {r.text[:200]}"
             if problem is None:
                 self.answered[f"{self.tag}-{n}@bench.example"] = time.time()
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._idle.put(client)
         with self._lock:
             self.max_lag = max(self.max_lag, lag)
             if problem:
@@ -206,13 +213,17 @@ class PacedSends:
         self._stop.set()
         if not self._thread.is_alive():
             self._pool.shutdown(wait=False)
+            self._close()
             return 0.0
         self._thread.join()
         elapsed = time.time() - self._started
         self._pool.shutdown(wait=True)
+        self._close()
+        return len(self.due) / elapsed if elapsed > 0 else 0.0
+
+    def _close(self) -> None:
         for c in self._clients:
             c.close()
-        return len(self.due) / elapsed if elapsed > 0 else 0.0
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
