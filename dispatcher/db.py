@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,18 +94,27 @@ class FileWriterLock:
     open file, which a fork shares), and one thread of a process at a time asks (the
     engine's thread lock is taken first). The wait runs on a helper thread so that it can
     be given up after a timeout; the helper then lets go of the lock as soon as it gets it.
+
+    A process that waits says so meanwhile with a shared lock on a second file
+    (``<database>-writer-waiting``), so that one writing many transactions in a row can ask
+    :meth:`others_waiting` and let them go first.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._pid = -1
         self._fd = -1
+        self._waiting = -1  # this process's shared lock while it waits
+        self._probe = -1  # another open file of it, to ask whether anyone waits
         self._asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
 
     def _fileno(self) -> int:
         pid = os.getpid()
         if self._pid != pid:  # first use in this process (or in a forked child)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, 0o600)
+            self._waiting = os.open(f"{self.path}-waiting", flags, 0o600)
+            self._probe = os.open(f"{self.path}-waiting", flags, 0o600)
             self._asks = queue.SimpleQueue()
             threading.Thread(
                 target=self._helper, args=(self._fd, self._asks), name="sqlite-writer", daemon=True
@@ -120,12 +130,26 @@ class FileWriterLock:
             return True
         except BlockingIOError:
             pass
-        ask = _Ask()
-        self._asks.put(ask)
-        return ask.result(timeout)
+        fcntl.flock(self._waiting, fcntl.LOCK_SH)
+        try:
+            ask = _Ask()
+            self._asks.put(ask)
+            return ask.result(timeout)
+        finally:
+            fcntl.flock(self._waiting, fcntl.LOCK_UN)
 
     def release(self) -> None:
         fcntl.flock(self._fileno(), fcntl.LOCK_UN)
+
+    def others_waiting(self) -> bool:
+        """Whether a transaction (of another process, or of this one) waits for the lock."""
+        self._fileno()
+        try:
+            fcntl.flock(self._probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._probe, fcntl.LOCK_UN)
+        return False
 
     @staticmethod
     def _helper(fd: int, asks: queue.SimpleQueue[_Ask]) -> None:
@@ -167,6 +191,18 @@ class _Ask:
             return self._got
 
 
+#: Each SQLite engine's file writer lock.
+_FILE_LOCKS: weakref.WeakKeyDictionary[Engine, FileWriterLock] = weakref.WeakKeyDictionary()
+
+
+def writers_waiting(engine: Engine) -> bool:
+    """Whether transactions wait for the database's writer lock now: on SQLite, where one
+    writer excludes every other, a process writing many transactions in a row lets them go
+    first; elsewhere (PostgreSQL) writers do not wait for each other, and this is False."""
+    lock = _FILE_LOCKS.get(engine)
+    return lock is not None and lock.others_waiting()
+
+
 def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
     """A SQLite engine API and workers can share: WAL, a busy timeout, every transaction
     ``BEGIN IMMEDIATE`` behind this process's writer lock and the file's
@@ -177,6 +213,8 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         files = FileWriterLock(f"{path}-writer")
     engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+    if files is not None:
+        _FILE_LOCKS[engine] = files
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

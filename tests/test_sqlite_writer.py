@@ -6,13 +6,14 @@ from __future__ import annotations
 import fcntl
 import multiprocessing as mp
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
-from dispatcher.db import FileWriterLock, make_engine
+from dispatcher.db import FileWriterLock, make_engine, writers_waiting
 
 #: Transactions the busy process writes back to back, each holding the database this long.
 ROUNDS = 30
@@ -95,3 +96,53 @@ def test_a_wait_given_up_lets_go_of_the_lock_when_it_comes(tmp_path: Path) -> No
             pass
     lock.release()
     os.close(other)
+
+
+def test_a_holder_sees_whether_anyone_waits_for_the_lock(tmp_path: Path) -> None:
+    """A process writing many transactions in a row asks whether others wait (to let them go
+    first): yes while another one waits for the lock, no before and after."""
+    path = str(tmp_path / "db.sqlite-writer")
+    holder, other = FileWriterLock(path), FileWriterLock(path)  # two open files: two processes
+    assert holder.acquire(1) is True
+    assert holder.others_waiting() is False
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(other.acquire(30)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not holder.others_waiting():
+        assert time.monotonic() < deadline, "the waiting process was not seen"
+        time.sleep(0.01)
+    holder.release()
+    waiter.join(10)
+    assert got == [True]
+    assert holder.others_waiting() is False  # it holds the lock now; nobody waits
+    other.release()
+
+
+def test_writers_waiting_on_a_sqlite_engine_sees_another_process_wait(tmp_path: Path) -> None:
+    """What a compact campaign's writer asks between two transactions, on the engine it
+    writes with: nobody waits, then the busy process's transactions wait while this one
+    holds the database."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT)"))
+    assert writers_waiting(engine) is False
+    ctx = mp.get_context("fork")
+    holding = ctx.Event()
+    # Forked before this process opens a transaction: a child forked during one would find
+    # SQLite's record of this process's locks copied, and never get in.
+    one = ctx.Process(target=_one, args=(url, holding))
+    one.start()
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO log (who) VALUES ('first')"))
+        holding.set()
+        deadline = time.monotonic() + 10
+        while not writers_waiting(engine):
+            assert time.monotonic() < deadline, "the waiting process was not seen"
+            time.sleep(0.01)
+    one.join(30)
+    assert one.exitcode == 0
+    assert writers_waiting(engine) is False
+    assert writers_waiting(make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")) is False
+    engine.dispose()
