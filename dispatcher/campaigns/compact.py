@@ -122,6 +122,9 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
                     .where(Campaign.id == campaign_id, Campaign.packed_written == written)
                     .values(packed_written=done, updated_at=now)
                 )
+                # Asked before the commit lets go: the transactions that came meanwhile wait
+                # now (once one has the database, it no longer counts as waiting).
+                others = db.writers_waiting(rt.engine)
             else:
                 session.execute(
                     update(Campaign)
@@ -133,7 +136,7 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
                     )
                 )
                 break
-        if db.writers_waiting(rt.engine):
+        if others:
             time.sleep(REST_SECONDS)
     if not reservation.granted:
         short = create.InsufficientCredits(c.recipients, reservation.remaining, reservation.total)
