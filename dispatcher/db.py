@@ -106,7 +106,7 @@ class FileWriterLock:
         self._fd = -1
         self._waiting = -1  # this process's shared lock while it waits
         self._probe = -1  # another open file of it, to ask whether anyone waits
-        self._asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
+        self._asks: queue.SimpleQueue[_Ask | None] = queue.SimpleQueue()
 
     def _fileno(self) -> int:
         pid = os.getpid()
@@ -151,10 +151,20 @@ class FileWriterLock:
         fcntl.flock(self._probe, fcntl.LOCK_UN)
         return False
 
+    def close(self) -> None:
+        """Close this process's files and stop its helper thread (the engine was disposed or
+        is gone); a later transaction opens them again."""
+        if self._pid != os.getpid():
+            return
+        self._pid = -1
+        self._asks.put(None)
+        for fd in (self._fd, self._waiting, self._probe):
+            os.close(fd)
+
     @staticmethod
-    def _helper(fd: int, asks: queue.SimpleQueue[_Ask]) -> None:
-        while True:
-            asks.get().wait(fd)
+    def _helper(fd: int, asks: queue.SimpleQueue[_Ask | None]) -> None:
+        while (ask := asks.get()) is not None:
+            ask.wait(fd)
 
 
 class _Ask:
@@ -215,6 +225,8 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
     if files is not None:
         _FILE_LOCKS[engine] = files
+        event.listen(engine, "engine_disposed", lambda _engine: files.close())
+        weakref.finalize(engine, files.close)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

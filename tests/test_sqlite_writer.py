@@ -146,3 +146,37 @@ def test_writers_waiting_on_a_sqlite_engine_sees_another_process_wait(tmp_path: 
     assert writers_waiting(engine) is False
     assert writers_waiting(make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")) is False
     engine.dispose()
+
+
+def test_a_disposed_engine_closes_its_lock_files_and_opens_them_again_when_used(
+    tmp_path: Path,
+) -> None:
+    """A test suite or a process making many engines does not keep three open files and a
+    thread for each: disposing of the engine closes them; using it again reopens them."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    lock_files = (f"{tmp_path / 'db.sqlite'}-writer", f"{tmp_path / 'db.sqlite'}-writer-waiting")
+
+    def open_lock_files() -> int:
+        fds = Path("/proc/self/fd")
+        targets = [os.path.realpath(fds / fd) for fd in os.listdir(fds)]
+        return sum(1 for t in targets if t in lock_files)
+
+    def helpers() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "sqlite-writer")
+
+    before = helpers()
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE log (who TEXT)"))
+    assert open_lock_files() == 3
+    assert helpers() == before + 1
+    engine.dispose()
+    assert open_lock_files() == 0
+    deadline = time.monotonic() + 10
+    while helpers() > before:
+        assert time.monotonic() < deadline, "the helper thread did not stop"
+        time.sleep(0.01)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO log (who) VALUES ('again')"))
+    assert open_lock_files() == 3
+    engine.dispose()
