@@ -107,10 +107,16 @@ class FileWriterLock:
         self._waiting = -1  # this process's shared lock while it waits
         self._probe = -1  # another open file of it, to ask whether anyone waits
         self._asks: queue.SimpleQueue[_Ask | None] = queue.SimpleQueue()
+        self._files = threading.Lock()  # opening and closing them
 
     def _fileno(self) -> int:
         pid = os.getpid()
-        if self._pid != pid:  # first use in this process (or in a forked child)
+        if self._pid == pid:
+            return self._fd
+        with self._files:
+            if self._pid == pid:
+                return self._fd
+            # First use in this process (or in a forked child, or after close).
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
             self._fd = os.open(self.path, flags, 0o600)
             self._waiting = os.open(f"{self.path}-waiting", flags, 0o600)
@@ -131,10 +137,15 @@ class FileWriterLock:
         except BlockingIOError:
             pass
         fcntl.flock(self._waiting, fcntl.LOCK_SH)
+        ask = _Ask(fd)
         try:
-            ask = _Ask()
             self._asks.put(ask)
             return ask.result(timeout)
+        except BaseException:
+            # Interrupted while waiting (a task's time limit): a lock that comes later, or
+            # came just now, must not stay with nobody to let it go.
+            ask.abandon()
+            raise
         finally:
             fcntl.flock(self._waiting, fcntl.LOCK_UN)
 
@@ -153,32 +164,37 @@ class FileWriterLock:
 
     def close(self) -> None:
         """Close this process's files and stop its helper thread (the engine was disposed or
-        is gone); a later transaction opens them again."""
-        if self._pid != os.getpid():
-            return
-        self._pid = -1
-        self._asks.put(None)
-        for fd in (self._fd, self._waiting, self._probe):
-            os.close(fd)
+        is gone); a later transaction opens them again. The helper closes the lock's own file
+        once it has no wait left (one given up may still be under way on it)."""
+        with self._files:
+            if self._pid != os.getpid():
+                return
+            self._pid = -1
+            self._asks.put(None)
+            os.close(self._waiting)
+            os.close(self._probe)
 
     @staticmethod
     def _helper(fd: int, asks: queue.SimpleQueue[_Ask | None]) -> None:
         while (ask := asks.get()) is not None:
-            ask.wait(fd)
+            ask.wait()
+        os.close(fd)
 
 
 class _Ask:
     """One wait for a :class:`FileWriterLock` on its helper thread. Whichever comes first,
     the lock or the asker giving up, decides under a lock whether the lock is kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         self._guard = threading.Lock()
         self._done = threading.Event()
         self._got = False
         self._given_up = False
         self._error: OSError | None = None
 
-    def wait(self, fd: int) -> None:
+    def wait(self) -> None:
+        fd = self._fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # the GIL is let go meanwhile
         except OSError as exc:
@@ -199,6 +215,14 @@ class _Ask:
         with self._guard:
             self._given_up = not self._got
             return self._got
+
+    def abandon(self) -> None:
+        """The asker will not use the lock: let go of it if it came, or as soon as it comes."""
+        with self._guard:
+            self._given_up = True
+            if self._got:
+                self._got = False
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 #: Each SQLite engine's file writer lock.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ def test_a_wait_given_up_lets_go_of_the_lock_when_it_comes(tmp_path: Path) -> No
             pass
     lock.release()
     os.close(other)
+    lock.close()
 
 
 def test_a_holder_sees_whether_anyone_waits_for_the_lock(tmp_path: Path) -> None:
@@ -117,6 +119,8 @@ def test_a_holder_sees_whether_anyone_waits_for_the_lock(tmp_path: Path) -> None
     assert got == [True]
     assert holder.others_waiting() is False  # it holds the lock now; nobody waits
     other.release()
+    holder.close()
+    other.close()
 
 
 def test_writers_waiting_on_a_sqlite_engine_sees_another_process_wait(tmp_path: Path) -> None:
@@ -180,3 +184,45 @@ def test_a_disposed_engine_closes_its_lock_files_and_opens_them_again_when_used(
         conn.execute(text("INSERT INTO log (who) VALUES ('again')"))
     assert open_lock_files() == 3
     engine.dispose()
+
+
+class _TimeLimit(Exception):
+    """What a task's time limit raises in the middle of whatever it was doing."""
+
+
+def test_a_wait_interrupted_by_a_time_limit_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """A task's time limit interrupts a transaction waiting for another process's lock: when
+    that process lets go, the lock is not kept by the interrupted wait's helper, with nobody
+    to let it go (every other process would wait 30 s per transaction)."""
+    path = str(tmp_path / "db.sqlite-writer")
+    other = os.open(path, os.O_RDWR | os.O_CREAT)  # another open file: as another process
+    fcntl.flock(other, fcntl.LOCK_EX)
+    lock = FileWriterLock(path)
+
+    def time_limit(_signum: int, _frame: Any) -> None:
+        raise _TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, time_limit)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        try:
+            lock.acquire(10)
+            raise AssertionError("the wait was not interrupted")
+        except _TimeLimit:
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    time.sleep(0.2)  # the interrupted wait's helper gets the lock now (it was first in line)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the interrupted wait kept the lock"
+            time.sleep(0.01)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    os.close(other)
+    lock.close()
