@@ -123,7 +123,10 @@ class FileWriterLock:
             self._probe = os.open(f"{self.path}-waiting", flags, 0o600)
             self._asks = queue.SimpleQueue()
             threading.Thread(
-                target=self._helper, args=(self._fd, self._asks), name="sqlite-writer", daemon=True
+                target=self._helper,
+                args=(self._fd, self._asks),
+                name=f"sqlite-writer {self.path}",
+                daemon=True,
             ).start()
             self._pid = pid
         return self._fd

@@ -165,8 +165,8 @@ def test_a_disposed_engine_closes_its_lock_files_and_opens_them_again_when_used(
         targets = [os.path.realpath(fds / fd) for fd in os.listdir(fds)]
         return sum(1 for t in targets if t in lock_files)
 
-    def helpers() -> int:
-        return sum(1 for t in threading.enumerate() if t.name == "sqlite-writer")
+    def helpers() -> int:  # this engine's (each thread is named after its lock file)
+        return sum(1 for t in threading.enumerate() if t.name == f"sqlite-writer {lock_files[0]}")
 
     before = helpers()
     engine = make_engine(url)
