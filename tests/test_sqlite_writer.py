@@ -39,6 +39,19 @@ def _one(url: str, holding: Any) -> None:
     engine.dispose()
 
 
+def _wait_until_free(other: int, problem: str) -> None:
+    """Wait (up to 10 s) until the open file ``other`` can take the lock, then let it go."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, problem
+            time.sleep(0.01)
+    fcntl.flock(other, fcntl.LOCK_UN)
+
+
 def test_a_process_waiting_to_write_goes_after_the_transaction_under_way(tmp_path: Path) -> None:
     """One process writes 30 transactions back to back (a compact campaign's sends being
     written); another asks to write once, while the first transaction is under way. It gets
@@ -79,15 +92,7 @@ def test_a_wait_given_up_lets_go_of_the_lock_when_it_comes(tmp_path: Path) -> No
     assert lock.acquire(0.2) is False
     fcntl.flock(other, fcntl.LOCK_UN)
     # The helper gets the lock now and lets it go; the other open file can take it again.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            assert time.monotonic() < deadline, "the lock given up on was kept"
-            time.sleep(0.01)
-    fcntl.flock(other, fcntl.LOCK_UN)
+    _wait_until_free(other, "the lock given up on was kept")
     assert lock.acquire(5) is True
     with open(path, "rb") as probe:  # held: another open file is refused
         try:
@@ -215,14 +220,6 @@ def test_a_wait_interrupted_by_a_time_limit_does_not_keep_the_lock(tmp_path: Pat
         signal.signal(signal.SIGALRM, previous)
     fcntl.flock(other, fcntl.LOCK_UN)
     time.sleep(0.2)  # the interrupted wait's helper gets the lock now (it was first in line)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            assert time.monotonic() < deadline, "the interrupted wait kept the lock"
-            time.sleep(0.01)
-    fcntl.flock(other, fcntl.LOCK_UN)
+    _wait_until_free(other, "the interrupted wait kept the lock")
     os.close(other)
     lock.close()
