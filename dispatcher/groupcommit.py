@@ -1,10 +1,10 @@
 """Group commit: work that a process's threads hand in at the same moment, done as one batch.
 
-The thread that finds no batch under way leads one with every item waiting (up to a limit);
-threads arriving meanwhile wait, and the first of them leads the next batch once this one is
-done. Nothing waits on purpose: a lone item goes at once, by itself; under load the batches
-grow as large as the number of threads waiting. Each thread gets its own item's result, or
-has the batch's error raised in it.
+A thread that finds fewer than ``at_once`` batches under way leads one with every item
+waiting (up to a limit); threads arriving while that many are under way wait, and the first of
+them leads the next batch once one is done. Nothing waits on purpose: a lone item goes at once,
+by itself; under load the batches grow as large as the number of threads waiting. Each thread
+gets its own item's result, or has the batch's error raised in it.
 
 Used where one batch costs about what one item does (a transaction, a broker publish, a wave
 of SMTP conversations): SmartPlan steps delivered by a worker's threads
@@ -26,24 +26,29 @@ class GroupCommit(Generic[T, R]):
     """Run ``run`` on the items threads :meth:`submit` at the same moment, ``limit`` at most
     at a time (counted by ``size``: one per item unless given; an item larger than the limit
     goes alone). ``run`` returns one result per item, in order; should it raise, every thread
-    of that batch has the error raised. One batch runs at a time."""
+    of that batch has the error raised. At most ``at_once`` batches run at a time (1: one
+    after the other; more lets a batch start while another waits on the database or the
+    network, at the cost of smaller batches)."""
 
     def __init__(
         self,
         limit: int,
         run: Callable[[Sequence[T]], Sequence[R]],
         size: Callable[[T], int] | None = None,
+        *,
+        at_once: int = 1,
     ) -> None:
         self._limit = max(1, limit)
         self._run = run
         self._size = size or _one
+        self._at_once = max(1, at_once)
         self._lock = threading.Lock()
         self._waiting: list[_Ticket[T, R]] = []
-        self._busy = False
+        self._running = 0  # batches under way or handed to a waiting thread to lead
 
     @property
     def waiting(self) -> int:
-        """Items handed in and not yet in a batch (the next batch's, so far)."""
+        """Items handed in and not yet in a batch (the next batches', so far)."""
         with self._lock:
             return len(self._waiting)
 
@@ -52,29 +57,35 @@ class GroupCommit(Generic[T, R]):
         ticket: _Ticket[T, R] = _Ticket(item)
         with self._lock:
             self._waiting.append(ticket)
-            ticket.leads = not self._busy
-            self._busy = True
+            if self._running < self._at_once:
+                self._running += 1
+                ticket.leads = True
         if not ticket.leads:
             ticket.ready.wait()  # until its batch is done, or the lead is handed to it
         if ticket.leads:
-            self._lead()
+            self._lead(ticket)
         return ticket.outcome()
 
-    def _take(self) -> int:
-        """How many of the oldest waiting items the next batch holds (at least one)."""
-        total = 0
-        for n, ticket in enumerate(self._waiting):
+    def _take(self, leader: _Ticket[T, R]) -> list[_Ticket[T, R]]:
+        """The next batch, taken off the waiting list: ``leader``'s item, then the oldest
+        waiting items no other thread leads, as many as fit the limit."""
+        self._waiting.remove(leader)
+        batch, total = [leader], self._size(leader.item)
+        for ticket in self._waiting:
+            if ticket.leads:
+                continue  # handed a batch of its own
             total += self._size(ticket.item)
             if total > self._limit:
-                return max(n, 1)
-        return len(self._waiting)
+                break
+            batch.append(ticket)
+        taken = set(map(id, batch))
+        self._waiting = [t for t in self._waiting if id(t) not in taken]
+        return batch
 
-    def _lead(self) -> None:
-        """Run the oldest waiting items as one batch, then hand the lead on."""
+    def _lead(self, leader: _Ticket[T, R]) -> None:
+        """Run ``leader``'s batch, then hand the lead on to the oldest waiting thread."""
         with self._lock:
-            take = self._take()
-            batch = self._waiting[:take]
-            del self._waiting[:take]
+            batch = self._take(leader)
         try:
             results = self._run([t.item for t in batch])
             if len(results) != len(batch):
@@ -88,11 +99,12 @@ class GroupCommit(Generic[T, R]):
                 t.finish(result=result)
         finally:
             with self._lock:
-                if self._waiting:
-                    self._waiting[0].leads = True
-                    self._waiting[0].ready.set()
+                nxt = next((t for t in self._waiting if not t.leads), None)
+                if nxt is not None:
+                    nxt.leads = True
+                    nxt.ready.set()
                 else:
-                    self._busy = False
+                    self._running -= 1
 
 
 class _Ticket(Generic[T, R]):

@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 #: process leaves at most this many waves ``unknown``, not one per thread running a batch.
 WAVES_AT_ONCE = 4
 _WAVES = threading.BoundedSemaphore(WAVES_AT_ONCE)
+#: Batches a :class:`Coalescer` has under way at once: a step that comes while one batch is
+#: under way starts at once in a second, instead of waiting for the first to be done.
+BATCHES_AT_ONCE = 2
 
 
 @dataclass
@@ -303,10 +306,10 @@ class Coalescer:
     of the batch's result, as :func:`deliver_batch` would for its steps alone.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, at_once: int = BATCHES_AT_ONCE) -> None:
         self._limit = limit
         self._group: GroupCommit[tuple[Runtime, Sequence[str]], BatchResult] = GroupCommit(
-            limit, _deliver_together, size=lambda item: len(item[1])
+            limit, _deliver_together, size=lambda item: len(item[1]), at_once=at_once
         )
 
     def deliver(self, rt: Runtime, send_id: str) -> SendStatus:

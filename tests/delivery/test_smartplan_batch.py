@@ -154,6 +154,52 @@ def test_racing_batches_of_the_same_steps_send_each_once_for_one_credit(
         assert credits(rt, user).used == 40, f"round {round_}"
 
 
+def test_a_step_coming_while_a_batch_talks_goes_in_a_second_batch_at_once(
+    make_runtime: Callable[..., Runtime],
+    smtp_server: DevSMTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The process's default: two batches under way at once. A step whose task starts while
+    the first step's slow conversation is under way reaches the server before it; then the
+    steps of three more threads arriving while both batches are under way wait and go
+    together. Each step reaches the server once, for one credit."""
+    rt = make_runtime(free_plan_credits=100)
+    make_user(rt)
+    ids = _submit(rt, 5)
+    smtp_server.handler.fault = FaultPlan(
+        by_recipient={
+            "contact0@example.org": [slow(1.0)],
+            "contact1@example.org": [slow(0.5)],
+        }
+    )
+    together = Coalescer(limit=50)
+    results: dict[str, SendStatus] = {}
+
+    def run(send_id: str) -> None:
+        results[send_id] = together.deliver(rt, send_id)
+
+    threads = [threading.Thread(target=run, args=(ids[0],))]
+    threads[0].start()
+    time.sleep(0.15)  # ids[0] alone, in its slow conversation
+    threads.append(threading.Thread(target=run, args=(ids[1],)))
+    threads[1].start()
+    time.sleep(0.15)  # ids[1] alone in a second batch, in its conversation
+    with caplog.at_level(logging.INFO, logger="dispatcher.delivery.smartplan_batch"):
+        for send_id in ids[2:]:
+            threads.append(threading.Thread(target=run, args=(send_id,)))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+
+    assert results == {i: SendStatus.SENT for i in ids}
+    arrived = [r for m in smtp_server.messages for r in m.rcpt_tos]
+    assert arrived.index("contact1@example.org") < arrived.index("contact0@example.org")
+    assert _received(smtp_server) == {f"contact{n}@example.org": 1 for n in range(5)}
+    assert credits(rt, "agent-1").used == 5
+    sizes = [int(m.split("sends=")[1].split()[0]) for m in caplog.messages if "sends=" in m]
+    assert sorted(sizes) == [1, 1, 3]
+
+
 def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
     make_runtime: Callable[..., Runtime],
     smtp_server: DevSMTPServer,
@@ -173,7 +219,7 @@ def test_steps_delivered_at_the_same_moment_by_threads_go_as_one_batch(
             "contact2@example.org": [reply("451 4.3.0 try later")],
         }
     )
-    together = Coalescer(limit=50)
+    together = Coalescer(limit=50, at_once=1)
     results: dict[str, object] = {}
     steps = metrics.SMARTPLAN_BATCH_STEPS.labels("threads")
     observed_before = _histogram(steps)
