@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 _HOLDS_WRITER = "dispatcher_holds_writer"
 #: Set on a SQLite connection while its transaction holds the file's writer lock.
 _HOLDS_FILE = "dispatcher_holds_file"
+#: Set on a SQLite connection while its transaction is a reader's (``PRAGMA query_only`` on).
+_QUERY_ONLY = "dispatcher_query_only"
+#: The execution option of connections whose transactions only read
+#: (:func:`make_read_sessionmaker`).
+READ_ONLY = "dispatcher_read_only"
 
 
 def make_engine(
@@ -277,6 +282,13 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn: Any) -> None:
+        if conn.get_execution_options().get(READ_ONLY):
+            # A reader: WAL lets it see the last commit without waiting for any writer;
+            # query_only makes a write in it fail at once instead of taking the database.
+            conn.exec_driver_sql("BEGIN")
+            conn.info[_QUERY_ONLY] = True
+            conn.connection.dbapi_connection.execute("PRAGMA query_only=1")
+            return
         if writer.acquire(timeout=WRITER_WAIT_SECONDS):
             conn.info[_HOLDS_WRITER] = True
         else:
@@ -299,9 +311,11 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
             raise
 
     def _release(conn: Any) -> None:
-        _let_go(conn.info)
+        _let_go(conn.info, conn.connection.dbapi_connection)
 
-    def _let_go(info: dict[str, Any]) -> None:
+    def _let_go(info: dict[str, Any], dbapi_conn: Any) -> None:
+        if info.pop(_QUERY_ONLY, False):
+            dbapi_conn.execute("PRAGMA query_only=0")
         if info.pop(_HOLDS_FILE, False) and files is not None:
             files.release()
         if info.pop(_HOLDS_WRITER, False):
@@ -311,9 +325,9 @@ def _sqlite_engine(url: str, synchronous: str, **kwargs: Any) -> Engine:
     event.listen(engine, "rollback", _release)
 
     @event.listens_for(engine, "checkin")
-    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
         # A connection given back without commit or rollback (invalidated) lets go too.
-        _let_go(record.info)
+        _let_go(record.info, dbapi_conn)
 
     return engine
 
@@ -343,6 +357,14 @@ def bulk_writes(conn: Connection) -> Iterator[None]:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that only read. On SQLite their transactions start with a plain (deferred)
+    ``BEGIN`` and wait for no writer lock: in WAL a reader sees the last commit and neither
+    waits for the writer nor holds it up, and ``PRAGMA query_only`` makes a write in one fail
+    at once. On PostgreSQL they are ordinary sessions."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 def alembic_config(engine: Engine) -> Config:

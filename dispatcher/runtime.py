@@ -81,6 +81,11 @@ class Runtime:
         return db.make_sessionmaker(self.engine)
 
     @cached_property
+    def reads(self) -> sessionmaker[Session]:
+        """Sessions that only read (on SQLite they wait for no writer; a write in one fails)."""
+        return db.make_read_sessionmaker(self.engine)
+
+    @cached_property
     def redis(self) -> RedisClient:
         """The quota store: one Redis, or a Redis Cluster when ``REDIS_URL`` names one."""
         return connect(

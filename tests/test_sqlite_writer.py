@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from dispatcher.db import FileWriterLock, make_engine, writers_waiting
+from dispatcher.db import FileWriterLock, make_engine, make_read_sessionmaker, writers_waiting
 
 #: Transactions the busy process writes back to back, each holding the database this long.
 ROUNDS = 30
@@ -223,3 +225,41 @@ def test_a_wait_interrupted_by_a_time_limit_does_not_keep_the_lock(tmp_path: Pat
     _wait_until_free(other, "the interrupted wait kept the lock")
     os.close(other)
     lock.close()
+
+
+def test_a_read_session_neither_waits_for_the_writer_nor_can_write(tmp_path: Path) -> None:
+    """A session that only reads (``Runtime.reads``) reads the last commit while another
+    thread's write transaction is under way, without waiting for it; a write in it fails at
+    once, and the connection writes again as usual afterwards."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = make_engine(url)
+    reads = make_read_sessionmaker(engine)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, who TEXT)"))
+        conn.execute(text("INSERT INTO log (who) VALUES ('committed')"))
+    writing, read_done = threading.Event(), threading.Event()
+    held_through_read: list[bool] = []
+
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO log (who) VALUES ('under way')"))
+            writing.set()
+            held_through_read.append(read_done.wait(10))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert writing.wait(10)
+    with reads() as session:
+        seen = list(session.execute(text("SELECT who FROM log")).scalars())
+    read_done.set()
+    writer.join(10)
+    assert seen == ["committed"]
+    assert held_through_read == [True]  # the write was still under way when the read ended
+
+    with reads() as session, pytest.raises(OperationalError, match="readonly"):
+        session.execute(text("INSERT INTO log (who) VALUES ('from a reader')"))
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO log (who) VALUES ('after')"))
+        whos = list(conn.execute(text("SELECT who FROM log ORDER BY id")).scalars())
+    assert whos == ["committed", "under way", "after"]
+    engine.dispose()

@@ -165,8 +165,8 @@ def _load(
     rt: Runtime, send_ids: Sequence[str], now: datetime
 ) -> tuple[dict[str, Send], dict[str, User], dict[tuple[str, str], str]]:
     """The SmartPlan sends among ``send_ids``, their agents, and why addresses among them are
-    suppressed (by agent and normalized address), in one session."""
-    with rt.sessions() as session:
+    suppressed (by agent and normalized address), in one session that only reads."""
+    with rt.reads() as session:
         found = session.scalars(select(Send).where(Send.id.in_(list(send_ids)))).all()
         sends = {s.id: s for s in found if s.kind is SendKind.SMARTPLAN}
         user_ids = sorted({s.user_id for s in sends.values()})
