@@ -222,7 +222,7 @@ def _prepare(rt: Runtime, c: Campaign, run: _Run, claimed: Sequence[Any]) -> _Ba
     now = rt.clock.now()
     date = format_datetime(now)
     batch = _Batch()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         blocked = suppression.active(session, c.user_id, (r.contact_email for r in claimed), now)
     for row in claimed:
         why = blocked.get(suppression.normalize(row.contact_email))
@@ -438,7 +438,7 @@ def _settle_lost(rt: Runtime, c: Campaign, chunk: int) -> None:
     kept); one that never reached DATA goes back to ``reserved`` to be sent (not an attempt).
     Without the chunk's ``OPEN_MARK`` (Redis lost its data) every one of them is ``unknown``."""
     now = rt.clock.now()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         lost = session.execute(
             select(
                 Send.id, Send.contact_id, Send.contact_email, Send.merge_fields, Send.attempts
@@ -482,7 +482,7 @@ def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
     """Give back the credits of the chunk's failed recipients still due: a refund lost to a
     Redis error after its outcome was committed is made here by the chunk's next run, or by
     the refund sweep, whichever comes first."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         due = session.scalars(
             select(Send.id).where(Send.campaign_id == c.id, Send.chunk == chunk, SEND_REFUND_DUE)
         ).all()
@@ -492,7 +492,7 @@ def _refund_failed(rt: Runtime, c: Campaign, chunk: int) -> None:
 
 def _live_lease(rt: Runtime, campaign_id: str, chunk: int) -> float | None:
     """Seconds until the last live lease in the chunk runs out, if any (another worker)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         until = session.scalar(
             select(func.max(Send.lease_until)).where(
                 Send.campaign_id == campaign_id,

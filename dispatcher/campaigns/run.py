@@ -46,7 +46,7 @@ def deliver(rt: Runtime, item: str) -> CampaignStatus:
 
 
 def _load(rt: Runtime, campaign_id: str) -> tuple[Campaign, User]:
-    with rt.sessions() as session:
+    with rt.reads() as session:
         c = session.get(Campaign, campaign_id)
         if c is None:
             raise NotFound("campaign", campaign_id)
