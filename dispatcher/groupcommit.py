@@ -69,17 +69,15 @@ class GroupCommit(Generic[T, R]):
     def _take(self, leader: _Ticket[T, R]) -> list[_Ticket[T, R]]:
         """The next batch, taken off the waiting list: ``leader``'s item, then the oldest
         waiting items no other thread leads, as many as fit the limit."""
-        self._waiting.remove(leader)
         batch, total = [leader], self._size(leader.item)
         for ticket in self._waiting:
             if ticket.leads:
-                continue  # handed a batch of its own
+                continue  # the leader itself, or one handed a batch of its own
             total += self._size(ticket.item)
             if total > self._limit:
                 break
             batch.append(ticket)
-        taken = set(map(id, batch))
-        self._waiting = [t for t in self._waiting if id(t) not in taken]
+        self._waiting = [t for t in self._waiting if t not in batch]
         return batch
 
     def _lead(self, leader: _Ticket[T, R]) -> None:
