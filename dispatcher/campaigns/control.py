@@ -89,7 +89,7 @@ _counted: dict[str, tuple[float, list[tuple[SendStatus, str | None, int]]]] = {}
 def view(rt: Runtime, campaign_id: str, user_id: str | None = None) -> CampaignView:
     """Status, counts by outcome and progress of a campaign (the counts of a large running
     campaign may be a few seconds old: see :func:`_counts`)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         c = session.get(Campaign, campaign_id)
         if c is None or (user_id is not None and c.user_id != user_id):
             raise NotFound("campaign", campaign_id)
@@ -289,7 +289,7 @@ def open_chunks(rt: Runtime, campaign_id: str) -> list[int]:
     """The work items of a campaign still to do: its chunks with recipients left to send, or
     for a MailChimp campaign its one job (MailChimp sends it whole; enqueueing it once per
     chunk would run the whole campaign that many times)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         provider = session.scalar(select(Campaign.provider).where(Campaign.id == campaign_id))
         if provider is Provider.MAILCHIMP:
             has_open = session.scalar(
@@ -560,8 +560,9 @@ def open_probe(campaign_id: str) -> Select[int | None]:
 
 
 def status_of(rt: Runtime, campaign_id: str) -> CampaignStatus | None:
-    """The campaign's status now (None when it is gone)."""
-    with rt.sessions() as session:
+    """The campaign's status now (None when it is gone), read without the writer: a chunk
+    asks before each batch, and on SQLite that would queue behind every other writer."""
+    with rt.reads() as session:
         return session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
 
 

@@ -99,7 +99,7 @@ _WORKER_LOST = "the worker was lost while talking to the SMTP server; not resent
 
 def _load(rt: Runtime, send_id: str, now: datetime) -> tuple[Send, User, str | None]:
     """The send, its agent and why its address is suppressed (None: it is not), in one read."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         send = session.get(Send, send_id)
         if send is None:
             raise NotFound("send", send_id)
@@ -246,7 +246,7 @@ def _finish(rt: Runtime, outcome: Outcome, expect: tuple[SendStatus, ...]) -> Se
 
 def _settled_elsewhere(rt: Runtime, send_id: str) -> SendStatus:
     """Another delivery of the same send moved it on; report where it is now."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         send = session.get(Send, send_id)
         assert send is not None
         status, lease_until = send.status, send.lease_until

@@ -1,7 +1,10 @@
 """A campaign's view counts its sends; a count that was slow is reused for a while by the views
-of a running campaign only (the agent's page polls every second), never once it has finished."""
+of a running campaign only (the agent's page polls every second), never once it has finished.
+The view and a chunk's status check read without waiting for the database's writer."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 from sqlalchemy import update
@@ -84,3 +87,35 @@ def test_the_check_after_each_chunk_reads_from_the_last_chunk_down(runtime: Runt
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {query}"))
     assert "Backward" in plan and "Sort" not in plan, plan
     assert control.complete_if_done(runtime, c.id) is CampaignStatus.RUNNING
+
+
+def test_status_and_view_read_the_last_commit_while_a_write_is_under_way(runtime: Runtime) -> None:
+    """A chunk asks the campaign's status before each batch and the agent's page polls its
+    view: neither waits for a write under way in another thread (on SQLite every write
+    transaction holds the one writer), and both see the last commit. On PostgreSQL readers
+    never wait for writers either."""
+    make_user(runtime)
+    c, _ = create.create(runtime, campaign_request(6))
+    deliver(runtime, c.id, 2)
+    writing, reads_done = threading.Event(), threading.Event()
+    held_through_reads: list[bool] = []
+
+    def pause_uncommitted() -> None:
+        with runtime.sessions.begin() as session:
+            session.execute(
+                update(Campaign).where(Campaign.id == c.id).values(status=CampaignStatus.PAUSED)
+            )
+            writing.set()
+            held_through_reads.append(reads_done.wait(10))
+
+    writer = threading.Thread(target=pause_uncommitted)
+    writer.start()
+    assert writing.wait(10)
+    status = control.status_of(runtime, c.id)
+    seen = control.view(runtime, c.id)
+    reads_done.set()
+    writer.join(10)
+    assert held_through_reads == [True]  # the write was still open when both reads ended
+    assert status is CampaignStatus.RUNNING
+    assert (seen.status, seen.done) == ("running", 2)
+    assert control.status_of(runtime, c.id) is CampaignStatus.PAUSED
