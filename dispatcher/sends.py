@@ -471,7 +471,7 @@ def enqueue_all(rt: Runtime, queue: TaskQueue, send_ids: Sequence[str]) -> None:
 
 def get_send(rt: Runtime, send_id: str, user_id: str | None = None) -> SendView:
     """A send's status and outcome; with ``user_id``, only that user's sends are visible."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         send = session.get(Send, send_id)
         if send is None or (user_id is not None and send.user_id != user_id):
             raise NotFound("send", send_id)

@@ -191,7 +191,7 @@ def recent(
     query = query.order_by(Campaign.created_at.desc(), Campaign.id).limit(
         max(1, min(limit, RECENT_LIMIT))
     )
-    with rt.sessions() as session:
+    with rt.reads() as session:
         return [
             CampaignSummary(
                 id=c.id,
@@ -232,7 +232,7 @@ def excluded(
 ) -> Page[ExcludedView]:
     """A page of the campaign's invalid or suppressed recipients, in request order."""
     keyset = EXCLUDED[kind]
-    with rt.sessions() as session:
+    with rt.reads() as session:
         owner = session.scalar(select(Campaign.user_id).where(Campaign.id == campaign_id))
         if owner is None or (user_id is not None and owner != user_id):
             raise NotFound("campaign", campaign_id)

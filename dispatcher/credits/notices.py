@@ -160,7 +160,7 @@ def notifications(
     rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
 ) -> Page[NotificationView]:
     """A page of a user's in-app notifications, newest first."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
         query = select(Notification).where(Notification.user_id == user_id)

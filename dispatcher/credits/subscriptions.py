@@ -361,7 +361,7 @@ def _order_view(order: Order) -> OrderView:
 
 
 def orders(rt: Runtime, user_id: str) -> list[OrderView]:
-    with rt.sessions() as session:
+    with rt.reads() as session:
         rows = session.scalars(
             select(Order).where(Order.user_id == user_id).order_by(Order.id)
         ).all()
@@ -370,7 +370,7 @@ def orders(rt: Runtime, user_id: str) -> list[OrderView]:
 
 def order(rt: Runtime, user_id: str, number: str) -> OrderView:
     """One of the user's orders by its number (another user's is not found)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         row = session.scalar(select(Order).where(Order.user_id == user_id, Order.number == number))
         if row is None:
             raise NotFound("order", number)
@@ -381,7 +381,7 @@ def credits(rt: Runtime, user_id: str) -> CreditsView:
     """The user's current grant: plan, period in their zone, total, used, remaining."""
     user, ref = ensure_current(rt, user_id)
     used, total = rt.quota.balance(ref)
-    with rt.sessions() as session:
+    with rt.reads() as session:
         grant = current_grant(session, user)
         notified = grant.notified
     period = period_by_id(ref.period, user.timezone)

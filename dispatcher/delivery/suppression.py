@@ -203,7 +203,7 @@ def suppress(
 
 
 def get(rt: Runtime, user_id: str, email: str) -> SuppressionView:
-    with rt.sessions() as session:
+    with rt.reads() as session:
         row = session.scalar(
             select(Suppression).where(
                 Suppression.user_id == user_id, Suppression.email == normalize(email)
@@ -269,7 +269,7 @@ def removals(
     rt: Runtime, user_id: str, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
 ) -> Page[RemovalView]:
     """A page of the addresses taken off ``user_id``'s list, newest first."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
         query = select(SuppressionRemoval).where(SuppressionRemoval.user_id == user_id)
@@ -304,7 +304,7 @@ def listing(
     """A page of the entries in force for ``user_id``, newest first; with ``containing``,
     only the addresses that contain it (case-insensitive)."""
     now = rt.clock.now()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         if session.get(User, user_id) is None:
             raise NotFound("user", user_id)
         query = select(Suppression).where(Suppression.user_id == user_id, _live(now))
