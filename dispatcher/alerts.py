@@ -19,11 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class AlertStore(Protocol):
-    """What alerts need of a process: its sessions and its clock (a Runtime has both). Alerts
-    do not import the Runtime, which raises them (a refused relay login halts and alerts)."""
+    """What alerts need of a process: its sessions, those that only read, and its clock (a
+    Runtime has them). Alerts do not import the Runtime, which raises them (a refused relay
+    login halts and alerts)."""
 
     @property
     def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def reads(self) -> sessionmaker[Session]: ...
 
     @property
     def clock(self) -> Clock: ...
@@ -127,7 +131,7 @@ def recent(
 ) -> Page[AlertView]:
     """A page of alerts, newest first, optionally of one user's work only, or of some users'
     only (then alerts about no user, such as a halted relay, are left out)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         query = select(Alert)
         if user_id is not None:
             query = query.where(Alert.user_id == user_id)

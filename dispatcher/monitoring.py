@@ -47,7 +47,7 @@ def snapshot(rt: Runtime, broker: BrokerView | None) -> Snapshot:
             queues = broker.queues()
         except QueueUnavailable as exc:
             error = exc.detail
-    with rt.sessions() as session:
+    with rt.reads() as session:
         # By the (kind, status, lease) index: one range per kind.
         in_flight = {
             kind.value: session.scalar(
@@ -78,7 +78,7 @@ def finished_recently(rt: Runtime, minutes: int = 1) -> dict[tuple[str, str], in
     """Sends that reached their outcome in the last ``minutes``, by kind and status (read by
     the (outcome published, finished at) index, one range per value of its first column)."""
     since = rt.clock.now() - timedelta(minutes=minutes)
-    with rt.sessions() as session:
+    with rt.reads() as session:
         rows = session.execute(
             select(Send.kind, Send.status, func.count())
             .where(

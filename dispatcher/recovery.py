@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,7 +38,7 @@ def sweep(rt: Runtime, limit: int = 1000) -> tuple[int, int, int]:
     idempotent.
     """
     cutoff = rt.clock.now() - SWEEP_GRACE
-    with rt.sessions() as session:
+    with rt.reads() as session:
         # Campaign recipients belong to their campaign's chunks (or MailChimp job), not here.
         send_ids = _stranded(
             session,
@@ -125,19 +125,25 @@ def park_system_email(rt: Runtime, email_id: str, seconds: float) -> None:
     log.info("system email %s left to the outbox sweep (%.0fs wait not kept)", email_id, seconds)
 
 
-def _unpark(rt: Runtime, send_ids: Iterable[str], campaign_ids: Iterable[str]) -> None:
+def _unpark(rt: Runtime, send_ids: Sequence[str], campaign_ids: Sequence[str]) -> None:
+    """Clear the due waits of the work just enqueued again; with none, nothing is written (a
+    sweep that found nothing takes no writer: on SQLite it would hold up every other one)."""
     now = rt.clock.now()
+    if not send_ids and not campaign_ids:
+        return
     with rt.sessions.begin() as session:
-        session.execute(
-            update(Send)
-            .where(Send.id.in_(list(send_ids)), Send.retry_at <= now)
-            .values(retry_at=None)
-        )
-        session.execute(
-            update(Campaign)
-            .where(Campaign.id.in_(list(campaign_ids)), Campaign.retry_at <= now)
-            .values(retry_at=None)
-        )
+        if send_ids:
+            session.execute(
+                update(Send)
+                .where(Send.id.in_(list(send_ids)), Send.retry_at <= now)
+                .values(retry_at=None)
+            )
+        if campaign_ids:
+            session.execute(
+                update(Campaign)
+                .where(Campaign.id.in_(list(campaign_ids)), Campaign.retry_at <= now)
+                .values(retry_at=None)
+            )
 
 
 #: After Redis lost its data, SmartPlan outcomes finished this recently are published again
@@ -174,7 +180,7 @@ def republish_outcomes(rt: Runtime, limit: int = 2000) -> int:
         count = getattr(flagged, "rowcount", 0)
         if count:
             log.warning("the outcome stream was lost with Redis: republishing %d outcomes", count)
-    with rt.sessions() as session:
+    with rt.reads() as session:
         ids = session.scalars(
             select(Send.id)
             .where(
@@ -198,7 +204,7 @@ def expire_reservations(rt: Runtime, limit: int = 1000) -> int:
     :func:`dispatcher.delivery.smartplan.expire_reservation`, fenced on the lease); returns how
     many. Run it before :func:`recover_stale` in a sweep."""
     now = rt.clock.now()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         stuck = session.execute(
             select(Send.id, Send.lease_until)
             .where(
@@ -275,7 +281,7 @@ def _open_work(rt: Runtime, cutoff: datetime, limit: int) -> tuple[list[str], li
     """Ids of open SmartPlan sends, system emails and running campaigns untouched since
     ``cutoff`` (and not parked for later, nor held by a running MailChimp job)."""
     now = rt.clock.now()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         send_ids = list(
             session.scalars(
                 select(Send.id)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from sqlalchemy import update
 
 from devstack.devsmtp import Action, DevSMTPServer, FaultPlan
+from dispatcher import monitoring
 from dispatcher import recovery as outbox
 from dispatcher.campaigns import control, create
 from dispatcher.clock import FrozenClock
@@ -22,7 +25,7 @@ from dispatcher.ports import InlineQueue, OutboxOnly
 from dispatcher.runtime import Runtime
 from dispatcher.sends import submit_send
 from tests.crashkit import RestartableRedis
-from tests.helpers import campaign_request, make_user, send_request, wait_for
+from tests.helpers import campaign_request, make_user, seed_used_credits, send_request, wait_for
 from workers.app import create_app
 from workers.queue import CeleryTaskQueue
 
@@ -263,3 +266,36 @@ def test_a_retry_the_broker_does_not_take_is_parked_for_the_sweep_not_dropped(
         assert delivery.deliver(rt, send_id) is SendStatus.SENT
         assert len(smtp_server.messages) == 1
         assert credits(rt, "agent-1").used == 1
+
+
+def test_the_sweeps_and_the_metrics_snapshot_read_while_a_write_is_under_way(
+    runtime: Runtime, clock: FrozenClock
+) -> None:
+    """The beat's sweeps and the metrics' snapshot read without waiting for the database's
+    writer (on SQLite every write transaction holds the one writer): with another thread's
+    write open they answer from the last commit, and that write stays open until they do."""
+    make_user(runtime)
+    seed_used_credits(runtime, "agent-1", 3)
+    writing, reads_done = threading.Event(), threading.Event()
+    held_through_reads: list[bool] = []
+
+    def write_uncommitted() -> None:
+        with runtime.sessions.begin() as session:
+            session.execute(
+                update(Send).where(Send.user_id == "agent-1").values(status=SendStatus.SENDING)
+            )
+            writing.set()
+            held_through_reads.append(reads_done.wait(10))
+
+    writer = threading.Thread(target=write_uncommitted)
+    writer.start()
+    assert writing.wait(10)
+    stale = outbox.recover_stale(runtime)
+    stranded = outbox.sweep(runtime)
+    finished = monitoring.finished_recently(runtime)
+    reads_done.set()
+    writer.join(10)
+    assert held_through_reads == [True]  # the write was still open when the reads ended
+    assert stale == (0, 0, 0) and stranded == (0, 0, 0)
+    assert finished == {("smartplan", "sent"): 3}
+    assert monitoring.finished_recently(runtime) == {("smartplan", "sending"): 3}  # committed

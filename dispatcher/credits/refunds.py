@@ -45,7 +45,7 @@ def give_back(rt: Runtime, send_ids: Sequence[str]) -> int:
     outcomes are recorded and the flags stay set, so the refund sweep makes the refunds (a
     cancel answered 500 for a cancellation that took effect would help nobody)."""
     rows: list[Any] = []
-    with rt.sessions() as session:
+    with rt.reads() as session:
         for start in range(0, len(send_ids), _BATCH):
             rows += session.execute(
                 select(*COLUMNS).where(
@@ -75,7 +75,7 @@ def retry_due(rt: Runtime, limit: int = 1000) -> int:
     (Redis failed, or the process died, right after the failure was recorded). Returns how
     many sends were settled."""
     cutoff = rt.clock.now() - RETRY_AFTER
-    with rt.sessions() as session:
+    with rt.reads() as session:
         rows = list(session.execute(due_since(cutoff, limit)).all())
     if not rows:
         return 0
@@ -120,7 +120,7 @@ def _make(rt: Runtime, rows: Iterable[Any]) -> int:
 
 
 def _campaign(rt: Runtime, campaign_id: str, keys: list[str]) -> int:
-    with rt.sessions() as session:
+    with rt.reads() as session:
         c = session.get(Campaign, campaign_id)
         if c is not None:
             session.expunge(c)

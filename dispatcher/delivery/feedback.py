@@ -109,7 +109,7 @@ def _by_message_id(rt: Runtime, message_id: str, recipient: str) -> str | None:
     wanted = message_id.strip()
     if not wanted.startswith("<"):
         wanted = f"<{wanted}>"
-    with rt.sessions() as session:
+    with rt.reads() as session:
         rows = session.execute(
             select(Send.id, Send.contact_email).where(Send.message_id == wanted)
         ).all()
@@ -209,7 +209,7 @@ def from_webhook(rt: Runtime, provider: str, headers: Headers, body: bytes) -> W
 def publish_pending(rt: Runtime, before: datetime, limit: int = 2000) -> int:
     """Put on the stream the SmartPlan entries recorded before ``before`` but never published
     (the process died, or Redis was away, between the two); how many were published."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         rows = session.execute(
             select(FeedbackEvent.id, FeedbackEvent.kind, Send)
             .join(Send, Send.id == FeedbackEvent.send_id)
