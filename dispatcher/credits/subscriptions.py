@@ -251,7 +251,7 @@ def ensure_current(rt: Runtime, user_id: str, known: User | None = None) -> tupl
     if known is not None and known.id == user_id:
         user = known
     else:
-        with rt.sessions() as session:
+        with rt.reads() as session:
             found = session.get(User, user_id)
             if found is None:
                 raise NotFound("user", user_id)
@@ -271,7 +271,7 @@ def ensure_current(rt: Runtime, user_id: str, known: User | None = None) -> tupl
 def renew_due(rt: Runtime, limit: int = 500) -> int:
     """Eager renewal (beat): start the new period of every user whose period has ended."""
     now = rt.clock.now()
-    with rt.sessions() as session:
+    with rt.reads() as session:
         due = session.scalars(
             select(User.id).where(User.period_end <= now).order_by(User.period_end).limit(limit)
         ).all()
