@@ -80,7 +80,7 @@ def finish(rt: Runtime, campaign_id: str) -> bool:
                 Campaign.reserved_at.is_not(None),
             )
         ).first()
-    grant = None if c is None else grant_of(rt.sessions, c.user_id, c.period, c.grant_seq)
+    grant = None if c is None else grant_of(rt.reads, c.user_id, c.period, c.grant_seq)
     if c is None or grant is None:
         return False
     # The request's reservation, asked again: a replay of its grant (nothing counted twice),

@@ -452,7 +452,7 @@ def expire_reserving(rt: Runtime, limit: int = 100) -> int:
         if won is None:
             continue
         failed += 1
-        grant = grant_of(rt.sessions, won.user_id, won.period, won.grant_seq)
+        grant = grant_of(rt.reads, won.user_id, won.period, won.grant_seq)
         if packed and grant is not None:
             # Its recipients were never written as sends: whatever the request reserved for
             # them comes back under the campaign's key (nothing, if it reserved nothing).

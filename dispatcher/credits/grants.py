@@ -26,7 +26,8 @@ def grant_ref(user_id: str, period: str | None, seq: int | None, timezone: str) 
 def grant_of(
     sessions: sessionmaker[Session], user_id: str, period: str | None, seq: int | None
 ) -> GrantRef | None:
-    """Like :func:`grant_ref`, reading the user's zone from SQL."""
+    """Like :func:`grant_ref`, reading the user's zone from SQL (it only reads: callers give it
+    their read sessions)."""
     if period is None or seq is None:
         return None
     with sessions() as session:

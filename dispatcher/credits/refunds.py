@@ -112,7 +112,7 @@ def _make(rt: Runtime, rows: Iterable[Any]) -> int:
         if campaign_id:
             back += _campaign(rt, campaign_id, keys)
         else:
-            grant = grant_of(rt.sessions, user_id, items[0].period, items[0].grant_seq)
+            grant = grant_of(rt.reads, user_id, items[0].period, items[0].grant_seq)
             if grant is not None:
                 back += sum(rt.quota.refund(grant, key) for key in keys)
         made(rt, [r.id for r in items])
@@ -124,7 +124,7 @@ def _campaign(rt: Runtime, campaign_id: str, keys: list[str]) -> int:
         c = session.get(Campaign, campaign_id)
         if c is not None:
             session.expunge(c)
-    grant = None if c is None else grant_of(rt.sessions, c.user_id, c.period, c.grant_seq)
+    grant = None if c is None else grant_of(rt.reads, c.user_id, c.period, c.grant_seq)
     if grant is None:
         return 0  # nothing was reserved for it (a MailChimp campaign, or it never started)
     return rt.quota.refund_parts(grant, campaign_key(campaign_id), keys)

@@ -14,7 +14,7 @@ from dispatcher.runtime import Runtime
 
 def publish_outcome(rt: Runtime, send_id: str) -> None:
     """Publish a SmartPlan send's terminal outcome once it is recorded (at least once)."""
-    with rt.sessions() as session:
+    with rt.reads() as session:
         send = session.get(Send, send_id)
         if send is None or send.kind is not SendKind.SMARTPLAN or send.outcome_published:
             return
