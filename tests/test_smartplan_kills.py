@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from devstack.devsmtp import DevSMTPServer
+from dispatcher.delivery.smartplan_batch import WAVES_AT_ONCE, wave_size
 from dispatcher.models import Send, SendStatus
 from dispatcher.sends import SubmitResult, submit_batch
 from dispatcher.settings import Settings
@@ -106,8 +107,8 @@ def test_smartplan_batches_survive_sigkills(
     assert result.recipients == STEPS
     violations = crashkit.violations(result, GRANT)
     assert not violations, "\n".join(violations)
-    # Only the waves under way when a worker died are unknown: at most SMTP_POOL_SIZE steps
-    # for each of its 4 threads, per kill (the rest of each batch went on after it).
-    bound = settings.smtp_pool_size * THREADS * KILLS
+    # Only the waves under way when a worker died are unknown: at most WAVES_AT_ONCE waves
+    # per kill (the rest of each batch went on after it).
+    bound = WAVES_AT_ONCE * wave_size(settings) * KILLS
     assert result.unknown <= bound, f"{result.unknown} unknown, more than {bound}"
     assert result.counts[SendStatus.SENT.value] + result.unknown == STEPS

@@ -16,7 +16,13 @@ from devstack.devsmtp import DevSMTPServer, FaultPlan, reply, slow
 from dispatcher import metrics
 from dispatcher.credits.subscriptions import credits
 from dispatcher.delivery import smartplan, suppression
-from dispatcher.delivery.smartplan_batch import WAVES_AT_ONCE, Coalescer, deliver_batch
+from dispatcher.delivery.smartplan_batch import (
+    WAVE_PER_CONNECTION,
+    WAVES_AT_ONCE,
+    Coalescer,
+    deliver_batch,
+    wave_size,
+)
 from dispatcher.errors import DeliveryDeferred, SendBusy
 from dispatcher.models import SendStatus
 from dispatcher.ports import InlineQueue
@@ -314,13 +320,15 @@ def _histogram(child: Any) -> tuple[float, float]:
 def test_a_process_has_at_most_waves_at_once_waves_under_way_whatever_its_threads(
     make_runtime: Callable[..., Runtime], smtp_server: DevSMTPServer
 ) -> None:
-    """Eight threads each deliver a batch of their own against a slow relay: no more than
-    WAVES_AT_ONCE x SMTP_POOL_SIZE steps are ever ``sending`` (what a SIGKILL would leave
-    ``unknown``), and every step is sent once."""
-    rt = make_runtime(smtp_pool_size=4)
+    """Eight threads each deliver a batch of their own (two waves each) against a slow relay:
+    no more than WAVES_AT_ONCE waves of steps (each WAVE_PER_CONNECTION x SMTP_POOL_SIZE) are
+    ever ``sending`` (what a SIGKILL would leave ``unknown``), and every step is sent once."""
+    rt = make_runtime(smtp_pool_size=2)
+    wave = wave_size(rt.settings)
+    assert wave == WAVE_PER_CONNECTION * 2
     make_user(rt)
-    ids = _submit(rt, 64)
-    smtp_server.handler.fault = lambda stage, got: slow(0.1) if stage == "data" else None
+    ids = _submit(rt, 16 * wave)
+    smtp_server.handler.fault = lambda stage, got: slow(0.02) if stage == "data" else None
     batches = [ids[i::8] for i in range(8)]
     threads = [threading.Thread(target=deliver_batch, args=(rt, b)) for b in batches]
     most = 0
@@ -328,9 +336,9 @@ def test_a_process_has_at_most_waves_at_once_waves_under_way_whatever_its_thread
         t.start()
     while any(t.is_alive() for t in threads):
         most = max(most, statuses(rt, "agent-1").get("sending", 0))
-        time.sleep(0.02)
+        time.sleep(0.01)
     for t in threads:
         t.join()
-    assert 0 < most <= WAVES_AT_ONCE * 4 < 8 * 4, most  # a wave per thread: 32 (seen)
-    assert statuses(rt, "agent-1") == {"sent": 64}
-    assert set(_received(smtp_server).values()) == {1} and len(_received(smtp_server)) == 64
+    assert 0 < most <= WAVES_AT_ONCE * wave < 8 * wave, most  # a wave per thread: 64
+    assert statuses(rt, "agent-1") == {"sent": 16 * wave}
+    assert set(_received(smtp_server).values()) == {1} and len(_received(smtp_server)) == 16 * wave
