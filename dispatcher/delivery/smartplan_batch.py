@@ -147,9 +147,9 @@ def deliver_batch(rt: Runtime, send_ids: Sequence[str]) -> BatchResult:
     # wave. A batch's waves go one after another; another batch's may go meanwhile, up to
     # WAVES_AT_ONCE in the process.
     wave = wave_size(rt.settings)
-    done = [_wave(rt, granted[at : at + wave]) for at in range(0, len(granted), wave)]
     talked = 0
-    for part_result, n in done:
+    for at in range(0, len(granted), wave):
+        part_result, n = _wave(rt, granted[at : at + wave])
         result.add(part_result)
         talked += n
     log.info(
